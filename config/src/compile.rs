@@ -1,0 +1,798 @@
+//! Stage two: check every cross-reference and limit of the decoded file and
+//! build the [`Network`]. Problems are collected, never returned early.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use stoke_geo::{Coord, RttMatrix, RttModel};
+
+use crate::decode::At;
+use crate::defaults;
+use crate::diag::Diagnostics;
+use crate::file::{FileConfig, RawHook, RawPool, RawRoute, RawTls};
+use crate::routes::{HostPattern, RouteTable};
+use crate::snapshot::{
+    EdgeSettings, HealthCheck, Hook, HookUrl, LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId,
+    Route, Scale, Service, ServiceId, ServiceSource, Source, TlsCert,
+};
+
+/// Build the network from a decoded file. `base` is the directory that
+/// relative paths (TLS files) are resolved against.
+pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source, base: &Path) -> Option<Network> {
+    let (locations, location_index) = compile_locations(diags, &file);
+    let rtt = compile_rtt(diags, &file, &locations, &location_index);
+    let edge = compile_edge(diags, &file, &location_index);
+    let tls = compile_tls(diags, &file.tls, base);
+    if file.tls.is_empty() {
+        if let Some(edge) = &file.edge {
+            for (name, addr) in [("https", &edge.https), ("h3", &edge.h3)] {
+                if let Some(addr) = addr {
+                    diags.error(
+                        addr.span.clone(),
+                        format!("[edge].{name} needs a certificate: add a [[tls]] entry with hosts, cert and key"),
+                    );
+                }
+            }
+        }
+    }
+
+    let mut services: Vec<Service> = Vec::new();
+    let mut service_index: HashMap<String, ServiceId> = HashMap::new();
+    let mut pools = Vec::new();
+    let mut pool_index = HashMap::new();
+    for raw in &file.pools {
+        if let Some(pool) =
+            compile_pool(diags, raw, &location_index, &rtt, &locations, &mut services, &mut service_index)
+        {
+            let id = PoolId(pools.len() as u32);
+            if pool_index.insert(pool.id.clone(), id).is_some() {
+                if let Some(at) = &raw.id {
+                    diags.error(
+                        at.span.clone(),
+                        format!("pool id \"{}\" is used twice; pool ids must be unique", pool.id),
+                    );
+                }
+                continue;
+            }
+            for &s in &pool.services {
+                services[s.index()].pools.push(id);
+            }
+            pools.push(pool);
+        }
+    }
+
+    let mut routes = Vec::new();
+    let mut seen_routes: HashMap<(HostPattern, String), ()> = HashMap::new();
+    for raw in &file.routes {
+        if let Some(route) = compile_route(diags, raw, &service_index) {
+            if seen_routes.insert((route.host.clone(), route.path_prefix.clone()), ()).is_some() {
+                diags.error(
+                    raw.span.clone(),
+                    format!(
+                        "a route for host \"{}\" and path_prefix \"{}\" is defined twice; the pair must be unique",
+                        route.host, route.path_prefix
+                    ),
+                );
+                continue;
+            }
+            routes.push(route);
+        }
+    }
+
+    if locations.is_empty() && file.locations.is_empty() {
+        diags.error(0..0, "the file defines no [[location]]; at least one is needed");
+    }
+    if !diags.is_empty() {
+        return None;
+    }
+    let edge = edge?;
+    let route_table = RouteTable::new(&routes);
+    Some(Network {
+        source,
+        edge,
+        tls,
+        locations,
+        rtt,
+        pools,
+        services,
+        routes,
+        route_table,
+        location_index,
+        pool_index,
+        service_index,
+    })
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn check_id(diags: &mut Diagnostics, what: &str, at: &At<String>) -> bool {
+    if valid_id(&at.value) {
+        return true;
+    }
+    diags.error(
+        at.span.clone(),
+        format!("{what} id \"{}\" is not valid; use 1 to 128 letters, digits, '-', '_' or '.'", at.value),
+    );
+    false
+}
+
+fn compile_locations(diags: &mut Diagnostics, file: &FileConfig) -> (Vec<Location>, HashMap<String, LocationId>) {
+    let mut locations = Vec::new();
+    let mut index = HashMap::new();
+    for raw in &file.locations {
+        let (Some(id), Some(lat), Some(lon)) = (&raw.id, &raw.lat, &raw.lon) else {
+            continue;
+        };
+        check_id(diags, "location", id);
+        if !(-90.0..=90.0).contains(&lat.value) {
+            diags.error(lat.span.clone(), format!("lat {} is out of range; expected -90 to 90 degrees", lat.value));
+        }
+        if !(-180.0..=180.0).contains(&lon.value) {
+            diags.error(lon.span.clone(), format!("lon {} is out of range; expected -180 to 180 degrees", lon.value));
+        }
+        if index.contains_key(&id.value) {
+            diags.error(
+                id.span.clone(),
+                format!("location id \"{}\" is used twice; location ids must be unique", id.value),
+            );
+            continue;
+        }
+        if locations.len() >= usize::from(u16::MAX) {
+            diags.error(id.span.clone(), "too many locations; at most 65535 are supported");
+            continue;
+        }
+        // A location with a bad id or coordinate is still registered, so
+        // that pools naming it are not reported as well; the file is
+        // rejected anyway.
+        index.insert(id.value.clone(), LocationId(locations.len() as u16));
+        locations.push(Location {
+            id: id.value.clone(),
+            name: raw.name.as_ref().map_or_else(|| id.value.clone(), |n| n.value.clone()),
+            coord: Coord::new(lat.value.clamp(-90.0, 90.0), lon.value.clamp(-180.0, 180.0)),
+            edge: raw.edge.as_ref().map_or(defaults::LOCATION_EDGE, |e| e.value),
+        });
+    }
+    (locations, index)
+}
+
+fn lookup_location(
+    diags: &mut Diagnostics,
+    index: &HashMap<String, LocationId>,
+    at: &At<String>,
+    what: &str,
+) -> Option<LocationId> {
+    let found = index.get(&at.value).copied();
+    if found.is_none() {
+        let mut known: Vec<&str> = index.keys().map(String::as_str).collect();
+        known.sort_unstable();
+        diags.error(
+            at.span.clone(),
+            format!(
+                "{what} \"{}\" is not a location; known locations: {}",
+                at.value,
+                if known.is_empty() { "(none)".to_owned() } else { known.join(", ") }
+            ),
+        );
+    }
+    found
+}
+
+fn compile_rtt(
+    diags: &mut Diagnostics,
+    file: &FileConfig,
+    locations: &[Location],
+    index: &HashMap<String, LocationId>,
+) -> RttMatrix {
+    let coords: Vec<Coord> = locations.iter().map(|l| l.coord).collect();
+    let mut matrix = RttMatrix::estimate(&coords, &RttModel::default());
+    for raw in &file.rtt {
+        let (Some(between), Some(ms)) = (&raw.between, &raw.ms) else {
+            continue;
+        };
+        if between.value.len() != 2 {
+            diags.error(
+                between.span.clone(),
+                format!(
+                    "between must name exactly two locations, such as [\"fra\", \"par\"]; found {}",
+                    between.value.len()
+                ),
+            );
+            continue;
+        }
+        let a = lookup_location(diags, index, &between.value[0], "[[rtt]] names");
+        let b = lookup_location(diags, index, &between.value[1], "[[rtt]] names");
+        if !(ms.value > 0.0 && ms.value <= 10_000.0) {
+            diags.error(
+                ms.span.clone(),
+                format!("ms = {} is out of range; expected more than 0 and at most 10000", ms.value),
+            );
+            continue;
+        }
+        if let (Some(a), Some(b)) = (a, b) {
+            if a == b {
+                diags.error(between.span.clone(), "between must name two different locations");
+                continue;
+            }
+            matrix.set(a.index(), b.index(), std::time::Duration::from_secs_f64(ms.value / 1000.0));
+        }
+    }
+    matrix
+}
+
+fn compile_edge(
+    diags: &mut Diagnostics,
+    file: &FileConfig,
+    locations: &HashMap<String, LocationId>,
+) -> Option<EdgeSettings> {
+    let admin_default: SocketAddr = defaults::ADMIN.parse().ok()?;
+    let Some(raw) = &file.edge else {
+        return Some(EdgeSettings {
+            location: None,
+            http: None,
+            https: None,
+            h3: None,
+            admin: admin_default,
+            admin_token_env: None,
+            debug_headers: defaults::DEBUG_HEADERS,
+            threads: defaults::THREADS,
+            drain_timeout: defaults::DRAIN_TIMEOUT,
+        });
+    };
+    if let Some(loc) = &raw.location {
+        lookup_location(diags, locations, loc, "[edge].location");
+    }
+    // TCP listeners must not share an address; h3 is UDP and may share the https port.
+    let mut tcp: Vec<(&str, &At<SocketAddr>)> = Vec::new();
+    for (name, addr) in [("http", &raw.http), ("https", &raw.https), ("admin", &raw.admin)] {
+        if let Some(addr) = addr {
+            if let Some((other, _)) = tcp.iter().find(|(_, a)| a.value == addr.value) {
+                diags.error(
+                    addr.span.clone(),
+                    format!("[edge].{name} uses {} which [edge].{other} already uses; each TCP listener needs its own address", addr.value),
+                );
+            }
+            tcp.push((name, addr));
+        }
+    }
+    if let Some(env) = &raw.admin_token_env {
+        if !valid_env_name(&env.value) {
+            diags.error(
+                env.span.clone(),
+                format!(
+                    "admin_token_env \"{}\" is not an environment variable name; use letters, digits and '_'",
+                    env.value
+                ),
+            );
+        }
+    }
+    let threads = match &raw.threads {
+        Some(t) if t.value > 1024 => {
+            diags
+                .error(t.span.clone(), format!("threads = {} is too many; expected 0 (one per core) to 1024", t.value));
+            defaults::THREADS
+        }
+        Some(t) => t.value as usize,
+        None => defaults::THREADS,
+    };
+    Some(EdgeSettings {
+        location: raw.location.as_ref().map(|l| l.value.clone()),
+        http: raw.http.as_ref().map(|a| a.value),
+        https: raw.https.as_ref().map(|a| a.value),
+        h3: raw.h3.as_ref().map(|a| a.value),
+        admin: raw.admin.as_ref().map_or(admin_default, |a| a.value),
+        admin_token_env: raw.admin_token_env.as_ref().map(|e| e.value.clone()),
+        debug_headers: raw.debug_headers.as_ref().map_or(defaults::DEBUG_HEADERS, |d| d.value),
+        threads,
+        drain_timeout: raw.drain_timeout.as_ref().map_or(defaults::DRAIN_TIMEOUT, |d| d.value),
+    })
+}
+
+fn valid_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.as_bytes()[0].is_ascii_digit()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn compile_tls(diags: &mut Diagnostics, raws: &[RawTls], base: &Path) -> Vec<TlsCert> {
+    let mut out = Vec::new();
+    for raw in raws {
+        let mut hosts = Vec::new();
+        if let Some(list) = &raw.hosts {
+            if list.value.is_empty() {
+                diags.error(list.span.clone(), "hosts must name at least one host, such as [\"api.example.com\"]");
+            }
+            for h in &list.value {
+                match HostPattern::parse(&h.value) {
+                    Ok(p) => hosts.push(p),
+                    Err(msg) => diags.error(h.span.clone(), msg),
+                }
+            }
+        }
+        let chain = raw.cert.as_ref().and_then(|c| read_certs(diags, base, c));
+        let key = raw.key.as_ref().and_then(|k| read_key(diags, base, k));
+        if let (Some((cert_path, chain)), Some((key_path, key))) = (chain, key) {
+            out.push(TlsCert { hosts, cert_path, key_path, chain, key });
+        }
+    }
+    out
+}
+
+fn read_certs(
+    diags: &mut Diagnostics,
+    base: &Path,
+    at: &At<String>,
+) -> Option<(std::path::PathBuf, Vec<CertificateDer<'static>>)> {
+    let path = base.join(&at.value);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) => {
+            diags.error(at.span.clone(), format!("cert \"{}\" cannot be read: {e}; expected a PEM certificate chain (paths are relative to the config file)", path.display()));
+            return None;
+        }
+    };
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
+    match certs {
+        Ok(certs) if !certs.is_empty() => Some((path, certs)),
+        Ok(_) => {
+            diags.error(
+                at.span.clone(),
+                format!(
+                    "cert \"{}\" holds no certificate; expected a PEM file with \"-----BEGIN CERTIFICATE-----\" blocks",
+                    path.display()
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            diags.error(
+                at.span.clone(),
+                format!("cert \"{}\" is not a valid PEM certificate chain: {e}", path.display()),
+            );
+            None
+        }
+    }
+}
+
+fn read_key(
+    diags: &mut Diagnostics,
+    base: &Path,
+    at: &At<String>,
+) -> Option<(std::path::PathBuf, PrivateKeyDer<'static>)> {
+    let path = base.join(&at.value);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) => {
+            diags.error(at.span.clone(), format!("key \"{}\" cannot be read: {e}; expected a PEM private key (paths are relative to the config file)", path.display()));
+            return None;
+        }
+    };
+    match PrivateKeyDer::from_pem_slice(&bytes) {
+        Ok(key) => Some((path, key)),
+        Err(e) => {
+            diags.error(
+                at.span.clone(),
+                format!("key \"{}\" is not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}", path.display()),
+            );
+            None
+        }
+    }
+}
+
+fn positive(diags: &mut Diagnostics, at: &Option<At<u64>>, key: &str, default: u32) -> u32 {
+    match at {
+        None => default,
+        Some(at) if at.value == 0 => {
+            diags.error(at.span.clone(), format!("{key} = 0 would never admit a request; expected 1 or more"));
+            default
+        }
+        Some(at) if at.value > u64::from(u32::MAX) => {
+            diags.error(at.span.clone(), format!("{key} = {} is too large; expected at most {}", at.value, u32::MAX));
+            default
+        }
+        Some(at) => at.value as u32,
+    }
+}
+
+fn nonzero_duration(
+    diags: &mut Diagnostics,
+    at: &Option<At<std::time::Duration>>,
+    what: &str,
+    default: std::time::Duration,
+) -> std::time::Duration {
+    match at {
+        Some(at) if at.value.is_zero() => {
+            diags.error(at.span.clone(), format!("{what} must be longer than zero"));
+            default
+        }
+        Some(at) => at.value,
+        None => default,
+    }
+}
+
+fn path_value(diags: &mut Diagnostics, at: &Option<At<String>>, what: &str, default: &str) -> String {
+    match at {
+        Some(at) if !at.value.starts_with('/') || at.value.bytes().any(|b| b.is_ascii_control() || b == b' ') => {
+            diags.error(
+                at.span.clone(),
+                format!("{what} \"{}\" must be a path starting with '/', such as \"{default}\"", at.value),
+            );
+            default.to_owned()
+        }
+        Some(at) => at.value.clone(),
+        None => default.to_owned(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_pool(
+    diags: &mut Diagnostics,
+    raw: &RawPool,
+    locations: &HashMap<String, LocationId>,
+    rtt: &RttMatrix,
+    location_list: &[Location],
+    services: &mut Vec<Service>,
+    service_index: &mut HashMap<String, ServiceId>,
+) -> Option<Pool> {
+    let id = raw.id.as_ref()?;
+    let id_ok = check_id(diags, "pool", id);
+    let location = raw.location.as_ref().and_then(|l| lookup_location(diags, locations, l, "pool location"));
+
+    let mut pool_services = Vec::new();
+    if let Some(serves) = &raw.serves {
+        if serves.value.is_empty() {
+            diags.error(
+                serves.span.clone(),
+                "serves must name at least one service (model), such as [\"llama-3.1-8b\"]",
+            );
+        }
+        for s in &serves.value {
+            if s.value.is_empty() || s.value.len() > 256 || s.value.bytes().any(|b| b.is_ascii_control()) {
+                diags.error(s.span.clone(), "a service name must be 1 to 256 printable characters");
+                continue;
+            }
+            let next = ServiceId(services.len() as u32);
+            let sid = *service_index.entry(s.value.clone()).or_insert_with(|| {
+                services.push(Service { name: s.value.clone(), pools: Vec::new() });
+                next
+            });
+            if pool_services.contains(&sid) {
+                diags.error(s.span.clone(), format!("service \"{}\" is listed twice in serves", s.value));
+            } else {
+                pool_services.push(sid);
+            }
+        }
+    }
+
+    let mut replicas = Vec::new();
+    if let Some(list) = &raw.replicas {
+        if list.value.is_empty() {
+            diags.error(list.span.clone(), "replicas must list at least one address, such as [\"10.1.0.5:8000\"]");
+        }
+        for r in &list.value {
+            match crate::decode::parse_addr(&r.value) {
+                Some(addr) if replicas.contains(&addr) => {
+                    diags.error(r.span.clone(), format!("replica {addr} is listed twice"));
+                }
+                Some(addr) => replicas.push(addr),
+                None => diags.error(
+                    r.span.clone(),
+                    format!("replica \"{}\" is not an address; expected IP:PORT such as \"10.1.0.5:8000\"", r.value),
+                ),
+            }
+        }
+    }
+
+    let max_concurrency = positive(diags, &raw.max_concurrency, "max_concurrency", defaults::MAX_CONCURRENCY);
+    let max_queue = positive(diags, &raw.max_queue, "max_queue", defaults::MAX_QUEUE);
+
+    let health = HealthCheck {
+        path: path_value(diags, &raw.health.path, "health path", defaults::HEALTH_PATH),
+        interval: nonzero_duration(diags, &raw.health.interval, "health interval", defaults::HEALTH_INTERVAL),
+        timeout: nonzero_duration(diags, &raw.health.timeout, "health timeout", defaults::HEALTH_TIMEOUT),
+    };
+
+    let load = raw.load.as_ref().map(|l| LoadReport {
+        path: path_value(diags, &l.path, "load path", defaults::LOAD_PATH),
+        format: match l.format.as_ref().map(|f| f.value.as_str()).unwrap_or(defaults::LOAD_FORMAT) {
+            "vllm" => LoadFormat::Vllm,
+            "tgi" => LoadFormat::Tgi,
+            "sglang" => LoadFormat::Sglang,
+            other => {
+                if let Some(f) = &l.format {
+                    diags.error(
+                        f.span.clone(),
+                        format!("load format \"{other}\" is not known; expected \"vllm\", \"tgi\" or \"sglang\""),
+                    );
+                }
+                LoadFormat::Vllm
+            }
+        },
+        interval: nonzero_duration(diags, &l.interval, "load interval", defaults::LOAD_INTERVAL),
+    });
+
+    let scale = raw.scale.as_ref().and_then(|s| {
+        let wake = s.wake.as_ref().and_then(|h| compile_hook(diags, h, "wake"));
+        let sleep = s.sleep.as_ref().and_then(|h| compile_hook(diags, h, "sleep"));
+        let idle_timeout = nonzero_duration(diags, &s.idle_timeout, "idle_timeout", defaults::IDLE_TIMEOUT);
+        let wake_time = nonzero_duration(diags, &s.wake_time, "wake_time", defaults::WAKE_TIME);
+        Some(Scale { idle_timeout, wake_time, wake: wake?, sleep })
+    });
+
+    let location = location?;
+    if !id_ok || raw.serves.is_none() || raw.replicas.is_none() {
+        return None;
+    }
+    let home_edge = if location_list[location.index()].edge {
+        location
+    } else {
+        let edges = location_list.iter().enumerate().filter(|(_, l)| l.edge).map(|(i, _)| i);
+        match rtt.nearest(location.index(), edges) {
+            Some(i) => LocationId(i as u16),
+            None => {
+                diags.error(
+                    raw.span.clone(),
+                    "no location runs an edge, so this pool has no home edge; set edge = true on a [[location]]",
+                );
+                return None;
+            }
+        }
+    };
+    Some(Pool {
+        id: id.value.clone(),
+        location,
+        home_edge,
+        services: pool_services,
+        replicas,
+        max_concurrency,
+        max_queue,
+        health,
+        load,
+        scale,
+    })
+}
+
+fn compile_hook(diags: &mut Diagnostics, raw: &RawHook, which: &str) -> Option<Hook> {
+    let timeout = nonzero_duration(diags, &raw.timeout, &format!("{which} hook timeout"), defaults::HOOK_TIMEOUT);
+    match (&raw.url, &raw.command) {
+        (Some(url), None) => {
+            if let Some(env) = &raw.token_env {
+                if !valid_env_name(&env.value) {
+                    diags.error(
+                        env.span.clone(),
+                        format!(
+                            "token_env \"{}\" is not an environment variable name; use letters, digits and '_'",
+                            env.value
+                        ),
+                    );
+                }
+            }
+            match parse_hook_url(&url.value) {
+                Ok(parsed) => Some(Hook::Http {
+                    url: parsed,
+                    token_env: raw.token_env.as_ref().map(|e| e.value.clone()),
+                    timeout,
+                }),
+                Err(msg) => {
+                    diags.error(url.span.clone(), msg);
+                    None
+                }
+            }
+        }
+        (None, Some(cmd)) => {
+            if cmd.value.is_empty() || cmd.value[0].value.is_empty() {
+                diags.error(
+                    cmd.span.clone(),
+                    "command must name a program, such as [\"/usr/local/bin/wake-pool\", \"fra-h100\"]",
+                );
+                return None;
+            }
+            if let Some(env) = &raw.token_env {
+                diags.error(
+                    env.span.clone(),
+                    "token_env applies to url hooks only; a command gets its environment from stoke's",
+                );
+            }
+            Some(Hook::Command { argv: cmd.value.iter().map(|a| a.value.clone()).collect(), timeout })
+        }
+        (Some(url), Some(_)) => {
+            diags.error(url.span.clone(), format!("the {which} hook has both url and command; give one"));
+            None
+        }
+        (None, None) => {
+            diags.error(
+                raw.span.clone(),
+                format!("the {which} hook needs url = \"http://…\" (a webhook) or command = [\"program\", \"arg\"]"),
+            );
+            None
+        }
+    }
+}
+
+/// Parse `http://host[:port]/path` or `https://…`.
+pub(crate) fn parse_hook_url(raw: &str) -> Result<HookUrl, String> {
+    let bad = |why: &str| Err(format!("url \"{raw}\" {why}; expected http://HOST[:PORT]/PATH or https://…"));
+    let (tls, rest) = if let Some(r) = raw.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = raw.strip_prefix("https://") {
+        (true, r)
+    } else {
+        return bad("has no http:// or https:// scheme");
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.contains('@') {
+        return bad("has user info, which is not supported (use token_env)");
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let Some((h, after)) = v6.split_once(']') else {
+            return bad("has an unclosed '['");
+        };
+        match after.strip_prefix(':') {
+            Some(p) => (h, Some(p)),
+            None if after.is_empty() => (h, None),
+            None => return bad("has junk after the IPv6 address"),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() || host.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return bad("has no valid host");
+    }
+    let port = match port {
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return bad("has an invalid port"),
+        },
+        None if tls => 443,
+        None => 80,
+    };
+    if path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return bad("has spaces or control characters in its path");
+    }
+    Ok(HookUrl { raw: raw.to_owned(), tls, host: host.to_owned(), port, path: path.to_owned() })
+}
+
+fn compile_route(diags: &mut Diagnostics, raw: &RawRoute, services: &HashMap<String, ServiceId>) -> Option<Route> {
+    let host = match &raw.host {
+        Some(h) => match HostPattern::parse(&h.value) {
+            Ok(p) => Some(p),
+            Err(msg) => {
+                diags.error(h.span.clone(), msg);
+                None
+            }
+        },
+        None => Some(HostPattern::Any),
+    };
+    let path_prefix = match &raw.path_prefix {
+        Some(p) if !p.value.starts_with('/') || p.value.bytes().any(|b| b.is_ascii_control() || b == b' ') => {
+            diags.error(p.span.clone(), format!("path_prefix \"{}\" must start with '/', such as \"/v1/\"", p.value));
+            None
+        }
+        Some(p) => Some(p.value.clone()),
+        None => Some(defaults::PATH_PREFIX.to_owned()),
+    };
+    let service = match (&raw.service, &raw.service_from) {
+        (Some(s), Some(from)) => {
+            diags.error(
+                from.span.clone(),
+                format!("a route takes service or service_from, not both (service = \"{}\" is also set)", s.value),
+            );
+            None
+        }
+        (None, None) => {
+            diags.error(
+                raw.span.clone(),
+                "a route needs service = \"MODEL\" or service_from = \"body:model\" / \"header:NAME\"",
+            );
+            None
+        }
+        (Some(s), None) => match services.get(&s.value) {
+            Some(&id) => Some(ServiceSource::Fixed(id)),
+            None => {
+                let mut known: Vec<&str> = services.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                diags.error(
+                    s.span.clone(),
+                    format!(
+                        "no pool serves \"{}\"; services that pools serve: {}",
+                        s.value,
+                        if known.is_empty() { "(none)".to_owned() } else { known.join(", ") }
+                    ),
+                );
+                None
+            }
+        },
+        (None, Some(from)) => match parse_service_from(&from.value) {
+            Ok(src) => Some(src),
+            Err(msg) => {
+                diags.error(from.span.clone(), msg);
+                None
+            }
+        },
+    };
+    let max_body_read = match &raw.max_body_read {
+        Some(at) if at.value == 0 || at.value > defaults::MAX_BODY_READ_LIMIT => {
+            diags.error(
+                at.span.clone(),
+                format!("max_body_read = {} is out of range; expected 1 byte to 64MiB", at.value),
+            );
+            defaults::MAX_BODY_READ
+        }
+        Some(at) => at.value,
+        None => defaults::MAX_BODY_READ,
+    };
+    let max_wait = raw.max_wait.as_ref().map_or(defaults::MAX_WAIT, |w| w.value);
+    let (host, path_prefix, service) = (host?, path_prefix?, service?);
+    let name = match &raw.name {
+        Some(n) if n.value.is_empty() || n.value.bytes().any(|b| b.is_ascii_control()) => {
+            diags.error(n.span.clone(), "a route name must be printable and not empty");
+            return None;
+        }
+        Some(n) => n.value.clone(),
+        None => format!("{host}{path_prefix}"),
+    };
+    Some(Route {
+        name,
+        host,
+        path_prefix,
+        service,
+        max_wait,
+        strip_prefix: raw.strip_prefix.as_ref().map_or(defaults::STRIP_PREFIX, |s| s.value),
+        max_body_read,
+    })
+}
+
+/// Parse `body:FIELD` or `header:NAME`.
+pub(crate) fn parse_service_from(text: &str) -> Result<ServiceSource, String> {
+    let help = "expected \"body:model\" (a top-level field of the JSON body) or \"header:NAME\" (a request header such as header:x-model)";
+    match text.split_once(':') {
+        Some(("body", field)) if !field.is_empty() && field.bytes().all(|b| !b.is_ascii_control() && b != b'"') => {
+            Ok(ServiceSource::BodyField(field.to_owned()))
+        }
+        Some(("header", name)) if !name.is_empty() && name.bytes().all(is_token_byte) => {
+            Ok(ServiceSource::Header(name.to_ascii_lowercase()))
+        }
+        _ => Err(format!("service_from \"{text}\" is not understood; {help}")),
+    }
+}
+
+/// RFC 9110 `tchar`.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_urls() {
+        let u = parse_hook_url("http://orchestrator:7000/pools/fra/wake").expect("valid");
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str(), u.tls), ("orchestrator", 7000, "/pools/fra/wake", false));
+        let u = parse_hook_url("https://[::1]/x?y=1").expect("valid");
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str(), u.tls), ("::1", 443, "/x?y=1", true));
+        assert_eq!(parse_hook_url("http://h").map(|u| u.path), Ok("/".to_owned()));
+        for bad in ["ftp://x/", "http://", "http://a:0/", "http://a:b/", "http://u@h/", "http://h/a b"] {
+            assert!(parse_hook_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn service_from_forms() {
+        assert_eq!(parse_service_from("body:model"), Ok(ServiceSource::BodyField("model".into())));
+        assert_eq!(parse_service_from("header:X-Model"), Ok(ServiceSource::Header("x-model".into())));
+        for bad in ["model", "body:", "header:", "header:x model", "query:model", ""] {
+            assert!(parse_service_from(bad).is_err(), "{bad}");
+        }
+    }
+}

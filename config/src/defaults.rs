@@ -1,0 +1,53 @@
+//! Defaults for every optional key, in one place so that the code, the
+//! docs (`config/README.md`) and `stoke check` agree.
+
+use std::time::Duration;
+
+/// `[edge].admin`: loopback only, so that nothing is exposed by default.
+pub const ADMIN: &str = "127.0.0.1:9901";
+/// `[edge].debug_headers`.
+pub const DEBUG_HEADERS: bool = false;
+/// `[edge].threads`: 0 means one worker per core.
+pub const THREADS: usize = 0;
+/// `[edge].drain_timeout`: how long in-flight requests get at shutdown.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `[[location]].edge`: a location runs an edge unless it says otherwise.
+pub const LOCATION_EDGE: bool = true;
+
+/// `[[pool]].max_concurrency`: requests per replica at once.
+pub const MAX_CONCURRENCY: u32 = 16;
+/// `[[pool]].max_queue`: requests held per pool per edge.
+pub const MAX_QUEUE: u32 = 256;
+/// `health.path`.
+pub const HEALTH_PATH: &str = "/health";
+/// `health.interval`.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// `health.timeout`.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+/// `load.path`.
+pub const LOAD_PATH: &str = "/metrics";
+/// `load.interval`.
+pub const LOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// `load.format`.
+pub const LOAD_FORMAT: &str = "vllm";
+/// `[pool.scale].idle_timeout`.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// `[pool.scale].wake_time`: a typical cold start of an inference server
+/// loading an 8B model from local disk.
+pub const WAKE_TIME: Duration = Duration::from_secs(30);
+/// `timeout` of a wake or sleep hook.
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `[[route]].host`: any host.
+pub const ROUTE_HOST: &str = "*";
+/// `[[route]].path_prefix`.
+pub const PATH_PREFIX: &str = "/";
+/// `[[route]].max_wait`.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+/// `[[route]].strip_prefix`.
+pub const STRIP_PREFIX: bool = false;
+/// `[[route]].max_body_read`: the most of a body read to find the model.
+pub const MAX_BODY_READ: u64 = 1 << 20;
+/// Upper bound accepted for `max_body_read`: the body is held in memory.
+pub const MAX_BODY_READ_LIMIT: u64 = 64 << 20;

@@ -1,0 +1,274 @@
+//! Stage one: the file as written. Every key is read with its span; unknown
+//! keys, missing keys and wrong types are recorded, and decoding goes on so
+//! that the next stage can find problems in the rest of the file too.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Duration;
+
+use toml::de::DeTable;
+
+use crate::decode::{tables, At, TableReader};
+use crate::diag::Diagnostics;
+
+/// Keys accepted at the top level.
+const ROOT_KEYS: &[&str] = &["edge", "tls", "location", "rtt", "pool", "route"];
+const EDGE_KEYS: &[&str] =
+    &["location", "http", "https", "h3", "admin", "admin_token_env", "debug_headers", "threads", "drain_timeout"];
+const TLS_KEYS: &[&str] = &["hosts", "cert", "key"];
+const LOCATION_KEYS: &[&str] = &["id", "name", "lat", "lon", "edge"];
+const RTT_KEYS: &[&str] = &["between", "ms"];
+const POOL_KEYS: &[&str] =
+    &["id", "location", "serves", "replicas", "max_concurrency", "max_queue", "health", "load", "scale"];
+const HEALTH_KEYS: &[&str] = &["path", "interval", "timeout"];
+const LOAD_KEYS: &[&str] = &["path", "format", "interval"];
+const SCALE_KEYS: &[&str] = &["idle_timeout", "wake_time", "wake", "sleep"];
+const HOOK_KEYS: &[&str] = &["url", "token_env", "command", "timeout"];
+const ROUTE_KEYS: &[&str] =
+    &["name", "host", "path_prefix", "service", "service_from", "max_wait", "strip_prefix", "max_body_read"];
+
+/// The whole file as written.
+#[derive(Debug, Default)]
+pub(crate) struct FileConfig {
+    pub edge: Option<RawEdge>,
+    pub tls: Vec<RawTls>,
+    pub locations: Vec<RawLocation>,
+    pub rtt: Vec<RawRtt>,
+    pub pools: Vec<RawPool>,
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawEdge {
+    pub location: Option<At<String>>,
+    pub http: Option<At<SocketAddr>>,
+    pub https: Option<At<SocketAddr>>,
+    pub h3: Option<At<SocketAddr>>,
+    pub admin: Option<At<SocketAddr>>,
+    pub admin_token_env: Option<At<String>>,
+    pub debug_headers: Option<At<bool>>,
+    pub threads: Option<At<u64>>,
+    pub drain_timeout: Option<At<Duration>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawTls {
+    pub hosts: Option<At<Vec<At<String>>>>,
+    pub cert: Option<At<String>>,
+    pub key: Option<At<String>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawLocation {
+    pub id: Option<At<String>>,
+    pub name: Option<At<String>>,
+    pub lat: Option<At<f64>>,
+    pub lon: Option<At<f64>>,
+    pub edge: Option<At<bool>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawRtt {
+    pub between: Option<At<Vec<At<String>>>>,
+    pub ms: Option<At<f64>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawPool {
+    pub span: Range<usize>,
+    pub id: Option<At<String>>,
+    pub location: Option<At<String>>,
+    pub serves: Option<At<Vec<At<String>>>>,
+    pub replicas: Option<At<Vec<At<String>>>>,
+    pub max_concurrency: Option<At<u64>>,
+    pub max_queue: Option<At<u64>>,
+    pub health: RawHealth,
+    pub load: Option<RawLoad>,
+    pub scale: Option<RawScale>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct RawHealth {
+    pub path: Option<At<String>>,
+    pub interval: Option<At<Duration>>,
+    pub timeout: Option<At<Duration>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawLoad {
+    pub path: Option<At<String>>,
+    pub format: Option<At<String>>,
+    pub interval: Option<At<Duration>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawScale {
+    pub idle_timeout: Option<At<Duration>>,
+    pub wake_time: Option<At<Duration>>,
+    pub wake: Option<RawHook>,
+    pub sleep: Option<RawHook>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawHook {
+    pub span: Range<usize>,
+    pub url: Option<At<String>>,
+    pub token_env: Option<At<String>>,
+    pub command: Option<At<Vec<At<String>>>>,
+    pub timeout: Option<At<Duration>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawRoute {
+    pub span: Range<usize>,
+    pub name: Option<At<String>>,
+    pub host: Option<At<String>>,
+    pub path_prefix: Option<At<String>>,
+    pub service: Option<At<String>>,
+    pub service_from: Option<At<String>>,
+    pub max_wait: Option<At<Duration>>,
+    pub strip_prefix: Option<At<bool>>,
+    pub max_body_read: Option<At<u64>>,
+}
+
+/// Decode a parsed document.
+pub(crate) fn decode(diags: &mut Diagnostics, root: &DeTable<'_>, root_span: Range<usize>) -> FileConfig {
+    let top = TableReader::new(diags, root, root_span, "the top level", ROOT_KEYS);
+    let edge = top
+        .table(diags, "edge")
+        .map(|(t, span)| decode_edge(&TableReader::new(diags, t, span, "[edge]", EDGE_KEYS), diags));
+
+    FileConfig {
+        edge,
+        tls: tables(diags, root, "tls")
+            .into_iter()
+            .map(|(t, span)| {
+                let r = TableReader::new(diags, t, span, "[[tls]]", TLS_KEYS);
+                RawTls {
+                    hosts: r.required_strings(diags, "hosts"),
+                    cert: r.required_string(diags, "cert"),
+                    key: r.required_string(diags, "key"),
+                }
+            })
+            .collect(),
+        locations: tables(diags, root, "location")
+            .into_iter()
+            .map(|(t, span)| {
+                let r = TableReader::new(diags, t, span, "[[location]]", LOCATION_KEYS);
+                RawLocation {
+                    id: r.required_string(diags, "id"),
+                    name: r.string(diags, "name"),
+                    lat: r.required_number(diags, "lat"),
+                    lon: r.required_number(diags, "lon"),
+                    edge: r.boolean(diags, "edge"),
+                }
+            })
+            .collect(),
+        rtt: tables(diags, root, "rtt")
+            .into_iter()
+            .map(|(t, span)| {
+                let r = TableReader::new(diags, t, span, "[[rtt]]", RTT_KEYS);
+                RawRtt { between: r.required_strings(diags, "between"), ms: r.required_number(diags, "ms") }
+            })
+            .collect(),
+        pools: tables(diags, root, "pool").into_iter().map(|(t, span)| decode_pool(diags, t, span)).collect(),
+        routes: tables(diags, root, "route")
+            .into_iter()
+            .map(|(t, span)| {
+                let r = TableReader::new(diags, t, span.clone(), "[[route]]", ROUTE_KEYS);
+                RawRoute {
+                    span,
+                    name: r.string(diags, "name"),
+                    host: r.string(diags, "host"),
+                    path_prefix: r.string(diags, "path_prefix"),
+                    service: r.string(diags, "service"),
+                    service_from: r.string(diags, "service_from"),
+                    max_wait: r.duration(diags, "max_wait"),
+                    strip_prefix: r.boolean(diags, "strip_prefix"),
+                    max_body_read: r.size(diags, "max_body_read"),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn decode_edge(r: &TableReader<'_, '_>, diags: &mut Diagnostics) -> RawEdge {
+    RawEdge {
+        location: r.string(diags, "location"),
+        http: r.addr(diags, "http"),
+        https: r.addr(diags, "https"),
+        h3: r.addr(diags, "h3"),
+        admin: r.addr(diags, "admin"),
+        admin_token_env: r.string(diags, "admin_token_env"),
+        debug_headers: r.boolean(diags, "debug_headers"),
+        threads: r.unsigned(diags, "threads"),
+        drain_timeout: r.duration(diags, "drain_timeout"),
+    }
+}
+
+fn decode_pool(diags: &mut Diagnostics, t: &DeTable<'_>, span: Range<usize>) -> RawPool {
+    // Name the pool in messages about its sub-tables once its id is known.
+    let id_hint = t
+        .get("id")
+        .and_then(|v| v.get_ref().as_str())
+        .map(|s| format!("[[pool]] \"{s}\""))
+        .unwrap_or_else(|| "[[pool]]".to_owned());
+    let r = TableReader::new(diags, t, span.clone(), id_hint.clone(), POOL_KEYS);
+    let health = r
+        .table(diags, "health")
+        .map(|(t, span)| {
+            let h = TableReader::new(diags, t, span, format!("health of {id_hint}"), HEALTH_KEYS);
+            RawHealth {
+                path: h.string(diags, "path"),
+                interval: h.duration(diags, "interval"),
+                timeout: h.duration(diags, "timeout"),
+            }
+        })
+        .unwrap_or_default();
+    let load = r.table(diags, "load").map(|(t, span)| {
+        let l = TableReader::new(diags, t, span, format!("load of {id_hint}"), LOAD_KEYS);
+        RawLoad {
+            path: l.string(diags, "path"),
+            format: l.string(diags, "format"),
+            interval: l.duration(diags, "interval"),
+        }
+    });
+    let scale = r.table(diags, "scale").map(|(t, span)| {
+        let s = TableReader::new(diags, t, span, format!("[pool.scale] of {id_hint}"), SCALE_KEYS);
+        let hook = |diags: &mut Diagnostics, key: &str| {
+            s.table(diags, key).map(|(t, span)| {
+                let h = TableReader::new(diags, t, span.clone(), format!("{key} hook of {id_hint}"), HOOK_KEYS);
+                RawHook {
+                    span,
+                    url: h.string(diags, "url"),
+                    token_env: h.string(diags, "token_env"),
+                    command: h.strings(diags, "command"),
+                    timeout: h.duration(diags, "timeout"),
+                }
+            })
+        };
+        let wake = hook(diags, "wake");
+        let sleep = hook(diags, "sleep");
+        if !s.has("wake") {
+            s.missing(diags, "wake", "a hook such as { url = \"http://orchestrator:7000/wake\" }");
+        }
+        RawScale {
+            idle_timeout: s.duration(diags, "idle_timeout"),
+            wake_time: s.duration(diags, "wake_time"),
+            wake,
+            sleep,
+        }
+    });
+    RawPool {
+        span,
+        id: r.required_string(diags, "id"),
+        location: r.required_string(diags, "location"),
+        serves: r.required_strings(diags, "serves"),
+        replicas: r.required_strings(diags, "replicas"),
+        max_concurrency: r.unsigned(diags, "max_concurrency"),
+        max_queue: r.unsigned(diags, "max_queue"),
+        health,
+        load,
+        scale,
+    }
+}

@@ -1,0 +1,422 @@
+//! The compiled, immutable form of a config file.
+//!
+//! Ids are interned to indices, every default is filled in, and every
+//! cross-reference has been checked, so the request path never meets an
+//! `Option` it has to interpret or a name it has to look up twice.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use stoke_geo::{Coord, RttMatrix};
+
+use crate::routes::{HostPattern, RouteTable};
+
+/// Index of a location in [`Network::locations`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocationId(pub u16);
+
+/// Index of a pool in [`Network::pools`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolId(pub u32);
+
+/// Index of a service in [`Network::services`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceId(pub u32);
+
+/// Index of a route in [`Network::routes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteId(pub u32);
+
+impl LocationId {
+    /// As a slice index.
+    #[inline]
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+macro_rules! index_u32 {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// As a slice index.
+            #[inline]
+            pub fn index(self) -> usize {
+                self.0 as usize
+            }
+        }
+    )*};
+}
+index_u32!(PoolId, ServiceId, RouteId);
+
+/// Everything the file says, validated, independent of which edge reads it.
+#[derive(Debug)]
+pub struct Network {
+    /// Where the file was read from and what it hashed to.
+    pub source: Source,
+    /// Settings of the edge process.
+    pub edge: EdgeSettings,
+    /// Certificates for the TLS and QUIC listeners, in file order.
+    pub tls: Vec<TlsCert>,
+    /// Every location, edge or not.
+    pub locations: Vec<Location>,
+    /// Round trips between locations (estimates, with `[[rtt]]` overrides).
+    pub rtt: RttMatrix,
+    /// Every pool.
+    pub pools: Vec<Pool>,
+    /// Every service that some pool serves, with the pools that serve it.
+    pub services: Vec<Service>,
+    /// Every route, in file order.
+    pub routes: Vec<Route>,
+    /// Host and path matching over [`routes`](Self::routes).
+    pub route_table: RouteTable,
+    pub(crate) location_index: HashMap<String, LocationId>,
+    pub(crate) pool_index: HashMap<String, PoolId>,
+    pub(crate) service_index: HashMap<String, ServiceId>,
+}
+
+impl Network {
+    /// The location with this id.
+    pub fn location_id(&self, id: &str) -> Option<LocationId> {
+        self.location_index.get(id).copied()
+    }
+
+    /// The pool with this id.
+    pub fn pool_id(&self, id: &str) -> Option<PoolId> {
+        self.pool_index.get(id).copied()
+    }
+
+    /// The service with this name (exact, case-sensitive, as model names are).
+    #[inline]
+    pub fn service_id(&self, name: &str) -> Option<ServiceId> {
+        self.service_index.get(name).copied()
+    }
+
+    /// A location by index.
+    #[inline]
+    pub fn location(&self, id: LocationId) -> &Location {
+        &self.locations[id.index()]
+    }
+
+    /// A pool by index.
+    #[inline]
+    pub fn pool(&self, id: PoolId) -> &Pool {
+        &self.pools[id.index()]
+    }
+
+    /// A service by index.
+    #[inline]
+    pub fn service(&self, id: ServiceId) -> &Service {
+        &self.services[id.index()]
+    }
+
+    /// A route by index.
+    #[inline]
+    pub fn route(&self, id: RouteId) -> &Route {
+        &self.routes[id.index()]
+    }
+
+    /// Locations that run an edge.
+    pub fn edge_locations(&self) -> impl Iterator<Item = LocationId> + '_ {
+        self.locations.iter().enumerate().filter(|(_, l)| l.edge).map(|(i, _)| LocationId(i as u16))
+    }
+}
+
+/// The file a network was read from.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// Path as given.
+    pub path: PathBuf,
+    /// FNV-1a 64 hash of the file's bytes, hex: tells two versions apart.
+    pub hash: String,
+}
+
+/// `[edge]`: settings of the edge process itself.
+#[derive(Clone, Debug)]
+pub struct EdgeSettings {
+    /// `location` in the file, if given (the command line may override it).
+    pub location: Option<String>,
+    /// Plain listener: HTTP/1.1 and h2c.
+    pub http: Option<SocketAddr>,
+    /// TLS listener: HTTP/1.1 and HTTP/2 by ALPN.
+    pub https: Option<SocketAddr>,
+    /// HTTP/3 listener (UDP).
+    pub h3: Option<SocketAddr>,
+    /// Admin API listener.
+    pub admin: SocketAddr,
+    /// Environment variable holding the admin bearer token.
+    pub admin_token_env: Option<String>,
+    /// Whether responses carry `stoke-edge`, `stoke-pool`, `stoke-replica`, `stoke-wait-ms`.
+    pub debug_headers: bool,
+    /// Proxy worker threads (0: one per core).
+    pub threads: usize,
+    /// How long in-flight requests may take to finish at shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// `[[tls]]`: a certificate chain and key, and the host names it serves.
+#[derive(Debug)]
+pub struct TlsCert {
+    /// Host patterns (exact or `*.suffix`) this certificate is chosen for by SNI.
+    pub hosts: Vec<HostPattern>,
+    /// Resolved path of the PEM chain.
+    pub cert_path: PathBuf,
+    /// Resolved path of the PEM key.
+    pub key_path: PathBuf,
+    /// The chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+/// `[[location]]`.
+#[derive(Clone, Debug)]
+pub struct Location {
+    /// Short id (`"fra"`).
+    pub id: String,
+    /// Display name (`"Frankfurt"`).
+    pub name: String,
+    /// Where it is.
+    pub coord: Coord,
+    /// Whether an edge runs here (false for GPU-only sites).
+    pub edge: bool,
+}
+
+/// `[[pool]]`: replicas of one or more services at one location.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    /// Id from the file (`"fra-h100"`); pool state is keyed by it across reloads.
+    pub id: String,
+    /// Where the pool is.
+    pub location: LocationId,
+    /// The edge that calls the sleep hook: the pool's own location if it
+    /// runs an edge, else the nearest location that does.
+    pub home_edge: LocationId,
+    /// Services this pool serves.
+    pub services: Vec<ServiceId>,
+    /// Replica addresses.
+    pub replicas: Vec<SocketAddr>,
+    /// Requests one replica takes at once.
+    pub max_concurrency: u32,
+    /// Requests held for this pool at most, per edge.
+    pub max_queue: u32,
+    /// Active health probe.
+    pub health: HealthCheck,
+    /// Load reported by the replicas, if configured.
+    pub load: Option<LoadReport>,
+    /// Scale-to-zero settings; `None`: the pool is always on.
+    pub scale: Option<Scale>,
+}
+
+/// `health = { … }` of a pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Path probed with GET; 2xx is ready.
+    pub path: String,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Time a probe may take.
+    pub timeout: Duration,
+}
+
+/// Which metrics dialect a replica speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadFormat {
+    /// `vllm:num_requests_running`, `vllm:num_requests_waiting`.
+    Vllm,
+    /// `tgi_batch_current_size`, `tgi_queue_size`.
+    Tgi,
+    /// `sglang:num_running_reqs`, `sglang:num_queue_reqs`.
+    Sglang,
+}
+
+impl LoadFormat {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadFormat::Vllm => "vllm",
+            LoadFormat::Tgi => "tgi",
+            LoadFormat::Sglang => "sglang",
+        }
+    }
+}
+
+/// `load = { … }` of a pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Path of the Prometheus text endpoint.
+    pub path: String,
+    /// Metric dialect.
+    pub format: LoadFormat,
+    /// Time between scrapes.
+    pub interval: Duration,
+}
+
+/// `[pool.scale]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scale {
+    /// Idle time after which the home edge puts the pool to sleep.
+    pub idle_timeout: Duration,
+    /// Expected cold start, the seed of the learned wake time.
+    pub wake_time: Duration,
+    /// Called to wake the pool.
+    pub wake: Hook,
+    /// Called to put the pool to sleep; without it the pool is never put to sleep by stoke.
+    pub sleep: Option<Hook>,
+}
+
+/// An actuator: a webhook or a command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// `POST url` with a JSON body.
+    Http {
+        /// Where to POST.
+        url: HookUrl,
+        /// Environment variable holding the bearer token.
+        token_env: Option<String>,
+        /// Time one call may take.
+        timeout: Duration,
+    },
+    /// Run a program (no shell).
+    Command {
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// Time one run may take.
+        timeout: Duration,
+    },
+}
+
+impl Hook {
+    /// Time one call may take.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            Hook::Http { timeout, .. } | Hook::Command { timeout, .. } => *timeout,
+        }
+    }
+}
+
+/// A parsed `http://` or `https://` URL of a hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookUrl {
+    /// The URL as written.
+    pub raw: String,
+    /// Whether the scheme is https.
+    pub tls: bool,
+    /// Host name or IP (no brackets).
+    pub host: String,
+    /// Port (default 80 or 443).
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+}
+
+/// A service (model or app) and the pools that serve it.
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// Name (`"llama-3.1-8b"`).
+    pub name: String,
+    /// Pools that serve it, in file order.
+    pub pools: Vec<PoolId>,
+}
+
+/// `[[route]]`.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// Name used in metrics and logs (`name`, or host + path prefix).
+    pub name: String,
+    /// Host it matches.
+    pub host: HostPattern,
+    /// Path prefix it matches.
+    pub path_prefix: String,
+    /// Where the service comes from.
+    pub service: ServiceSource,
+    /// Longest a request is held for capacity or a wake.
+    pub max_wait: Duration,
+    /// Remove `path_prefix` from the forwarded path.
+    pub strip_prefix: bool,
+    /// Most bytes read from a body to find the service.
+    pub max_body_read: u64,
+}
+
+/// Where a route's service comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceSource {
+    /// Always this service.
+    Fixed(ServiceId),
+    /// A top-level string field of the JSON body (`body:model`).
+    BodyField(String),
+    /// A request header, lower-cased (`header:x-model`).
+    Header(String),
+}
+
+/// The per-edge view of a [`Network`]: what one edge location needs on its
+/// request path, precomputed.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The whole network.
+    pub network: Network,
+    /// This edge's location.
+    pub location: LocationId,
+    /// For each service (by index), the pools that serve it ranked by RTT
+    /// from this edge, nearest first.
+    pub candidates: Vec<Vec<Candidate>>,
+}
+
+/// A pool that can serve a service, and its RTT from this edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// The pool.
+    pub pool: PoolId,
+    /// Round trip from this edge to the pool, in microseconds.
+    pub rtt_us: u32,
+}
+
+impl Snapshot {
+    /// Compile the view of `network` for the edge at `location`.
+    pub fn new(network: Network, location: LocationId) -> Self {
+        let candidates = network
+            .services
+            .iter()
+            .map(|service| {
+                network
+                    .rtt
+                    .rank(location.index(), service.pools.iter().map(|&p| (p, network.pool(p).location.index())))
+                    .into_iter()
+                    .map(|r| Candidate { pool: r.item, rtt_us: r.rtt_us })
+                    .collect()
+            })
+            .collect();
+        Snapshot { network, location, candidates }
+    }
+
+    /// The pools that serve `service`, nearest first.
+    #[inline]
+    pub fn candidates(&self, service: ServiceId) -> &[Candidate] {
+        &self.candidates[service.index()]
+    }
+
+    /// This edge's location.
+    pub fn edge_location(&self) -> &Location {
+        self.network.location(self.location)
+    }
+
+    /// A one-line summary for `stoke check` and logs.
+    pub fn summary(&self) -> String {
+        self.network.summary()
+    }
+}
+
+impl Network {
+    /// `"10 locations, 6 pools, 3 services, 4 routes"`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} locations, {} pools, {} services, {} routes",
+            self.locations.len(),
+            self.pools.len(),
+            self.services.len(),
+            self.routes.len()
+        )
+    }
+}

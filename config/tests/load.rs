@@ -1,0 +1,259 @@
+//! Loading real files: the examples load, and every kind of problem is
+//! reported with its line and column, all in one run.
+
+use std::path::{Path, PathBuf};
+
+use stoke_config::{load, load_str, ConfigError, Problem, ServiceSource};
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+/// Problems of `text`, as (line, column, message); panics if it loads.
+fn problems(text: &str) -> Vec<Problem> {
+    // Relative TLS paths resolve against the examples dir.
+    match load_str(text, &examples_dir().join("test.toml")) {
+        Ok(_) => panic!("expected problems, the file loaded:\n{text}"),
+        Err(ConfigError::Invalid { problems, .. }) => problems,
+        Err(other) => panic!("expected problems, got {other}"),
+    }
+}
+
+fn assert_problem(problems: &[Problem], line: usize, needle: &str) {
+    assert!(
+        problems.iter().any(|p| p.line == line && p.message.contains(needle)),
+        "no problem on line {line} containing {needle:?}; got:\n{}",
+        problems.iter().map(|p| format!("{}:{}: {}", p.line, p.column, p.message)).collect::<Vec<_>>().join("\n")
+    );
+}
+
+const BASE: &str = r#"
+[edge]
+location = "fra"
+http = "127.0.0.1:8080"
+
+[[location]]
+id = "fra"
+lat = 50.11
+lon = 8.68
+
+[[location]]
+id = "par"
+lat = 48.86
+lon = 2.35
+
+[[pool]]
+id = "fra-a"
+location = "fra"
+serves = ["m"]
+replicas = ["127.0.0.1:9000"]
+
+[[route]]
+service = "m"
+"#;
+
+#[test]
+fn every_example_loads() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(examples_dir()).expect("examples dir") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let network = load(&path).unwrap_or_else(|e| panic!("{} failed:\n{e}", path.display()));
+            assert!(!network.pools.is_empty(), "{}", path.display());
+            for id in network.edge_locations() {
+                let loc = network.location(id).id.clone();
+                let net = load(&path).expect("loads twice");
+                net.for_edge(Some(&loc)).expect("every edge location compiles");
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "expected at least two example files");
+}
+
+#[test]
+fn the_network_example_is_the_ten_city_network() {
+    let network = load(&examples_dir().join("network.toml")).expect("loads");
+    let ids: Vec<&str> = network.locations.iter().map(|l| l.id.as_str()).collect();
+    assert_eq!(ids, ["fra", "par", "lon", "iad", "nyc", "sfo", "gru", "sin", "nrt", "syd"]);
+    assert!(network.pools.iter().any(|p| p.scale.is_some()));
+    assert!(network.pools.iter().any(|p| p.scale.is_none()));
+    assert!(network.routes.iter().any(|r| matches!(r.service, ServiceSource::BodyField(_))));
+    assert!(network.services.len() >= 2);
+    // Paris's nearest pool for llama-3.1-8b is its own; Sydney's is Singapore.
+    let llama = network.service_id("llama-3.1-8b").expect("service");
+    let par = load(&examples_dir().join("network.toml")).expect("loads").for_edge(Some("par")).expect("par");
+    assert_eq!(par.network.pool(par.candidates(llama)[0].pool).id, "par-l40s");
+    let syd = network.for_edge(Some("syd")).expect("syd");
+    assert_eq!(syd.network.pool(syd.candidates(llama)[0].pool).id, "sin-l4");
+}
+
+#[test]
+fn base_file_loads_with_defaults() {
+    let network = load_str(BASE, Path::new("base.toml")).expect("loads");
+    let pool = &network.pools[0];
+    assert_eq!(pool.max_concurrency, stoke_config::defaults::MAX_CONCURRENCY);
+    assert_eq!(pool.max_queue, stoke_config::defaults::MAX_QUEUE);
+    assert_eq!(pool.health.path, "/health");
+    assert_eq!(network.routes[0].path_prefix, "/");
+    assert_eq!(network.routes[0].name, "*/");
+    assert_eq!(network.edge.admin, "127.0.0.1:9901".parse().expect("addr"));
+    let snap = network.for_edge(None).expect("edge location from the file");
+    assert_eq!(snap.edge_location().id, "fra");
+}
+
+#[test]
+fn unknown_key_and_unknown_location_are_both_reported() {
+    let text = BASE
+        .replace("replicas = [\"127.0.0.1:9000\"]", "replicas = [\"127.0.0.1:9000\"]\nreplica = 3")
+        .replace("location = \"fra\"\nserves", "location = \"ber\"\nserves");
+    let p = problems(&text);
+    assert_problem(&p, 21, "unknown key \"replica\"");
+    assert_problem(&p, 21, "did you mean \"replicas\"");
+    assert_problem(&p, 18, "\"ber\" is not a location");
+    // Columns point at the key or value at fault.
+    let unknown = p.iter().find(|p| p.message.contains("replica\"")).expect("unknown key");
+    assert_eq!(unknown.column, 1);
+    let loc = p.iter().find(|p| p.message.contains("ber")).expect("location");
+    assert_eq!(loc.column, 12);
+}
+
+#[test]
+fn rendered_errors_are_file_line_col_message() {
+    let err = load_str(&BASE.replace("lat = 50.11", "lat = 95.0"), Path::new("conf/stoke.toml")).expect_err("invalid");
+    let lines = err.lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with("conf/stoke.toml:8:7: lat 95 is out of range"), "{}", lines[0]);
+}
+
+#[test]
+fn each_kind_of_problem() {
+    let cases: &[(&str, &str, usize, &str)] = &[
+        ("wrong type", "lat = 50.11", 8, "lat in [[location]] must be a number"),
+        ("duplicate location", "id = \"par\"", 12, "location id \"fra\" is used twice"),
+        ("edge location unknown", "location = \"fra\"\nhttp", 3, "[edge].location \"zzz\" is not a location"),
+        ("bad address", "http = \"127.0.0.1:8080\"", 4, "is not an address"),
+        ("lon range", "lon = 2.35", 14, "lon 200 is out of range"),
+        ("max_concurrency zero", "replicas = [\"127.0.0.1:9000\"]", 21, "max_concurrency = 0"),
+        ("max_queue zero", "replicas = [\"127.0.0.1:9000\"]", 21, "max_queue = 0"),
+        ("service no pool serves", "service = \"m\"", 23, "no pool serves \"nope\""),
+        ("both service and service_from", "service = \"m\"", 24, "not both"),
+        ("malformed service_from", "service = \"m\"", 23, "service_from \"query:model\" is not understood"),
+        ("bad replica", "replicas = [\"127.0.0.1:9000\"]", 20, "replica \"somewhere\" is not an address"),
+        ("duplicate pool", "[[route]]", 23, "pool id \"fra-a\" is used twice"),
+        ("h3 without tls", "http = \"127.0.0.1:8080\"", 5, "[edge].h3 needs a certificate"),
+        ("address used twice", "http = \"127.0.0.1:8080\"", 5, "already uses"),
+        ("bad duration", "service = \"m\"", 24, "is not a duration"),
+    ];
+    let replacements: &[&str] = &[
+        "lat = \"north\"",
+        "id = \"fra\"",
+        "location = \"zzz\"\nhttp",
+        "http = \"localhost:8080\"",
+        "lon = 200",
+        "replicas = [\"127.0.0.1:9000\"]\nmax_concurrency = 0",
+        "replicas = [\"127.0.0.1:9000\"]\nmax_queue = 0",
+        "service = \"nope\"",
+        "service = \"m\"\nservice_from = \"body:model\"",
+        "service_from = \"query:model\"",
+        "replicas = [\"somewhere\"]",
+        "[[pool]]\nid = \"fra-a\"\nlocation = \"fra\"\nserves = [\"m\"]\nreplicas = [\"127.0.0.1:9001\"]\n\n[[route]]",
+        "http = \"127.0.0.1:8080\"\nh3 = \"127.0.0.1:8443\"",
+        "http = \"127.0.0.1:8080\"\nadmin = \"127.0.0.1:8080\"",
+        "service = \"m\"\nmax_wait = \"soon\"",
+    ];
+    assert_eq!(cases.len(), replacements.len());
+    for ((name, from, line, needle), to) in cases.iter().zip(replacements) {
+        assert!(BASE.contains(from), "{name}: base lacks {from:?}");
+        let text = BASE.replacen(from, to, 1);
+        let p = problems(&text);
+        assert!(
+            p.iter().any(|p| p.line == *line && p.message.contains(needle)),
+            "{name}: no problem on line {line} containing {needle:?}; got {p:#?}"
+        );
+    }
+}
+
+#[test]
+fn rtt_naming_unknown_locations() {
+    let text = format!("{BASE}\n[[rtt]]\nbetween = [\"fra\", \"xyz\"]\nms = 9\n");
+    assert_problem(&problems(&text), 26, "[[rtt]] names \"xyz\" is not a location");
+}
+
+#[test]
+fn tls_files_missing_or_not_pem() {
+    let text = format!(
+        "{BASE}\n[[tls]]\nhosts = [\"a.example.com\"]\ncert = \"certs/missing.crt\"\nkey = \"certs/README.md\"\n"
+    );
+    let p = problems(&text);
+    assert_problem(&p, 27, "cert");
+    assert_problem(&p, 27, "cannot be read");
+    assert_problem(&p, 28, "is not a PEM private key");
+}
+
+#[test]
+fn tls_files_that_exist_load() {
+    let text = format!(
+        "{BASE}\n[[tls]]\nhosts = [\"*.example.com\"]\ncert = \"certs/example.crt\"\nkey = \"certs/example.key\"\n"
+    )
+    .replace("http = \"127.0.0.1:8080\"", "https = \"127.0.0.1:8443\"\nh3 = \"127.0.0.1:8443\"");
+    let network = load_str(&text, &examples_dir().join("t.toml")).expect("loads");
+    assert_eq!(network.tls.len(), 1);
+    assert!(!network.tls[0].chain.is_empty());
+}
+
+#[test]
+fn syntax_errors_are_located() {
+    let p = problems("[edge]\nhttp = \"127.0.0.1:8080\n");
+    assert_eq!(p[0].line, 2, "{p:?}");
+    assert!(p[0].message.starts_with("TOML syntax"), "{p:?}");
+}
+
+#[test]
+fn many_problems_in_one_run() {
+    let text = r#"
+[edge]
+locaton = "fra"
+http = "nowhere"
+
+[[location]]
+id = "fra"
+lat = 100
+lon = 8
+
+[[pool]]
+id = "p"
+location = "mars"
+serves = []
+replicas = ["1.2.3.4"]
+max_concurrency = 0
+
+[[route]]
+service = "ghost"
+service_from = "header:"
+"#;
+    let p = problems(text);
+    for (line, needle) in [
+        (3, "unknown key \"locaton\""),
+        (4, "not an address"),
+        (8, "lat 100 is out of range"),
+        (13, "\"mars\" is not a location"),
+        (14, "serves must name at least one"),
+        (15, "is not an address"),
+        (16, "max_concurrency = 0"),
+        (20, "not both"),
+    ] {
+        assert_problem(&p, line, needle);
+    }
+}
+
+#[test]
+fn missing_location_on_the_command_line_is_explained() {
+    let text = BASE.replace("location = \"fra\"\nhttp", "http");
+    let network = load_str(&text, Path::new("x.toml")).expect("valid without a location");
+    let err = network.for_edge(None).expect_err("no location");
+    assert!(err.to_string().contains("--location"), "{err}");
+    let network = load_str(&text, Path::new("x.toml")).expect("valid");
+    let err = network.for_edge(Some("ber")).expect_err("unknown location");
+    assert!(err.to_string().contains("fra, par"), "{err}");
+}

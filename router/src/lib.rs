@@ -1,0 +1,1 @@
+//! stoke-router.

@@ -1,0 +1,222 @@
+//! The command line: `stoke serve | check | demo | sim`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::edge::Edge;
+use crate::logging::{self, LogFormat};
+use crate::sim::{Replica, ReplicaOptions};
+
+/// stoke: an edge load balancer and request router for AI inference.
+///
+/// Every edge location runs the same binary with the same config file; each
+/// request goes to the pool that gives the fastest first byte from here,
+/// waking pools that have scaled to zero when that is best.
+#[derive(Debug, Parser)]
+#[command(name = "stoke", version, propagate_version = true)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one edge.
+    Serve(ServeArgs),
+    /// Validate a config file: exit 0 with a summary, or 1 with every
+    /// problem as FILE:LINE:COL: message.
+    Check(CheckArgs),
+    /// Run a whole local world on loopback: ten edges, simulated GPU pools
+    /// that sleep and wake, and a load that follows the sun.
+    Demo(DemoArgs),
+    /// Simulated GPU replicas and orchestrator, for trying configs without GPUs.
+    #[command(subcommand)]
+    Sim(SimCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The network's config file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// This edge's location id (overrides [edge].location).
+    #[arg(long, short)]
+    location: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The config file to validate.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Also check that this location id exists (as `serve --location` would).
+    #[arg(long, short)]
+    location: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Run for this long, then print a summary and exit (e.g. "2m"); without
+    /// it, run until Ctrl-C.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+}
+
+#[derive(Debug, Subcommand)]
+enum SimCommand {
+    /// A simulated GPU replica with an OpenAI-compatible API.
+    Replica(ReplicaArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplicaArgs {
+    /// Address to listen on, IP:PORT.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Name sent in the x-sim-replica response header.
+    #[arg(long, default_value = "sim")]
+    name: String,
+    /// Time until /health answers 200, e.g. "20s".
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    boot_time: Duration,
+    /// Requests generated at once; more wait in a queue.
+    #[arg(long, default_value_t = 16)]
+    max_concurrency: usize,
+    /// Tokens per second per request.
+    #[arg(long, default_value_t = 200.0)]
+    tokens_per_sec: f64,
+    /// Model names listed by /v1/models (repeatable); any name is served.
+    #[arg(long = "model", default_value = "llama-3.1-8b")]
+    models: Vec<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    stoke_config::duration::parse_duration(s).ok_or_else(|| format!("\"{s}\" is not {}", stoke_config::duration::DURATION_HELP))
+}
+
+/// Parse the command line and run.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match cli.command {
+        Command::Check(args) => check(&args),
+        Command::Serve(args) => serve(&args),
+        Command::Demo(_) => {
+            eprintln!("stoke demo: not available in this build yet; see the README for `stoke serve` with config/examples/local.toml");
+            ExitCode::from(2)
+        }
+        Command::Sim(SimCommand::Replica(args)) => sim_replica(args),
+    }
+}
+
+fn check(args: &CheckArgs) -> ExitCode {
+    let loaded = stoke_config::load(&args.config).and_then(|n| match &args.location {
+        Some(loc) => n.for_edge(Some(loc)).map(|s| s.network),
+        None => Ok(n),
+    });
+    match loaded {
+        Ok(network) => {
+            println!("{}: ok: {}", args.config.display(), network.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("{line}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().thread_name("stoke").build()
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let snapshot = match stoke_config::load_snapshot(&args.config, args.location.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("{line}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match runtime(snapshot.network.edge.threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stoke: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let edge = match Edge::start(snapshot).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(1);
+            }
+        };
+        wait_for_stop().await;
+        tracing::info!("stopping: draining in-flight requests");
+        edge.shutdown().await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Wait for SIGTERM or SIGINT.
+async fn wait_for_stop() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers, only Ctrl-C via tokio's fallback.
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn sim_replica(args: ReplicaArgs) -> ExitCode {
+    let rt = match runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stoke sim: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let opts = ReplicaOptions {
+            listen: args.listen,
+            name: args.name,
+            boot_time: args.boot_time,
+            max_concurrency: args.max_concurrency,
+            tokens_per_sec: args.tokens_per_sec,
+            models: args.models,
+        };
+        let replica = match Replica::start(opts).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("stoke sim replica: cannot listen on {}: {e}", args.listen);
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(addr = %replica.addr, "simulated replica listening");
+        wait_for_stop().await;
+        replica.kill().await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,137 @@
+//! Active health probes and load scrapes of every replica, restarted for
+//! each snapshot that goes live (states carry over, so readiness is not
+//! lost across a reload).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::http_client;
+use crate::load::parse_load;
+use crate::routing::Router;
+use crate::state::{Live, ReplicaState};
+use stoke_config::{HealthCheck, LoadReport};
+
+/// Consecutive failed probes that mark a ready replica down. A refused
+/// connection marks it down at once.
+pub const FAILS_TO_DOWN: u32 = 2;
+
+/// Outcome of one probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// 2xx.
+    Healthy,
+    /// Answered, but not 2xx (booting, overloaded).
+    Unhealthy,
+    /// No TCP connection.
+    Refused,
+    /// No answer in time, or a broken answer.
+    Failed,
+}
+
+/// Probe a replica once.
+pub async fn probe(replica: &ReplicaState, check: &HealthCheck) -> Probe {
+    match http_client::get(replica.addr, &replica.addr_text, &check.path, check.timeout).await {
+        Ok(a) if a.status.is_success() => Probe::Healthy,
+        Ok(_) => Probe::Unhealthy,
+        Err(http_client::ClientError::Connect(_)) => Probe::Refused,
+        Err(_) => Probe::Failed,
+    }
+}
+
+/// Apply a probe result, given the failures in a row so far; returns the
+/// new count.
+pub fn apply(replica: &ReplicaState, pool: &str, result: Probe, fails: u32) -> u32 {
+    let (ready, fails) = match result {
+        Probe::Healthy => (true, 0),
+        Probe::Refused => (false, fails + 1),
+        Probe::Unhealthy | Probe::Failed => {
+            let fails = fails + 1;
+            // A replica not yet seen healthy stays down; a ready one gets
+            // the benefit of the doubt for one probe.
+            (replica.is_ready() && fails < FAILS_TO_DOWN, fails)
+        }
+    };
+    let was = replica.set_ready(ready);
+    if was != ready {
+        if ready {
+            tracing::info!(pool, replica = %replica.addr, "replica ready");
+        } else {
+            tracing::warn!(pool, replica = %replica.addr, probe = ?result, "replica down");
+        }
+    }
+    fails
+}
+
+/// Probe every replica of `live` once, all at the same time; returns when
+/// all have answered or timed out.
+pub async fn probe_all(live: &Live) {
+    let mut set = JoinSet::new();
+    for (pool, view) in live.snapshot.network.pools.iter().zip(live.pools.iter()) {
+        for replica in view.replicas.iter() {
+            let (replica, check, id) = (replica.clone(), pool.health.clone(), pool.id.clone());
+            set.spawn(async move {
+                let result = probe(&replica, &check).await;
+                apply(&replica, &id, result, 0);
+            });
+        }
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// Run probes and scrapes for whatever snapshot is live, until `shutdown`.
+pub async fn run(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
+    let mut versions = router.subscribe();
+    loop {
+        let live = router.live();
+        let mut tasks = JoinSet::new();
+        for (pool, view) in live.snapshot.network.pools.iter().zip(live.pools.iter()) {
+            for replica in view.replicas.iter() {
+                tasks.spawn(probe_loop(replica.clone(), pool.health.clone(), pool.id.clone()));
+                if let Some(load) = &pool.load {
+                    tasks.spawn(scrape_loop(replica.clone(), load.clone()));
+                }
+            }
+        }
+        drop(live);
+        tokio::select! {
+            changed = versions.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        // Dropping the set aborts the old loops.
+    }
+}
+
+async fn probe_loop(replica: Arc<ReplicaState>, check: HealthCheck, pool: String) {
+    let mut fails = 0;
+    loop {
+        let result = probe(&replica, &check).await;
+        fails = apply(&replica, &pool, result, fails);
+        tokio::time::sleep(jitter(check.interval)).await;
+    }
+}
+
+async fn scrape_loop(replica: Arc<ReplicaState>, load: LoadReport) {
+    loop {
+        tokio::time::sleep(jitter(load.interval)).await;
+        let timeout = load.interval.min(Duration::from_secs(2));
+        if let Ok(answer) = http_client::get(replica.addr, &replica.addr_text, &load.path, timeout).await {
+            if answer.status.is_success() {
+                if let Some(n) = std::str::from_utf8(&answer.body).ok().and_then(|t| parse_load(t, load.format)) {
+                    replica.set_reported_load(n);
+                }
+            }
+        }
+    }
+}
+
+/// `d` ± 10 %, so that probes of many replicas do not fall in step.
+pub fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.9 + fastrand::f64() * 0.2)
+}

@@ -1,0 +1,469 @@
+//! The pingora adapter for HTTP/1.1 and HTTP/2: each phase translates the
+//! session into a call to the routing core and back. Policy lives in
+//! [`crate::routing`], [`crate::placement`] and [`crate::headers`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, RETRY_AFTER};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::protocols::Digest;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use stoke_config::{PoolId, RouteId, ServiceId, ServiceSource};
+
+use crate::body::extract_field;
+use crate::error::Reject;
+use crate::headers::{self, new_request_id, valid_request_id};
+use crate::routing::{Router, MAX_CONNECT_ATTEMPTS};
+use crate::state::{Live, Slot};
+use crate::upstream;
+
+/// Bytes pingora keeps to replay a request body on a retry.
+const RETRY_BUFFER: u64 = 64 * 1024;
+
+/// The pingora proxy application of one edge.
+pub struct EdgeProxy {
+    router: Arc<Router>,
+}
+
+impl EdgeProxy {
+    /// A proxy over `router`.
+    pub fn new(router: Arc<Router>) -> Self {
+        EdgeProxy { router }
+    }
+}
+
+/// Per-request state, dropped when the request ends (which releases its
+/// slot, however the request ended).
+pub struct RequestCtx {
+    started: Instant,
+    live: Option<Arc<Live>>,
+    request_id: String,
+    route: Option<RouteId>,
+    service: Option<ServiceId>,
+    /// The whole body, when it was read to find the service.
+    body: Option<Bytes>,
+    /// `Expect: 100-continue` was answered here.
+    continued: bool,
+    pool: Option<PoolId>,
+    slot: Option<Slot>,
+    /// Whether the slot in `slot` has been handed to pingora as a peer.
+    slot_used: bool,
+    attempts: u8,
+    waited: Duration,
+    reject: Option<Reject>,
+    status: u16,
+}
+
+impl RequestCtx {
+    fn live(&self) -> Result<&Arc<Live>> {
+        self.live.as_ref().ok_or_else(|| Error::explain(ErrorType::InternalError, "no snapshot on the request"))
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            live: None,
+            request_id: String::new(),
+            route: None,
+            service: None,
+            body: None,
+            continued: false,
+            pool: None,
+            slot: None,
+            slot_used: false,
+            attempts: 0,
+            waited: Duration::ZERO,
+            reject: None,
+            status: 0,
+        }
+    }
+
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
+        // No compression module: responses pass through as the replica sent them.
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.request_id = match session.get_header(headers::REQUEST_ID) {
+            Some(v) if valid_request_id(v.as_bytes()) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            _ => new_request_id(),
+        };
+        let live = self.router.live();
+        let decided = self.decide(session, ctx, &live).await;
+        ctx.live = Some(live);
+        match decided {
+            Ok(()) => Ok(false),
+            Err(reject) => {
+                respond(session, ctx, &reject).await;
+                ctx.reject = Some(reject);
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        ctx.attempts += 1;
+        if ctx.slot_used || ctx.slot.is_none() {
+            // A retry: the slot of the failed try was released; find another.
+            ctx.slot = None;
+            let (live, service) = (ctx.live()?.clone(), ctx.service);
+            let Some(service) = service else {
+                return Err(Error::explain(ErrorType::InternalError, "retry without a service"));
+            };
+            match Router::reacquire(&live, service) {
+                Some((pool, slot)) => {
+                    ctx.pool = Some(pool);
+                    ctx.slot = Some(slot);
+                }
+                None => {
+                    ctx.reject = Some(Reject::bad_gateway("every replica that could serve this request failed"));
+                    return Err(Error::explain(ErrorType::HTTPStatus(502), "no replica left to retry on"));
+                }
+            }
+        }
+        ctx.slot_used = true;
+        let slot = ctx.slot.as_ref().ok_or_else(|| Error::explain(ErrorType::InternalError, "no slot"))?;
+        Ok(Box::new(upstream::peer(slot.replica().addr)))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        for name in headers::hop_by_hop(&req.headers, true) {
+            req.remove_header(&name);
+        }
+        if ctx.continued {
+            req.remove_header(&EXPECT);
+        }
+        let host = request_host(session.req_header()).map(str::to_owned);
+        if let Some(host) = host {
+            req.insert_header(headers::FORWARDED_HOST, host)?;
+        }
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            // The public edge is the first hop: a client's own
+            // X-Forwarded-For is not trusted, it is replaced.
+            req.insert_header(headers::FORWARDED_FOR, addr.ip().to_string())?;
+        }
+        let proto = if session.digest().is_some_and(|d| d.ssl_digest.is_some()) { "https" } else { "http" };
+        req.insert_header(headers::FORWARDED_PROTO, proto)?;
+        req.insert_header(headers::REQUEST_ID, ctx.request_id.as_str())?;
+        if let (Some(live), Some(route)) = (&ctx.live, ctx.route) {
+            let route = live.snapshot.network.route(route);
+            let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            if let Some(path) = headers::forward_path(pq, &route.path_prefix, route.strip_prefix) {
+                let uri = http::Uri::builder()
+                    .path_and_query(path)
+                    .build()
+                    .map_err(|e| Error::because(ErrorType::InternalError, "rewriting the path", e))?;
+                req.set_uri(uri);
+            }
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The body was read to find the service; pingora replays only its
+        // last part from the retry buffer. Send the whole of it instead, on
+        // every try.
+        if let Some(full) = &ctx.body {
+            if end_of_stream {
+                *body = Some(full.clone());
+            } else if body.is_some() {
+                *body = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        for name in headers::hop_by_hop(&resp.headers, false) {
+            resp.remove_header(&name);
+        }
+        ctx.status = resp.status.as_u16();
+        resp.insert_header(headers::REQUEST_ID, ctx.request_id.as_str())?;
+        if let Some(live) = &ctx.live {
+            if live.snapshot.network.edge.debug_headers {
+                add_debug_headers(resp, ctx, live)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent: the replica is down for us until a probe says
+        // otherwise, and the request may go elsewhere.
+        if let Some(slot) = ctx.slot.take() {
+            if slot.replica().set_ready(false) {
+                tracing::warn!(replica = %slot.replica().addr, error = %e, "replica refused a connection; marked down");
+            }
+        }
+        e.set_retry(ctx.attempts < MAX_CONNECT_ATTEMPTS);
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let reject = match ctx.reject.take() {
+            Some(r) => r,
+            None => reject_for(e),
+        };
+        let code = if is_downstream_gone(e) {
+            0
+        } else {
+            respond(session, ctx, &reject).await;
+            reject.status
+        };
+        ctx.status = code;
+        ctx.reject = Some(reject);
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // The slot goes first: the request is over for the replica.
+        let replica = ctx.slot.take().map(|s| s.replica().addr_text.clone());
+        let status = session.response_written().map_or(ctx.status, |r| r.status.as_u16());
+        if tracing::enabled!(target: "stoke::access", tracing::Level::INFO) {
+            let live = ctx.live.as_deref();
+            let net = live.map(|l| &l.snapshot.network);
+            let route = net.zip(ctx.route).map(|(n, r)| n.route(r).name.as_str()).unwrap_or("-");
+            let service = net.zip(ctx.service).map(|(n, s)| n.service(s).name.as_str()).unwrap_or("-");
+            let pool = net.zip(ctx.pool).map(|(n, p)| n.pool(p).id.as_str()).unwrap_or("-");
+            tracing::info!(
+                target: "stoke::access",
+                request_id = %ctx.request_id,
+                method = %session.req_header().method,
+                path = %session.req_header().uri.path(),
+                route,
+                service,
+                pool,
+                replica = replica.as_deref().unwrap_or("-"),
+                status,
+                bytes = session.body_bytes_sent(),
+                duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+                wait_ms = ctx.waited.as_millis() as u64,
+                error = e.map(|e| e.to_string()).unwrap_or_default(),
+            );
+        }
+    }
+
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        format!("{} request_id={}", session.as_ref().request_summary(), ctx.request_id)
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        _digest: Option<&Digest>,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl EdgeProxy {
+    /// Route, find the service, place and take a slot.
+    async fn decide(&self, session: &mut Session, ctx: &mut RequestCtx, live: &Arc<Live>) -> Result<(), Reject> {
+        let req = session.req_header();
+        let host = request_host(req).unwrap_or("");
+        let route_id = Router::route(live, host, req.uri.path())?;
+        ctx.route = Some(route_id);
+        let route = live.snapshot.network.route(route_id);
+        let service = match &route.service {
+            ServiceSource::Fixed(id) => *id,
+            ServiceSource::Header(name) => {
+                let value = session.get_header(name.as_str()).ok_or_else(|| {
+                    Reject::client(400, "missing_model", format!("this route takes the model from the \"{name}\" header, which the request lacks"))
+                })?;
+                let value = value.to_str().map_err(|_| {
+                    Reject::client(400, "invalid_model", format!("the \"{name}\" header is not valid text"))
+                })?;
+                Router::service_named(live, value.trim(), &format!("the \"{name}\" header"))?
+            }
+            ServiceSource::BodyField(field) => {
+                let body = read_body(session, ctx, route.max_body_read).await?;
+                let name = extract_field(&body, field)
+                    .map_err(|e| Reject::client(400, "invalid_body", e.to_string()))?;
+                ctx.body = Some(body);
+                Router::service_named(live, &name, &format!("the \"{field}\" field of the body"))?
+            }
+        };
+        ctx.service = Some(service);
+        let admitted = self.router.admit(live, service, ctx.started).await?;
+        ctx.pool = Some(admitted.pool);
+        ctx.waited = admitted.waited;
+        ctx.slot = Some(admitted.slot);
+        Ok(())
+    }
+}
+
+/// Read the whole request body (to find the service in it), at most
+/// `limit` bytes, keeping pingora able to send it upstream afterwards.
+async fn read_body(session: &mut Session, ctx: &mut RequestCtx, limit: u64) -> Result<Bytes, Reject> {
+    let too_large = |n: u64| {
+        Reject::client(
+            413,
+            "body_too_large",
+            format!("the request body is {n} bytes or more; this route reads at most {limit} bytes of it to find the model (max_body_read)"),
+        )
+    };
+    let length = match session.get_header(CONTENT_LENGTH) {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| Reject::client(400, "invalid_content_length", "Content-Length is not a number"))?,
+        ),
+        None => None,
+    };
+    if let Some(n) = length {
+        if n > limit {
+            return Err(too_large(n));
+        }
+    }
+    if session.get_header(EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue")) {
+        session
+            .write_continue_response()
+            .await
+            .map_err(|e| Reject::client(400, "client_gone", format!("could not answer Expect: {e}")))?;
+        ctx.continued = true;
+    }
+    if length.is_none() {
+        // No length: the retry buffer must hold the whole body, so it may
+        // be at most its size.
+        session.as_mut().enable_retry_buffering();
+    }
+    let mut buf = BytesMut::with_capacity(length.unwrap_or(0).min(limit) as usize);
+    loop {
+        if let Some(n) = length {
+            // The last read goes into the retry buffer, so that pingora has
+            // something to replay (which request_body_filter swaps for the
+            // whole body).
+            if n - buf.len() as u64 <= RETRY_BUFFER {
+                session.as_mut().enable_retry_buffering();
+            }
+        }
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if (buf.len() + chunk.len()) as u64 > limit {
+                    return Err(too_large((buf.len() + chunk.len()) as u64));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => return Err(Reject::client(400, "body_read_failed", format!("reading the request body failed: {e}"))),
+        }
+    }
+    if length.is_none() && session.as_ref().retry_buffer_truncated() {
+        return Err(Reject::client(
+            411,
+            "length_required",
+            format!("a body sent without Content-Length may be at most {RETRY_BUFFER} bytes when the route takes the model from it; send Content-Length"),
+        ));
+    }
+    Ok(buf.freeze())
+}
+
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers.get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.authority().map(|a| a.as_str()))
+}
+
+fn add_debug_headers(resp: &mut ResponseHeader, ctx: &RequestCtx, live: &Live) -> Result<()> {
+    let net = &live.snapshot.network;
+    resp.insert_header(headers::STOKE_EDGE, live.snapshot.edge_location().id.as_str())?;
+    if let Some(pool) = ctx.pool {
+        resp.insert_header(headers::STOKE_POOL, net.pool(pool).id.as_str())?;
+    }
+    if let Some(slot) = &ctx.slot {
+        resp.insert_header(headers::STOKE_REPLICA, &*slot.replica().addr_text)?;
+    }
+    resp.insert_header(headers::STOKE_WAIT_MS, ctx.waited.as_millis().to_string())?;
+    Ok(())
+}
+
+/// Write `reject` as a JSON response.
+async fn respond(session: &mut Session, ctx: &RequestCtx, reject: &Reject) {
+    let body = Bytes::from(reject.body());
+    let Ok(mut resp) = ResponseHeader::build(reject.status, Some(6)) else { return };
+    let _ = resp.insert_header(CONTENT_TYPE, "application/json");
+    let _ = resp.insert_header(CONTENT_LENGTH, body.len().to_string());
+    let _ = resp.insert_header(headers::REQUEST_ID, ctx.request_id.as_str());
+    if let Some(secs) = reject.retry_after_secs() {
+        let _ = resp.insert_header(RETRY_AFTER, secs.to_string());
+    }
+    if let Some(live) = &ctx.live {
+        if live.snapshot.network.edge.debug_headers {
+            let _ = resp.insert_header(headers::STOKE_EDGE, live.snapshot.edge_location().id.as_str());
+        }
+    }
+    if !session.is_body_done() {
+        // The unread body stays on the connection: it cannot be reused.
+        session.set_keepalive(None);
+    }
+    if session.write_response_header(Box::new(resp), false).await.is_ok() {
+        let _ = session.write_response_body(Some(body), true).await;
+    }
+}
+
+/// Map a proxy error to what the client is told.
+fn reject_for(e: &Error) -> Reject {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) if *code == 502 => Reject::bad_gateway(e.to_string()),
+        ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => {
+            Reject::bad_gateway(format!("could not connect to a replica: {}", e.etype().as_str()))
+        }
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Reject {
+            status: 504,
+            code: "upstream_timeout",
+            message: format!("the replica did not answer in time ({})", e.etype().as_str()),
+            origin: crate::error::Origin::Upstream,
+            retry_after: None,
+        },
+        _ => match e.esource() {
+            ErrorSource::Downstream => Reject::client(400, "bad_request", e.to_string()),
+            ErrorSource::Upstream => Reject::bad_gateway(format!("the replica failed: {}", e.etype().as_str())),
+            _ => Reject {
+                status: 500,
+                code: "internal_error",
+                message: "internal error".to_owned(),
+                origin: crate::error::Origin::Internal,
+                retry_after: None,
+            },
+        },
+    }
+}
+
+fn is_downstream_gone(e: &Error) -> bool {
+    matches!(e.esource(), ErrorSource::Downstream)
+        && matches!(e.etype(), ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed)
+}

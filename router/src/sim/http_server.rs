@@ -1,0 +1,49 @@
+//! A minimal HTTP/1.1 + HTTP/2 server loop (hyper) for the simulator and
+//! the admin API. Connections are tasks owned by the loop, so that ending
+//! the loop's task ends every connection at once.
+
+use std::convert::Infallible;
+use std::future::Future;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// A response body: all at once, or streamed through a channel.
+pub type HttpBody = Either<Full<Bytes>, http_body_util::channel::Channel<Bytes, Infallible>>;
+
+/// Serve `handler` on `listener` until `shutdown` turns true; then stop
+/// accepting and let open connections finish.
+pub async fn serve_http<F, Fut>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<HttpBody>, Infallible>> + Send + 'static,
+{
+    let mut conns = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|s| *s) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        conns.spawn(async move {
+            let service = service_fn(move |req| handler(req));
+            let _ = Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}

@@ -1,0 +1,382 @@
+//! A simulated GPU replica: a real HTTP server with an OpenAI-compatible
+//! API, a boot time, a concurrency limit with a waiting queue, a token rate
+//! and vLLM-style metrics.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tokio::sync::{watch, Semaphore};
+
+use super::http_server::{serve_http, HttpBody};
+
+/// Settings of a simulated replica.
+#[derive(Clone, Debug)]
+pub struct ReplicaOptions {
+    /// Address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Name, sent in the `x-sim-replica` response header.
+    pub name: String,
+    /// Time from start until `/health` answers 200.
+    pub boot_time: Duration,
+    /// Requests generated at once; more wait in a queue.
+    pub max_concurrency: usize,
+    /// Tokens generated per second per request.
+    pub tokens_per_sec: f64,
+    /// Models listed by `/v1/models` (any model name is served).
+    pub models: Vec<String>,
+}
+
+impl Default for ReplicaOptions {
+    fn default() -> Self {
+        ReplicaOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            name: "sim".to_owned(),
+            boot_time: Duration::ZERO,
+            max_concurrency: 16,
+            tokens_per_sec: 200.0,
+            models: vec!["llama-3.1-8b".to_owned()],
+        }
+    }
+}
+
+/// Header naming the replica on every response.
+pub const REPLICA_HEADER: &str = "x-sim-replica";
+
+/// Default `max_tokens` when a request gives none.
+pub const DEFAULT_MAX_TOKENS: u64 = 16;
+/// Largest `max_tokens` honoured.
+pub const MAX_TOKENS_CAP: u64 = 4096;
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 16 << 20;
+
+/// Counters of a running replica.
+#[derive(Debug, Default)]
+pub struct ReplicaStats {
+    /// Completion requests received (counted when they arrive).
+    pub requests: AtomicU64,
+    /// Requests generating now.
+    pub running: AtomicU32,
+    /// Requests waiting for a slot.
+    pub waiting: AtomicU32,
+    /// Streams whose client went away before the end.
+    pub aborted: AtomicU64,
+}
+
+struct Sim {
+    opts: ReplicaOptions,
+    started: Instant,
+    slots: Arc<Semaphore>,
+    stats: Arc<ReplicaStats>,
+    /// Test hook: while set, `/health` fails even after boot.
+    sick: AtomicBool,
+    /// Last request body seen (for tests that check bodies arrive intact).
+    last_body: std::sync::Mutex<Bytes>,
+}
+
+/// A running simulated replica.
+pub struct Replica {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its counters.
+    pub stats: Arc<ReplicaStats>,
+    sim: Arc<Sim>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Replica {
+    /// Bind and serve on the current runtime.
+    pub async fn start(opts: ReplicaOptions) -> std::io::Result<Replica> {
+        let listener = tokio::net::TcpListener::bind(opts.listen).await?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(ReplicaStats::default());
+        let sim = Arc::new(Sim {
+            slots: Arc::new(Semaphore::new(opts.max_concurrency.max(1))),
+            opts,
+            started: Instant::now(),
+            stats: stats.clone(),
+            sick: AtomicBool::new(false),
+            last_body: std::sync::Mutex::new(Bytes::new()),
+        });
+        let (shutdown, rx) = watch::channel(false);
+        let handler = sim.clone();
+        let task = tokio::spawn(serve_http(listener, rx, move |req| {
+            let sim = handler.clone();
+            async move { Ok::<_, Infallible>(sim.handle(req).await) }
+        }));
+        Ok(Replica { addr, stats, sim, shutdown, task })
+    }
+
+    /// Make `/health` fail (true) or follow the boot time again (false).
+    pub fn set_sick(&self, sick: bool) {
+        self.sim.sick.store(sick, Ordering::Relaxed);
+    }
+
+    /// The body of the last completion request.
+    pub fn last_body(&self) -> Bytes {
+        self.sim.last_body.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    /// Stop listening and drop every connection at once (as a crashed
+    /// process would).
+    pub async fn kill(self) {
+        let _ = self.shutdown.send(true);
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+impl Sim {
+    fn booted(&self) -> bool {
+        self.started.elapsed() >= self.opts.boot_time
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<HttpBody> {
+        let mut resp = match (req.method(), req.uri().path()) {
+            (&Method::GET, "/health") => {
+                if self.booted() && !self.sick.load(Ordering::Relaxed) {
+                    text(StatusCode::OK, "ok")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "booting")
+                }
+            }
+            (&Method::GET, "/metrics") => self.metrics(),
+            (&Method::GET, "/v1/models") => self.models(),
+            (&Method::POST, "/v1/chat/completions") => self.completion(req, true).await,
+            (&Method::POST, "/v1/completions") => self.completion(req, false).await,
+            (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics") => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            _ => error(StatusCode::NOT_FOUND, "not found"),
+        };
+        if let Ok(v) = header::HeaderValue::from_str(&self.opts.name) {
+            resp.headers_mut().insert(REPLICA_HEADER, v);
+        }
+        resp
+    }
+
+    fn metrics(&self) -> Response<HttpBody> {
+        let s = &self.stats;
+        let model = self.opts.models.first().map_or("sim", String::as_str);
+        let body = format!(
+            "# HELP vllm:num_requests_running Number of requests currently running on GPU.\n\
+             # TYPE vllm:num_requests_running gauge\n\
+             vllm:num_requests_running{{model_name=\"{model}\"}} {}\n\
+             # HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+             # TYPE vllm:num_requests_waiting gauge\n\
+             vllm:num_requests_waiting{{model_name=\"{model}\"}} {}\n\
+             # HELP sim_requests_total Completion requests received.\n\
+             # TYPE sim_requests_total counter\n\
+             sim_requests_total {}\n",
+            s.running.load(Ordering::Relaxed),
+            s.waiting.load(Ordering::Relaxed),
+            s.requests.load(Ordering::Relaxed),
+        );
+        let mut r = text(StatusCode::OK, &body);
+        r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
+        r
+    }
+
+    fn models(&self) -> Response<HttpBody> {
+        let data: Vec<Value> = self
+            .opts
+            .models
+            .iter()
+            .map(|m| json!({"id": m, "object": "model", "created": now_secs(), "owned_by": "stoke-sim"}))
+            .collect();
+        json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+    }
+
+    async fn completion(&self, req: Request<Incoming>, chat: bool) -> Response<HttpBody> {
+        if !self.booted() {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "the replica is still booting");
+        }
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the body failed: {e}")),
+        };
+        if let Ok(mut last) = self.last_body.lock() {
+            *last = body.clone();
+        }
+        let parsed: Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the body is not JSON: {e}")),
+        };
+        let model = parsed.get("model").and_then(Value::as_str).unwrap_or("sim").to_owned();
+        let stream = parsed.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let max_tokens = parsed
+            .get("max_tokens")
+            .or_else(|| parsed.get("max_completion_tokens"))
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_MAX_TOKENS)
+            .clamp(1, MAX_TOKENS_CAP);
+        let prompt_tokens = (body.len() / 4).max(1) as u64;
+
+        let waiting = Gauge::new(self.stats.clone(), |s| &s.waiting);
+        let permit = self.slots.clone().acquire_owned().await;
+        drop(waiting);
+        let Ok(permit) = permit else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+        };
+        let gen = Generation {
+            id: format!("{}-{:08x}", if chat { "chatcmpl" } else { "cmpl" }, fastrand::u32(..)),
+            model,
+            chat,
+            max_tokens,
+            prompt_tokens,
+            interval: Duration::from_secs_f64(1.0 / self.opts.tokens_per_sec.max(0.001)),
+        };
+        let running = Gauge::new(self.stats.clone(), |s| &s.running);
+        if !stream {
+            tokio::time::sleep(gen.interval * max_tokens as u32).await;
+            drop((permit, running));
+            return json_response(StatusCode::OK, &gen.full());
+        }
+        // Streamed: tokens leave as they are made; a client that goes away
+        // stops the generation and frees the slot.
+        let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            let _held = (permit, running);
+            let mut next = tokio::time::Instant::now();
+            for i in 0..gen.max_tokens {
+                next += gen.interval;
+                tokio::time::sleep_until(next).await;
+                let event = format!("data: {}\n\n", gen.chunk(i));
+                if tx.send_data(Bytes::from(event)).await.is_err() {
+                    stats.aborted.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+            let end = format!("data: {}\n\ndata: [DONE]\n\n", gen.last_chunk());
+            let _ = tx.send_data(Bytes::from(end)).await;
+        });
+        let mut resp = Response::new(Either::Right(body));
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
+        h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+        resp
+    }
+}
+
+/// Counts a request in one gauge of the stats while alive (also when the
+/// request's future is dropped because its client went away).
+struct Gauge {
+    stats: Arc<ReplicaStats>,
+    which: fn(&ReplicaStats) -> &AtomicU32,
+}
+
+impl Gauge {
+    fn new(stats: Arc<ReplicaStats>, which: fn(&ReplicaStats) -> &AtomicU32) -> Self {
+        which(&stats).fetch_add(1, Ordering::Relaxed);
+        Gauge { stats, which }
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        (self.which)(&self.stats).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Generation {
+    id: String,
+    model: String,
+    chat: bool,
+    max_tokens: u64,
+    prompt_tokens: u64,
+    interval: Duration,
+}
+
+const WORDS: &[&str] = &["the ", "edge ", "routes ", "every ", "token ", "to ", "a ", "warm ", "GPU ", "near ", "you ", "fast "];
+
+impl Generation {
+    fn word(i: u64) -> &'static str {
+        WORDS[(i as usize) % WORDS.len()]
+    }
+
+    fn full(&self) -> Value {
+        let text: String = (0..self.max_tokens).map(Self::word).collect();
+        let usage = json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.max_tokens,
+            "total_tokens": self.prompt_tokens + self.max_tokens,
+        });
+        if self.chat {
+            json!({
+                "id": self.id, "object": "chat.completion", "created": now_secs(), "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+                "usage": usage,
+            })
+        } else {
+            json!({
+                "id": self.id, "object": "text_completion", "created": now_secs(), "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length"}],
+                "usage": usage,
+            })
+        }
+    }
+
+    fn chunk(&self, i: u64) -> Value {
+        if self.chat {
+            let delta = if i == 0 {
+                json!({"role": "assistant", "content": Self::word(i)})
+            } else {
+                json!({"content": Self::word(i)})
+            };
+            json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": now_secs(), "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": null}],
+            })
+        } else {
+            json!({
+                "id": self.id, "object": "text_completion", "created": now_secs(), "model": self.model,
+                "choices": [{"index": 0, "text": Self::word(i), "logprobs": null, "finish_reason": null}],
+            })
+        }
+    }
+
+    fn last_chunk(&self) -> Value {
+        if self.chat {
+            json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": now_secs(), "model": self.model,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+            })
+        } else {
+            json!({
+                "id": self.id, "object": "text_completion", "created": now_secs(), "model": self.model,
+                "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": "length"}],
+            })
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn text(status: StatusCode, body: &str) -> Response<HttpBody> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::copy_from_slice(body.as_bytes()))));
+    *r.status_mut() = status;
+    r
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<HttpBody> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: &str) -> Response<HttpBody> {
+    json_response(status, &json!({"error": {"message": message, "type": "sim_error", "code": status.as_u16()}}))
+}

@@ -250,7 +250,8 @@ fn compile_edge(
     let mut tcp: Vec<(&str, &At<SocketAddr>)> = Vec::new();
     for (name, addr) in [("http", &raw.http), ("https", &raw.https), ("admin", &raw.admin)] {
         if let Some(addr) = addr {
-            if let Some((other, _)) = tcp.iter().find(|(_, a)| a.value == addr.value) {
+            // Port 0 asks the OS for a free port: never a clash.
+            if let Some((other, _)) = tcp.iter().find(|(_, a)| a.value == addr.value && addr.value.port() != 0) {
                 diags.error(
                     addr.span.clone(),
                     format!("[edge].{name} uses {} which [edge].{other} already uses; each TCP listener needs its own address", addr.value),
@@ -489,6 +490,8 @@ fn compile_pool(
 
     let max_concurrency = positive(diags, &raw.max_concurrency, "max_concurrency", defaults::MAX_CONCURRENCY);
     let max_queue = positive(diags, &raw.max_queue, "max_queue", defaults::MAX_QUEUE);
+    let connect_timeout = nonzero_duration(diags, &raw.connect_timeout, "connect_timeout", defaults::CONNECT_TIMEOUT);
+    let read_timeout = nonzero_duration(diags, &raw.read_timeout, "read_timeout", defaults::READ_TIMEOUT);
 
     let health = HealthCheck {
         path: path_value(diags, &raw.health.path, "health path", defaults::HEALTH_PATH),
@@ -550,6 +553,8 @@ fn compile_pool(
         replicas,
         max_concurrency,
         max_queue,
+        connect_timeout,
+        read_timeout,
         health,
         load,
         scale,

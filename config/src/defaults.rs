@@ -19,6 +19,15 @@ pub const LOCATION_EDGE: bool = true;
 pub const MAX_CONCURRENCY: u32 = 16;
 /// `[[pool]].max_queue`: requests held per pool per edge.
 pub const MAX_QUEUE: u32 = 256;
+/// `[[pool]].connect_timeout`: a replica is in the same metro as its
+/// pool's location; a TCP connect slower than this is a replica in trouble,
+/// and the request is better retried elsewhere.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// `[[pool]].read_timeout`: the longest pause between two reads from a
+/// replica, the wait for the first byte included. Generation streams pause
+/// while a batch is scheduled; five minutes covers a long prefill on a busy
+/// replica.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(300);
 /// `health.path`.
 pub const HEALTH_PATH: &str = "/health";
 /// `health.interval`.

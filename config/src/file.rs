@@ -18,8 +18,19 @@ const EDGE_KEYS: &[&str] =
 const TLS_KEYS: &[&str] = &["hosts", "cert", "key"];
 const LOCATION_KEYS: &[&str] = &["id", "name", "lat", "lon", "edge"];
 const RTT_KEYS: &[&str] = &["between", "ms"];
-const POOL_KEYS: &[&str] =
-    &["id", "location", "serves", "replicas", "max_concurrency", "max_queue", "health", "load", "scale"];
+const POOL_KEYS: &[&str] = &[
+    "id",
+    "location",
+    "serves",
+    "replicas",
+    "max_concurrency",
+    "max_queue",
+    "connect_timeout",
+    "read_timeout",
+    "health",
+    "load",
+    "scale",
+];
 const HEALTH_KEYS: &[&str] = &["path", "interval", "timeout"];
 const LOAD_KEYS: &[&str] = &["path", "format", "interval"];
 const SCALE_KEYS: &[&str] = &["idle_timeout", "wake_time", "wake", "sleep"];
@@ -82,6 +93,8 @@ pub(crate) struct RawPool {
     pub replicas: Option<At<Vec<At<String>>>>,
     pub max_concurrency: Option<At<u64>>,
     pub max_queue: Option<At<u64>>,
+    pub connect_timeout: Option<At<Duration>>,
+    pub read_timeout: Option<At<Duration>>,
     pub health: RawHealth,
     pub load: Option<RawLoad>,
     pub scale: Option<RawScale>,
@@ -267,6 +280,8 @@ fn decode_pool(diags: &mut Diagnostics, t: &DeTable<'_>, span: Range<usize>) -> 
         replicas: r.required_strings(diags, "replicas"),
         max_concurrency: r.unsigned(diags, "max_concurrency"),
         max_queue: r.unsigned(diags, "max_queue"),
+        connect_timeout: r.duration(diags, "connect_timeout"),
+        read_timeout: r.duration(diags, "read_timeout"),
         health,
         load,
         scale,

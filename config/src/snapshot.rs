@@ -202,6 +202,10 @@ pub struct Pool {
     pub max_concurrency: u32,
     /// Requests held for this pool at most, per edge.
     pub max_queue: u32,
+    /// Time to establish a TCP connection to a replica.
+    pub connect_timeout: Duration,
+    /// Longest pause between two reads from a replica (first byte included).
+    pub read_timeout: Duration,
     /// Active health probe.
     pub health: HealthCheck,
     /// Load reported by the replicas, if configured.

@@ -144,7 +144,8 @@ mod tests {
 
     #[test]
     fn finds_the_model() {
-        let body = br#"{"messages":[{"role":"user","content":"hi \"model\": x"}],"model":"llama-3.1-8b","stream":true}"#;
+        let body =
+            br#"{"messages":[{"role":"user","content":"hi \"model\": x"}],"model":"llama-3.1-8b","stream":true}"#;
         assert_eq!(extract_field(body, "model"), Ok("llama-3.1-8b".to_owned()));
     }
 

@@ -98,7 +98,8 @@ struct ReplicaArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    stoke_config::duration::parse_duration(s).ok_or_else(|| format!("\"{s}\" is not {}", stoke_config::duration::DURATION_HELP))
+    stoke_config::duration::parse_duration(s)
+        .ok_or_else(|| format!("\"{s}\" is not {}", stoke_config::duration::DURATION_HELP))
 }
 
 /// Parse the command line and run.

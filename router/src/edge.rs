@@ -6,17 +6,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingora::apps::HttpServerApp;
-use pingora::listeners::tls::Acceptor;
 use stoke_config::Snapshot;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::drain::Drain;
 use crate::health;
-use crate::listener::{self, Drain};
+use crate::listener::{self, Endpoint};
 use crate::routing::Router;
-use crate::tls::{self, CertResolver, CertStore};
+use crate::tls::{CertResolver, CertStore};
 
 /// Why an edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,11 +50,11 @@ pub struct Edge {
     /// Bound addresses (port 0 in the config becomes the real port here).
     pub bound: Bound,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    listeners: JoinHandle<std::io::Result<()>>,
+    background: Vec<JoinHandle<()>>,
     drain: Drain,
     drain_timeout: Duration,
     certs: Option<Arc<CertResolver>>,
-    app: Arc<listener::App>,
 }
 
 impl Edge {
@@ -77,37 +75,36 @@ impl Edge {
         // Know which replicas are up before the first request arrives.
         health::probe_all(&router.live()).await;
 
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let drain = Drain::default();
-        let app = listener::app(router.clone(), threads);
-        let mut tasks = Vec::new();
+        let mut endpoints = Vec::new();
         let mut bound = Bound { http: None, https: None };
-
+        let bind = |which: &'static str, addr: SocketAddr| {
+            listener::bind(addr).map_err(|source| StartError::Bind { which, addr, source })
+        };
         if let Some(addr) = edge_conf.http {
-            let l = bind(addr, "http").await?;
-            bound.http = Some(l.local_addr().unwrap_or(addr));
-            tasks.push(tokio::spawn(listener::serve(l, app.clone(), None, shutdown_rx.clone(), drain.guard())));
+            let socket = bind("http", addr)?;
+            bound.http = Some(socket.local_addr().unwrap_or(addr));
+            endpoints.push(Endpoint { socket, tls: None });
         }
         if let (Some(addr), Some(resolver)) = (edge_conf.https, &certs) {
-            let config = tls::server_config(resolver.clone(), &[b"h2", b"http/1.1"])
-                .map_err(|e| StartError::Tls(e.to_string()))?;
-            let acceptor = Arc::new(Acceptor::from_server_config(config));
-            let l = bind(addr, "https").await?;
-            bound.https = Some(l.local_addr().unwrap_or(addr));
-            tasks.push(tokio::spawn(listener::serve(
-                l,
-                app.clone(),
-                Some(acceptor),
-                shutdown_rx.clone(),
-                drain.guard(),
-            )));
+            let socket = bind("https", addr)?;
+            bound.https = Some(socket.local_addr().unwrap_or(addr));
+            endpoints.push(Endpoint { socket, tls: Some(resolver.clone()) });
         }
-        tasks.push(tokio::spawn(health::run(router.clone(), shutdown_rx.clone())));
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let drain = Drain::default();
+        let app = listener::app(router.clone(), threads, drain.clone());
+        let listeners = tokio::spawn(listener::serve(app, endpoints, shutdown_rx.clone()));
+        let background = vec![tokio::spawn(health::run(router.clone(), shutdown_rx))];
+
         let live = router.live();
+        for (listener, addr) in [("http", bound.http), ("https", bound.https)] {
+            if let Some(addr) = addr {
+                tracing::info!(listener, addr = %addr, "listening");
+            }
+        }
         tracing::info!(
             edge = %live.snapshot.edge_location().id,
-            http = ?bound.http,
-            https = ?bound.https,
             version = live.version,
             "edge serving: {}",
             live.snapshot.summary()
@@ -116,11 +113,11 @@ impl Edge {
             router,
             bound,
             shutdown,
-            tasks,
+            listeners,
+            background,
             drain,
             drain_timeout: edge_conf.drain_timeout,
             certs,
-            app,
         })
     }
 
@@ -129,30 +126,34 @@ impl Edge {
         self.certs.as_ref()
     }
 
+    /// Requests in progress.
+    pub fn in_progress(&self) -> usize {
+        self.drain.active()
+    }
+
     /// Stop accepting, let in-flight requests finish (up to the drain
     /// timeout), stop background work. Returns whether everything finished
     /// in time.
     pub async fn shutdown(self) -> bool {
         let _ = self.shutdown.send(true);
-        // Wake keep-alive connections waiting for a next request, so that
-        // they close instead of holding the drain open.
-        self.app.http_cleanup().await;
+        // The listeners close first; keep-alive connections are told to end
+        // after their current request.
+        match self.listeners.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "listener failed"),
+            Err(e) => tracing::warn!(error = %e, "listener task failed"),
+            Ok(Ok(())) => {}
+        }
         let drained = self.drain.wait(self.drain_timeout).await;
-        for t in &self.tasks {
+        for t in &self.background {
             t.abort();
         }
         if !drained {
-            tracing::warn!(timeout = ?self.drain_timeout, "drain timeout passed with requests still in flight");
+            tracing::warn!(
+                timeout = ?self.drain_timeout,
+                in_progress = self.drain.active(),
+                "drain timeout passed with requests still in flight"
+            );
         }
         drained
     }
-}
-
-async fn bind(addr: SocketAddr, which: &'static str) -> Result<TcpListener, StartError> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-        .map_err(|source| StartError::Bind { which, addr, source })?;
-    // Let a restarted edge bind while old connections sit in TIME_WAIT.
-    let _ = socket.set_reuseaddr(true);
-    socket.bind(addr).map_err(|source| StartError::Bind { which, addr, source })?;
-    socket.listen(1024).map_err(|source| StartError::Bind { which, addr, source })
 }

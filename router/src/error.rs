@@ -44,7 +44,13 @@ impl Reject {
 
     /// The upstream failed: 502.
     pub fn bad_gateway(message: impl Into<String>) -> Self {
-        Reject { status: 502, code: "upstream_error", message: message.into(), origin: Origin::Upstream, retry_after: None }
+        Reject {
+            status: 502,
+            code: "upstream_error",
+            message: message.into(),
+            origin: Origin::Upstream,
+            retry_after: None,
+        }
     }
 
     /// Whether a client may retry the same request later.

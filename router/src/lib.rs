@@ -11,6 +11,7 @@
 
 pub mod body;
 pub mod cli;
+pub mod drain;
 pub mod edge;
 pub mod error;
 pub mod headers;

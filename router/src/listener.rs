@@ -1,118 +1,82 @@
-//! The public TCP listeners: our own accept loop (so that we bind port 0,
-//! count connections and drain them at shutdown) handing each connection to
-//! pingora's HTTP/1.1 + HTTP/2 server and proxy.
+//! The public TCP listeners. Sockets are bound here (so that port 0 works
+//! and the real address is known) and handed to pingora's own accept loop
+//! as inherited file descriptors, so that connections get pingora's buffers,
+//! socket digests and TLS handshake exactly as in a stock pingora server.
 
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::IntoRawFd;
 use std::sync::Arc;
-use std::time::Duration;
 
-use pingora::apps::{HttpServerOptions, ServerApp};
-use pingora::listeners::tls::Acceptor;
-use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::Stream;
+use parking_lot::Mutex;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::ALPN;
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use pingora::server::Fds;
+use pingora::services::listening::Service as ListeningService;
+use pingora::services::Service as _;
+use tokio::sync::watch;
 
 use crate::proxy::EdgeProxy;
 use crate::routing::Router;
-
-/// Longest a TLS handshake may take before the connection is dropped.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::tls::CertResolver;
 
 /// The pingora application every public listener shares.
 pub type App = HttpProxy<EdgeProxy>;
 
-/// Build the proxy application over `router`.
-pub fn app(router: Arc<Router>, threads: usize) -> Arc<App> {
+/// Backlog of the public listeners.
+pub const BACKLOG: i32 = 1024;
+
+/// Build the proxy application over `router`; requests hold `drain` guards.
+pub fn app(router: Arc<Router>, threads: usize, drain: crate::drain::Drain) -> App {
     let conf = ServerConf { threads: threads.max(1), ..ServerConf::default() };
-    let mut proxy = pingora::proxy::http_proxy(&Arc::new(conf), EdgeProxy::new(router));
+    let mut proxy = pingora::proxy::http_proxy(&Arc::new(conf), EdgeProxy::new(router, drain));
     let mut options = HttpServerOptions::default();
-    // The plain listener speaks HTTP/1.1 and h2c (prior knowledge).
+    // The plain listener speaks HTTP/1.1 and h2c (prior knowledge); on TLS
+    // connections pingora ignores this and follows ALPN.
     options.h2c = true;
     proxy.server_options = Some(options);
-    Arc::new(proxy)
+    proxy
 }
 
-/// Keeps one connection counted; dropped when the connection ends.
-#[derive(Clone)]
-pub struct ConnGuard(#[allow(dead_code)] mpsc::Sender<()>);
-
-/// Counts open connections so that shutdown can wait for them.
-pub struct Drain {
-    tx: Option<mpsc::Sender<()>>,
-    rx: mpsc::Receiver<()>,
+/// Bind `addr` (port 0: any free port) with `SO_REUSEADDR`.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(BACKLOG as u32)?;
+    listener.into_std()
 }
 
-impl Default for Drain {
-    fn default() -> Self {
-        let (tx, rx) = mpsc::channel(1);
-        Drain { tx: Some(tx), rx }
-    }
+/// A bound socket and, for HTTPS, the certificates to serve on it.
+pub struct Endpoint {
+    /// The bound socket.
+    pub socket: TcpListener,
+    /// TLS certificates (HTTP/2 and HTTP/1.1 by ALPN) or plain.
+    pub tls: Option<Arc<CertResolver>>,
 }
 
-impl Drain {
-    /// A guard to hold for the life of a connection or task.
-    pub fn guard(&self) -> ConnGuard {
-        ConnGuard(self.tx.clone().expect("guard taken after wait"))
+/// Serve `app` on `endpoints` until `shutdown` turns true. Returns when
+/// every listener has stopped accepting; connections still open finish on
+/// their own (the caller waits for in-flight requests).
+pub async fn serve(app: App, endpoints: Vec<Endpoint>, shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+    let mut service = ListeningService::new("stoke edge".to_owned(), app);
+    let mut fds = Fds::new();
+    for ep in endpoints {
+        let addr = ep.socket.local_addr()?.to_string();
+        let mut config = ListenerConfig::tcp(addr.clone());
+        if let Some(resolver) = ep.tls {
+            let mut tls = TlsSettings::intermediate("", "").map_err(std::io::Error::other)?;
+            tls.set_cert_resolver(resolver);
+            tls.set_alpn(ALPN::H2H1);
+            config = config.tls(tls);
+        }
+        service.add_listener(config);
+        // pingora adopts an inherited socket registered under its address.
+        fds.add(addr, ep.socket.into_raw_fd());
     }
-
-    /// Wait until every guard is dropped, or `timeout` passes; returns
-    /// whether everything finished.
-    pub async fn wait(mut self, timeout: Duration) -> bool {
-        self.tx = None;
-        tokio::time::timeout(timeout, self.rx.recv()).await.is_ok()
-    }
-}
-
-/// Accept connections on `listener` until `shutdown` turns true. With an
-/// `acceptor` every connection is TLS first (ALPN picks HTTP/2 or 1.1).
-pub async fn serve(
-    listener: TcpListener,
-    app: Arc<App>,
-    acceptor: Option<Arc<Acceptor>>,
-    mut shutdown: watch::Receiver<bool>,
-    guard: ConnGuard,
-) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.wait_for(|s| *s) => break,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                // Out of file descriptors: give others a moment to close.
-                if e.raw_os_error() == Some(24) {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let (app, acceptor, shutdown, guard) = (app.clone(), acceptor.clone(), shutdown.clone(), guard.clone());
-        tokio::spawn(async move {
-            let _guard = guard;
-            let l4: L4Stream = tcp.into();
-            let stream: Stream = match acceptor {
-                None => Box::new(l4),
-                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.tls_handshake(l4)).await {
-                    Ok(Ok(tls)) => Box::new(tls),
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                },
-            };
-            let mut next = app.process_new(stream, &shutdown).await;
-            while let Some(stream) = next {
-                next = app.process_new(stream, &shutdown).await;
-            }
-        });
-    }
+    service.start_service(Some(Arc::new(Mutex::new(fds))), shutdown, 1).await;
+    Ok(())
 }

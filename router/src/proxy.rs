@@ -16,6 +16,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use stoke_config::{PoolId, RouteId, ServiceId, ServiceSource};
 
 use crate::body::extract_field;
+use crate::drain::{Drain, Guard};
 use crate::error::Reject;
 use crate::headers::{self, new_request_id, valid_request_id};
 use crate::routing::{Router, MAX_CONNECT_ATTEMPTS};
@@ -28,18 +29,21 @@ const RETRY_BUFFER: u64 = 64 * 1024;
 /// The pingora proxy application of one edge.
 pub struct EdgeProxy {
     router: Arc<Router>,
+    drain: Drain,
 }
 
 impl EdgeProxy {
-    /// A proxy over `router`.
-    pub fn new(router: Arc<Router>) -> Self {
-        EdgeProxy { router }
+    /// A proxy over `router`; every request holds a guard of `drain` while
+    /// it runs, so that shutdown can wait for it.
+    pub fn new(router: Arc<Router>, drain: Drain) -> Self {
+        EdgeProxy { router, drain }
     }
 }
 
 /// Per-request state, dropped when the request ends (which releases its
 /// slot, however the request ended).
 pub struct RequestCtx {
+    _in_progress: Guard,
     started: Instant,
     live: Option<Arc<Live>>,
     request_id: String,
@@ -71,6 +75,7 @@ impl ProxyHttp for EdgeProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            _in_progress: self.drain.guard(),
             started: Instant::now(),
             live: None,
             request_id: String::new(),
@@ -131,8 +136,11 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         ctx.slot_used = true;
-        let slot = ctx.slot.as_ref().ok_or_else(|| Error::explain(ErrorType::InternalError, "no slot"))?;
-        Ok(Box::new(upstream::peer(slot.replica().addr)))
+        let (Some(slot), Some(pool)) = (&ctx.slot, ctx.pool) else {
+            return Err(Error::explain(ErrorType::InternalError, "no slot"));
+        };
+        let pool = ctx.live()?.snapshot.network.pool(pool);
+        Ok(Box::new(upstream::peer(slot.replica().addr, pool)))
     }
 
     async fn upstream_request_filter(
@@ -303,7 +311,11 @@ impl EdgeProxy {
             ServiceSource::Fixed(id) => *id,
             ServiceSource::Header(name) => {
                 let value = session.get_header(name.as_str()).ok_or_else(|| {
-                    Reject::client(400, "missing_model", format!("this route takes the model from the \"{name}\" header, which the request lacks"))
+                    Reject::client(
+                        400,
+                        "missing_model",
+                        format!("this route takes the model from the \"{name}\" header, which the request lacks"),
+                    )
                 })?;
                 let value = value.to_str().map_err(|_| {
                     Reject::client(400, "invalid_model", format!("the \"{name}\" header is not valid text"))
@@ -312,8 +324,8 @@ impl EdgeProxy {
             }
             ServiceSource::BodyField(field) => {
                 let body = read_body(session, ctx, route.max_body_read).await?;
-                let name = extract_field(&body, field)
-                    .map_err(|e| Reject::client(400, "invalid_body", e.to_string()))?;
+                let name =
+                    extract_field(&body, field).map_err(|e| Reject::client(400, "invalid_body", e.to_string()))?;
                 ctx.body = Some(body);
                 Router::service_named(live, &name, &format!("the \"{field}\" field of the body"))?
             }
@@ -381,7 +393,9 @@ async fn read_body(session: &mut Session, ctx: &mut RequestCtx, limit: u64) -> R
                 buf.extend_from_slice(&chunk);
             }
             Ok(None) => break,
-            Err(e) => return Err(Reject::client(400, "body_read_failed", format!("reading the request body failed: {e}"))),
+            Err(e) => {
+                return Err(Reject::client(400, "body_read_failed", format!("reading the request body failed: {e}")))
+            }
         }
     }
     if length.is_none() && session.as_ref().retry_buffer_truncated() {
@@ -439,7 +453,10 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, reject: &Reject) {
 fn reject_for(e: &Error) -> Reject {
     match e.etype() {
         ErrorType::HTTPStatus(code) if *code == 502 => Reject::bad_gateway(e.to_string()),
-        ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => {
+        ErrorType::ConnectTimedout
+        | ErrorType::ConnectRefused
+        | ErrorType::ConnectError
+        | ErrorType::ConnectNoRoute => {
             Reject::bad_gateway(format!("could not connect to a replica: {}", e.etype().as_str()))
         }
         ErrorType::ReadTimedout | ErrorType::WriteTimedout => Reject {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 use stoke_config::{PoolId, RouteId, ServiceId, Snapshot};
+use tokio::sync::watch;
 
 use crate::error::Reject;
 use crate::pick::pick;
@@ -75,9 +75,11 @@ impl Router {
 
     /// The route for `host` and `path`.
     pub fn route(live: &Live, host: &str, path: &str) -> Result<RouteId, Reject> {
-        live.snapshot.network.route_table.find(host, path).ok_or_else(|| {
-            Reject::client(404, "no_route", format!("no route for host \"{host}\" and path \"{path}\""))
-        })
+        live.snapshot
+            .network
+            .route_table
+            .find(host, path)
+            .ok_or_else(|| Reject::client(404, "no_route", format!("no route for host \"{host}\" and path \"{path}\"")))
     }
 
     /// The service named `name` (from a body field or header).

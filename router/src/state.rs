@@ -62,9 +62,7 @@ impl ReplicaState {
     /// Load other edges put on the replica, as far as its own metrics tell.
     #[inline]
     pub fn foreign_load(&self) -> u32 {
-        self.reported_load
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed))
+        self.reported_load.load(Ordering::Relaxed).saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed))
     }
 
     /// Record the running + waiting count the replica reported.
@@ -93,9 +91,7 @@ impl ReplicaState {
     fn try_acquire(&self, max: u32) -> bool {
         let foreign = self.foreign_load();
         self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n.saturating_add(foreign) < max).then_some(n + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n.saturating_add(foreign) < max).then_some(n + 1))
             .is_ok()
     }
 
@@ -288,6 +284,7 @@ mod tests {
     fn foreign_load_counts_against_capacity() {
         let pool = Arc::new(PoolState::new("p"));
         let r = Arc::new(ReplicaState::new("127.0.0.1:1".parse().expect("addr")));
+        r.set_ready(true);
         let _mine = Slot::try_acquire(&pool, &r, 4).expect("slot");
         // The replica reports 3 busy, one of which is ours: two are foreign.
         r.set_reported_load(3);

@@ -28,9 +28,8 @@ impl CertStore {
     pub fn build(certs: &[TlsCert]) -> Result<Self, String> {
         let mut entries = Vec::with_capacity(certs.len());
         for cert in certs {
-            let key = any_supported_type(&cert.key).map_err(|e| {
-                format!("{}: the key cannot sign TLS handshakes: {e}", cert.key_path.display())
-            })?;
+            let key = any_supported_type(&cert.key)
+                .map_err(|e| format!("{}: the key cannot sign TLS handshakes: {e}", cert.key_path.display()))?;
             let certified = CertifiedKey::new(cert.chain.clone(), key);
             if let Err(e) = certified.keys_match() {
                 // Not every key type can be checked; only a definite mismatch is fatal.

@@ -297,7 +297,8 @@ struct Generation {
     interval: Duration,
 }
 
-const WORDS: &[&str] = &["the ", "edge ", "routes ", "every ", "token ", "to ", "a ", "warm ", "GPU ", "near ", "you ", "fast "];
+const WORDS: &[&str] =
+    &["the ", "edge ", "routes ", "every ", "token ", "to ", "a ", "warm ", "GPU ", "near ", "you ", "fast "];
 
 impl Generation {
     fn word(i: u64) -> &'static str {

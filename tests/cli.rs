@@ -1,0 +1,133 @@
+//! The `stoke` binary as a user runs it: `check`, `--help`, and `serve`
+//! stopping cleanly on SIGTERM with an in-flight request finishing.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use support::*;
+
+const STOKE: &str = env!("CARGO_BIN_EXE_stoke");
+
+fn examples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples")
+}
+
+#[test]
+fn check_accepts_the_examples() {
+    for name in ["network.toml", "local.toml"] {
+        let out = Command::new(STOKE).args(["check", "--config"]).arg(examples().join(name)).output().expect("runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{name}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains(": ok: "), "{stdout}");
+        assert!(stdout.contains("locations") && stdout.contains("pools") && stdout.contains("routes"), "{stdout}");
+    }
+    let out = Command::new(STOKE)
+        .args(["check", "--location", "syd", "--config"])
+        .arg(examples().join("network.toml"))
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+}
+
+#[test]
+fn check_reports_every_problem_with_its_place() {
+    let file = ConfigFile::new(
+        "[edge]\nhttp = \"127.0.0.1:8080\"\nhttps = \"127.0.0.1:8080\"\n\n[[location]]\nid = \"fra\"\nlat = 50.1\nlon = 8.7\nzone = 1\n\n\
+         [[pool]]\nid = \"p\"\nlocation = \"ber\"\nserves = [\"m\"]\nreplicas = [\"127.0.0.1:9000\"]\nmax_queue = 0\n\n[[route]]\nservice = \"m\"\n",
+    );
+    let out = Command::new(STOKE).args(["check", "--config"]).arg(&file.path).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let path = file.path.display().to_string();
+    for (line, col, needle) in [
+        (3, 9, "already uses"),
+        (3, 9, "[edge].https needs a certificate"),
+        (9, 1, "unknown key \"zone\""),
+        (13, 12, "\"ber\" is not a location"),
+        (16, 13, "max_queue = 0"),
+    ] {
+        let prefix = format!("{path}:{line}:{col}: ");
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&prefix) && l.contains(needle)),
+            "missing {prefix}…{needle} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_of_a_missing_file_says_so() {
+    let out = Command::new(STOKE).args(["check", "--config", "/nonexistent/stoke.toml"]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn help_describes_every_command_and_flag() {
+    let out = Command::new(STOKE).arg("--help").output().expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["serve", "check", "demo", "sim"] {
+        assert!(help.contains(cmd), "{cmd} missing from --help:\n{help}");
+    }
+    for (cmd, flags) in [
+        (&["serve"][..], &["--config", "--location", "--log-format"][..]),
+        (&["check"], &["--config"]),
+        (&["demo"], &["--duration"]),
+        (&["sim", "replica"], &["--listen", "--name", "--boot-time", "--max-concurrency", "--tokens-per-sec"]),
+    ] {
+        let out = Command::new(STOKE).args(cmd).arg("--help").output().expect("runs");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for f in flags {
+            assert!(help.contains(f), "{f} missing from `stoke {} --help`:\n{help}", cmd.join(" "));
+        }
+    }
+}
+
+/// Read the JSON log lines of a child until the plain listener's address shows.
+fn listening_addr(stderr: std::process::ChildStderr) -> SocketAddr {
+    let mut lines = BufReader::new(stderr).lines();
+    while let Some(Ok(line)) = lines.next() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["listener"] == "http" {
+                let addr = v["addr"].as_str().expect("addr").parse().expect("socket addr");
+                // Keep draining the pipe so the child never blocks on it.
+                std::thread::spawn(move || for _ in lines {});
+                return addr;
+            }
+        }
+    }
+    panic!("the edge never reported its listener");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stops_on_sigterm_after_in_flight_requests_finish() {
+    let rep = replica_with("fra-1", |o| o.tokens_per_sec = 20.0).await;
+    let file = ConfigFile::new(&format!(
+        "{EDGE}{LOCATIONS}{}\n[[route]]\nservice_from = \"body:model\"\n",
+        pool("fra-a", "fra", &["m"], &[rep.addr], "")
+    ));
+    let mut child = Command::new(STOKE)
+        .args(["--log-format", "json", "serve", "--location", "fra", "--config"])
+        .arg(&file.path)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn stoke serve");
+    let addr = listening_addr(child.stderr.take().expect("stderr"));
+
+    let resp = open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 20))).await;
+    assert_eq!(resp.status(), 200);
+    let reader = tokio::spawn(collect(resp));
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+
+    let done = reader.await.expect("reader");
+    assert!(done.text().ends_with("data: [DONE]\n\n"), "the in-flight stream finished: {}", done.text());
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    assert!(exit.success(), "exit status {exit:?}");
+    // And it no longer listens.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}

@@ -1,0 +1,161 @@
+//! The nearest pool with warm capacity serves, seen from several edges; a
+//! full, unhealthy or dead pool is passed over, and traffic returns when it
+//! recovers.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const BODY_ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\n";
+
+fn config(pools: &[String]) -> String {
+    format!("{EDGE}{LOCATIONS}{}{BODY_ROUTE}", pools.concat())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nearest_pool_from_several_edges() {
+    logs();
+    let fra = replica("fra-1").await;
+    let sin = replica("sin-1").await;
+    let text = config(&[pool("fra-a", "fra", &["m"], &[fra.addr], ""), pool("sin-a", "sin", &["m"], &[sin.addr], "")]);
+    for (edge_at, expected) in [("fra", "fra-a"), ("par", "fra-a"), ("sin", "sin-a"), ("syd", "sin-a")] {
+        let (edge, _file) = edge(&text, edge_at).await;
+        let addr = edge.bound.http.expect("http listener");
+        let r = send(addr, Req::chat("m")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("stoke-edge"), Some(edge_at));
+        assert_eq!(r.header("stoke-pool"), Some(expected), "from {edge_at}");
+        assert_eq!(r.json()["object"], "chat.completion");
+        edge.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_pool_spills_to_the_next_and_traffic_returns() {
+    logs();
+    let fra = replica_with("fra-1", |o| o.tokens_per_sec = 50.0).await;
+    let par = replica("par-1").await;
+    let text = config(&[
+        pool("fra-a", "fra", &["m"], &[fra.addr], "max_concurrency = 1"),
+        pool("par-a", "par", &["m"], &[par.addr], ""),
+    ]);
+    let (edge, _file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http");
+
+    // A long stream takes Frankfurt's only slot.
+    let long = open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 50))).await;
+    assert_eq!(long.headers().get("stoke-pool").and_then(|v| v.to_str().ok()), Some("fra-a"));
+
+    let r = send(addr, Req::chat("m")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("stoke-pool"), Some("par-a"), "full pool must be passed over");
+
+    // The stream ends, the slot frees, traffic comes home.
+    let done = collect(long).await;
+    assert!(done.text().ends_with("data: [DONE]\n\n"));
+    assert_drained(&edge).await;
+    let r = send(addr, Req::chat("m")).await;
+    assert_eq!(r.header("stoke-pool"), Some("fra-a"));
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhealthy_pool_is_passed_over_until_it_recovers() {
+    logs();
+    let fra = replica("fra-1").await;
+    let par = replica("par-1").await;
+    let text = config(&[pool("fra-a", "fra", &["m"], &[fra.addr], ""), pool("par-a", "par", &["m"], &[par.addr], "")]);
+    let (edge, _file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    assert_eq!(send(addr, Req::chat("m")).await.header("stoke-pool"), Some("fra-a"));
+
+    fra.set_sick(true);
+    eventually(Duration::from_secs(5), "traffic moves to par-a", || async {
+        (send(addr, Req::chat("m")).await.header("stoke-pool") == Some("par-a")).then_some(())
+    })
+    .await;
+    // Once marked down, it stays out.
+    for _ in 0..5 {
+        assert_eq!(send(addr, Req::chat("m")).await.header("stoke-pool"), Some("par-a"));
+    }
+
+    fra.set_sick(false);
+    eventually(Duration::from_secs(5), "traffic returns to fra-a", || async {
+        (send(addr, Req::chat("m")).await.header("stoke-pool") == Some("fra-a")).then_some(())
+    })
+    .await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connection_is_retried_and_marks_the_replica_down() {
+    logs();
+    let a = replica("fra-1").await;
+    let b = replica("fra-2").await;
+    // Slow probes: the passive mark, not a probe, must take the dead
+    // replica out.
+    let slow = "health = { path = \"/health\", interval = \"60s\", timeout = \"500ms\" }";
+    let text = format!(
+        "{EDGE}{LOCATIONS}\n[[pool]]\nid = \"fra-a\"\nlocation = \"fra\"\nserves = [\"m\"]\nreplicas = [\"{}\", \"{}\"]\n{slow}\n{BODY_ROUTE}",
+        a.addr, b.addr
+    );
+    let (edge, _file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    let dead = a.addr;
+    a.kill().await;
+
+    for _ in 0..10 {
+        let r = send(addr, Req::chat("m")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-sim-replica"), Some("fra-2"));
+    }
+    let live = edge.router.live();
+    let replica = live.pools[0].replicas.iter().find(|r| r.addr == dead).expect("replica");
+    assert!(!replica.is_ready(), "a refused connection marks the replica down");
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_capacity_anywhere_is_503_with_retry_after() {
+    logs();
+    let fra = replica("fra-1").await;
+    let text = config(&[pool("fra-a", "fra", &["m"], &[fra.addr], "")]);
+    let (edge, _file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    fra.kill().await;
+    let r = eventually(Duration::from_secs(5), "503 once the only replica is gone", || async {
+        let r = send(addr, Req::chat("m")).await;
+        (r.status == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(r.json()["error"]["code"], "no_capacity");
+    assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n >= 1)));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_spreads_over_replicas() {
+    logs();
+    let reps = [replica("r1").await, replica("r2").await, replica("r3").await];
+    let addrs: Vec<_> = reps.iter().map(|r| r.addr).collect();
+    let text = config(&[pool("fra-a", "fra", &["m"], &addrs, "")]);
+    let (edge, _file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    // Concurrent streams: p2c on in-flight must put some on every replica.
+    let mut streams = Vec::new();
+    for _ in 0..12 {
+        streams.push(open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 20))).await);
+    }
+    let running: Vec<u32> = reps.iter().map(|r| r.stats.running.load(std::sync::atomic::Ordering::Relaxed)).collect();
+    assert!(running.iter().all(|&n| n >= 1), "every replica busy: {running:?}");
+    for s in streams {
+        collect(s).await;
+    }
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}

@@ -1,0 +1,153 @@
+//! Streams pass through unbuffered, in-flight counts are exact however a
+//! request ends, and shutdown lets in-flight requests finish.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use support::*;
+
+const BODY_ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\n";
+
+fn one_pool(replica: std::net::SocketAddr, extra: &str) -> String {
+    format!("{EDGE}{LOCATIONS}{}{BODY_ROUTE}", pool("fra-a", "fra", &["m"], &[replica], extra))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_events_arrive_while_the_replica_is_still_generating() {
+    logs();
+    let rep = replica_with("fra-1", |o| o.tokens_per_sec = 20.0).await;
+    let (edge, _file) = edge(&one_pool(rep.addr, ""), "fra").await;
+    let addr = edge.bound.http.expect("http");
+
+    let resp = open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 20))).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("text/event-stream"));
+    let mut body = resp.into_body();
+    let first = loop {
+        let frame = body.frame().await.expect("a frame").expect("no error");
+        if let Ok(data) = frame.into_data() {
+            if !data.is_empty() {
+                break data;
+            }
+        }
+    };
+    assert!(first.starts_with(b"data: {"), "{first:?}");
+    // The first event is here and the replica is still generating the
+    // other nineteen: nothing was buffered on the way.
+    assert_eq!(rep.stats.running.load(Ordering::Relaxed), 1);
+    let mut rest = Vec::from(&first[..]);
+    while let Some(frame) = body.frame().await {
+        if let Ok(d) = frame.expect("frame").into_data() {
+            rest.extend_from_slice(&d);
+        }
+    }
+    let text = String::from_utf8(rest).expect("utf-8");
+    assert_eq!(text.matches("data: ").count(), 22, "20 tokens, a final chunk and [DONE]");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_is_exact_for_complete_and_streamed_requests() {
+    logs();
+    let rep = replica("fra-1").await;
+    let (edge, _file) = edge(&one_pool(rep.addr, ""), "fra").await;
+    let addr = edge.bound.http.expect("http");
+    for stream in [false, true] {
+        let mut tasks = Vec::new();
+        // Fewer than the replica's 16 slots: all are admitted at once.
+        for _ in 0..12 {
+            tasks.push(tokio::spawn(send(addr, Req::post("/v1/chat/completions", chat_body("m", stream, 8)))));
+        }
+        for t in tasks {
+            assert_eq!(t.await.expect("task").status, 200);
+        }
+        assert_drained(&edge).await;
+    }
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_gone_mid_stream_frees_the_slot_and_stops_the_replica() {
+    logs();
+    let rep = replica_with("fra-1", |o| o.tokens_per_sec = 20.0).await;
+    let (edge, _file) = edge(&one_pool(rep.addr, ""), "fra").await;
+    let addr = edge.bound.http.expect("http");
+
+    let resp = open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 200))).await;
+    let mut body = resp.into_body();
+    let _ = body.frame().await;
+    assert_eq!(in_flight(&edge)[0].1, 1);
+    drop(body); // the client goes away (its connection task ends)
+    assert_drained(&edge).await;
+    eventually(Duration::from_secs(5), "the replica stops generating", || async {
+        (rep.stats.aborted.load(Ordering::Relaxed) == 1 && rep.stats.running.load(Ordering::Relaxed) == 0).then_some(())
+    })
+    .await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_dying_mid_stream_frees_the_slot() {
+    logs();
+    let rep = replica_with("fra-1", |o| o.tokens_per_sec = 20.0).await;
+    let (edge, _file) = edge(&one_pool(rep.addr, ""), "fra").await;
+    let addr = edge.bound.http.expect("http");
+
+    let resp = open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 200))).await;
+    let mut body = resp.into_body();
+    let _ = body.frame().await;
+    rep.kill().await;
+    // The client sees the stream end early (error or truncation), never hangs.
+    let mut ended = false;
+    for _ in 0..1000 {
+        match body.frame().await {
+            None | Some(Err(_)) => {
+                ended = true;
+                break;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+    assert!(ended, "the stream must end");
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_timeout_is_504_and_frees_the_slot() {
+    logs();
+    let (hole, _task) = echo_upstream(true).await;
+    let (edge, _file) = edge(&one_pool(hole, "read_timeout = \"300ms\""), "fra").await;
+    let addr = edge.bound.http.expect("http");
+    let r = send(addr, Req::chat("m")).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_stream_finish() {
+    logs();
+    let rep = replica_with("fra-1", |o| o.tokens_per_sec = 20.0).await;
+    let (edge, _file) = edge(&one_pool(rep.addr, ""), "fra").await;
+    let addr = edge.bound.http.expect("http");
+
+    let resp = open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 20))).await;
+    let reader = tokio::spawn(collect(resp));
+    let stopping = tokio::spawn(edge.shutdown());
+    // New connections are refused once the listener is closed.
+    eventually(Duration::from_secs(5), "listener closed", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
+    let done = reader.await.expect("reader");
+    assert_eq!(done.status, 200);
+    assert!(done.text().ends_with("data: [DONE]\n\n"), "the stream completed: {}", done.text());
+    assert!(stopping.await.expect("shutdown"), "drained within the timeout");
+}

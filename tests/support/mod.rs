@@ -1,0 +1,386 @@
+//! Shared test support: simulated replicas, edges started in-process on
+//! loopback (port 0), and small HTTP clients (HTTP/1.1, h2c, TLS with ALPN).
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use stoke_router::edge::Edge;
+use stoke_router::sim::{Replica, ReplicaOptions};
+use tokio::net::TcpStream;
+
+/// Log to the test output when `RUST_LOG` is set.
+pub fn logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// A simulated replica on a free loopback port.
+pub async fn replica(name: &str) -> Replica {
+    replica_with(name, |_| {}).await
+}
+
+/// A simulated replica with options changed by `f`.
+pub async fn replica_with(name: &str, f: impl FnOnce(&mut ReplicaOptions)) -> Replica {
+    let mut opts = ReplicaOptions { name: name.to_owned(), ..ReplicaOptions::default() };
+    f(&mut opts);
+    Replica::start(opts).await.expect("replica starts")
+}
+
+/// A config file in its own temporary directory (kept alive with the value).
+pub struct ConfigFile {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(text: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("stoke.toml");
+        std::fs::write(&path, text).expect("write config");
+        ConfigFile { dir, path }
+    }
+
+    /// Write a file beside the config (certificates).
+    pub fn write(&self, name: &str, contents: &[u8]) {
+        std::fs::write(self.dir.path().join(name), contents).expect("write file");
+    }
+
+    pub fn rewrite(&self, text: &str) {
+        std::fs::write(&self.path, text).expect("rewrite config");
+    }
+}
+
+/// Start an edge at `location` for the config `text`.
+pub async fn edge(text: &str, location: &str) -> (Edge, ConfigFile) {
+    let file = ConfigFile::new(text);
+    let edge = edge_from(&file, location).await;
+    (edge, file)
+}
+
+/// Start an edge from a config file already written.
+pub async fn edge_from(file: &ConfigFile, location: &str) -> Edge {
+    let snapshot = stoke_config::load_snapshot(&file.path, Some(location)).unwrap_or_else(|e| panic!("config:\n{e}"));
+    Edge::start(snapshot).await.expect("edge starts")
+}
+
+/// Locations used by the tests: Frankfurt, Paris, Singapore, Sydney.
+pub const LOCATIONS: &str = r#"
+[[location]]
+id = "fra"
+lat = 50.11
+lon = 8.68
+
+[[location]]
+id = "par"
+lat = 48.86
+lon = 2.35
+
+[[location]]
+id = "sin"
+lat = 1.35
+lon = 103.82
+
+[[location]]
+id = "syd"
+lat = -33.87
+lon = 151.21
+"#;
+
+/// `[edge]` with a plain listener on a free port and debug headers.
+pub const EDGE: &str = r#"
+[edge]
+http = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+debug_headers = true
+threads = 2
+drain_timeout = "5s"
+"#;
+
+/// A `[[pool]]` block with fast health probes.
+pub fn pool(id: &str, location: &str, serves: &[&str], replicas: &[SocketAddr], extra: &str) -> String {
+    let serves = serves.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    let replicas = replicas.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "\n[[pool]]\nid = \"{id}\"\nlocation = \"{location}\"\nserves = [{serves}]\nreplicas = [{replicas}]\n\
+         health = {{ path = \"/health\", interval = \"100ms\", timeout = \"200ms\" }}\n{extra}\n"
+    )
+}
+
+/// A response, body read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A request to send.
+pub struct Req {
+    pub method: Method,
+    pub path: String,
+    pub host: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl Req {
+    pub fn get(path: &str) -> Self {
+        Req {
+            method: Method::GET,
+            path: path.to_owned(),
+            host: "localhost".into(),
+            headers: vec![],
+            body: Bytes::new(),
+        }
+    }
+
+    pub fn post(path: &str, body: impl Into<Bytes>) -> Self {
+        Req {
+            method: Method::POST,
+            path: path.to_owned(),
+            host: "localhost".into(),
+            headers: vec![],
+            body: body.into(),
+        }
+    }
+
+    /// A chat completion for `model`.
+    pub fn chat(model: &str) -> Self {
+        Self::post("/v1/chat/completions", chat_body(model, false, 4))
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn host(mut self, host: &str) -> Self {
+        self.host = host.to_owned();
+        self
+    }
+
+    fn build(&self) -> Request<Full<Bytes>> {
+        let mut b = Request::builder().method(self.method.clone()).uri(&self.path).header("host", &self.host);
+        for (k, v) in &self.headers {
+            b = b.header(k, v);
+        }
+        b.body(Full::new(self.body.clone())).expect("request")
+    }
+
+    fn build_h2(&self, scheme: &str) -> Request<Full<Bytes>> {
+        let uri = format!("{scheme}://{}{}", self.host, self.path);
+        let mut b = Request::builder().method(self.method.clone()).uri(uri);
+        for (k, v) in &self.headers {
+            b = b.header(k, v);
+        }
+        b.body(Full::new(self.body.clone())).expect("request")
+    }
+}
+
+/// A chat completion request body.
+pub fn chat_body(model: &str, stream: bool, max_tokens: u32) -> String {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+    .to_string()
+}
+
+/// Send over a fresh HTTP/1.1 connection and read the whole answer.
+pub async fn send(addr: SocketAddr, req: Req) -> Resp {
+    let resp = open(addr, &req).await;
+    collect(resp).await
+}
+
+/// Send over a fresh HTTP/1.1 connection; the body is left to read.
+pub async fn open(addr: SocketAddr, req: &Req) -> http::Response<Incoming> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(conn);
+    sender.send_request(req.build()).await.expect("response head")
+}
+
+/// Read a response whole.
+pub async fn collect(resp: http::Response<Incoming>) -> Resp {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Resp { status: parts.status, headers: parts.headers, body }
+}
+
+/// Send over a fresh h2c (prior knowledge) connection.
+pub async fn send_h2c(addr: SocketAddr, req: Req) -> Resp {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let resp = sender.send_request(req.build_h2("http")).await.expect("response head");
+    collect(resp).await
+}
+
+/// A self-signed certificate for `names`: (cert PEM, key PEM, cert DER).
+pub fn certificate(names: &[&str]) -> (String, String, rustls::pki_types::CertificateDer<'static>) {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let ck = rcgen::generate_simple_self_signed(names).expect("rcgen");
+    let der = ck.cert.der().clone();
+    (ck.cert.pem(), ck.signing_key.serialize_pem(), der)
+}
+
+/// What a TLS handshake negotiated, and the answer to one request.
+pub struct TlsResp {
+    pub alpn: Option<Vec<u8>>,
+    pub peer_cert: Option<rustls::pki_types::CertificateDer<'static>>,
+    pub resp: Resp,
+}
+
+/// Send one request over TLS, trusting `roots`, with SNI `sni` and ALPN `alpn`.
+pub async fn send_tls(
+    addr: SocketAddr,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+    sni: &str,
+    alpn: &[&[u8]],
+    req: Req,
+) -> TlsResp {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).expect("server name");
+    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let (_, conn) = tls.get_ref();
+    let alpn = conn.alpn_protocol().map(|p| p.to_vec());
+    let peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+    let resp = if alpn.as_deref() == Some(b"h2") {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.expect("h2");
+        tokio::spawn(conn);
+        collect(sender.send_request(req.build_h2("https")).await.expect("response")).await
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("h1");
+        tokio::spawn(conn);
+        collect(sender.send_request(req.build()).await.expect("response")).await
+    };
+    TlsResp { alpn, peer_cert, resp }
+}
+
+/// Poll `check` until it returns `Some`, failing after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// In-flight counts of every replica of every pool, and of the pools.
+pub fn in_flight(edge: &Edge) -> Vec<(String, u32, Vec<u32>)> {
+    let live = edge.router.live();
+    live.pools
+        .iter()
+        .map(|p| (p.state.id.to_string(), p.state.in_flight(), p.replicas.iter().map(|r| r.in_flight()).collect()))
+        .collect()
+}
+
+/// Wait until nothing is in flight anywhere on the edge.
+pub async fn assert_drained(edge: &Edge) {
+    eventually(Duration::from_secs(5), "in-flight counts back to zero", || {
+        let counts = in_flight(edge);
+        async move { counts.iter().all(|(_, p, r)| *p == 0 && r.iter().all(|n| *n == 0)).then_some(()) }
+    })
+    .await;
+}
+
+/// An upstream that answers `/health` with 200 and every other request with
+/// a JSON echo of what it received: method, path, headers and body length.
+/// With `hang = true` it never answers anything but `/health`.
+pub async fn echo_upstream(hang: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use stoke_router::sim::http_server::{serve_http, HttpBody};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let _keep = tx;
+        serve_http(listener, rx, move |req: Request<Incoming>| async move {
+            if req.uri().path() == "/health" {
+                return Ok(http::Response::new(HttpBody::Left(Full::new(Bytes::from_static(b"ok")))));
+            }
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            let method = req.method().to_string();
+            let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::from(v.to_str().unwrap_or("<binary>"))))
+                .collect();
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let out = serde_json::json!({"method": method, "path": path, "headers": headers, "body_len": body.len()});
+            Ok(http::Response::new(HttpBody::Left(Full::new(Bytes::from(out.to_string())))))
+        })
+        .await
+    });
+    (addr, task)
+}
+
+/// Send a body in `chunks` with `Transfer-Encoding: chunked`.
+pub async fn send_chunked(addr: SocketAddr, path: &str, chunks: Vec<Bytes>) -> Resp {
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::builder().method(Method::POST).uri(path).header("host", "localhost").body(body).expect("req");
+    tokio::spawn(async move {
+        for c in chunks {
+            if tx.send_data(c).await.is_err() {
+                return;
+            }
+        }
+    });
+    collect(sender.send_request(req).await.expect("response")).await
+}

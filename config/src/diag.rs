@@ -108,7 +108,7 @@ impl Diagnostics {
                 Problem { span, line, column, message }
             })
             .collect();
-        problems.sort_by(|a, b| (a.span.start, a.span.end).cmp(&(b.span.start, b.span.end)));
+        problems.sort_by_key(|p| (p.span.start, p.span.end));
         problems.dedup();
         problems
     }

@@ -133,7 +133,7 @@ impl RouteTable {
                 },
             }
         }
-        table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        table.suffixes.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
         table
     }
 

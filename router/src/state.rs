@@ -181,11 +181,14 @@ impl Live {
     }
 }
 
+/// A replica's identity across snapshots: its pool's id and its address.
+type ReplicaKey = (Arc<str>, SocketAddr);
+
 /// Where pool and replica states live between snapshots.
 #[derive(Debug, Default)]
 pub struct StateStore {
     pools: Mutex<HashMap<Arc<str>, Arc<PoolState>>>,
-    replicas: Mutex<HashMap<(Arc<str>, SocketAddr), Arc<ReplicaState>>>,
+    replicas: Mutex<HashMap<ReplicaKey, Arc<ReplicaState>>>,
 }
 
 impl StateStore {

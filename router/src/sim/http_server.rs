@@ -40,7 +40,7 @@ where
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         conns.spawn(async move {
-            let service = service_fn(move |req| handler(req));
+            let service = service_fn(&handler);
             let _ = Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
         });
     }

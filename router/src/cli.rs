@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::edge::Edge;
 use crate::logging::{self, LogFormat};
-use crate::sim::{Replica, ReplicaOptions};
+use crate::reload::ConfigSource;
+use crate::sim::{Orchestrator, OrchestratorOptions, Replica, ReplicaOptions};
 
 /// stoke: an edge load balancer and request router for AI inference.
 ///
@@ -73,6 +74,29 @@ struct DemoArgs {
 enum SimCommand {
     /// A simulated GPU replica with an OpenAI-compatible API.
     Replica(ReplicaArgs),
+    /// A simulated orchestrator: answers the wake and sleep hooks of the
+    /// config's pools (POST /pools/{id}/wake|sleep) by starting and stopping
+    /// simulated replicas at their addresses; GET /calls lists the calls.
+    Orchestrator(OrchestratorArgs),
+}
+
+#[derive(Debug, Args)]
+struct OrchestratorArgs {
+    /// Address to listen on, IP:PORT (the hooks' URLs must point here).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The network's config file: which pools exist and where their replicas listen.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Boot time of every woken replica (default: each pool's wake_time).
+    #[arg(long, value_parser = parse_duration)]
+    boot_time: Option<Duration>,
+    /// Tokens per second of the simulated replicas.
+    #[arg(long, default_value_t = 200.0)]
+    tokens_per_sec: f64,
+    /// Do not start the replicas of always-on pools (those without [pool.scale]).
+    #[arg(long)]
+    only_scaled: bool,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +138,7 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Command::Sim(SimCommand::Replica(args)) => sim_replica(args),
+        Command::Sim(SimCommand::Orchestrator(args)) => sim_orchestrator(args),
     }
 }
 
@@ -145,6 +170,7 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
+    // Validate before starting anything, and size the runtime from the file.
     let snapshot = match stoke_config::load_snapshot(&args.config, args.location.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -161,15 +187,24 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    drop(snapshot);
+    let source = ConfigSource { path: args.config.clone(), location: args.location.clone() };
     rt.block_on(async move {
-        let edge = match Edge::start(snapshot).await {
+        let edge = match Edge::start_from(source).await {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!("{e}");
+                eprintln!("stoke: {e}");
                 return ExitCode::from(1);
             }
         };
+        let (stop_hup, hup_rx) = tokio::sync::watch::channel(false);
+        let hup = edge.reloader().map(|r| tokio::spawn(crate::watch::on_sighup(r.clone(), hup_rx)));
         wait_for_stop().await;
+        let _ = stop_hup.send(true);
+        if let Some(h) = hup {
+            h.abort();
+        }
         tracing::info!("stopping: draining in-flight requests");
         edge.shutdown().await;
         tracing::info!("stopped");
@@ -218,6 +253,45 @@ fn sim_replica(args: ReplicaArgs) -> ExitCode {
         tracing::info!(addr = %replica.addr, "simulated replica listening");
         wait_for_stop().await;
         replica.kill().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn sim_orchestrator(args: OrchestratorArgs) -> ExitCode {
+    let network = match stoke_config::load(&args.config) {
+        Ok(n) => n,
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("{line}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stoke sim: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let opts = OrchestratorOptions {
+            listen: args.listen,
+            boot_time: args.boot_time,
+            tokens_per_sec: args.tokens_per_sec,
+            start_always_on: !args.only_scaled,
+            ..OrchestratorOptions::default()
+        };
+        let orch = match Orchestrator::start(network, opts).await {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("stoke sim orchestrator: cannot start: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(addr = %orch.addr, "simulated orchestrator listening");
+        wait_for_stop().await;
+        orch.shutdown().await;
         ExitCode::SUCCESS
     })
 }

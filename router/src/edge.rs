@@ -10,8 +10,13 @@ use stoke_config::Snapshot;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::admin::{Admin, AdminError};
 use crate::drain::Drain;
 use crate::health;
+use crate::reload::{ConfigSource, Reloader};
+use crate::wake;
 use crate::listener::{self, Endpoint};
 use crate::routing::Router;
 use crate::tls::{CertResolver, CertStore};
@@ -32,6 +37,12 @@ pub enum StartError {
     /// A certificate or key cannot be used.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The config file cannot be loaded.
+    #[error("{0}")]
+    Config(#[from] stoke_config::ConfigError),
+    /// The admin listener cannot start.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// Where a running edge listens.
@@ -41,6 +52,8 @@ pub struct Bound {
     pub http: Option<SocketAddr>,
     /// TLS: HTTP/1.1 + HTTP/2.
     pub https: Option<SocketAddr>,
+    /// The admin API.
+    pub admin: SocketAddr,
 }
 
 /// A running edge.
@@ -55,12 +68,31 @@ pub struct Edge {
     drain: Drain,
     drain_timeout: Duration,
     certs: Option<Arc<CertResolver>>,
+    ready: Arc<AtomicBool>,
+    reloader: Option<Arc<Reloader>>,
+    admin_stop: watch::Sender<bool>,
 }
 
 impl Edge {
-    /// Start an edge for `snapshot`: probe every replica once, then bind
-    /// and serve.
+    /// Start an edge for `snapshot` (no reload source): probe every
+    /// replica once, then bind and serve.
     pub async fn start(snapshot: Snapshot) -> Result<Edge, StartError> {
+        Self::start_inner(snapshot, None).await
+    }
+
+    /// Start an edge from a config file, reloaded when it changes and on
+    /// `POST /reload` (SIGHUP is the caller's, as signals are per process).
+    pub async fn start_from(source: ConfigSource) -> Result<Edge, StartError> {
+        let path = source.path.clone();
+        let location = source.location.clone();
+        let snapshot =
+            tokio::task::spawn_blocking(move || stoke_config::load_snapshot(&path, location.as_deref()))
+                .await
+                .map_err(|e| StartError::Tls(format!("loading the config failed: {e}")))??;
+        Self::start_inner(snapshot, Some(source)).await
+    }
+
+    async fn start_inner(snapshot: Snapshot, source: Option<ConfigSource>) -> Result<Edge, StartError> {
         let edge_conf = snapshot.network.edge.clone();
         let threads = match edge_conf.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -72,11 +104,21 @@ impl Edge {
             Some(CertResolver::new(CertStore::build(&snapshot.network.tls).map_err(StartError::Tls)?))
         };
         let router = Router::new(snapshot);
+        let reloader = source.map(|s| Reloader::new(s, router.clone(), certs.clone()));
+        let ready = Arc::new(AtomicBool::new(false));
+        // Refuse an unprotected admin listener before anything is bound.
+        let admin = Admin::new(
+            router.clone(),
+            reloader.clone(),
+            edge_conf.admin_token_env.as_deref(),
+            edge_conf.admin,
+            ready.clone(),
+        )?;
         // Know which replicas are up before the first request arrives.
         health::probe_all(&router.live()).await;
 
         let mut endpoints = Vec::new();
-        let mut bound = Bound { http: None, https: None };
+        let mut bound = Bound { http: None, https: None, admin: edge_conf.admin };
         let bind = |which: &'static str, addr: SocketAddr| {
             listener::bind(addr).map_err(|source| StartError::Bind { which, addr, source })
         };
@@ -92,10 +134,21 @@ impl Edge {
         }
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+        // The admin API outlives the drain, so that /readyz says 503 meanwhile.
+        let (admin_stop, admin_rx) = watch::channel(false);
+        let (admin_addr, admin_task) = admin.spawn(edge_conf.admin, admin_rx).await?;
+        bound.admin = admin_addr;
         let drain = Drain::default();
         let app = listener::app(router.clone(), threads, drain.clone());
         let listeners = tokio::spawn(listener::serve(app, endpoints, shutdown_rx.clone()));
-        let background = vec![tokio::spawn(health::run(router.clone(), shutdown_rx))];
+        let mut background = vec![
+            tokio::spawn(health::run(router.clone(), shutdown_rx.clone())),
+            tokio::spawn(wake::run_sleeper(router.clone(), shutdown_rx.clone())),
+            admin_task,
+        ];
+        if let Some(r) = &reloader {
+            background.push(tokio::spawn(crate::watch::watch_file(r.clone(), shutdown_rx.clone())));
+        }
 
         let live = router.live();
         for (listener, addr) in [("http", bound.http), ("https", bound.https)] {
@@ -109,6 +162,7 @@ impl Edge {
             "edge serving: {}",
             live.snapshot.summary()
         );
+        ready.store(true, Ordering::Release);
         Ok(Edge {
             router,
             bound,
@@ -118,7 +172,15 @@ impl Edge {
             drain,
             drain_timeout: edge_conf.drain_timeout,
             certs,
+            ready,
+            reloader,
+            admin_stop,
         })
+    }
+
+    /// The reloader, if the edge was started from a file.
+    pub fn reloader(&self) -> Option<&Arc<Reloader>> {
+        self.reloader.as_ref()
     }
 
     /// The certificate resolver, if the edge has TLS.
@@ -135,6 +197,7 @@ impl Edge {
     /// timeout), stop background work. Returns whether everything finished
     /// in time.
     pub async fn shutdown(self) -> bool {
+        self.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
         // The listeners close first; keep-alive connections are told to end
         // after their current request.
@@ -144,6 +207,7 @@ impl Edge {
             Ok(Ok(())) => {}
         }
         let drained = self.drain.wait(self.drain_timeout).await;
+        let _ = self.admin_stop.send(true);
         for t in &self.background {
             t.abort();
         }

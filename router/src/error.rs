@@ -53,6 +53,17 @@ impl Reject {
         }
     }
 
+    /// The client went away before an answer: nothing is sent (logged as
+    /// 499, as nginx does).
+    pub fn client_gone() -> Self {
+        Reject { status: 499, code: "client_gone", message: "the client went away".into(), origin: Origin::Client, retry_after: None }
+    }
+
+    /// Whether the client is gone (no answer can be written).
+    pub fn is_client_gone(&self) -> bool {
+        self.code == "client_gone"
+    }
+
     /// Whether a client may retry the same request later.
     pub fn retryable(&self) -> bool {
         self.retry_after.is_some() || self.origin == Origin::Upstream

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use crate::http_client;
 use crate::load::parse_load;
 use crate::routing::Router;
-use crate::state::{Live, ReplicaState};
+use crate::state::{Live, PoolView, ReplicaState};
 use stoke_config::{HealthCheck, LoadReport};
 
 /// Consecutive failed probes that mark a ready replica down. A refused
@@ -44,6 +44,11 @@ pub async fn probe(replica: &ReplicaState, check: &HealthCheck) -> Probe {
 /// Apply a probe result, given the failures in a row so far; returns the
 /// new count.
 pub fn apply(replica: &ReplicaState, pool: &str, result: Probe, fails: u32) -> u32 {
+    apply_seen(replica, pool, result, fails).0
+}
+
+/// [`apply`], also telling whether the replica just became ready.
+pub fn apply_seen(replica: &ReplicaState, pool: &str, result: Probe, fails: u32) -> (u32, bool) {
     let (ready, fails) = match result {
         Probe::Healthy => (true, 0),
         Probe::Refused => (false, fails + 1),
@@ -62,7 +67,7 @@ pub fn apply(replica: &ReplicaState, pool: &str, result: Probe, fails: u32) -> u
             tracing::warn!(pool, replica = %replica.addr, probe = ?result, "replica down");
         }
     }
-    fails
+    (fails, ready && !was)
 }
 
 /// Probe every replica of `live` once, all at the same time; returns when
@@ -79,6 +84,9 @@ pub async fn probe_all(live: &Live) {
         }
     }
     while set.join_next().await.is_some() {}
+    for view in live.pools.iter() {
+        view.dispatch();
+    }
 }
 
 /// Run probes and scrapes for whatever snapshot is live, until `shutdown`.
@@ -89,9 +97,9 @@ pub async fn run(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
         let mut tasks = JoinSet::new();
         for (pool, view) in live.snapshot.network.pools.iter().zip(live.pools.iter()) {
             for replica in view.replicas.iter() {
-                tasks.spawn(probe_loop(replica.clone(), pool.health.clone(), pool.id.clone()));
+                tasks.spawn(probe_loop(view.clone(), replica.clone(), pool.health.clone(), pool.id.clone()));
                 if let Some(load) = &pool.load {
-                    tasks.spawn(scrape_loop(replica.clone(), load.clone()));
+                    tasks.spawn(scrape_loop(view.clone(), replica.clone(), load.clone()));
                 }
             }
         }
@@ -108,16 +116,21 @@ pub async fn run(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn probe_loop(replica: Arc<ReplicaState>, check: HealthCheck, pool: String) {
+async fn probe_loop(view: Arc<PoolView>, replica: Arc<ReplicaState>, check: HealthCheck, pool: String) {
     let mut fails = 0;
     loop {
         let result = probe(&replica, &check).await;
-        fails = apply(&replica, &pool, result, fails);
+        let (f, became_ready) = apply_seen(&replica, &pool, result, fails);
+        fails = f;
+        if became_ready {
+            // Held requests leave as soon as a replica is seen ready.
+            view.dispatch();
+        }
         tokio::time::sleep(jitter(check.interval)).await;
     }
 }
 
-async fn scrape_loop(replica: Arc<ReplicaState>, load: LoadReport) {
+async fn scrape_loop(view: Arc<PoolView>, replica: Arc<ReplicaState>, load: LoadReport) {
     loop {
         tokio::time::sleep(jitter(load.interval)).await;
         let timeout = load.interval.min(Duration::from_secs(2));
@@ -125,6 +138,10 @@ async fn scrape_loop(replica: Arc<ReplicaState>, load: LoadReport) {
             if answer.status.is_success() {
                 if let Some(n) = std::str::from_utf8(&answer.body).ok().and_then(|t| parse_load(t, load.format)) {
                     replica.set_reported_load(n);
+                    if n > 0 {
+                        // Load from any edge keeps the pool awake.
+                        view.state.touch();
+                    }
                 }
             }
         }

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod body;
 pub mod cli;
 pub mod drain;
@@ -16,15 +17,21 @@ pub mod edge;
 pub mod error;
 pub mod headers;
 pub mod health;
+pub mod hooks;
 pub mod http_client;
+pub mod http_server;
 pub mod listener;
 pub mod load;
 pub mod logging;
+pub mod metrics;
 pub mod pick;
 pub mod placement;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod sim;
 pub mod state;
 pub mod tls;
 pub mod upstream;
+pub mod wake;
+pub mod watch;

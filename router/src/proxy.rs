@@ -19,7 +19,7 @@ use crate::body::extract_field;
 use crate::drain::{Drain, Guard};
 use crate::error::Reject;
 use crate::headers::{self, new_request_id, valid_request_id};
-use crate::routing::{Router, MAX_CONNECT_ATTEMPTS};
+use crate::routing::{self, Router, MAX_CONNECT_ATTEMPTS, MAX_WAIT_HEADER};
 use crate::state::{Live, Slot};
 use crate::upstream;
 
@@ -109,6 +109,7 @@ impl ProxyHttp for EdgeProxy {
             Ok(()) => Ok(false),
             Err(reject) => {
                 respond(session, ctx, &reject).await;
+                ctx.status = reject.status;
                 ctx.reject = Some(reject);
                 Ok(true)
             }
@@ -331,7 +332,21 @@ impl EdgeProxy {
             }
         };
         ctx.service = Some(service);
-        let admitted = self.router.admit(live, service, ctx.started).await?;
+        let max_wait = routing::max_wait(route.max_wait, session.get_header(MAX_WAIT_HEADER).map(|v| v.as_bytes()));
+        // While a request is held, a client that goes away shows as a closed
+        // connection (HTTP/1.1) or a reset stream (HTTP/2). That can only be
+        // watched once the body is read; a request still sending its body
+        // is held without that watch.
+        let watch = session.is_body_done();
+        let downstream = session.as_mut();
+        let client_gone = async move {
+            if watch {
+                let _ = downstream.read_body_or_idle(true).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let admitted = self.router.admit(live, service, ctx.started, max_wait, client_gone).await?;
         ctx.pool = Some(admitted.pool);
         ctx.waited = admitted.waited;
         ctx.slot = Some(admitted.slot);
@@ -425,8 +440,11 @@ fn add_debug_headers(resp: &mut ResponseHeader, ctx: &RequestCtx, live: &Live) -
     Ok(())
 }
 
-/// Write `reject` as a JSON response.
+/// Write `reject` as a JSON response (nothing if the client is gone).
 async fn respond(session: &mut Session, ctx: &RequestCtx, reject: &Reject) {
+    if reject.is_client_gone() {
+        return;
+    }
     let body = Bytes::from(reject.body());
     let Ok(mut resp) = ResponseHeader::build(reject.status, Some(6)) else { return };
     let _ = resp.insert_header(CONTENT_TYPE, "application/json");

@@ -71,10 +71,10 @@ pub async fn edge(text: &str, location: &str) -> (Edge, ConfigFile) {
     (edge, file)
 }
 
-/// Start an edge from a config file already written.
+/// Start an edge from a config file already written (reloadable).
 pub async fn edge_from(file: &ConfigFile, location: &str) -> Edge {
-    let snapshot = stoke_config::load_snapshot(&file.path, Some(location)).unwrap_or_else(|e| panic!("config:\n{e}"));
-    Edge::start(snapshot).await.expect("edge starts")
+    let source = stoke_router::reload::ConfigSource { path: file.path.clone(), location: Some(location.to_owned()) };
+    Edge::start_from(source).await.unwrap_or_else(|e| panic!("edge does not start: {e}"))
 }
 
 /// Locations used by the tests: Frankfurt, Paris, Singapore, Sydney.
@@ -339,7 +339,7 @@ pub async fn assert_drained(edge: &Edge) {
 /// a JSON echo of what it received: method, path, headers and body length.
 /// With `hang = true` it never answers anything but `/health`.
 pub async fn echo_upstream(hang: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    use stoke_router::sim::http_server::{serve_http, HttpBody};
+    use stoke_router::http_server::{serve_http, HttpBody};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::watch::channel(false);

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 
-use super::http_server::{serve_http, HttpBody};
+use crate::http_server::{serve_http, HttpBody};
 
 /// Settings of a simulated replica.
 #[derive(Clone, Debug)]

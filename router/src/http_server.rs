@@ -1,5 +1,5 @@
-//! A minimal HTTP/1.1 + HTTP/2 server loop (hyper) for the simulator and
-//! the admin API. Connections are tasks owned by the loop, so that ending
+//! A minimal HTTP/1.1 + HTTP/2 server loop (hyper) for the admin API and
+//! the simulator. Connections are tasks owned by the loop, so that ending
 //! the loop's task ends every connection at once.
 
 use std::convert::Infallible;

@@ -1,0 +1,323 @@
+//! The admin API, on its own listener (loopback by default):
+//!
+//! | call | does |
+//! | --- | --- |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 once serving, 503 while draining |
+//! | `GET /state` | JSON: snapshot version, config, last reload, locations, pools, replicas |
+//! | `GET /metrics` | Prometheus text |
+//! | `POST /reload` | reload the config file; 200, or 422 with every problem |
+//! | `POST /pools/{id}/ready` | an orchestrator says the pool is up: probe it now |
+//!
+//! Mutating calls need `Authorization: Bearer <token>` when a token is
+//! configured; the token is compared in constant time.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::http_server::{serve_http, HttpBody};
+use crate::metrics as m;
+use crate::reload::Reloader;
+use crate::routing::Router;
+use crate::state::Live;
+
+/// Why the admin listener cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Reachable from other hosts with no token: refused.
+    #[error(
+        "the admin listener {0} is not on loopback and no token is configured: set [edge].admin_token_env to a variable holding a token, or listen on 127.0.0.1"
+    )]
+    Unprotected(SocketAddr),
+    /// `admin_token_env` names a variable that is unset or empty.
+    #[error("[edge].admin_token_env names {0}, which is not set (or empty) in the environment")]
+    MissingToken(String),
+    /// The address cannot be bound.
+    #[error("cannot listen on {addr} (admin): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// What the admin API serves from.
+pub struct Admin {
+    router: Arc<Router>,
+    reloader: Option<Arc<Reloader>>,
+    token: Option<String>,
+    metrics: PrometheusHandle,
+    ready: Arc<AtomicBool>,
+    started: Instant,
+    page: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+}
+
+impl Admin {
+    /// The admin API of an edge. `ready` turns true once the edge serves
+    /// and false when it drains.
+    pub fn new(
+        router: Arc<Router>,
+        reloader: Option<Arc<Reloader>>,
+        token_env: Option<&str>,
+        addr: SocketAddr,
+        ready: Arc<AtomicBool>,
+    ) -> Result<Self, AdminError> {
+        let token = match token_env {
+            Some(var) => match std::env::var(var) {
+                Ok(t) if !t.is_empty() => Some(t),
+                _ => return Err(AdminError::MissingToken(var.to_owned())),
+            },
+            None => None,
+        };
+        if token.is_none() && !addr.ip().is_loopback() {
+            return Err(AdminError::Unprotected(addr));
+        }
+        Ok(Admin { router, reloader, token, metrics: m::install(), ready, started: Instant::now(), page: None })
+    }
+
+    /// Serve `GET /` with this page (the status page).
+    pub fn with_page(mut self, page: Arc<dyn Fn() -> String + Send + Sync>) -> Self {
+        self.page = Some(page);
+        self
+    }
+
+    /// Bind and serve until `shutdown`; returns the bound address.
+    pub async fn spawn(
+        self,
+        addr: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), AdminError> {
+        let listener = TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { addr, source })?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        let admin = Arc::new(self);
+        let task = tokio::spawn(serve_http(listener, shutdown, move |req| {
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(admin.handle(req).await) }
+        }));
+        tracing::info!(listener = "admin", addr = %bound, "listening");
+        Ok((bound, task))
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<HttpBody> {
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.split('/').collect();
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["", "healthz"]) => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, ["", "readyz"]) => {
+                if self.ready.load(Ordering::Acquire) {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }
+            (&Method::GET, ["", "state"]) => json_response(StatusCode::OK, &self.state()),
+            (&Method::GET, ["", "metrics"]) => {
+                update_gauges(&self.router.live());
+                let mut r = text(StatusCode::OK, &self.metrics.render());
+                r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
+                r
+            }
+            (&Method::GET, [""]) => match &self.page {
+                Some(page) => {
+                    let mut r = text(StatusCode::OK, &page());
+                    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+                    r
+                }
+                None => text(StatusCode::NOT_FOUND, "no status page\n"),
+            },
+            (&Method::POST, ["", "reload"]) => {
+                if let Some(denied) = self.authorize(&req) {
+                    return denied;
+                }
+                match &self.reloader {
+                    Some(r) => {
+                        let outcome = r.reload("admin").await;
+                        let status = if outcome.result == "ok" { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+                        json_response(status, &serde_json::to_value(outcome).unwrap_or_default())
+                    }
+                    None => error(StatusCode::CONFLICT, "this edge was not started from a config file"),
+                }
+            }
+            (&Method::POST, ["", "pools", id, "ready"]) => {
+                if let Some(denied) = self.authorize(&req) {
+                    return denied;
+                }
+                let live = self.router.live();
+                let Some(pid) = live.snapshot.network.pool_id(id) else {
+                    return error(StatusCode::NOT_FOUND, &format!("no pool \"{id}\""));
+                };
+                let view = live.pool(pid).clone();
+                let check = live.snapshot.network.pool(pid).health.clone();
+                let id = id.to_string();
+                // Probe now rather than trust the push blindly: a replica
+                // that does not answer yet is not sent traffic.
+                tokio::spawn(async move { crate::wake::probe_pool(&view, &check, &id).await });
+                json_response(StatusCode::ACCEPTED, &json!({"pool": segments[2], "probing": true}))
+            }
+            (_, ["", "healthz" | "readyz" | "state" | "metrics" | "reload"]) | (_, ["", "pools", _, "ready"]) => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            _ => error(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+
+    /// `None` if allowed; else the 401 to send.
+    fn authorize(&self, req: &Request<Incoming>) -> Option<Response<HttpBody>> {
+        let Some(token) = &self.token else { return None };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            None
+        } else {
+            let mut r = error(StatusCode::UNAUTHORIZED, "this call needs Authorization: Bearer <admin token>");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            Some(r)
+        }
+    }
+
+    fn state(&self) -> Value {
+        let live = self.router.live();
+        let mut v = state_json(&live);
+        v["uptime_s"] = json!(self.started.elapsed().as_secs());
+        if let Some(r) = &self.reloader {
+            v["last_reload"] = serde_json::to_value(r.last()).unwrap_or_default();
+        }
+        v
+    }
+}
+
+/// The `/state` document of one edge.
+pub fn state_json(live: &Live) -> Value {
+    let net = &live.snapshot.network;
+    let now = Instant::now();
+    let pools: Vec<Value> = net
+        .pools
+        .iter()
+        .zip(live.pools.iter())
+        .map(|(pool, view)| {
+            let st = &view.state;
+            let condition = if view.is_warm() {
+                "warm"
+            } else if st.waking_since().is_some() {
+                "waking"
+            } else if pool.scale.is_some() {
+                "cold"
+            } else {
+                "down"
+            };
+            json!({
+                "id": pool.id,
+                "location": net.location(pool.location).id,
+                "home_edge": net.location(pool.home_edge).id,
+                "services": pool.services.iter().map(|s| net.service(*s).name.as_str()).collect::<Vec<_>>(),
+                "state": condition,
+                "scales": pool.scale.is_some(),
+                "warm_capacity": view.free_slots(),
+                "in_flight": st.in_flight(),
+                "queue": st.queue.len(),
+                "max_queue": pool.max_queue,
+                "max_concurrency": pool.max_concurrency,
+                "routed_total": st.routed(),
+                "expected_wake_ms": st.expected_wake().as_millis() as u64,
+                "waking_for_ms": st.waking_since().map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                "idle_for_ms": st.last_active().elapsed().as_millis() as u64,
+                "rtt_ms": net.rtt.get(live.snapshot.location.index(), pool.location.index()).as_secs_f64() * 1000.0,
+                "replicas": view.replicas.iter().map(|r| json!({
+                    "addr": &*r.addr_text,
+                    "ready": r.is_ready(),
+                    "in_flight": r.in_flight(),
+                    "foreign_load": r.foreign_load(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "edge": live.snapshot.edge_location().id,
+        "version": live.version,
+        "config": {"path": net.source.path.display().to_string(), "hash": net.source.hash},
+        "locations": net.locations.iter().map(|l| json!({
+            "id": l.id, "name": l.name, "lat": l.coord.lat, "lon": l.coord.lon, "edge": l.edge,
+        })).collect::<Vec<_>>(),
+        "pools": pools,
+        "routes": net.routes.iter().map(|r| json!({
+            "name": r.name,
+            "host": r.host.to_string(),
+            "path_prefix": r.path_prefix,
+            "service": match &r.service {
+                stoke_config::ServiceSource::Fixed(s) => net.service(*s).name.clone(),
+                stoke_config::ServiceSource::BodyField(f) => format!("body:{f}"),
+                stoke_config::ServiceSource::Header(h) => format!("header:{h}"),
+            },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Set the pool gauges from the live state (called when metrics are read).
+pub fn update_gauges(live: &Live) {
+    for view in live.pools.iter() {
+        let id = view.state.id.to_string();
+        metrics::gauge!(m::POOL_WARM_CAPACITY, "pool" => id.clone()).set(f64::from(view.free_slots()));
+        metrics::gauge!(m::POOL_IN_FLIGHT, "pool" => id.clone()).set(f64::from(view.state.in_flight()));
+        metrics::gauge!(m::POOL_QUEUE_DEPTH, "pool" => id).set(f64::from(view.state.queue.len()));
+    }
+}
+
+/// Compare without an early exit, so that timing does not tell how much of
+/// a guessed token was right.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+fn text(status: StatusCode, body: &str) -> Response<HttpBody> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::copy_from_slice(body.as_bytes()))));
+    *r.status_mut() = status;
+    r
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<HttpBody> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: &str) -> Response<HttpBody> {
+    json_response(status, &json!({"error": message}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

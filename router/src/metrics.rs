@@ -1,0 +1,101 @@
+//! Metric names and recording helpers, in one place (DESIGN.md lists the
+//! families). Recorded through the `metrics` facade; the admin API renders
+//! them in the Prometheus text format.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// `stoke_requests_total{route,pool,status}`: requests answered.
+pub const REQUESTS_TOTAL: &str = "stoke_requests_total";
+/// `stoke_request_duration_seconds`: time from request to the end of the answer.
+pub const REQUEST_DURATION: &str = "stoke_request_duration_seconds";
+/// `stoke_upstream_ttfb_seconds`: time from forwarding to the replica's response head.
+pub const UPSTREAM_TTFB: &str = "stoke_upstream_ttfb_seconds";
+/// `stoke_pool_warm_capacity{pool}`: free slots over ready replicas.
+pub const POOL_WARM_CAPACITY: &str = "stoke_pool_warm_capacity";
+/// `stoke_pool_in_flight{pool}`: requests this edge has on the pool.
+pub const POOL_IN_FLIGHT: &str = "stoke_pool_in_flight";
+/// `stoke_pool_queue_depth{pool}`: requests held for the pool.
+pub const POOL_QUEUE_DEPTH: &str = "stoke_pool_queue_depth";
+/// `stoke_wakeups_total{pool,result}`: wake hook calls and wake outcomes.
+pub const WAKEUPS_TOTAL: &str = "stoke_wakeups_total";
+/// `stoke_wake_duration_seconds{pool}`: time from wake to a ready replica.
+pub const WAKE_DURATION: &str = "stoke_wake_duration_seconds";
+/// `stoke_sleeps_total{pool}`: sleep hook calls.
+pub const SLEEPS_TOTAL: &str = "stoke_sleeps_total";
+/// `stoke_config_reloads_total{result}`: reloads, `ok` or `error`.
+pub const CONFIG_RELOADS_TOTAL: &str = "stoke_config_reloads_total";
+/// `stoke_config_snapshot_version`: version of the live snapshot.
+pub const CONFIG_SNAPSHOT_VERSION: &str = "stoke_config_snapshot_version";
+
+/// Histogram buckets for latencies: 100 µs to 60 s, roughly ×2.5 apart.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Install the Prometheus recorder for this process (once) and return its
+/// handle. Several edges in one process (tests, the demo) share it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may be installed already (a host program);
+            // then ours only renders what it records itself.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(REQUESTS_TOTAL, "Requests answered, by route, pool and status.");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time from request to the end of the answer.");
+    describe_histogram!(UPSTREAM_TTFB, Unit::Seconds, "Time from forwarding to the replica's response head.");
+    describe_gauge!(POOL_WARM_CAPACITY, "Free slots over the pool's ready replicas.");
+    describe_gauge!(POOL_IN_FLIGHT, "Requests this edge has in flight on the pool.");
+    describe_gauge!(POOL_QUEUE_DEPTH, "Requests held for the pool.");
+    describe_counter!(WAKEUPS_TOTAL, "Wake hook calls and wake outcomes, by pool and result.");
+    describe_histogram!(WAKE_DURATION, Unit::Seconds, "Time from a wake's start to a ready replica.");
+    describe_counter!(SLEEPS_TOTAL, "Sleep hook calls, by pool.");
+    describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result.");
+    describe_gauge!(CONFIG_SNAPSHOT_VERSION, "Version of the live config snapshot.");
+}
+
+/// Status codes as static strings, so that labelling a request allocates nothing for them.
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        0 => "0",
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        301 => "301",
+        302 => "302",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        411 => "411",
+        413 => "413",
+        429 => "429",
+        499 => "499",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

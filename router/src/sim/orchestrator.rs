@@ -1,0 +1,246 @@
+//! A simulated GPU orchestrator: answers the wake and sleep webhooks of the
+//! pools in a config by starting and stopping simulated replicas at the
+//! pools' replica addresses, and reports the calls it got.
+//!
+//! Endpoints: `POST /pools/{id}/wake`, `POST /pools/{id}/sleep`,
+//! `GET /calls` (JSON list), `GET /pools` (which pools run).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+use stoke_config::Network;
+use tokio::sync::watch;
+
+use crate::http_server::{serve_http, HttpBody};
+use super::replica::{Replica, ReplicaOptions};
+
+/// Settings of a simulated orchestrator.
+#[derive(Clone, Debug)]
+pub struct OrchestratorOptions {
+    /// Address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Boot time of every replica; `None`: each pool's `wake_time`.
+    pub boot_time: Option<Duration>,
+    /// Tokens per second of the simulated replicas.
+    pub tokens_per_sec: f64,
+    /// Start the replicas of pools without `[pool.scale]` at once.
+    pub start_always_on: bool,
+    /// Answer wake calls with 500 and start nothing (fault injection).
+    pub fail_wakes: bool,
+    /// Accept wake calls but start nothing (a wake that never completes).
+    pub ignore_wakes: bool,
+}
+
+impl Default for OrchestratorOptions {
+    fn default() -> Self {
+        OrchestratorOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            boot_time: None,
+            tokens_per_sec: 200.0,
+            start_always_on: true,
+            fail_wakes: false,
+            ignore_wakes: false,
+        }
+    }
+}
+
+/// One webhook call received.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Call {
+    /// Pool id from the path.
+    pub pool: String,
+    /// `wake` or `sleep`.
+    pub action: String,
+    /// The calling edge, from the JSON body.
+    pub edge: String,
+    /// Why, from the JSON body.
+    pub reason: String,
+    /// Milliseconds since the orchestrator started.
+    pub at_ms: u64,
+    /// Whether an `Authorization: Bearer` header came with it.
+    pub authorized: bool,
+}
+
+struct Fleet {
+    opts: OrchestratorOptions,
+    network: Network,
+    started: Instant,
+    calls: Mutex<Vec<Call>>,
+    running: tokio::sync::Mutex<HashMap<String, Vec<Replica>>>,
+}
+
+/// A running simulated orchestrator.
+pub struct Orchestrator {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    fleet: Arc<Fleet>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Orchestrator {
+    /// Start serving the pools of `network`.
+    pub async fn start(network: Network, opts: OrchestratorOptions) -> std::io::Result<Orchestrator> {
+        let listener = tokio::net::TcpListener::bind(opts.listen).await?;
+        let addr = listener.local_addr()?;
+        let fleet = Arc::new(Fleet {
+            opts,
+            network,
+            started: Instant::now(),
+            calls: Mutex::new(Vec::new()),
+            running: tokio::sync::Mutex::new(HashMap::new()),
+        });
+        if fleet.opts.start_always_on {
+            let ids: Vec<String> =
+                fleet.network.pools.iter().filter(|p| p.scale.is_none()).map(|p| p.id.clone()).collect();
+            for id in ids {
+                fleet.start_pool(&id, Duration::ZERO).await?;
+            }
+        }
+        let (shutdown, rx) = watch::channel(false);
+        let handler = fleet.clone();
+        let task = tokio::spawn(serve_http(listener, rx, move |req| {
+            let fleet = handler.clone();
+            async move { Ok::<_, Infallible>(fleet.handle(req).await) }
+        }));
+        Ok(Orchestrator { addr, fleet, shutdown, task })
+    }
+
+    /// Every call received so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.fleet.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Calls for `pool` and `action`.
+    pub fn calls_for(&self, pool: &str, action: &str) -> Vec<Call> {
+        self.calls().into_iter().filter(|c| c.pool == pool && c.action == action).collect()
+    }
+
+    /// Whether the replicas of `pool` run.
+    pub async fn is_running(&self, pool: &str) -> bool {
+        self.fleet.running.lock().await.contains_key(pool)
+    }
+
+    /// Start a pool's replicas now (as if woken by someone else).
+    pub async fn start_pool(&self, pool: &str) -> std::io::Result<()> {
+        self.fleet.start_pool(pool, Duration::ZERO).await
+    }
+
+    /// Stop a pool's replicas now.
+    pub async fn stop_pool(&self, pool: &str) {
+        self.fleet.stop_pool(pool).await;
+    }
+
+    /// Stop everything.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.task.abort();
+        let pools: Vec<String> = self.fleet.running.lock().await.keys().cloned().collect();
+        for p in pools {
+            self.fleet.stop_pool(&p).await;
+        }
+    }
+}
+
+impl Fleet {
+    async fn start_pool(&self, id: &str, boot: Duration) -> std::io::Result<()> {
+        let mut running = self.running.lock().await;
+        if running.contains_key(id) {
+            return Ok(());
+        }
+        let Some(pool) = self.network.pools.iter().find(|p| p.id == id) else {
+            return Ok(());
+        };
+        let models: Vec<String> = pool.services.iter().map(|s| self.network.service(*s).name.clone()).collect();
+        let mut replicas = Vec::with_capacity(pool.replicas.len());
+        for (i, addr) in pool.replicas.iter().enumerate() {
+            let opts = ReplicaOptions {
+                listen: *addr,
+                name: format!("{id}-{}", i + 1),
+                boot_time: boot,
+                max_concurrency: pool.max_concurrency as usize,
+                tokens_per_sec: self.opts.tokens_per_sec,
+                models: models.clone(),
+            };
+            replicas.push(Replica::start(opts).await?);
+        }
+        running.insert(id.to_owned(), replicas);
+        Ok(())
+    }
+
+    async fn stop_pool(&self, id: &str) {
+        let replicas = self.running.lock().await.remove(id);
+        for r in replicas.into_iter().flatten() {
+            r.kill().await;
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<HttpBody> {
+        let path = req.uri().path().to_owned();
+        match (req.method().clone(), path.split('/').collect::<Vec<_>>().as_slice()) {
+            (Method::GET, ["", "calls"]) => {
+                let calls = self.calls.lock().map(|c| c.clone()).unwrap_or_default();
+                json_response(StatusCode::OK, &serde_json::to_value(calls).unwrap_or_default())
+            }
+            (Method::GET, ["", "pools"]) => {
+                let running: Vec<String> = self.running.lock().await.keys().cloned().collect();
+                json_response(StatusCode::OK, &json!({"running": running}))
+            }
+            (Method::POST, ["", "pools", id, action @ ("wake" | "sleep")]) => {
+                let (id, action) = (id.to_string(), action.to_string());
+                let authorized = req
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("Bearer "));
+                let body = Limited::new(req.into_body(), 64 * 1024).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+                if let Ok(mut calls) = self.calls.lock() {
+                    calls.push(Call {
+                        pool: id.clone(),
+                        action: action.clone(),
+                        edge: field("edge"),
+                        reason: field("reason"),
+                        at_ms: self.started.elapsed().as_millis() as u64,
+                        authorized,
+                    });
+                }
+                let Some(pool) = self.network.pools.iter().find(|p| p.id == id) else {
+                    return json_response(StatusCode::NOT_FOUND, &json!({"error": format!("no pool {id}")}));
+                };
+                if action == "sleep" {
+                    self.stop_pool(&id).await;
+                    return json_response(StatusCode::OK, &json!({"pool": id, "status": "stopped"}));
+                }
+                if self.opts.fail_wakes {
+                    return json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": "wake failed (simulated)"}));
+                }
+                if self.opts.ignore_wakes {
+                    return json_response(StatusCode::ACCEPTED, &json!({"pool": id, "status": "accepted"}));
+                }
+                let boot = self.opts.boot_time.unwrap_or_else(|| pool.scale.as_ref().map_or(Duration::ZERO, |s| s.wake_time));
+                match self.start_pool(&id, boot).await {
+                    Ok(()) => json_response(StatusCode::ACCEPTED, &json!({"pool": id, "status": "starting"})),
+                    Err(e) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": e.to_string()})),
+                }
+            }
+            _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+        }
+    }
+}
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<HttpBody> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}

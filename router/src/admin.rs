@@ -127,13 +127,15 @@ impl Admin {
             (&Method::GET, ["", "metrics"]) => {
                 update_gauges(&self.router.live());
                 let mut r = text(StatusCode::OK, &self.metrics.render());
-                r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
                 r
             }
             (&Method::GET, [""]) => match &self.page {
                 Some(page) => {
                     let mut r = text(StatusCode::OK, &page());
-                    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+                    r.headers_mut()
+                        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
                     r
                 }
                 None => text(StatusCode::NOT_FOUND, "no status page\n"),
@@ -145,7 +147,8 @@ impl Admin {
                 match &self.reloader {
                     Some(r) => {
                         let outcome = r.reload("admin").await;
-                        let status = if outcome.result == "ok" { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+                        let status =
+                            if outcome.result == "ok" { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
                         json_response(status, &serde_json::to_value(outcome).unwrap_or_default())
                     }
                     None => error(StatusCode::CONFLICT, "this edge was not started from a config file"),

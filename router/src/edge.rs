@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::admin::{Admin, AdminError};
 use crate::drain::Drain;
 use crate::health;
-use crate::reload::{ConfigSource, Reloader};
-use crate::wake;
 use crate::listener::{self, Endpoint};
+use crate::reload::{ConfigSource, Reloader};
 use crate::routing::Router;
 use crate::tls::{CertResolver, CertStore};
+use crate::wake;
 
 /// Why an edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,10 +85,9 @@ impl Edge {
     pub async fn start_from(source: ConfigSource) -> Result<Edge, StartError> {
         let path = source.path.clone();
         let location = source.location.clone();
-        let snapshot =
-            tokio::task::spawn_blocking(move || stoke_config::load_snapshot(&path, location.as_deref()))
-                .await
-                .map_err(|e| StartError::Tls(format!("loading the config failed: {e}")))??;
+        let snapshot = tokio::task::spawn_blocking(move || stoke_config::load_snapshot(&path, location.as_deref()))
+            .await
+            .map_err(|e| StartError::Tls(format!("loading the config failed: {e}")))??;
         Self::start_inner(snapshot, Some(source)).await
     }
 

@@ -56,7 +56,13 @@ impl Reject {
     /// The client went away before an answer: nothing is sent (logged as
     /// 499, as nginx does).
     pub fn client_gone() -> Self {
-        Reject { status: 499, code: "client_gone", message: "the client went away".into(), origin: Origin::Client, retry_after: None }
+        Reject {
+            status: 499,
+            code: "client_gone",
+            message: "the client went away".into(),
+            origin: Origin::Client,
+            retry_after: None,
+        }
     }
 
     /// Whether the client is gone (no answer can be written).

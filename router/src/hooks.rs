@@ -95,9 +95,8 @@ async fn exchange<S>(io: S, url: &HookUrl, token: Option<&str>, body: Bytes) -> 
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| HookError::Http(e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| HookError::Http(e.to_string()))?;
     let conn = tokio::spawn(conn);
     let host = if (url.tls && url.port == 443) || (!url.tls && url.port == 80) {
         url.host.clone()
@@ -116,12 +115,16 @@ where
     let req = req.body(Full::new(body)).map_err(|e| HookError::Http(e.to_string()))?;
     let resp = sender.send_request(req).await.map_err(|e| HookError::Http(e.to_string()))?;
     let status = resp.status();
-    let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body =
+        Limited::new(resp.into_body(), MAX_RESPONSE_BYTES).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     conn.abort();
     if status.is_success() {
         Ok(())
     } else {
-        Err(HookError::Status { status: status.as_u16(), body: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned() })
+        Err(HookError::Status {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        })
     }
 }
 
@@ -183,7 +186,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("stoke-hook-{}", fastrand::u64(..)));
         let out = dir.with_extension("out");
         let hook = Hook::Command {
-            argv: vec!["sh".into(), "-c".into(), format!("echo $STOKE_ACTION $STOKE_POOL $STOKE_EDGE > {}", out.display())],
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("echo $STOKE_ACTION $STOKE_POOL $STOKE_EDGE > {}", out.display()),
+            ],
             timeout: Duration::from_secs(5),
         };
         call(&hook, Action::Wake, "fra-a", "fra", "test").await.expect("runs");

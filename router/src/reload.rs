@@ -107,7 +107,10 @@ impl Reloader {
                 }
                 let mut warnings = warnings;
                 if no_tls_yet {
-                    warnings.push("certificates were added, but TLS listeners start only at startup: restart to serve them".into());
+                    warnings.push(
+                        "certificates were added, but TLS listeners start only at startup: restart to serve them"
+                            .into(),
+                    );
                 }
                 for w in &warnings {
                     tracing::warn!("reload: {w}");
@@ -115,7 +118,14 @@ impl Reloader {
                 tracing::info!(version = live.version, trigger, "config reloaded: {}", live.snapshot.summary());
                 metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);
                 metrics::gauge!(m::CONFIG_SNAPSHOT_VERSION).set(live.version as f64);
-                ReloadOutcome { result: "ok", trigger, at_ms: unix_ms(), version: live.version, errors: Vec::new(), warnings }
+                ReloadOutcome {
+                    result: "ok",
+                    trigger,
+                    at_ms: unix_ms(),
+                    version: live.version,
+                    errors: Vec::new(),
+                    warnings,
+                }
             }
             Err(errors) => {
                 for e in &errors {

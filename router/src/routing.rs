@@ -92,9 +92,11 @@ impl Router {
 
     /// The route for `host` and `path`.
     pub fn route(live: &Live, host: &str, path: &str) -> Result<RouteId, Reject> {
-        live.snapshot.network.route_table.find(host, path).ok_or_else(|| {
-            Reject::client(404, "no_route", format!("no route for host \"{host}\" and path \"{path}\""))
-        })
+        live.snapshot
+            .network
+            .route_table
+            .find(host, path)
+            .ok_or_else(|| Reject::client(404, "no_route", format!("no route for host \"{host}\" and path \"{path}\"")))
     }
 
     /// The service named `name` (from a body field or header).
@@ -267,7 +269,11 @@ fn micros(d: Duration) -> u32 {
 
 fn no_capacity(live: &Live, service: ServiceId, retry_after: Duration) -> Reject {
     let name = &live.snapshot.network.service(service).name;
-    Reject::unavailable("no_capacity", format!("no pool serving \"{name}\" can take or hold the request now"), retry_after)
+    Reject::unavailable(
+        "no_capacity",
+        format!("no pool serving \"{name}\" can take or hold the request now"),
+        retry_after,
+    )
 }
 
 /// The wait a request asks for: the route's `max_wait`, or less if the

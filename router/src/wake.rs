@@ -121,10 +121,12 @@ async fn run_wake(router: Arc<Router>, pool_id: Arc<str>, reason: &'static str) 
             tokio::spawn(async move {
                 match hooks::call(&hook, Action::Wake, &id, &edge, reason).await {
                     Ok(()) => {
-                        metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "called").increment(1);
+                        metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "called")
+                            .increment(1);
                     }
                     Err(e) => {
-                        metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "hook_error").increment(1);
+                        metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "hook_error")
+                            .increment(1);
                         tracing::warn!(pool = %id, attempt = calls, error = %e, "wake hook failed");
                     }
                 }

@@ -384,3 +384,55 @@ pub async fn send_chunked(addr: SocketAddr, path: &str, chunks: Vec<Bytes>) -> R
     });
     collect(sender.send_request(req).await.expect("response")).await
 }
+
+/// A loopback address with a port that was free a moment ago (for replicas
+/// that an orchestrator starts later, whose addresses the config must name).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// A `[[pool]]` that scales to zero through the orchestrator at `orch`.
+pub fn scaled_pool(
+    id: &str,
+    location: &str,
+    serves: &[&str],
+    replicas: &[SocketAddr],
+    orch: SocketAddr,
+    scale: &str,
+) -> String {
+    let mut p = pool(id, location, serves, replicas, "");
+    p.push_str(&format!(
+        "[pool.scale]\nwake = {{ url = \"http://{orch}/pools/{id}/wake\", token_env = \"STOKE_TEST_ORCH_TOKEN\" }}\n\
+         sleep = {{ url = \"http://{orch}/pools/{id}/sleep\" }}\n{scale}\n"
+    ));
+    p
+}
+
+/// An orchestrator listener bound now, so that its address can go in a config.
+pub async fn orchestrator_listener() -> (tokio::net::TcpListener, SocketAddr) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    (l, a)
+}
+
+/// Start the orchestrator for the network in `file`.
+pub async fn start_orchestrator(
+    listener: tokio::net::TcpListener,
+    file: &ConfigFile,
+    opts: stoke_router::sim::OrchestratorOptions,
+) -> stoke_router::sim::Orchestrator {
+    let network = stoke_config::load(&file.path).expect("config");
+    stoke_router::sim::Orchestrator::start_on(listener, network, opts).await.expect("orchestrator")
+}
+
+/// `GET` a path on the admin listener, as JSON.
+pub async fn admin_json(edge: &Edge, path: &str) -> serde_json::Value {
+    send(edge.bound.admin, Req::get(path)).await.json()
+}
+
+/// The `/state` entry of a pool.
+pub async fn pool_state(edge: &Edge, pool: &str) -> serde_json::Value {
+    let state = admin_json(edge, "/state").await;
+    state["pools"].as_array().and_then(|p| p.iter().find(|p| p["id"] == pool).cloned()).expect("pool in /state")
+}

@@ -19,8 +19,8 @@ use serde_json::json;
 use stoke_config::Network;
 use tokio::sync::watch;
 
-use crate::http_server::{serve_http, HttpBody};
 use super::replica::{Replica, ReplicaOptions};
+use crate::http_server::{serve_http, HttpBody};
 
 /// Settings of a simulated orchestrator.
 #[derive(Clone, Debug)]
@@ -90,6 +90,16 @@ impl Orchestrator {
     /// Start serving the pools of `network`.
     pub async fn start(network: Network, opts: OrchestratorOptions) -> std::io::Result<Orchestrator> {
         let listener = tokio::net::TcpListener::bind(opts.listen).await?;
+        Self::start_on(listener, network, opts).await
+    }
+
+    /// Start on a listener already bound (its address can then appear in
+    /// the config that `network` was loaded from).
+    pub async fn start_on(
+        listener: tokio::net::TcpListener,
+        network: Network,
+        opts: OrchestratorOptions,
+    ) -> std::io::Result<Orchestrator> {
         let addr = listener.local_addr()?;
         let fleet = Arc::new(Fleet {
             opts,
@@ -127,6 +137,16 @@ impl Orchestrator {
     /// Whether the replicas of `pool` run.
     pub async fn is_running(&self, pool: &str) -> bool {
         self.fleet.running.lock().await.contains_key(pool)
+    }
+
+    /// Completion requests the running replicas of `pool` received.
+    pub async fn requests_received(&self, pool: &str) -> u64 {
+        self.fleet
+            .running
+            .lock()
+            .await
+            .get(pool)
+            .map_or(0, |reps| reps.iter().map(|r| r.stats.requests.load(std::sync::atomic::Ordering::Relaxed)).sum())
     }
 
     /// Start a pool's replicas now (as if woken by someone else).
@@ -201,7 +221,8 @@ impl Fleet {
                     .get(http::header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.starts_with("Bearer "));
-                let body = Limited::new(req.into_body(), 64 * 1024).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let body =
+                    Limited::new(req.into_body(), 64 * 1024).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                 let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                 let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
                 if let Ok(mut calls) = self.calls.lock() {
@@ -222,12 +243,16 @@ impl Fleet {
                     return json_response(StatusCode::OK, &json!({"pool": id, "status": "stopped"}));
                 }
                 if self.opts.fail_wakes {
-                    return json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": "wake failed (simulated)"}));
+                    return json_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &json!({"error": "wake failed (simulated)"}),
+                    );
                 }
                 if self.opts.ignore_wakes {
                     return json_response(StatusCode::ACCEPTED, &json!({"pool": id, "status": "accepted"}));
                 }
-                let boot = self.opts.boot_time.unwrap_or_else(|| pool.scale.as_ref().map_or(Duration::ZERO, |s| s.wake_time));
+                let boot =
+                    self.opts.boot_time.unwrap_or_else(|| pool.scale.as_ref().map_or(Duration::ZERO, |s| s.wake_time));
                 match self.start_pool(&id, boot).await {
                     Ok(()) => json_response(StatusCode::ACCEPTED, &json!({"pool": id, "status": "starting"})),
                     Err(e) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": e.to_string()})),

@@ -1,0 +1,300 @@
+//! Scale to zero with the simulated orchestrator: wake on demand (once),
+//! hold with a deadline, admission by ETA, route away then warm, sleep at
+//! the home edge only.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use stoke_router::sim::OrchestratorOptions;
+use support::*;
+
+const BODY_ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"3s\"\n";
+
+/// A network with one scaled pool `fra-a` (and the pools in `extra`), its
+/// orchestrator, and a config file. Returns the replica address too.
+async fn world(
+    scale: &str,
+    extra: &[String],
+    route: &str,
+    opts: OrchestratorOptions,
+) -> (stoke_router::sim::Orchestrator, ConfigFile, SocketAddr) {
+    std::env::set_var("STOKE_TEST_ORCH_TOKEN", "orch-secret");
+    let (listener, orch) = orchestrator_listener().await;
+    let rep = free_addr();
+    let text = format!(
+        "{EDGE}{LOCATIONS}{}{}{route}",
+        scaled_pool("fra-a", "fra", &["m"], &[rep], orch, scale),
+        extra.concat()
+    );
+    let file = ConfigFile::new(&text);
+    let orch = start_orchestrator(listener, &file, opts).await;
+    (orch, file, rep)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_pool_wakes_and_the_held_request_succeeds() {
+    logs();
+    let (orch, file, _) =
+        world("wake_time = \"400ms\"\nidle_timeout = \"1h\"", &[], BODY_ROUTE, Default::default()).await;
+    let edge = edge_from(&file, "fra").await;
+    assert_eq!(pool_state(&edge, "fra-a").await["state"], "cold");
+
+    let started = Instant::now();
+    let r = send(edge.bound.http.expect("http"), Req::chat("m")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("stoke-pool"), Some("fra-a"));
+    let waited: u64 = r.header("stoke-wait-ms").and_then(|v| v.parse().ok()).expect("stoke-wait-ms");
+    assert!((350..2000).contains(&waited), "held {waited} ms for a 400 ms boot");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+
+    let calls = orch.calls_for("fra-a", "wake");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].edge, "fra");
+    assert!(calls[0].authorized, "the bearer token from token_env was sent");
+    let state = pool_state(&edge, "fra-a").await;
+    assert_eq!(state["state"], "warm");
+    assert_eq!(state["queue"], 0);
+
+    // The wake loop records its outcome on its next turn.
+    let metrics = eventually(Duration::from_secs(5), "the wake's outcome in /metrics", || async {
+        let m = send(edge.bound.admin, Req::get("/metrics")).await.text();
+        m.contains("stoke_wakeups_total{pool=\"fra-a\",result=\"ready\"}").then_some(m)
+    })
+    .await;
+    assert!(metrics.contains("stoke_wake_duration_seconds_bucket{pool=\"fra-a\""));
+    assert!(metrics.contains("stoke_pool_queue_depth{pool=\"fra-a\"}"));
+    assert!(metrics.contains("stoke_pool_warm_capacity{pool=\"fra-a\"}"));
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_requests_cause_exactly_one_wake() {
+    logs();
+    let (orch, file, _) =
+        world("wake_time = \"300ms\"\nidle_timeout = \"1h\"", &[], BODY_ROUTE, Default::default()).await;
+    let edge = edge_from(&file, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    let tasks: Vec<_> = (0..100).map(|_| tokio::spawn(send(addr, Req::chat("m")))).collect();
+    for t in tasks {
+        let r = t.await.expect("task");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(orch.calls_for("fra-a", "wake").len(), 1);
+    assert_drained(&edge).await;
+    assert_eq!(pool_state(&edge, "fra-a").await["queue"], 0);
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_that_never_completes_answers_every_held_request_by_its_deadline() {
+    logs();
+    let route = "\n[[route]]\nservice_from = \"body:model\"\nmax_wait = \"1s\"\n";
+    let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
+    let (orch, file, _) = world("wake_time = \"300ms\"", &[], route, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..10).map(|_| tokio::spawn(send(addr, Req::chat("m")))).collect();
+    for t in tasks {
+        let r = tokio::time::timeout(Duration::from_secs(5), t).await.expect("no request hangs").expect("task");
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "wait_timeout");
+        assert!(r.header("retry-after").is_some());
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(950) && took < Duration::from_secs(3), "answered after {took:?}");
+    assert_eq!(pool_state(&edge, "fra-a").await["queue"], 0);
+    assert!(!orch.calls_for("fra-a", "wake").is_empty());
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_orchestrator_is_counted_and_held_requests_still_get_answers() {
+    logs();
+    let route = "\n[[route]]\nservice_from = \"body:model\"\nmax_wait = \"800ms\"\n";
+    let opts = OrchestratorOptions { fail_wakes: true, ..Default::default() };
+    let (orch, file, _) = world("wake_time = \"200ms\"", &[], route, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let r = send(edge.bound.http.expect("http"), Req::chat("m")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    eventually(Duration::from_secs(5), "the failed hook call in /metrics", || async {
+        let m = send(edge.bound.admin, Req::get("/metrics")).await.text();
+        m.contains("stoke_wakeups_total{pool=\"fra-a\",result=\"hook_error\"}").then_some(())
+    })
+    .await;
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_at_once() {
+    logs();
+    let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
+    let (orch, file, _) = world("wake_time = \"300ms\"", &[], BODY_ROUTE, opts).await;
+    file.rewrite(
+        &std::fs::read_to_string(&file.path).expect("read").replace("[pool.scale]", "max_queue = 2\n[pool.scale]"),
+    );
+    let edge = edge_from(&file, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    let held: Vec<_> = (0..2).map(|_| tokio::spawn(send(addr, Req::chat("m")))).collect();
+    eventually(Duration::from_secs(5), "two requests held", || async {
+        (pool_state(&edge, "fra-a").await["queue"] == 2).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    let r = send(addr, Req::chat("m")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(started.elapsed() < Duration::from_millis(500), "a full queue answers at once");
+    assert!(r.header("retry-after").is_some());
+    for h in held {
+        assert_eq!(h.await.expect("task").status, 503);
+    }
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_while_held_is_removed_and_nothing_is_forwarded() {
+    logs();
+    let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
+    let (orch, file, _) = world("wake_time = \"300ms\"", &[], BODY_ROUTE, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    for req in [Req::chat("m"), Req::post("/v1/completions", chat_body("m", true, 4))] {
+        let client = tokio::spawn(send(addr, req));
+        eventually(Duration::from_secs(5), "request held", || async {
+            (pool_state(&edge, "fra-a").await["queue"] == 1).then_some(())
+        })
+        .await;
+        client.abort(); // the client goes away
+        eventually(Duration::from_secs(5), "queue empty again", || async {
+            (pool_state(&edge, "fra-a").await["queue"] == 0).then_some(())
+        })
+        .await;
+    }
+    // The pool comes up: nothing was left to forward to it.
+    orch.start_pool("fra-a").await.expect("start");
+    eventually(Duration::from_secs(5), "pool warm", || async {
+        (pool_state(&edge, "fra-a").await["state"] == "warm").then_some(())
+    })
+    .await;
+    assert_eq!(orch.requests_received("fra-a").await, 0);
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_longer_than_the_deadline_is_refused_at_once_and_still_wakes() {
+    logs();
+    let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
+    let (orch, file, _) = world("wake_time = \"10s\"", &[], BODY_ROUTE, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let started = Instant::now();
+    // The route allows 3 s; the pool needs 10 s.
+    let r = send(edge.bound.http.expect("http"), Req::chat("m")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "wait_exceeds_deadline");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let retry: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).expect("retry-after");
+    assert!((9..=11).contains(&retry), "retry after {retry} s");
+    eventually(Duration::from_secs(5), "the wake starts anyway", || async {
+        (orch.calls_for("fra-a", "wake").len() == 1).then_some(())
+    })
+    .await;
+    // A client deadline shorter than the route's is honoured too.
+    let r = send(edge.bound.http.expect("http"), Req::chat("m").header("stoke-max-wait-ms", "100")).await;
+    assert_eq!(r.json()["error"]["code"], "wait_exceeds_deadline");
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_away_then_warm() {
+    logs();
+    let (listener, orch_addr) = orchestrator_listener().await;
+    let (par_rep, fra_rep) = (free_addr(), free_addr());
+    let text = format!(
+        "{EDGE}{LOCATIONS}{}{}{BODY_ROUTE}",
+        // Paris sleeps and takes long to wake; Frankfurt is always on.
+        scaled_pool("par-a", "par", &["m"], &[par_rep], orch_addr, "wake_time = \"20s\"\nidle_timeout = \"1h\""),
+        pool("fra-a", "fra", &["m"], &[fra_rep], ""),
+    );
+    let file = ConfigFile::new(&text);
+    // The simulated boot is quick, whatever the config expects.
+    let opts = OrchestratorOptions { boot_time: Some(Duration::from_millis(200)), ..Default::default() };
+    let orch = start_orchestrator(listener, &file, opts).await;
+    let edge = edge_from(&file, "par").await;
+    let addr = edge.bound.http.expect("http");
+
+    // Frankfurt (9 ms away) beats a 20 s wake: the first requests go there.
+    for i in 0..3 {
+        let r = send(addr, Req::chat("m")).await;
+        assert_eq!(r.header("stoke-pool"), Some("fra-a"), "request {i}");
+    }
+    // Demand persisted: Paris was woken meanwhile, and traffic comes home.
+    let calls = orch.calls_for("par-a", "wake");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].reason, "demand");
+    eventually(Duration::from_secs(5), "traffic moves to the woken near pool", || async {
+        (send(addr, Req::chat("m")).await.header("stoke-pool") == Some("par-a")).then_some(())
+    })
+    .await;
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pool_gets_one_sleep_call_from_its_home_edge_only() {
+    logs();
+    let (orch, file, _) =
+        world("wake_time = \"200ms\"\nidle_timeout = \"600ms\"", &[], BODY_ROUTE, Default::default()).await;
+    let home = edge_from(&file, "fra").await;
+    let other = edge_from(&file, "par").await;
+    // Paris's traffic wakes Frankfurt's pool.
+    let r = send(other.bound.http.expect("http"), Req::chat("m")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("stoke-pool"), Some("fra-a"));
+
+    let sleeps = eventually(Duration::from_secs(5), "a sleep call", || async {
+        let s = orch.calls_for("fra-a", "sleep");
+        (!s.is_empty()).then_some(s)
+    })
+    .await;
+    // Several idle timeouts later there is still only the one.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sleeps_after = orch.calls_for("fra-a", "sleep");
+    assert_eq!(sleeps_after.len(), 1, "{sleeps_after:?}");
+    assert_eq!(sleeps[0].edge, "fra", "only the home edge puts the pool to sleep");
+    assert!(!orch.is_running("fra-a").await);
+    home.shutdown().await;
+    other.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_keeps_the_pool_awake() {
+    logs();
+    let (orch, file, _) =
+        world("wake_time = \"200ms\"\nidle_timeout = \"300ms\"", &[], BODY_ROUTE, Default::default()).await;
+    let edge = edge_from(&file, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    // Two seconds of tokens (200 tokens at 200/s), far beyond the idle timeout.
+    let stream = open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 400))).await;
+    assert_eq!(stream.status(), 200);
+    let body = collect(stream).await;
+    assert!(body.text().ends_with("data: [DONE]\n\n"), "the stream was not cut");
+    assert!(orch.calls_for("fra-a", "sleep").is_empty(), "no sleep while the stream was open");
+    // Once it ends, the pool goes to sleep after the idle timeout.
+    eventually(Duration::from_secs(5), "sleep after the stream", || async {
+        (!orch.calls_for("fra-a", "sleep").is_empty()).then_some(())
+    })
+    .await;
+    edge.shutdown().await;
+    orch.shutdown().await;
+}

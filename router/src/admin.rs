@@ -275,10 +275,10 @@ pub fn state_json(live: &Live) -> Value {
 /// Set the pool gauges from the live state (called when metrics are read).
 pub fn update_gauges(live: &Live) {
     for view in live.pools.iter() {
-        let id = view.state.id.to_string();
+        let id = &view.label;
         metrics::gauge!(m::POOL_WARM_CAPACITY, "pool" => id.clone()).set(f64::from(view.free_slots()));
         metrics::gauge!(m::POOL_IN_FLIGHT, "pool" => id.clone()).set(f64::from(view.state.in_flight()));
-        metrics::gauge!(m::POOL_QUEUE_DEPTH, "pool" => id).set(f64::from(view.state.queue.len()));
+        metrics::gauge!(m::POOL_QUEUE_DEPTH, "pool" => id.clone()).set(f64::from(view.state.queue.len()));
     }
 }
 

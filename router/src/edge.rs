@@ -20,6 +20,7 @@ use crate::reload::{ConfigSource, Reloader};
 use crate::routing::Router;
 use crate::tls::{CertResolver, CertStore};
 use crate::wake;
+use crate::watch::FileWatch;
 
 /// Why an edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +147,12 @@ impl Edge {
             admin_task,
         ];
         if let Some(r) = &reloader {
-            background.push(tokio::spawn(crate::watch::watch_file(r.clone(), shutdown_rx.clone())));
+            match FileWatch::start(r.clone()) {
+                Ok(w) => background.push(tokio::spawn(w.run(shutdown_rx.clone()))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload")
+                }
+            }
         }
 
         let live = router.live();

@@ -19,9 +19,13 @@ use crate::body::extract_field;
 use crate::drain::{Drain, Guard};
 use crate::error::Reject;
 use crate::headers::{self, new_request_id, valid_request_id};
+use crate::metrics as m;
 use crate::routing::{self, Router, MAX_CONNECT_ATTEMPTS, MAX_WAIT_HEADER};
 use crate::state::{Live, Slot};
 use crate::upstream;
+
+/// Label for requests that never got a route or pool.
+static NO_LABEL: metrics::SharedString = metrics::SharedString::const_str("-");
 
 /// Bytes pingora keeps to replay a request body on a retry.
 const RETRY_BUFFER: u64 = 64 * 1024;
@@ -61,6 +65,8 @@ pub struct RequestCtx {
     waited: Duration,
     reject: Option<Reject>,
     status: u16,
+    /// When the request was last handed to a replica (for time to first byte).
+    forwarded_at: Option<Instant>,
 }
 
 impl RequestCtx {
@@ -90,6 +96,7 @@ impl ProxyHttp for EdgeProxy {
             waited: Duration::ZERO,
             reject: None,
             status: 0,
+            forwarded_at: None,
         }
     }
 
@@ -137,6 +144,7 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         ctx.slot_used = true;
+        ctx.forwarded_at = Some(Instant::now());
         let (Some(slot), Some(pool)) = (&ctx.slot, ctx.pool) else {
             return Err(Error::explain(ErrorType::InternalError, "no slot"));
         };
@@ -212,6 +220,9 @@ impl ProxyHttp for EdgeProxy {
             resp.remove_header(&name);
         }
         ctx.status = resp.status.as_u16();
+        if let Some(at) = ctx.forwarded_at {
+            metrics::histogram!(m::UPSTREAM_TTFB).record(at.elapsed().as_secs_f64());
+        }
         resp.insert_header(headers::REQUEST_ID, ctx.request_id.as_str())?;
         if let Some(live) = &ctx.live {
             if live.snapshot.network.edge.debug_headers {
@@ -259,6 +270,14 @@ impl ProxyHttp for EdgeProxy {
         // The slot goes first: the request is over for the replica.
         let replica = ctx.slot.take().map(|s| s.replica().addr_text.clone());
         let status = session.response_written().map_or(ctx.status, |r| r.status.as_u16());
+        let elapsed = ctx.started.elapsed();
+        if let Some(live) = ctx.live.as_deref() {
+            let route = ctx.route.map_or_else(|| NO_LABEL.clone(), |r| live.route_labels[r.index()].clone());
+            let pool = ctx.pool.map_or_else(|| NO_LABEL.clone(), |p| live.pool(p).label.clone());
+            metrics::counter!(m::REQUESTS_TOTAL, "route" => route, "pool" => pool, "status" => m::status_label(status))
+                .increment(1);
+        }
+        metrics::histogram!(m::REQUEST_DURATION).record(elapsed.as_secs_f64());
         if tracing::enabled!(target: "stoke::access", tracing::Level::INFO) {
             let live = ctx.live.as_deref();
             let net = live.map(|l| &l.snapshot.network);
@@ -276,7 +295,7 @@ impl ProxyHttp for EdgeProxy {
                 replica = replica.as_deref().unwrap_or("-"),
                 status,
                 bytes = session.body_bytes_sent(),
-                duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
                 wait_ms = ctx.waited.as_millis() as u64,
                 error = e.map(|e| e.to_string()).unwrap_or_default(),
             );

@@ -328,6 +328,8 @@ pub struct PoolView {
     pub max_concurrency: u32,
     /// Requests held at most.
     pub max_queue: u32,
+    /// The pool id as a metric label (shared, so labelling allocates nothing).
+    pub label: metrics::SharedString,
 }
 
 impl PoolView {
@@ -459,6 +461,8 @@ pub struct Live {
     pub snapshot: Arc<Snapshot>,
     /// Pools by [`PoolId`].
     pub pools: Box<[Arc<PoolView>]>,
+    /// Route names as metric labels, by route index.
+    pub route_labels: Box<[metrics::SharedString]>,
 }
 
 impl Live {
@@ -510,6 +514,7 @@ impl StateStore {
                     })
                     .collect();
                 Arc::new(PoolView {
+                    label: metrics::SharedString::from(state.id.clone()),
                     state,
                     replicas: reps,
                     max_concurrency: pool.max_concurrency,
@@ -520,7 +525,13 @@ impl StateStore {
         let removed = pools.iter().filter(|(id, _)| !next_pools.contains_key(*id)).map(|(_, s)| s.clone()).collect();
         *pools = next_pools;
         *replicas = next_replicas;
-        (Live { version, snapshot, pools: views }, removed)
+        let route_labels = snapshot
+            .network
+            .routes
+            .iter()
+            .map(|r| metrics::SharedString::from(Arc::<str>::from(r.name.as_str())))
+            .collect();
+        (Live { version, snapshot, pools: views, route_labels }, removed)
     }
 }
 
@@ -573,6 +584,7 @@ mod tests {
             })
             .collect();
         Arc::new(PoolView {
+            label: metrics::SharedString::const_str("p"),
             state: Arc::new(PoolState::new("p", Duration::from_secs(20))),
             replicas: reps,
             max_concurrency: max,

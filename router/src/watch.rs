@@ -20,49 +20,56 @@ use crate::reload::Reloader;
 /// Quiet time after the last change before reloading.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
 
-/// Reload whenever the config file changes, until `stop`.
-pub async fn watch_file(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) {
-    let path = reloader.path().to_path_buf();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name: Option<OsString> = path.file_name().map(|n| n.to_owned());
-    let (tx, mut rx) = mpsc::channel::<()>(16);
-    let handler = move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if matches!(event.kind, EventKind::Access(_)) {
-            return;
-        }
-        if event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
-            let _ = tx.try_send(());
-        }
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload");
-            return;
-        }
-    };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; reload with SIGHUP or POST /reload");
-        return;
+/// A watch on the config file, set up before the edge starts serving so
+/// that no change after that is missed.
+pub struct FileWatch {
+    reloader: Arc<Reloader>,
+    // Kept alive for the life of the watch.
+    _watcher: notify::RecommendedWatcher,
+    events: mpsc::Receiver<()>,
+}
+
+impl FileWatch {
+    /// Watch the directory of the reloader's file.
+    pub fn start(reloader: Arc<Reloader>) -> notify::Result<FileWatch> {
+        let path = reloader.path().to_path_buf();
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let name: Option<OsString> = path.file_name().map(|n| n.to_owned());
+        let (tx, events) = mpsc::channel::<()>(16);
+        let handler = move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, EventKind::Access(_)) {
+                return;
+            }
+            if event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
+                let _ = tx.try_send(());
+            }
+        };
+        let mut watcher = notify::recommended_watcher(handler)?;
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        tracing::info!(file = %path.display(), "watching the config file for changes");
+        Ok(FileWatch { reloader, _watcher: watcher, events })
     }
-    tracing::info!(file = %path.display(), "watching the config file for changes");
-    loop {
-        tokio::select! {
-            got = rx.recv() => if got.is_none() { return },
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        // Debounce: wait until the file has been quiet for a while.
+
+    /// Reload whenever the file changes (debounced), until `stop`.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
-                got = rx.recv() => if got.is_none() { return },
-                _ = tokio::time::sleep(DEBOUNCE) => break,
+                got = self.events.recv() => if got.is_none() { return },
+                _ = stop.wait_for(|s| *s) => return,
             }
+            // Debounce: wait until the file has been quiet for a while.
+            loop {
+                tokio::select! {
+                    got = self.events.recv() => if got.is_none() { return },
+                    _ = tokio::time::sleep(DEBOUNCE) => break,
+                }
+            }
+            self.reloader.reload("file").await;
         }
-        reloader.reload("file").await;
     }
 }
 

@@ -251,8 +251,17 @@ pub fn state_json(live: &Live) -> Value {
             })
         })
         .collect();
+    let edge = &live.snapshot.edge_location().id;
+    let flows: Vec<Value> = live
+        .pools
+        .iter()
+        .map(|v| json!({"edge": edge, "pool": &*v.state.id, "routed_total": v.state.routed()}))
+        .collect();
     json!({
-        "edge": live.snapshot.edge_location().id,
+        "mode": "edge",
+        "edge": edge,
+        "edges": [edge],
+        "flows": flows,
         "version": live.version,
         "config": {"path": net.source.path.display().to_string(), "hash": net.source.hash},
         "locations": net.locations.iter().map(|l| json!({

@@ -113,7 +113,8 @@ impl Edge {
             edge_conf.admin_token_env.as_deref(),
             edge_conf.admin,
             ready.clone(),
-        )?;
+        )?
+        .with_page(Arc::new(|| crate::status::PAGE.to_owned()));
         // Know which replicas are up before the first request arrives.
         health::probe_all(&router.live()).await;
 

@@ -31,6 +31,7 @@ pub mod reload;
 pub mod routing;
 pub mod sim;
 pub mod state;
+pub mod status;
 pub mod tls;
 pub mod upstream;
 pub mod wake;

@@ -68,6 +68,12 @@ struct DemoArgs {
     /// it, run until Ctrl-C.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
+    /// Real time one simulated day takes.
+    #[arg(long, value_parser = parse_duration, default_value = "4m")]
+    day: Duration,
+    /// Address of the status page.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    status: SocketAddr,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,14 +135,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parse the command line and run.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    // The demo runs ten edges in one process: their routine logs would
+    // drown its own output, so it shows warnings only unless RUST_LOG says more.
+    let default_filter = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
+    logging::init(cli.log_format, default_filter);
     match cli.command {
         Command::Check(args) => check(&args),
         Command::Serve(args) => serve(&args),
-        Command::Demo(_) => {
-            eprintln!("stoke demo: not available in this build yet; see the README for `stoke serve` with config/examples/local.toml");
-            ExitCode::from(2)
-        }
+        Command::Demo(args) => demo(args),
         Command::Sim(SimCommand::Replica(args)) => sim_replica(args),
         Command::Sim(SimCommand::Orchestrator(args)) => sim_orchestrator(args),
     }
@@ -213,7 +219,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
 }
 
 /// Wait for SIGTERM or SIGINT.
-async fn wait_for_stop() {
+pub(crate) async fn wait_for_stop() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         // Without signal handlers, only Ctrl-C via tokio's fallback.
@@ -294,4 +300,35 @@ fn sim_orchestrator(args: OrchestratorArgs) -> ExitCode {
         orch.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+fn demo(args: DemoArgs) -> ExitCode {
+    let rt = match runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stoke demo: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // The demo's own log is its summary and status page; edges log warnings only.
+    let opts = crate::demo::DemoOptions { day: args.day, status: args.status, ..Default::default() };
+    let result = rt.block_on(async move {
+        match crate::demo::run(opts.clone(), args.duration).await {
+            // The status port is taken: any free one will do.
+            Err(crate::demo::DemoError::Io(e)) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                let opts = crate::demo::DemoOptions { status: SocketAddr::from(([127, 0, 0, 1], 0)), ..opts };
+                crate::demo::run(opts, args.duration).await
+            }
+            other => other,
+        }
+    });
+    // Give runtime tasks (connections, probes) a bounded time to end.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stoke demo: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

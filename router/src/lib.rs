@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod body;
 pub mod cli;
+pub mod demo;
 pub mod drain;
 pub mod edge;
 pub mod error;

@@ -75,6 +75,9 @@ struct Fleet {
     started: Instant,
     calls: Mutex<Vec<Call>>,
     running: tokio::sync::Mutex<HashMap<String, Vec<Replica>>>,
+    /// Replica-seconds each pool has run: finished periods, and the start
+    /// of the current one.
+    uptime: Mutex<HashMap<String, (Duration, Option<Instant>)>>,
 }
 
 /// A running simulated orchestrator.
@@ -107,6 +110,7 @@ impl Orchestrator {
             started: Instant::now(),
             calls: Mutex::new(Vec::new()),
             running: tokio::sync::Mutex::new(HashMap::new()),
+            uptime: Mutex::new(HashMap::new()),
         });
         if fleet.opts.start_always_on {
             let ids: Vec<String> =
@@ -137,6 +141,27 @@ impl Orchestrator {
     /// Whether the replicas of `pool` run.
     pub async fn is_running(&self, pool: &str) -> bool {
         self.fleet.running.lock().await.contains_key(pool)
+    }
+
+    /// GPU-seconds used so far: for every pool, replicas × time running.
+    pub fn gpu_seconds(&self) -> f64 {
+        let up = self.fleet.uptime.lock().map(|u| u.clone()).unwrap_or_default();
+        self.fleet
+            .network
+            .pools
+            .iter()
+            .map(|p| {
+                let (done, since) = up.get(&p.id).copied().unwrap_or_default();
+                let t = done + since.map_or(Duration::ZERO, |s| s.elapsed());
+                t.as_secs_f64() * p.replicas.len() as f64
+            })
+            .sum()
+    }
+
+    /// GPU-seconds an always-on fleet would have used since the start.
+    pub fn always_on_gpu_seconds(&self) -> f64 {
+        let replicas: usize = self.fleet.network.pools.iter().map(|p| p.replicas.len()).sum();
+        self.fleet.started.elapsed().as_secs_f64() * replicas as f64
     }
 
     /// Completion requests the running replicas of `pool` received.
@@ -192,12 +217,23 @@ impl Fleet {
             };
             replicas.push(Replica::start(opts).await?);
         }
+        if let Ok(mut up) = self.uptime.lock() {
+            up.entry(id.to_owned()).or_default().1 = Some(Instant::now());
+        }
         running.insert(id.to_owned(), replicas);
         Ok(())
     }
 
     async fn stop_pool(&self, id: &str) {
         let replicas = self.running.lock().await.remove(id);
+        if replicas.is_some() {
+            if let Ok(mut up) = self.uptime.lock() {
+                let e = up.entry(id.to_owned()).or_default();
+                if let Some(since) = e.1.take() {
+                    e.0 += since.elapsed();
+                }
+            }
+        }
         for r in replicas.into_iter().flatten() {
             r.kill().await;
         }

@@ -1,0 +1,401 @@
+//! `stoke demo`: a whole ten-location network on loopback — ten edges,
+//! simulated GPU pools that sleep and wake, the simulated orchestrator, and
+//! users whose demand follows the sun over a day compressed into minutes —
+//! with one status page for the whole network.
+
+pub mod traffic;
+pub mod world;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::edge::Edge;
+use crate::http_server::{serve_http, HttpBody};
+use crate::sim::{Orchestrator, OrchestratorOptions};
+use traffic::{Clock, Stats};
+use world::{Ports, POOLS, SITES};
+
+/// Settings of the demo world.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// Real time one simulated day takes.
+    pub day: Duration,
+    /// Simulated UTC hour at the start (6: morning in Europe, afternoon in Asia).
+    pub start_hour: f64,
+    /// Address of the status page (port 0: any free port).
+    pub status: SocketAddr,
+    /// Idle time after which a pool sleeps.
+    pub idle_timeout: Duration,
+    /// Whether to send traffic.
+    pub traffic: bool,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            day: Duration::from_secs(240),
+            start_hour: 6.0,
+            status: SocketAddr::from(([127, 0, 0, 1], 0)),
+            idle_timeout: Duration::from_secs(15),
+            traffic: true,
+        }
+    }
+}
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A socket could not be bound.
+    #[error("cannot bind a loopback port: {0}")]
+    Io(#[from] std::io::Error),
+    /// The generated config did not load (a bug).
+    #[error("the demo config is invalid: {0}")]
+    Config(#[from] stoke_config::ConfigError),
+    /// An edge did not start.
+    #[error("an edge did not start: {0}")]
+    Edge(#[from] crate::edge::StartError),
+}
+
+/// A running demo world.
+pub struct Demo {
+    /// The status page.
+    pub status_url: String,
+    /// Each edge: location id and plain HTTP address.
+    pub edges: Vec<(&'static str, SocketAddr)>,
+    world: Arc<World>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    orchestrator: Orchestrator,
+    edge_handles: Vec<Edge>,
+    _config: tempfile_lite::TempFile,
+}
+
+/// What the status page reads.
+struct World {
+    routers: Vec<(&'static str, Arc<crate::routing::Router>)>,
+    clock: Clock,
+    stats: Arc<Stats>,
+    started: Instant,
+}
+
+/// The figures printed when the demo ends.
+#[derive(Debug)]
+pub struct Summary {
+    /// How long it ran.
+    pub ran: Duration,
+    /// Requests sent by the simulated users.
+    pub requests: u64,
+    /// Answered 2xx.
+    pub ok: u64,
+    /// Latency percentiles, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Requests held for capacity or a wake, and their total hold time.
+    pub held: u64,
+    /// Milliseconds held, in total.
+    pub held_ms: u64,
+    /// Wake hook calls the orchestrator received.
+    pub wakes: usize,
+    /// Sleep hook calls.
+    pub sleeps: usize,
+    /// GPU-seconds used, and what an always-on fleet would have used.
+    pub gpu_seconds: f64,
+    /// Always-on equivalent.
+    pub always_on_gpu_seconds: f64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rate = if self.requests == 0 { 100.0 } else { self.ok as f64 * 100.0 / self.requests as f64 };
+        let avg_held = if self.held == 0 { 0.0 } else { self.held_ms as f64 / self.held as f64 / 1000.0 };
+        let share =
+            if self.always_on_gpu_seconds > 0.0 { self.gpu_seconds * 100.0 / self.always_on_gpu_seconds } else { 0.0 };
+        writeln!(f, "stoke demo: ran {:.0} s, 10 edges, {} pools", self.ran.as_secs_f64(), POOLS.len())?;
+        writeln!(f, "  requests      {} ({:.1} % ok)", self.requests, rate)?;
+        writeln!(f, "  latency       p50 {:.0} ms, p99 {:.0} ms", self.p50_ms, self.p99_ms)?;
+        writeln!(
+            f,
+            "  held          {} requests waited for capacity or a wake, {:.2} s on average",
+            self.held, avg_held
+        )?;
+        writeln!(f, "  wakes         {}", self.wakes)?;
+        writeln!(f, "  sleeps        {}", self.sleeps)?;
+        write!(
+            f,
+            "  GPU-seconds   {:.0} used vs {:.0} for an always-on fleet ({:.0} %)",
+            self.gpu_seconds, self.always_on_gpu_seconds, share
+        )
+    }
+}
+
+impl Demo {
+    /// Start the world on the current runtime.
+    pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
+        let orch_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let ports = Ports {
+            orchestrator: orch_listener.local_addr()?,
+            replicas: POOLS.iter().map(|p| (0..p.replicas).map(|_| free_port()).collect()).collect::<Result<_, _>>()?,
+        };
+        let text = world::config(&ports, opts.idle_timeout);
+        let config = tempfile_lite::TempFile::new("stoke-demo", &text)?;
+        let network = stoke_config::load(config.path())?;
+        let orchestrator = Orchestrator::start_on(orch_listener, network, OrchestratorOptions::default()).await?;
+
+        let mut edge_handles = Vec::new();
+        let mut edges = Vec::new();
+        for site in SITES {
+            let source =
+                crate::reload::ConfigSource { path: config.path().to_path_buf(), location: Some(site.id.to_owned()) };
+            let edge = Edge::start_from(source).await?;
+            if let Some(addr) = edge.bound.http {
+                edges.push((site.id, addr));
+            }
+            edge_handles.push(edge);
+        }
+        let clock = Clock { started: Instant::now(), day: opts.day, start_hour: opts.start_hour };
+        let stats = Arc::new(Stats::default());
+        let world = Arc::new(World {
+            routers: SITES.iter().zip(&edge_handles).map(|(s, e)| (s.id, e.router.clone())).collect(),
+            clock,
+            stats: stats.clone(),
+            started: Instant::now(),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        if opts.traffic {
+            for (site, (_, addr)) in SITES.iter().zip(&edges) {
+                tasks.push(tokio::spawn(traffic::run_site(site, *addr, clock, stats.clone(), stop_rx.clone())));
+            }
+        }
+        let listener = tokio::net::TcpListener::bind(opts.status).await?;
+        let status_addr = listener.local_addr()?;
+        let page_world = world.clone();
+        tasks.push(tokio::spawn(serve_http(listener, stop_rx, move |req| {
+            let world = page_world.clone();
+            async move { Ok::<_, Infallible>(world.handle(req)) }
+        })));
+        Ok(Demo {
+            status_url: format!("http://{status_addr}/"),
+            edges,
+            world,
+            stop,
+            tasks,
+            orchestrator,
+            edge_handles,
+            _config: config,
+        })
+    }
+
+    /// The figures so far.
+    pub fn summary(&self) -> Summary {
+        let s = &self.world.stats;
+        let calls = self.orchestrator.calls();
+        Summary {
+            ran: self.world.started.elapsed(),
+            requests: s.requests.load(Ordering::Relaxed),
+            ok: s.ok.load(Ordering::Relaxed),
+            p50_ms: s.latency_ms(0.5),
+            p99_ms: s.latency_ms(0.99),
+            held: s.held.load(Ordering::Relaxed),
+            held_ms: s.held_ms.load(Ordering::Relaxed),
+            wakes: calls.iter().filter(|c| c.action == "wake").count(),
+            sleeps: calls.iter().filter(|c| c.action == "sleep").count(),
+            gpu_seconds: self.orchestrator.gpu_seconds(),
+            always_on_gpu_seconds: self.orchestrator.always_on_gpu_seconds(),
+        }
+    }
+
+    /// The whole network's state, as the status page reads it.
+    pub fn state(&self) -> Value {
+        self.world.state()
+    }
+
+    /// Stop the users, drain and stop every edge, stop the simulated
+    /// fleet; returns the final figures.
+    pub async fn stop(self) -> Summary {
+        let _ = self.stop.send(true);
+        // Let requests already sent finish (edges drain them too).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let summary = self.summary();
+        for e in self.edge_handles {
+            e.shutdown().await;
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+        self.orchestrator.shutdown().await;
+        summary
+    }
+}
+
+impl World {
+    fn handle(&self, req: Request<Incoming>) -> Response<HttpBody> {
+        match req.uri().path() {
+            "/" => {
+                let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(crate::status::PAGE.as_bytes()))));
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+                r
+            }
+            "/state" => {
+                let mut r = Response::new(Either::Left(Full::new(Bytes::from(self.state().to_string()))));
+                r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+                r
+            }
+            _ => {
+                let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(b"not found\n"))));
+                *r.status_mut() = StatusCode::NOT_FOUND;
+                r
+            }
+        }
+    }
+
+    /// The network as all edges see it together: a pool is warm if any
+    /// edge has a ready replica, waking if any edge wakes it; in-flight and
+    /// queues are summed over edges.
+    fn state(&self) -> Value {
+        let lives: Vec<_> = self.routers.iter().map(|(id, r)| (*id, r.live())).collect();
+        let Some((_, first)) = lives.first() else { return json!({}) };
+        let net = &first.snapshot.network;
+        let mut flows = Vec::new();
+        for (edge, live) in &lives {
+            for v in live.pools.iter() {
+                flows.push(json!({"edge": edge, "pool": &*v.state.id, "routed_total": v.state.routed()}));
+            }
+        }
+        let pools: Vec<Value> = net
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(i, pool)| {
+                let views: Vec<_> = lives.iter().map(|(_, l)| l.pools[i].clone()).collect();
+                let warm = views.iter().any(|v| v.is_warm());
+                let waking = views.iter().any(|v| v.state.waking_since().is_some());
+                let state = match (warm, waking, pool.scale.is_some()) {
+                    (true, _, _) => "warm",
+                    (false, true, _) => "waking",
+                    (false, false, true) => "cold",
+                    _ => "down",
+                };
+                let in_flight: u32 = views.iter().map(|v| v.state.in_flight()).sum();
+                let queue: u32 = views.iter().map(|v| v.state.queue.len()).sum();
+                let home = &views[pool.home_edge.index()];
+                let ready = home.ready_count() as u32;
+                let capacity = (ready * pool.max_concurrency).saturating_sub(in_flight);
+                let replicas: Vec<Value> = home
+                    .replicas
+                    .iter()
+                    .enumerate()
+                    .map(|(r, rep)| {
+                        let busy: u32 = views.iter().map(|v| v.replicas[r].in_flight()).sum();
+                        json!({"addr": &*rep.addr_text, "ready": rep.is_ready(), "in_flight": busy})
+                    })
+                    .collect();
+                json!({
+                    "id": pool.id,
+                    "location": net.location(pool.location).id,
+                    "state": state,
+                    "scales": pool.scale.is_some(),
+                    "services": pool.services.iter().map(|s| net.service(*s).name.as_str()).collect::<Vec<_>>(),
+                    "warm_capacity": capacity,
+                    "in_flight": in_flight,
+                    "queue": queue,
+                    "max_queue": pool.max_queue,
+                    "max_concurrency": pool.max_concurrency,
+                    "routed_total": views.iter().map(|v| v.state.routed()).sum::<u64>(),
+                    "expected_wake_ms": home.state.expected_wake().as_millis() as u64,
+                    "replicas": replicas,
+                })
+            })
+            .collect();
+        let s = &self.stats;
+        let requests = s.requests.load(Ordering::Relaxed);
+        let ok = s.ok.load(Ordering::Relaxed);
+        json!({
+            "mode": "demo",
+            "edges": SITES.iter().map(|s| s.id).collect::<Vec<_>>(),
+            "version": first.version,
+            "clock": {"utc_hour": self.clock.utc_hour()},
+            "locations": net.locations.iter().map(|l| json!({
+                "id": l.id, "name": l.name, "lat": l.coord.lat, "lon": l.coord.lon, "edge": l.edge,
+            })).collect::<Vec<_>>(),
+            "pools": pools,
+            "flows": flows,
+            "summary": {
+                "requests": requests,
+                "ok_percent": if requests == 0 { 100.0 } else { ok as f64 * 100.0 / requests as f64 },
+                "p50_ms": s.latency_ms(0.5).round(),
+                "p99_ms": s.latency_ms(0.99).round(),
+                "held": s.held.load(Ordering::Relaxed),
+            },
+        })
+    }
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// Run the demo until Ctrl-C (or for `duration`), print the summary.
+pub async fn run(opts: DemoOptions, duration: Option<Duration>) -> Result<Summary, DemoError> {
+    let demo = Demo::start(opts).await?;
+    println!("stoke demo: ten edges, {} GPU pools, a day every {} s", POOLS.len(), demo.world.clock.day.as_secs());
+    println!("  status page   {}", demo.status_url);
+    for (id, addr) in &demo.edges {
+        println!("  edge {id:<4}     http://{addr}/v1/chat/completions");
+    }
+    println!("  try           curl -s http://{}/v1/chat/completions -d '{{\"model\":\"llama-3.1-8b\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}' -i", demo.edges.first().map(|e| e.1).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))));
+    match duration {
+        Some(d) => tokio::time::sleep(d).await,
+        None => {
+            println!("  Ctrl-C stops it.");
+            crate::cli::wait_for_stop().await;
+        }
+    }
+    let summary = demo.stop().await;
+    println!("{summary}");
+    Ok(summary)
+}
+
+/// A config file in the temp directory, removed on drop.
+mod tempfile_lite {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempFile {
+        path: PathBuf,
+    }
+
+    impl TempFile {
+        pub fn new(prefix: &str, text: &str) -> std::io::Result<Self> {
+            let dir = std::env::temp_dir().join(format!("{prefix}-{}-{:08x}", std::process::id(), fastrand::u32(..)));
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join("stoke-demo.toml");
+            std::fs::write(&path, text)?;
+            Ok(TempFile { path })
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.path
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The demo's users: at each edge location, requests arrive as a Poisson
+//! process whose rate follows the local time of day (busy afternoons, quiet
+//! nights), with a day compressed into a few minutes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::{watch, Semaphore};
+
+use super::world::Site;
+
+/// Requests per second at an edge at its daily peak, times the site's demand.
+pub const PEAK_RATE: f64 = 4.0;
+
+/// Share of the peak rate at night.
+pub const NIGHT_FLOOR: f64 = 0.0;
+
+/// Requests in flight per edge at most (the generator never piles up).
+pub const MAX_IN_FLIGHT_PER_EDGE: usize = 64;
+
+/// The compressed clock: `day` of real time is 24 hours; it starts at
+/// `start_hour` UTC.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// Real start.
+    pub started: Instant,
+    /// Real duration of one day.
+    pub day: Duration,
+    /// UTC hour at the start.
+    pub start_hour: f64,
+}
+
+impl Clock {
+    /// UTC hour now, 0 ≤ h < 24.
+    pub fn utc_hour(&self) -> f64 {
+        let frac = self.started.elapsed().as_secs_f64() / self.day.as_secs_f64().max(0.001);
+        (self.start_hour + frac * 24.0).rem_euclid(24.0)
+    }
+
+    /// Real time that one simulated hour takes.
+    pub fn hour(&self) -> Duration {
+        self.day / 24
+    }
+}
+
+/// Demand at local solar hour `h` as a share of the peak: zero at night,
+/// rising from 6:00, peaking mid-afternoon, gone by 23:00.
+pub fn daylight(h: f64) -> f64 {
+    let h = h.rem_euclid(24.0);
+    if !(6.0..23.0).contains(&h) {
+        return NIGHT_FLOOR;
+    }
+    let x = std::f64::consts::PI * (h - 6.0) / 17.0;
+    x.sin().powf(1.5).max(NIGHT_FLOOR)
+}
+
+/// Local solar hour at longitude `lon` when it is `utc` in Greenwich.
+pub fn local_hour(utc: f64, lon: f64) -> f64 {
+    (utc + lon / 15.0).rem_euclid(24.0)
+}
+
+/// What the users saw.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests sent.
+    pub requests: AtomicU64,
+    /// Answered 2xx.
+    pub ok: AtomicU64,
+    /// Requests that were held (stoke-wait-ms > 0).
+    pub held: AtomicU64,
+    /// Total time held, milliseconds.
+    pub held_ms: AtomicU64,
+    latency: Mutex<Histogram>,
+}
+
+impl Stats {
+    /// Latency percentile in milliseconds (`q` in 0..=1).
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        self.latency.lock().map(|h| h.quantile(q)).unwrap_or(0.0)
+    }
+
+    fn record(&self, ok: bool, latency: Duration, waited_ms: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if ok {
+            self.ok.fetch_add(1, Ordering::Relaxed);
+        }
+        if waited_ms > 0 {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            self.held_ms.fetch_add(waited_ms, Ordering::Relaxed);
+        }
+        if let Ok(mut h) = self.latency.lock() {
+            h.record(latency);
+        }
+    }
+}
+
+/// Log-spaced latency buckets from 1 ms to about 100 s: bounded memory,
+/// about 5 % precision.
+#[derive(Debug)]
+struct Histogram {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+const BUCKETS_PER_DOUBLING: f64 = 16.0;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram { counts: vec![0; (17.0 * BUCKETS_PER_DOUBLING) as usize + 1], total: 0 }
+    }
+}
+
+impl Histogram {
+    fn record(&mut self, d: Duration) {
+        let ms = d.as_secs_f64() * 1000.0;
+        let i = if ms <= 1.0 { 0 } else { (ms.log2() * BUCKETS_PER_DOUBLING) as usize };
+        let i = i.min(self.counts.len() - 1);
+        self.counts[i] += 1;
+        self.total += 1;
+    }
+
+    fn quantile(&self, q: f64) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        let target = (q.clamp(0.0, 1.0) * self.total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return 2f64.powf((i as f64 + 0.5) / BUCKETS_PER_DOUBLING);
+            }
+        }
+        0.0
+    }
+}
+
+/// Send requests to the edge at `addr` (for `site`) until `stop`.
+pub async fn run_site(
+    site: &'static Site,
+    addr: SocketAddr,
+    clock: Clock,
+    stats: Arc<Stats>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_EDGE));
+    let mut rng = fastrand::Rng::new();
+    loop {
+        let rate = PEAK_RATE * site.demand * daylight(local_hour(clock.utc_hour(), site.lon));
+        // Poisson arrivals. The rate changes with the hour, so wait at most
+        // a simulated quarter hour before looking at it again (arrivals are
+        // memoryless: drawing anew then is exact).
+        let check = clock.hour() / 4;
+        let gap = if rate > 0.0 { Duration::from_secs_f64(-(1.0 - rng.f64()).ln() / rate) } else { check };
+        let arrives = gap <= check;
+        tokio::select! {
+            _ = tokio::time::sleep(gap.min(check)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !arrives {
+            continue;
+        }
+        let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
+        let (client, stats) = (client.clone(), stats.clone());
+        let big = rng.f64() < 0.2;
+        let stream = rng.bool();
+        let max_tokens = rng.u32(8..48);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let body = serde_json::json!({
+                "model": if big { "llama-3.1-70b" } else { "llama-3.1-8b" },
+                "messages": [{"role": "user", "content": "Tell me about the edge."}],
+                "max_tokens": max_tokens,
+                "stream": stream,
+            })
+            .to_string();
+            let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)));
+            let Ok(req) = req else { return };
+            let started = Instant::now();
+            let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+                let resp = client.request(req).await.ok()?;
+                let ok = resp.status().is_success();
+                let waited = resp
+                    .headers()
+                    .get("stoke-wait-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                let body_ok = resp.into_body().collect().await.is_ok();
+                Some((ok && body_ok, waited))
+            })
+            .await;
+            let (ok, waited) = outcome.ok().flatten().unwrap_or((false, 0));
+            stats.record(ok, started.elapsed(), waited);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demand_follows_the_sun() {
+        assert_eq!(daylight(3.0), NIGHT_FLOOR);
+        assert_eq!(daylight(23.5), NIGHT_FLOOR);
+        assert!(daylight(14.5) > 0.95, "afternoon peak");
+        assert!(daylight(8.0) < daylight(12.0));
+        // 12:00 UTC is afternoon in Frankfurt and night in Sydney.
+        assert!(daylight(local_hour(12.0, 8.68)) > 0.8);
+        assert_eq!(daylight(local_hour(12.0, 151.21)), NIGHT_FLOOR);
+    }
+
+    #[test]
+    fn histogram_quantiles() {
+        let mut h = Histogram::default();
+        for ms in 1..=1000 {
+            h.record(Duration::from_millis(ms));
+        }
+        let p50 = h.quantile(0.5);
+        let p99 = h.quantile(0.99);
+        assert!((450.0..=550.0).contains(&p50), "{p50}");
+        assert!((940.0..=1050.0).contains(&p99), "{p99}");
+    }
+}

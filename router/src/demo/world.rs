@@ -1,0 +1,187 @@
+//! The demo's network: the ten locations of `config/examples/network.toml`,
+//! GPU pools in seven of them (two always on, five that scale to zero), all
+//! on loopback ports chosen at start.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A location of the demo network.
+pub struct Site {
+    /// Id.
+    pub id: &'static str,
+    /// Display name.
+    pub name: &'static str,
+    /// Latitude.
+    pub lat: f64,
+    /// Longitude.
+    pub lon: f64,
+    /// Relative demand at its daily peak (big metros send more).
+    pub demand: f64,
+}
+
+/// The ten edge locations.
+pub const SITES: &[Site] = &[
+    Site { id: "fra", name: "Frankfurt", lat: 50.11, lon: 8.68, demand: 1.0 },
+    Site { id: "par", name: "Paris", lat: 48.86, lon: 2.35, demand: 1.0 },
+    Site { id: "lon", name: "London", lat: 51.51, lon: -0.13, demand: 1.2 },
+    Site { id: "iad", name: "Washington DC", lat: 38.91, lon: -77.04, demand: 0.8 },
+    Site { id: "nyc", name: "New York", lat: 40.71, lon: -74.01, demand: 1.3 },
+    Site { id: "sfo", name: "San Francisco", lat: 37.77, lon: -122.42, demand: 1.2 },
+    Site { id: "gru", name: "São Paulo", lat: -23.55, lon: -46.63, demand: 0.7 },
+    Site { id: "sin", name: "Singapore", lat: 1.35, lon: 103.82, demand: 0.9 },
+    Site { id: "nrt", name: "Tokyo", lat: 35.68, lon: 139.69, demand: 1.1 },
+    Site { id: "syd", name: "Sydney", lat: -33.87, lon: 151.21, demand: 0.6 },
+];
+
+/// A GPU pool of the demo.
+pub struct PoolSpec {
+    /// Id.
+    pub id: &'static str,
+    /// Location id.
+    pub location: &'static str,
+    /// Models served.
+    pub serves: &'static [&'static str],
+    /// Replica count.
+    pub replicas: usize,
+    /// Cold start (simulated boot time); `None`: always on.
+    pub wake_time: Option<Duration>,
+}
+
+/// The pools: Frankfurt and Washington carry the base load; the others
+/// wake with their region's day.
+pub const POOLS: &[PoolSpec] = &[
+    PoolSpec {
+        id: "fra-h100",
+        location: "fra",
+        serves: &["llama-3.1-8b", "llama-3.1-70b"],
+        replicas: 2,
+        wake_time: None,
+    },
+    PoolSpec {
+        id: "iad-h100",
+        location: "iad",
+        serves: &["llama-3.1-8b", "llama-3.1-70b"],
+        replicas: 2,
+        wake_time: None,
+    },
+    PoolSpec {
+        id: "par-l40s",
+        location: "par",
+        serves: &["llama-3.1-8b"],
+        replicas: 1,
+        wake_time: Some(Duration::from_secs(3)),
+    },
+    PoolSpec {
+        id: "sfo-a100",
+        location: "sfo",
+        serves: &["llama-3.1-8b"],
+        replicas: 2,
+        wake_time: Some(Duration::from_secs(4)),
+    },
+    PoolSpec {
+        id: "gru-l4",
+        location: "gru",
+        serves: &["llama-3.1-8b"],
+        replicas: 1,
+        wake_time: Some(Duration::from_secs(3)),
+    },
+    PoolSpec {
+        id: "sin-l4",
+        location: "sin",
+        serves: &["llama-3.1-8b"],
+        replicas: 1,
+        wake_time: Some(Duration::from_secs(3)),
+    },
+    PoolSpec {
+        id: "nrt-h100",
+        location: "nrt",
+        serves: &["llama-3.1-8b", "llama-3.1-70b"],
+        replicas: 1,
+        wake_time: Some(Duration::from_secs(5)),
+    },
+];
+
+/// Loopback addresses the world uses.
+pub struct Ports {
+    /// The simulated orchestrator.
+    pub orchestrator: SocketAddr,
+    /// Replicas, per pool in [`POOLS`] order.
+    pub replicas: Vec<Vec<SocketAddr>>,
+}
+
+/// The config text of the demo network. Every edge listens on a free
+/// port (port 0) with its own admin listener.
+pub fn config(ports: &Ports, idle_timeout: Duration) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# The stoke demo network (generated).\n[edge]\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+         debug_headers = true\nthreads = 1\ndrain_timeout = \"5s\"\n"
+    );
+    for site in SITES {
+        let _ = writeln!(
+            s,
+            "[[location]]\nid = \"{}\"\nname = \"{}\"\nlat = {}\nlon = {}\n",
+            site.id, site.name, site.lat, site.lon
+        );
+    }
+    for (pool, reps) in POOLS.iter().zip(&ports.replicas) {
+        let serves = pool.serves.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(", ");
+        let replicas = reps.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+        let _ = writeln!(
+            s,
+            "[[pool]]\nid = \"{}\"\nlocation = \"{}\"\nserves = [{serves}]\nreplicas = [{replicas}]\n\
+             max_concurrency = 8\nmax_queue = 128\n\
+             health = {{ path = \"/health\", interval = \"1s\", timeout = \"500ms\" }}\n\
+             load = {{ path = \"/metrics\", format = \"vllm\", interval = \"1s\" }}",
+            pool.id, pool.location
+        );
+        if let Some(wake) = pool.wake_time {
+            let orch = ports.orchestrator;
+            let _ = writeln!(
+                s,
+                "[pool.scale]\nidle_timeout = \"{}ms\"\nwake_time = \"{}ms\"\n\
+                 wake = {{ url = \"http://{orch}/pools/{id}/wake\" }}\n\
+                 sleep = {{ url = \"http://{orch}/pools/{id}/sleep\" }}",
+                idle_timeout.as_millis(),
+                wake.as_millis(),
+                id = pool.id,
+            );
+        }
+        s.push('\n');
+    }
+    s.push_str(
+        "[[route]]\nname = \"openai\"\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"20s\"\n",
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_config_is_valid() {
+        let ports = Ports {
+            orchestrator: "127.0.0.1:7000".parse().expect("addr"),
+            replicas: POOLS
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    (0..p.replicas).map(|j| SocketAddr::from(([127, 0, 0, 1], 9000 + (i * 10 + j) as u16))).collect()
+                })
+                .collect(),
+        };
+        let text = config(&ports, Duration::from_secs(15));
+        let network =
+            stoke_config::load_str(&text, std::path::Path::new("demo.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(network.locations.len(), 10);
+        assert_eq!(network.edge_locations().count(), 10);
+        assert_eq!(network.pools.len(), POOLS.len());
+        let syd = network.for_edge(Some("syd")).unwrap_or_else(|e| panic!("{e}"));
+        let llama = syd.network.service_id("llama-3.1-8b").expect("service");
+        // Sydney has no pool of its own: Singapore is its nearest.
+        assert_eq!(syd.network.pool(syd.candidates(llama)[0].pool).id, "sin-l4");
+    }
+}

@@ -1,0 +1,63 @@
+//! `stoke demo`: the ten-edge world starts on loopback, serves through its
+//! edges, shows every edge in its state, and stops cleanly with a summary.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use stoke_router::demo::{Demo, DemoOptions};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_world_serves_through_its_edges() {
+    logs();
+    let opts = DemoOptions { day: Duration::from_secs(30), ..DemoOptions::default() };
+    let demo = Demo::start(opts).await.expect("demo starts");
+    assert_eq!(demo.edges.len(), 10);
+
+    let state = demo.state();
+    assert_eq!(state["mode"], "demo");
+    assert_eq!(state["edges"].as_array().map(Vec::len), Some(10));
+    assert_eq!(state["locations"].as_array().map(Vec::len), Some(10));
+    assert!(state["pools"].as_array().is_some_and(|p| p.len() >= 5));
+    assert!(state["clock"]["utc_hour"].as_f64().is_some());
+
+    // Every edge serves; Sydney has no pool and goes elsewhere.
+    for (id, addr) in &demo.edges {
+        let r = send(*addr, Req::chat("llama-3.1-8b")).await;
+        assert_eq!(r.status, 200, "edge {id}: {}", r.text());
+        assert_eq!(r.header("stoke-edge"), Some(*id));
+        if *id == "syd" {
+            assert_ne!(r.header("stoke-pool"), Some("syd"), "{r:?}");
+        }
+    }
+    // The status page and its state are served.
+    let url: std::net::SocketAddr =
+        demo.status_url.trim_start_matches("http://").trim_end_matches('/').parse().expect("addr");
+    let page = send(url, Req::get("/")).await;
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("<html"), "the status page is HTML");
+    assert_eq!(send(url, Req::get("/state")).await.json()["mode"], "demo");
+
+    // The simulated users send traffic.
+    eventually(Duration::from_secs(10), "traffic flows", || async { (demo.summary().requests >= 5).then_some(()) })
+        .await;
+    let summary = demo.stop().await;
+    assert!(summary.requests >= 5);
+    assert!(summary.ok * 100 >= summary.requests * 95, "{summary}");
+    assert!(summary.always_on_gpu_seconds > 0.0);
+}
+
+#[test]
+fn stoke_demo_with_a_duration_exits_zero_with_a_summary() {
+    let out = Command::new(env!("CARGO_BIN_EXE_stoke"))
+        .args(["demo", "--duration", "3s", "--day", "30s", "--status", "127.0.0.1:0"])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for needle in ["status page", "edge syd", "requests", "latency", "wakes", "sleeps", "GPU-seconds"] {
+        assert!(stdout.contains(needle), "{needle} missing:\n{stdout}");
+    }
+}

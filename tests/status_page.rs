@@ -1,1 +1,374 @@
-//! The status page in a real headless browser.
+//! The status page in a real headless browser: an edge with the ten
+//! locations of `config/examples/network.toml` and pools on simulated
+//! replicas serves its admin page; Debian's chromium loads it, the test
+//! checks that the map draws every location and every pool, and saves a
+//! screenshot to `target/test-artifacts/status_page.png`.
+//!
+//! Needs chromium (`apt-get install chromium`, or `CHROMIUM=/path/to/it`):
+//! without it the test fails, it never skips.
+
+mod support;
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// The ten locations of `config/examples/network.toml`.
+const NETWORK_LOCATIONS: &str = r#"
+[[location]]
+id = "fra"
+name = "Frankfurt"
+lat = 50.11
+lon = 8.68
+
+[[location]]
+id = "par"
+name = "Paris"
+lat = 48.86
+lon = 2.35
+
+[[location]]
+id = "lon"
+name = "London"
+lat = 51.51
+lon = -0.13
+
+[[location]]
+id = "iad"
+name = "Washington DC"
+lat = 38.91
+lon = -77.04
+
+[[location]]
+id = "nyc"
+name = "New York"
+lat = 40.71
+lon = -74.01
+
+[[location]]
+id = "sfo"
+name = "San Francisco"
+lat = 37.77
+lon = -122.42
+
+[[location]]
+id = "gru"
+name = "São Paulo"
+lat = -23.55
+lon = -46.63
+
+[[location]]
+id = "sin"
+name = "Singapore"
+lat = 1.35
+lon = 103.82
+
+[[location]]
+id = "nrt"
+name = "Tokyo"
+lat = 35.68
+lon = 139.69
+
+[[location]]
+id = "syd"
+name = "Sydney"
+lat = -33.87
+lon = 151.21
+"#;
+
+const LOCATION_IDS: [&str; 10] = ["fra", "par", "lon", "iad", "nyc", "sfo", "gru", "sin", "nrt", "syd"];
+
+/// OpenAI style: the model comes from the body.
+const ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"2s\"\n";
+
+/// Models the background traffic asks for: each goes to a different pool
+/// from London.
+const MODELS: [&str; 3] = ["llama-3.1-8b", "llama-3.1-70b", "qwen2.5-coder-32b"];
+
+/// The longest one chromium run may take before it is killed.
+const BROWSER_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_draws_every_location_and_pool_in_chromium() {
+    logs();
+    let chromium = chromium();
+    std::env::set_var("STOKE_TEST_ORCH_TOKEN", "orch-secret");
+
+    // Warm pools in Europe, North America and Asia; a pool scaled to zero
+    // (its wake hook goes nowhere, and London never picks it); a pool whose
+    // only replica does not answer.
+    let fra = [replica("fra-1").await, replica("fra-2").await];
+    let par = replica("par-1").await;
+    let iad = [replica("iad-1").await, replica("iad-2").await];
+    let sin = replica("sin-1").await;
+    let pools = [
+        pool("fra-h100", "fra", &["llama-3.1-8b", "llama-3.1-70b"], &[fra[0].addr, fra[1].addr], "max_concurrency = 8"),
+        pool("par-l40s", "par", &["llama-3.1-8b"], &[par.addr], "max_concurrency = 4"),
+        pool(
+            "iad-h100",
+            "iad",
+            &["llama-3.1-8b", "llama-3.1-70b", "qwen2.5-coder-32b"],
+            &[iad[0].addr, iad[1].addr],
+            "max_concurrency = 8",
+        ),
+        pool("sin-l4", "sin", &["llama-3.1-8b"], &[sin.addr], "max_concurrency = 4"),
+        scaled_pool(
+            "nrt-h100",
+            "nrt",
+            &["llama-3.1-70b", "qwen2.5-coder-32b"],
+            &[free_addr()],
+            free_addr(),
+            "wake_time = \"45s\"\nidle_timeout = \"1h\"",
+        ),
+        pool("sfo-a100", "sfo", &["qwen2.5-coder-32b"], &[free_addr()], ""),
+    ];
+    let file = ConfigFile::new(&format!("{EDGE}{NETWORK_LOCATIONS}{}{ROUTE}", pools.concat()));
+    let edge = edge_from(&file, "lon").await;
+    let admin = edge.bound.admin;
+    let http = edge.bound.http.expect("plain listener");
+
+    eventually(Duration::from_secs(10), "the four warm pools ready", || async {
+        let state = admin_json(&edge, "/state").await;
+        let warm = state["pools"].as_array().map_or(0, |p| p.iter().filter(|p| p["state"] == "warm").count());
+        (warm == 4).then_some(())
+    })
+    .await;
+    for model in MODELS {
+        let r = send(http, Req::chat(model)).await;
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+    }
+
+    // The page as served: one self-contained file.
+    let page = send(admin, Req::get("/")).await;
+    assert_eq!(page.status, 200, "GET / on the admin listener: {}", page.text());
+    assert!(page.header("content-type").is_some_and(|t| t.starts_with("text/html")), "{:?}", page.headers);
+    let html = page.text();
+    assert!(html.contains("<svg"), "the map is inline SVG");
+    let external = external_references(&html);
+    assert!(external.is_empty(), "the status page must not load anything from elsewhere: {external:?}");
+
+    // Routing decisions keep happening while the browser watches.
+    let traffic = Traffic::start(http);
+    let url = format!("http://{admin}/");
+
+    let started = Instant::now();
+    let dom = browse(&chromium, &["--dump-dom"], &url).await;
+    let dom_time = started.elapsed();
+    let locs = elements_with_class(&dom, "loc");
+    let mut drawn: Vec<String> = locs.iter().filter_map(|t| attr(t, "data-id")).collect();
+    drawn.sort();
+    let mut expected: Vec<String> = LOCATION_IDS.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(drawn, expected, "one .loc marker per location");
+    let pool_markers = elements_with_class(&dom, "pool");
+    assert_eq!(pool_markers.len(), pools.len(), "one .pool marker per pool: {pool_markers:?}");
+    for (id, state) in [("fra-h100", "warm"), ("iad-h100", "warm"), ("nrt-h100", "cold"), ("sfo-a100", "down")] {
+        let marker = pool_markers.iter().find(|t| attr(t, "data-id").as_deref() == Some(id));
+        let marker = marker.unwrap_or_else(|| panic!("no marker for {id}: {pool_markers:?}"));
+        assert_eq!(attr(marker, "data-state").as_deref(), Some(state), "{id}: {marker}");
+    }
+    let body = elements_with_tag(&dom, "body").into_iter().next().expect("a <body> in the DOM");
+    let renders: u32 = attr(&body, "data-rendered").and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(renders >= 1, "the page never rendered /state: {body}");
+    assert_eq!(attr(&body, "data-locations").as_deref(), Some("10"), "{body}");
+    assert_eq!(attr(&body, "data-pools").as_deref(), Some("6"), "{body}");
+
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).expect("create target/test-artifacts");
+    let png = artifacts.join("status_page.png");
+    let _ = std::fs::remove_file(&png);
+    let started = Instant::now();
+    let shot = format!("--screenshot={}", png.display());
+    browse(&chromium, &[&shot, "--window-size=1400,900", "--hide-scrollbars"], &url).await;
+    let shot_time = started.elapsed();
+    let bytes = std::fs::read(&png).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", png.display()));
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{} is not a PNG", png.display());
+    assert!(bytes.len() > 20_000, "the screenshot is suspiciously small ({} bytes)", bytes.len());
+    println!("status page: {renders} renders; DOM in {dom_time:.1?}, screenshot in {shot_time:.1?}: {}", png.display());
+
+    let sent = traffic.stop().await;
+    assert!(sent > 0, "the background traffic sent nothing");
+    edge.shutdown().await;
+}
+
+/// The chromium binary: `$CHROMIUM`, else Debian's.
+fn chromium() -> PathBuf {
+    let path = std::env::var_os("CHROMIUM").map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
+    assert!(
+        path.is_file(),
+        "this test needs a headless browser and found none at {}: install Debian's chromium \
+         (`apt-get install chromium`) or set CHROMIUM to a chromium binary",
+        path.display()
+    );
+    path
+}
+
+/// Load `url` in headless chromium with `extra` flags and return its stdout.
+/// Runs on a blocking thread, so that the edge keeps serving meanwhile.
+async fn browse(chromium: &Path, extra: &[&str], url: &str) -> String {
+    let chromium = chromium.to_owned();
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || run_chromium(&chromium, &extra, &url)).await.expect("browser thread")
+}
+
+fn run_chromium(chromium: &Path, extra: &[String], url: &str) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let profile = dir.path().join("profile");
+    // Output goes to files, not pipes: a helper process that outlives the
+    // browser cannot then keep a reader waiting.
+    let stdout_path = dir.path().join("stdout");
+    let stderr_path = dir.path().join("stderr");
+    let mut child = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=4000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout_path).expect("stdout file"))
+        .stderr(File::create(&stderr_path).expect("stderr file"))
+        // Its own process group, so that the renderer, zygote and GPU
+        // helpers can be ended with it.
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {}: {e} (install it with `apt-get install chromium`)", chromium.display())
+        });
+    let deadline = Instant::now() + BROWSER_TIMEOUT;
+    let status: Option<ExitStatus> = loop {
+        match child.try_wait().expect("wait for chromium") {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => break None,
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    kill_group(child.id());
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    match status {
+        None => panic!("chromium did not finish within {BROWSER_TIMEOUT:?} loading {url}; stderr:\n{}", tail(&stderr)),
+        Some(s) if !s.success() => panic!("chromium failed ({s}) loading {url}; stderr:\n{}", tail(&stderr)),
+        Some(_) => stdout,
+    }
+}
+
+/// End every process left in the group `pgid` (ours: chromium's helpers).
+fn kill_group(pgid: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn tail(text: &str) -> &str {
+    let start = text.len().saturating_sub(4000);
+    let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+    &text[start..]
+}
+
+/// `src=`/`href=` values and CSS imports that point at another host.
+fn external_references(html: &str) -> Vec<String> {
+    let lower = html.to_ascii_lowercase();
+    let mut found = Vec::new();
+    for attr in ["src=", "href="] {
+        for (at, _) in lower.match_indices(attr) {
+            let value = lower[at + attr.len()..].trim_start_matches(['"', '\'', ' ']);
+            if ["http://", "https://", "//"].iter().any(|p| value.starts_with(p)) {
+                found.push(lower[at..].chars().take(80).collect());
+            }
+        }
+    }
+    for pattern in ["@import", "url(http", "url(//", "url(\"http", "url('http"] {
+        if let Some(at) = lower.find(pattern) {
+            found.push(lower[at..].chars().take(80).collect());
+        }
+    }
+    found
+}
+
+/// The opening tags of the elements whose class attribute is exactly `class`.
+fn elements_with_class(dom: &str, class: &str) -> Vec<String> {
+    opening_tags(dom).filter(|t| attr(t, "class").as_deref() == Some(class)).collect()
+}
+
+/// The opening tags `<tag ...>`.
+fn elements_with_tag(dom: &str, tag: &str) -> Vec<String> {
+    opening_tags(dom).filter(|t| t[1..].split([' ', '>', '/']).next() == Some(tag)).collect()
+}
+
+fn opening_tags(dom: &str) -> impl Iterator<Item = String> + '_ {
+    dom.match_indices('<').filter_map(move |(at, _)| {
+        let end = dom[at..].find('>')?;
+        let tag = &dom[at..=at + end];
+        tag[1..].starts_with(|c: char| c.is_ascii_alphabetic()).then(|| tag.to_owned())
+    })
+}
+
+/// The value of `name="..."` in an opening tag.
+fn attr(tag: &str, name: &str) -> Option<String> {
+    let key = format!(" {name}=\"");
+    let start = tag.find(&key)? + key.len();
+    let len = tag[start..].find('"')?;
+    Some(tag[start..start + len].replace("&amp;", "&"))
+}
+
+/// Clients asking for the three models in a loop, so that the page has
+/// routing decisions to draw.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+impl Traffic {
+    fn start(addr: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..6)
+            .map(|i| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut sent = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let model = MODELS[(i + sent as usize) % MODELS.len()];
+                        let body = chat_body(model, false, 24);
+                        send(addr, Req::post("/v1/chat/completions", body)).await;
+                        sent += 1;
+                    }
+                    sent
+                })
+            })
+            .collect();
+        Traffic { stop, tasks }
+    }
+
+    /// Stop, and return how many requests were sent.
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut sent = 0;
+        for t in self.tasks {
+            sent += t.await.expect("traffic task");
+        }
+        sent
+    }
+}

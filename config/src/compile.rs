@@ -12,7 +12,7 @@ use stoke_geo::{Coord, RttMatrix, RttModel};
 use crate::decode::At;
 use crate::defaults;
 use crate::diag::Diagnostics;
-use crate::file::{FileConfig, RawHook, RawPool, RawRoute, RawTls};
+use crate::file::{FileConfig, RawEdge, RawHook, RawPool, RawRoute, RawTls};
 use crate::routes::{HostPattern, RouteTable};
 use crate::snapshot::{
     EdgeSettings, HealthCheck, Hook, HookUrl, LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId,
@@ -230,19 +230,8 @@ fn compile_edge(
     locations: &HashMap<String, LocationId>,
 ) -> Option<EdgeSettings> {
     let admin_default: SocketAddr = defaults::ADMIN.parse().ok()?;
-    let Some(raw) = &file.edge else {
-        return Some(EdgeSettings {
-            location: None,
-            http: None,
-            https: None,
-            h3: None,
-            admin: admin_default,
-            admin_token_env: None,
-            debug_headers: defaults::DEBUG_HEADERS,
-            threads: defaults::THREADS,
-            drain_timeout: defaults::DRAIN_TIMEOUT,
-        });
-    };
+    let no_edge = RawEdge::default();
+    let raw = file.edge.as_ref().unwrap_or(&no_edge);
     if let Some(loc) = &raw.location {
         lookup_location(diags, locations, loc, "[edge].location");
     }
@@ -290,7 +279,66 @@ fn compile_edge(
         debug_headers: raw.debug_headers.as_ref().map_or(defaults::DEBUG_HEADERS, |d| d.value),
         threads,
         drain_timeout: raw.drain_timeout.as_ref().map_or(defaults::DRAIN_TIMEOUT, |d| d.value),
+        client_header_timeout: whole_seconds(
+            diags,
+            &raw.client_header_timeout,
+            "client_header_timeout",
+            defaults::CLIENT_HEADER_TIMEOUT,
+        ),
+        keepalive_timeout: whole_seconds(
+            diags,
+            &raw.keepalive_timeout,
+            "keepalive_timeout",
+            defaults::KEEPALIVE_TIMEOUT,
+        ),
+        max_connections: bounded(diags, &raw.max_connections, "max_connections", defaults::MAX_CONNECTIONS, 1, 1 << 24)
+            as usize,
+        max_header_bytes: bounded(
+            diags,
+            &raw.max_header_bytes,
+            "max_header_bytes",
+            defaults::MAX_HEADER_BYTES,
+            1024,
+            1 << 20,
+        ) as usize,
+        max_headers: bounded(diags, &raw.max_headers, "max_headers", defaults::MAX_HEADERS, 8, 256) as usize,
+        h3_idle_timeout: nonzero_duration(diags, &raw.h3_idle_timeout, "h3_idle_timeout", defaults::H3_IDLE_TIMEOUT),
+        h3_max_streams: bounded(diags, &raw.h3_max_streams, "h3_max_streams", defaults::H3_MAX_STREAMS, 1, 10_000)
+            as u32,
     })
+}
+
+/// A number within `min..=max`; out of range is a problem naming the range.
+fn bounded(diags: &mut Diagnostics, at: &Option<At<u64>>, key: &str, default: u64, min: u64, max: u64) -> u64 {
+    match at {
+        None => default,
+        Some(at) if (min..=max).contains(&at.value) => at.value,
+        Some(at) => {
+            diags.error(at.span.clone(), format!("{key} = {} is out of range; expected {min} to {max}", at.value));
+            default
+        }
+    }
+}
+
+/// A duration of at least one second, in whole seconds (the HTTP/1.1
+/// server counts keep-alive in seconds).
+fn whole_seconds(
+    diags: &mut Diagnostics,
+    at: &Option<At<std::time::Duration>>,
+    key: &str,
+    default: std::time::Duration,
+) -> std::time::Duration {
+    match at {
+        None => default,
+        Some(at) if at.value.as_secs() >= 1 && at.value.subsec_nanos() == 0 => at.value,
+        Some(at) => {
+            diags.error(
+                at.span.clone(),
+                format!("{key} must be a whole number of seconds, 1s or more, such as \"10s\""),
+            );
+            default
+        }
+    }
 }
 
 fn valid_env_name(name: &str) -> bool {
@@ -737,6 +785,15 @@ fn compile_route(diags: &mut Diagnostics, raw: &RawRoute, services: &HashMap<Str
         None => defaults::MAX_BODY_READ,
     };
     let max_wait = raw.max_wait.as_ref().map_or(defaults::MAX_WAIT, |w| w.value);
+    let max_body = match &raw.max_body {
+        Some(at) if at.value == 0 => {
+            diags
+                .error(at.span.clone(), "max_body = 0 would refuse every request with a body; expected 1 byte or more");
+            defaults::MAX_BODY
+        }
+        Some(at) => at.value,
+        None => defaults::MAX_BODY,
+    };
     let (host, path_prefix, service) = (host?, path_prefix?, service?);
     let name = match &raw.name {
         Some(n) if n.value.is_empty() || n.value.bytes().any(|b| b.is_ascii_control()) => {
@@ -754,6 +811,7 @@ fn compile_route(diags: &mut Diagnostics, raw: &RawRoute, services: &HashMap<Str
         max_wait,
         strip_prefix: raw.strip_prefix.as_ref().map_or(defaults::STRIP_PREFIX, |s| s.value),
         max_body_read,
+        max_body,
     })
 }
 

@@ -12,6 +12,24 @@ pub const THREADS: usize = 0;
 /// `[edge].drain_timeout`: how long in-flight requests get at shutdown.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// `[edge].client_header_timeout`: longest wait for each read of a new
+/// connection's first request header (slow clients are cut off).
+pub const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// `[edge].keepalive_timeout`: longest an idle keep-alive connection waits
+/// for its next request (and for each read of that request's header).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `[edge].max_connections`: client connections served at once; more are
+/// closed at accept.
+pub const MAX_CONNECTIONS: u64 = 10_000;
+/// `[edge].max_header_bytes`: request line and headers, in bytes (431 beyond).
+pub const MAX_HEADER_BYTES: u64 = 64 << 10;
+/// `[edge].max_headers`: request header fields (431 beyond).
+pub const MAX_HEADERS: u64 = 100;
+/// `[edge].h3_idle_timeout`: an HTTP/3 connection with no traffic is closed after this.
+pub const H3_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `[edge].h3_max_streams`: concurrent requests per HTTP/3 connection.
+pub const H3_MAX_STREAMS: u64 = 100;
+
 /// `[[location]].edge`: a location runs an edge unless it says otherwise.
 pub const LOCATION_EDGE: bool = true;
 
@@ -58,5 +76,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
 pub const STRIP_PREFIX: bool = false;
 /// `[[route]].max_body_read`: the most of a body read to find the model.
 pub const MAX_BODY_READ: u64 = 1 << 20;
+/// `[[route]].max_body`: the largest request body forwarded (413 beyond).
+pub const MAX_BODY: u64 = 32 << 20;
 /// Upper bound accepted for `max_body_read`: the body is held in memory.
 pub const MAX_BODY_READ_LIMIT: u64 = 64 << 20;

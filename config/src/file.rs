@@ -13,8 +13,24 @@ use crate::diag::Diagnostics;
 
 /// Keys accepted at the top level.
 const ROOT_KEYS: &[&str] = &["edge", "tls", "location", "rtt", "pool", "route"];
-const EDGE_KEYS: &[&str] =
-    &["location", "http", "https", "h3", "admin", "admin_token_env", "debug_headers", "threads", "drain_timeout"];
+const EDGE_KEYS: &[&str] = &[
+    "location",
+    "http",
+    "https",
+    "h3",
+    "admin",
+    "admin_token_env",
+    "debug_headers",
+    "threads",
+    "drain_timeout",
+    "client_header_timeout",
+    "keepalive_timeout",
+    "max_connections",
+    "max_header_bytes",
+    "max_headers",
+    "h3_idle_timeout",
+    "h3_max_streams",
+];
 const TLS_KEYS: &[&str] = &["hosts", "cert", "key"];
 const LOCATION_KEYS: &[&str] = &["id", "name", "lat", "lon", "edge"];
 const RTT_KEYS: &[&str] = &["between", "ms"];
@@ -35,8 +51,17 @@ const HEALTH_KEYS: &[&str] = &["path", "interval", "timeout"];
 const LOAD_KEYS: &[&str] = &["path", "format", "interval"];
 const SCALE_KEYS: &[&str] = &["idle_timeout", "wake_time", "wake", "sleep"];
 const HOOK_KEYS: &[&str] = &["url", "token_env", "command", "timeout"];
-const ROUTE_KEYS: &[&str] =
-    &["name", "host", "path_prefix", "service", "service_from", "max_wait", "strip_prefix", "max_body_read"];
+const ROUTE_KEYS: &[&str] = &[
+    "name",
+    "host",
+    "path_prefix",
+    "service",
+    "service_from",
+    "max_wait",
+    "strip_prefix",
+    "max_body_read",
+    "max_body",
+];
 
 /// The whole file as written.
 #[derive(Debug, Default)]
@@ -49,7 +74,7 @@ pub(crate) struct FileConfig {
     pub routes: Vec<RawRoute>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct RawEdge {
     pub location: Option<At<String>>,
     pub http: Option<At<SocketAddr>>,
@@ -60,6 +85,13 @@ pub(crate) struct RawEdge {
     pub debug_headers: Option<At<bool>>,
     pub threads: Option<At<u64>>,
     pub drain_timeout: Option<At<Duration>>,
+    pub client_header_timeout: Option<At<Duration>>,
+    pub keepalive_timeout: Option<At<Duration>>,
+    pub max_connections: Option<At<u64>>,
+    pub max_header_bytes: Option<At<u64>>,
+    pub max_headers: Option<At<u64>>,
+    pub h3_idle_timeout: Option<At<Duration>>,
+    pub h3_max_streams: Option<At<u64>>,
 }
 
 #[derive(Debug)]
@@ -142,6 +174,7 @@ pub(crate) struct RawRoute {
     pub max_wait: Option<At<Duration>>,
     pub strip_prefix: Option<At<bool>>,
     pub max_body_read: Option<At<u64>>,
+    pub max_body: Option<At<u64>>,
 }
 
 /// Decode a parsed document.
@@ -199,6 +232,7 @@ pub(crate) fn decode(diags: &mut Diagnostics, root: &DeTable<'_>, root_span: Ran
                     max_wait: r.duration(diags, "max_wait"),
                     strip_prefix: r.boolean(diags, "strip_prefix"),
                     max_body_read: r.size(diags, "max_body_read"),
+                    max_body: r.size(diags, "max_body"),
                 }
             })
             .collect(),
@@ -216,6 +250,13 @@ fn decode_edge(r: &TableReader<'_, '_>, diags: &mut Diagnostics) -> RawEdge {
         debug_headers: r.boolean(diags, "debug_headers"),
         threads: r.unsigned(diags, "threads"),
         drain_timeout: r.duration(diags, "drain_timeout"),
+        client_header_timeout: r.duration(diags, "client_header_timeout"),
+        keepalive_timeout: r.duration(diags, "keepalive_timeout"),
+        max_connections: r.unsigned(diags, "max_connections"),
+        max_header_bytes: r.size(diags, "max_header_bytes"),
+        max_headers: r.unsigned(diags, "max_headers"),
+        h3_idle_timeout: r.duration(diags, "h3_idle_timeout"),
+        h3_max_streams: r.unsigned(diags, "h3_max_streams"),
     }
 }
 

@@ -200,6 +200,7 @@ mod tests {
             max_wait: Duration::from_secs(1),
             strip_prefix: false,
             max_body_read: 1,
+            max_body: 1,
         }
     }
 

@@ -154,6 +154,20 @@ pub struct EdgeSettings {
     pub threads: usize,
     /// How long in-flight requests may take to finish at shutdown.
     pub drain_timeout: Duration,
+    /// Longest wait for each read of a new connection's first request header.
+    pub client_header_timeout: Duration,
+    /// Longest an idle keep-alive connection waits for its next request.
+    pub keepalive_timeout: Duration,
+    /// Client connections served at once.
+    pub max_connections: usize,
+    /// Most bytes of request line and headers.
+    pub max_header_bytes: usize,
+    /// Most request header fields.
+    pub max_headers: usize,
+    /// HTTP/3 connections with no traffic for this long are closed.
+    pub h3_idle_timeout: Duration,
+    /// Concurrent requests per HTTP/3 connection.
+    pub h3_max_streams: u32,
 }
 
 /// `[[tls]]`: a certificate chain and key, and the host names it serves.
@@ -342,6 +356,8 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Most bytes read from a body to find the service.
     pub max_body_read: u64,
+    /// Largest request body forwarded.
+    pub max_body: u64,
 }
 
 /// Where a route's service comes from.

@@ -131,7 +131,7 @@ impl Admin {
                     .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
                 r
             }
-            (&Method::GET, [""]) => match &self.page {
+            (&Method::GET, ["", ""]) => match &self.page {
                 Some(page) => {
                     let mut r = text(StatusCode::OK, &page());
                     r.headers_mut()

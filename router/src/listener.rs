@@ -5,16 +5,21 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::IntoRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use parking_lot::Mutex;
-use pingora::apps::HttpServerOptions;
+use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::ListenerConfig;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
 use pingora::protocols::ALPN;
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Fds;
+use pingora::server::ShutdownWatch;
 use pingora::services::listening::Service as ListeningService;
 use pingora::services::Service as _;
 use tokio::sync::watch;
@@ -23,22 +28,106 @@ use crate::proxy::EdgeProxy;
 use crate::routing::Router;
 use crate::tls::CertResolver;
 
-/// The pingora application every public listener shares.
+/// The pingora proxy application every public listener shares.
 pub type App = HttpProxy<EdgeProxy>;
+
+tokio::task_local! {
+    /// Whether the HTTP/1.1 session being set up is a reused keep-alive
+    /// connection (set by [`Connections`] for [`Sessions`]).
+    static REUSED: bool;
+}
+
+/// The outer layer, once per connection: caps the connections served at
+/// once, and runs the keep-alive loop itself so that it knows whether a
+/// session starts a connection or reuses one.
+pub struct Connections {
+    sessions: Arc<Sessions>,
+    router: Arc<Router>,
+    active: AtomicUsize,
+}
+
+/// The inner layer, once per HTTP session: applies the edge's header and
+/// keep-alive timeouts, then hands the session to pingora's proxy.
+pub struct Sessions {
+    proxy: Arc<App>,
+    router: Arc<Router>,
+}
+
+#[async_trait]
+impl ServerApp for Connections {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let max = self.router.live().snapshot.network.edge.max_connections;
+        if self.active.fetch_add(1, Ordering::AcqRel) >= max {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL).increment(1);
+            tracing::debug!(max, "connection refused: max_connections reached");
+            return None;
+        }
+        let mut next = Some(stream);
+        let mut reused = false;
+        while let Some(stream) = next.take() {
+            next = REUSED.scope(reused, self.sessions.process_new(stream, shutdown)).await;
+            reused = true;
+        }
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.sessions.cleanup().await;
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for Sessions {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if matches!(session, ServerSession::H1(_)) && !*shutdown.borrow() {
+            let edge = &self.router.live().snapshot.network.edge;
+            // pingora bounds each read of a request header by the keep-alive
+            // timeout (and would leave a reused connection's at "forever"):
+            // a new connection gets the header timeout, a reused one the
+            // keep-alive timeout.
+            let reused = REUSED.try_with(|r| *r).unwrap_or(false);
+            let wait = if reused { edge.keepalive_timeout } else { edge.client_header_timeout };
+            session.set_keepalive(Some(wait.as_secs().max(1)));
+        }
+        self.proxy.process_new_http(session, shutdown).await
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.proxy.server_options()
+    }
+
+    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
+        self.proxy.h2_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
 
 /// Backlog of the public listeners.
 pub const BACKLOG: i32 = 1024;
 
-/// Build the proxy application over `router`; requests hold `drain` guards.
-pub fn app(router: Arc<Router>, threads: usize, drain: crate::drain::Drain) -> App {
+/// Build the application over `router`; requests hold `drain` guards.
+pub fn app(router: Arc<Router>, threads: usize, drain: crate::drain::Drain) -> Connections {
     let conf = ServerConf { threads: threads.max(1), ..ServerConf::default() };
-    let mut proxy = pingora::proxy::http_proxy(&Arc::new(conf), EdgeProxy::new(router, drain));
+    let mut proxy = pingora::proxy::http_proxy(&Arc::new(conf), EdgeProxy::new(router.clone(), drain));
     let mut options = HttpServerOptions::default();
     // The plain listener speaks HTTP/1.1 and h2c (prior knowledge); on TLS
     // connections pingora ignores this and follows ALPN.
     options.h2c = true;
     proxy.server_options = Some(options);
-    proxy
+    Connections {
+        sessions: Arc::new(Sessions { proxy: Arc::new(proxy), router: router.clone() }),
+        router,
+        active: AtomicUsize::new(0),
+    }
 }
 
 /// Bind `addr` (port 0: any free port) with `SO_REUSEADDR`.
@@ -61,7 +150,7 @@ pub struct Endpoint {
 /// Serve `app` on `endpoints` until `shutdown` turns true. Returns when
 /// every listener has stopped accepting; connections still open finish on
 /// their own (the caller waits for in-flight requests).
-pub async fn serve(app: App, endpoints: Vec<Endpoint>, shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn serve(app: Connections, endpoints: Vec<Endpoint>, shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
     let mut service = ListeningService::new("stoke edge".to_owned(), app);
     let mut fds = Fds::new();
     for ep in endpoints {

@@ -29,6 +29,10 @@ pub const CONFIG_RELOADS_TOTAL: &str = "stoke_config_reloads_total";
 /// `stoke_config_snapshot_version`: version of the live snapshot.
 pub const CONFIG_SNAPSHOT_VERSION: &str = "stoke_config_snapshot_version";
 
+/// `stoke_connections_refused_total`: connections closed at accept because
+/// `max_connections` were open.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "stoke_connections_refused_total";
+
 /// Histogram buckets for latencies: 100 µs to 60 s, roughly ×2.5 apart.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -67,6 +71,7 @@ fn describe() {
     describe_counter!(SLEEPS_TOTAL, "Sleep hook calls, by pool.");
     describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result.");
     describe_gauge!(CONFIG_SNAPSHOT_VERSION, "Version of the live config snapshot.");
+    describe_counter!(CONNECTIONS_REFUSED_TOTAL, "Connections closed at accept because max_connections were open.");
 }
 
 /// Status codes as static strings, so that labelling a request allocates nothing for them.
@@ -87,15 +92,18 @@ pub fn status_label(status: u16) -> &'static str {
         411 => "411",
         413 => "413",
         429 => "429",
+        431 => "431",
         499 => "499",
         500 => "500",
         502 => "502",
         503 => "503",
         504 => "504",
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        _ => match status / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        },
     }
 }

@@ -67,6 +67,9 @@ pub struct RequestCtx {
     status: u16,
     /// When the request was last handed to a replica (for time to first byte).
     forwarded_at: Option<Instant>,
+    /// The route's body limit, and how much of the body went upstream.
+    max_body: u64,
+    body_sent: u64,
 }
 
 impl RequestCtx {
@@ -97,6 +100,8 @@ impl ProxyHttp for EdgeProxy {
             reject: None,
             status: 0,
             forwarded_at: None,
+            max_body: u64::MAX,
+            body_sent: 0,
         }
     }
 
@@ -104,12 +109,43 @@ impl ProxyHttp for EdgeProxy {
         // No compression module: responses pass through as the replica sent them.
     }
 
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        // Header limits: pingora reads up to 1 MiB and 256 fields; the edge
+        // allows what its config says.
+        let live = self.router.live();
+        let edge = &live.snapshot.network.edge;
+        let req = session.req_header();
+        let count = req.headers.len();
+        let bytes = req.uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + req.uri.authority().map_or(0, |a| a.as_str().len())
+            + req.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
+        if count > edge.max_headers || bytes > edge.max_header_bytes {
+            ctx.reject = Some(Reject::client(
+                431,
+                "headers_too_large",
+                format!(
+                    "the request has {count} header fields and {bytes} bytes of request line and headers; at most {} fields and {} bytes are accepted",
+                    edge.max_headers, edge.max_header_bytes
+                ),
+            ));
+        }
+        ctx.live = Some(live);
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id = match session.get_header(headers::REQUEST_ID) {
             Some(v) if valid_request_id(v.as_bytes()) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
             _ => new_request_id(),
         };
-        let live = self.router.live();
+        if let Some(reject) = ctx.reject.take() {
+            respond(session, ctx, &reject).await;
+            ctx.status = reject.status;
+            ctx.reject = Some(reject);
+            return Ok(true);
+        }
+        // The snapshot taken at the first phase serves the whole request.
+        let live = ctx.live.take().unwrap_or_else(|| self.router.live());
         let decided = self.decide(session, ctx, &live).await;
         ctx.live = Some(live);
         match decided {
@@ -205,6 +241,19 @@ impl ProxyHttp for EdgeProxy {
                 *body = Some(full.clone());
             } else if body.is_some() {
                 *body = None;
+            }
+            return Ok(());
+        }
+        // A body without a length is counted as it streams.
+        if let Some(chunk) = body {
+            ctx.body_sent += chunk.len() as u64;
+            if ctx.body_sent > ctx.max_body {
+                ctx.reject = Some(Reject::client(
+                    413,
+                    "body_too_large",
+                    format!("the request body exceeds {} bytes, the most this route accepts (max_body)", ctx.max_body),
+                ));
+                return Err(Error::explain(ErrorType::HTTPStatus(413), "request body over max_body"));
             }
         }
         Ok(())
@@ -327,6 +376,19 @@ impl EdgeProxy {
         let route_id = Router::route(live, host, req.uri.path())?;
         ctx.route = Some(route_id);
         let route = live.snapshot.network.route(route_id);
+        ctx.max_body = route.max_body;
+        if let Some(len) = content_length(session) {
+            if len > route.max_body {
+                return Err(Reject::client(
+                    413,
+                    "body_too_large",
+                    format!(
+                        "the request body is {len} bytes; this route accepts at most {} (max_body)",
+                        route.max_body
+                    ),
+                ));
+            }
+        }
         let service = match &route.service {
             ServiceSource::Fixed(id) => *id,
             ServiceSource::Header(name) => {
@@ -440,6 +502,10 @@ async fn read_body(session: &mut Session, ctx: &mut RequestCtx, limit: u64) -> R
         ));
     }
     Ok(buf.freeze())
+}
+
+fn content_length(session: &Session) -> Option<u64> {
+    session.get_header(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse().ok())
 }
 
 fn request_host(req: &RequestHeader) -> Option<&str> {

@@ -215,9 +215,9 @@ mod tests {
         assert_eq!(daylight(23.5), NIGHT_FLOOR);
         assert!(daylight(14.5) > 0.95, "afternoon peak");
         assert!(daylight(8.0) < daylight(12.0));
-        // 12:00 UTC is afternoon in Frankfurt and night in Sydney.
-        assert!(daylight(local_hour(12.0, 8.68)) > 0.8);
-        assert_eq!(daylight(local_hour(12.0, 151.21)), NIGHT_FLOOR);
+        // 16:00 UTC is afternoon in Frankfurt and 2 a.m. in Sydney.
+        assert!(daylight(local_hour(16.0, 8.68)) > 0.8);
+        assert_eq!(daylight(local_hour(16.0, 151.21)), NIGHT_FLOOR);
     }
 
     #[test]

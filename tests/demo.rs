@@ -37,7 +37,7 @@ async fn the_demo_world_serves_through_its_edges() {
         demo.status_url.trim_start_matches("http://").trim_end_matches('/').parse().expect("addr");
     let page = send(url, Req::get("/")).await;
     assert_eq!(page.status, 200);
-    assert!(page.text().contains("<html"), "the status page is HTML");
+    assert!(page.text().contains("<svg"), "the status page draws an SVG map");
     assert_eq!(send(url, Req::get("/state")).await.json()["mode"], "demo");
 
     // The simulated users send traffic.

@@ -12,11 +12,11 @@ use stoke_geo::{Coord, RttMatrix, RttModel};
 use crate::decode::At;
 use crate::defaults;
 use crate::diag::Diagnostics;
-use crate::file::{FileConfig, RawEdge, RawHook, RawPool, RawRoute, RawTls};
+use crate::file::{FileConfig, RawAuth, RawEdge, RawHook, RawPool, RawRate, RawRoute, RawTls};
 use crate::routes::{HostPattern, RouteTable};
 use crate::snapshot::{
-    EdgeSettings, HealthCheck, Hook, HookUrl, LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId,
-    Route, Scale, Service, ServiceId, ServiceSource, Source, TlsCert,
+    Auth, AuthHeader, EdgeSettings, HealthCheck, Hook, HookUrl, LoadFormat, LoadReport, Location, LocationId, Network,
+    Pool, PoolId, RateLimit, Route, Scale, Service, ServiceId, ServiceSource, Source, TlsCert,
 };
 
 /// Build the network from a decoded file. `base` is the directory that
@@ -67,7 +67,7 @@ pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source,
     let mut routes = Vec::new();
     let mut seen_routes: HashMap<(HostPattern, String), ()> = HashMap::new();
     for raw in &file.routes {
-        if let Some(route) = compile_route(diags, raw, &service_index) {
+        if let Some(route) = compile_route(diags, raw, &service_index, base) {
             if seen_routes.insert((route.host.clone(), route.path_prefix.clone()), ()).is_some() {
                 diags.error(
                     raw.span.clone(),
@@ -715,7 +715,12 @@ pub(crate) fn parse_hook_url(raw: &str) -> Result<HookUrl, String> {
     Ok(HookUrl { raw: raw.to_owned(), tls, host: host.to_owned(), port, path: path.to_owned() })
 }
 
-fn compile_route(diags: &mut Diagnostics, raw: &RawRoute, services: &HashMap<String, ServiceId>) -> Option<Route> {
+fn compile_route(
+    diags: &mut Diagnostics,
+    raw: &RawRoute,
+    services: &HashMap<String, ServiceId>,
+    base: &Path,
+) -> Option<Route> {
     let host = match &raw.host {
         Some(h) => match HostPattern::parse(&h.value) {
             Ok(p) => Some(p),
@@ -794,6 +799,8 @@ fn compile_route(diags: &mut Diagnostics, raw: &RawRoute, services: &HashMap<Str
         Some(at) => at.value,
         None => defaults::MAX_BODY,
     };
+    let auth = raw.auth.as_ref().and_then(|a| compile_auth(diags, a, base));
+    let rate_limit = raw.rate_limit.as_ref().and_then(|l| compile_rate(diags, l, raw.auth.is_some()));
     let (host, path_prefix, service) = (host?, path_prefix?, service?);
     let name = match &raw.name {
         Some(n) if n.value.is_empty() || n.value.bytes().any(|b| b.is_ascii_control()) => {
@@ -812,6 +819,119 @@ fn compile_route(diags: &mut Diagnostics, raw: &RawRoute, services: &HashMap<Str
         strip_prefix: raw.strip_prefix.as_ref().map_or(defaults::STRIP_PREFIX, |s| s.value),
         max_body_read,
         max_body,
+        auth,
+        rate_limit,
+    })
+}
+
+fn compile_auth(diags: &mut Diagnostics, raw: &RawAuth, base: &Path) -> Option<Auth> {
+    let header = match &raw.header {
+        None => AuthHeader::Bearer,
+        Some(h) if h.value.eq_ignore_ascii_case("authorization") => AuthHeader::Bearer,
+        Some(h) if !h.value.is_empty() && h.value.bytes().all(is_token_byte) => {
+            AuthHeader::Named(h.value.to_ascii_lowercase())
+        }
+        Some(h) => {
+            diags.error(
+                h.span.clone(),
+                format!(
+                    "header \"{}\" is not a header name; expected e.g. \"x-api-key\" or \"authorization\" (Bearer)",
+                    h.value
+                ),
+            );
+            return None;
+        }
+    };
+    let mut keys: Vec<String> = Vec::new();
+    match (&raw.keys_file, &raw.keys_env) {
+        (None, None) => {
+            diags.error(
+                raw.span.clone(),
+                "auth needs keys_file = \"FILE\" (one key per line) or keys_env = \"VAR\" (comma-separated keys)",
+            );
+            return None;
+        }
+        (file, env) => {
+            if let Some(f) = file {
+                let path = base.join(&f.value);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => keys.extend(
+                        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned),
+                    ),
+                    Err(e) => {
+                        diags.error(f.span.clone(), format!("keys_file \"{}\" cannot be read: {e}; expected one API key per line (paths are relative to the config file)", path.display()));
+                        return None;
+                    }
+                }
+            }
+            if let Some(v) = env {
+                match std::env::var(&v.value) {
+                    Ok(list) => {
+                        keys.extend(list.split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned))
+                    }
+                    Err(_) => {
+                        diags.error(
+                            v.span.clone(),
+                            format!("keys_env names {}, which is not set in the environment", v.value),
+                        );
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+    if keys.is_empty() {
+        diags.error(raw.span.clone(), "auth lists no keys: every request would be refused");
+        return None;
+    }
+    if let Some(bad) = keys.iter().position(|k| k.len() < 16 || k.bytes().any(|b| !b.is_ascii_graphic())) {
+        // Say which, never what: keys are secrets.
+        diags.error(
+            raw.span.clone(),
+            format!("API key #{} is shorter than 16 characters or has spaces or control characters", bad + 1),
+        );
+        return None;
+    }
+    Some(Auth { keys, header })
+}
+
+fn compile_rate(diags: &mut Diagnostics, raw: &RawRate, has_auth: bool) -> Option<RateLimit> {
+    let mut ok = true;
+    for (key, at) in [("per_key", &raw.per_key), ("per_ip", &raw.per_ip)] {
+        if let Some(at) = at {
+            if !(at.value > 0.0 && at.value <= 1e6) {
+                diags.error(
+                    at.span.clone(),
+                    format!("{key} = {} is out of range; expected requests per second, more than 0", at.value),
+                );
+                ok = false;
+            }
+        }
+    }
+    if let (Some(at), false) = (&raw.per_key, has_auth) {
+        diags.error(
+            at.span.clone(),
+            "per_key needs auth on the same route: without API keys there is no key to count by",
+        );
+        ok = false;
+    }
+    if raw.per_key.is_none() && raw.per_ip.is_none() {
+        diags.error(raw.span.clone(), "rate_limit needs per_key and/or per_ip (requests per second)");
+        ok = false;
+    }
+    let burst = match &raw.burst {
+        Some(at) if at.value == 0 || at.value > 1_000_000 => {
+            diags.error(at.span.clone(), format!("burst = {} is out of range; expected 1 to 1000000", at.value));
+            ok = false;
+            0
+        }
+        Some(at) => at.value as u32,
+        None => defaults::RATE_BURST as u32,
+    };
+    ok.then(|| RateLimit {
+        per_key: raw.per_key.as_ref().map(|a| a.value),
+        per_ip: raw.per_ip.as_ref().map(|a| a.value),
+        burst,
     })
 }
 

@@ -78,5 +78,7 @@ pub const STRIP_PREFIX: bool = false;
 pub const MAX_BODY_READ: u64 = 1 << 20;
 /// `[[route]].max_body`: the largest request body forwarded (413 beyond).
 pub const MAX_BODY: u64 = 32 << 20;
+/// `rate_limit.burst`: requests a client may send at once above its rate.
+pub const RATE_BURST: u64 = 10;
 /// Upper bound accepted for `max_body_read`: the body is held in memory.
 pub const MAX_BODY_READ_LIMIT: u64 = 64 << 20;

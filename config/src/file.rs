@@ -61,7 +61,11 @@ const ROUTE_KEYS: &[&str] = &[
     "strip_prefix",
     "max_body_read",
     "max_body",
+    "auth",
+    "rate_limit",
 ];
+const AUTH_KEYS: &[&str] = &["keys_file", "keys_env", "header"];
+const RATE_KEYS: &[&str] = &["per_key", "per_ip", "burst"];
 
 /// The whole file as written.
 #[derive(Debug, Default)]
@@ -175,6 +179,24 @@ pub(crate) struct RawRoute {
     pub strip_prefix: Option<At<bool>>,
     pub max_body_read: Option<At<u64>>,
     pub max_body: Option<At<u64>>,
+    pub auth: Option<RawAuth>,
+    pub rate_limit: Option<RawRate>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawAuth {
+    pub span: Range<usize>,
+    pub keys_file: Option<At<String>>,
+    pub keys_env: Option<At<String>>,
+    pub header: Option<At<String>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawRate {
+    pub span: Range<usize>,
+    pub per_key: Option<At<f64>>,
+    pub per_ip: Option<At<f64>>,
+    pub burst: Option<At<u64>>,
 }
 
 /// Decode a parsed document.
@@ -233,6 +255,24 @@ pub(crate) fn decode(diags: &mut Diagnostics, root: &DeTable<'_>, root_span: Ran
                     strip_prefix: r.boolean(diags, "strip_prefix"),
                     max_body_read: r.size(diags, "max_body_read"),
                     max_body: r.size(diags, "max_body"),
+                    auth: r.table(diags, "auth").map(|(t, span)| {
+                        let a = TableReader::new(diags, t, span.clone(), "auth of [[route]]", AUTH_KEYS);
+                        RawAuth {
+                            span,
+                            keys_file: a.string(diags, "keys_file"),
+                            keys_env: a.string(diags, "keys_env"),
+                            header: a.string(diags, "header"),
+                        }
+                    }),
+                    rate_limit: r.table(diags, "rate_limit").map(|(t, span)| {
+                        let l = TableReader::new(diags, t, span.clone(), "rate_limit of [[route]]", RATE_KEYS);
+                        RawRate {
+                            span,
+                            per_key: l.number(diags, "per_key"),
+                            per_ip: l.number(diags, "per_ip"),
+                            burst: l.unsigned(diags, "burst"),
+                        }
+                    }),
                 }
             })
             .collect(),

@@ -201,6 +201,8 @@ mod tests {
             strip_prefix: false,
             max_body_read: 1,
             max_body: 1,
+            auth: None,
+            rate_limit: None,
         }
     }
 

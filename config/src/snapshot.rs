@@ -358,6 +358,48 @@ pub struct Route {
     pub max_body_read: u64,
     /// Largest request body forwarded.
     pub max_body: u64,
+    /// API keys required, if any.
+    pub auth: Option<Auth>,
+    /// Request rate limits, if any.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `auth = { … }` of a route: the API keys it accepts.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// The accepted keys (never printed: `Debug` redacts them).
+    pub keys: Vec<String>,
+    /// Where the key is sent.
+    pub header: AuthHeader,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("keys", &format_args!("[{} redacted]", self.keys.len()))
+            .field("header", &self.header)
+            .finish()
+    }
+}
+
+/// Where a client sends its API key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthHeader {
+    /// `Authorization: Bearer <key>`.
+    Bearer,
+    /// A header of its own, lower-cased (`x-api-key: <key>`).
+    Named(String),
+}
+
+/// `rate_limit = { … }` of a route: token buckets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RateLimit {
+    /// Requests per second per API key (routes with `auth`).
+    pub per_key: Option<f64>,
+    /// Requests per second per client IP.
+    pub per_ip: Option<f64>,
+    /// Bucket size: requests allowed in a burst.
+    pub burst: u32,
 }
 
 /// Where a route's service comes from.

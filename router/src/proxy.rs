@@ -13,7 +13,7 @@ use pingora::prelude::HttpPeer;
 use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use stoke_config::{PoolId, RouteId, ServiceId, ServiceSource};
+use stoke_config::{AuthHeader, PoolId, RouteId, ServiceId, ServiceSource};
 
 use crate::body::extract_field;
 use crate::drain::{Drain, Guard};
@@ -376,6 +376,14 @@ impl EdgeProxy {
         let route_id = Router::route(live, host, req.uri.path())?;
         ctx.route = Some(route_id);
         let route = live.snapshot.network.route(route_id);
+        if route.auth.is_some() || route.rate_limit.is_some() {
+            let key_header = match route.auth.as_ref().map(|a| &a.header) {
+                Some(AuthHeader::Named(name)) => session.get_header(name.as_str()),
+                _ => session.get_header(http::header::AUTHORIZATION),
+            };
+            let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+            self.router.admit_client(live, route_id, key_header.map(|v| v.as_bytes()), client)?;
+        }
         ctx.max_body = route.max_body;
         if let Some(len) = content_length(session) {
             if len > route.max_body {
@@ -537,6 +545,9 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, reject: &Reject) {
     let _ = resp.insert_header(headers::REQUEST_ID, ctx.request_id.as_str());
     if let Some(secs) = reject.retry_after_secs() {
         let _ = resp.insert_header(RETRY_AFTER, secs.to_string());
+    }
+    if reject.status == 401 {
+        let _ = resp.insert_header(http::header::WWW_AUTHENTICATE, "Bearer");
     }
     if let Some(live) = &ctx.live {
         if live.snapshot.network.edge.debug_headers {

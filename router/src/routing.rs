@@ -12,6 +12,9 @@ use arc_swap::ArcSwap;
 use stoke_config::{PoolId, RouteId, ServiceId, Snapshot};
 use tokio::sync::watch;
 
+use std::net::IpAddr;
+
+use crate::access::{Identity, RateLimiter};
 use crate::error::Reject;
 use crate::placement::{place, Decision, Placement, PoolStatus};
 use crate::state::{Live, PoolView, Slot, StateStore};
@@ -35,6 +38,8 @@ pub struct Router {
     store: StateStore,
     version: AtomicU64,
     changes: watch::Sender<u64>,
+    /// Token buckets of the routes' rate limits (kept across reloads).
+    pub limiter: RateLimiter,
 }
 
 /// A request admitted to a replica: it holds a slot until dropped.
@@ -54,7 +59,13 @@ impl Router {
         let store = StateStore::default();
         let (live, _) = store.bind(1, Arc::new(snapshot));
         let (changes, _) = watch::channel(1);
-        Arc::new(Router { live: ArcSwap::from_pointee(live), store, version: AtomicU64::new(1), changes })
+        Arc::new(Router {
+            live: ArcSwap::from_pointee(live),
+            store,
+            version: AtomicU64::new(1),
+            changes,
+            limiter: RateLimiter::default(),
+        })
     }
 
     /// Notified with the new version whenever a snapshot goes live.
@@ -97,6 +108,39 @@ impl Router {
             .route_table
             .find(host, path)
             .ok_or_else(|| Reject::client(404, "no_route", format!("no route for host \"{host}\" and path \"{path}\"")))
+    }
+
+    /// Access control of a route: the API key (if the route has `auth`),
+    /// then the rate limits. `key_header` is the value of the route's key
+    /// header; `client` the client's address.
+    pub fn admit_client(
+        &self,
+        live: &Live,
+        route: RouteId,
+        key_header: Option<&[u8]>,
+        client: Option<IpAddr>,
+    ) -> Result<(), Reject> {
+        let r = live.snapshot.network.route(route);
+        let key = match (&r.auth, &live.route_keys[route.index()]) {
+            (Some(auth), Some(keys)) => Some(keys.check(&auth.header, key_header)?),
+            _ => None,
+        };
+        let Some(limit) = &r.rate_limit else { return Ok(()) };
+        let now = Instant::now();
+        let limited = |wait: Duration| Reject {
+            status: 429,
+            code: "rate_limited",
+            message: format!("too many requests on route {}; slow down", r.name),
+            origin: crate::error::Origin::Client,
+            retry_after: Some(wait),
+        };
+        if let (Some(rate), Some(key)) = (limit.per_key, key.as_ref()) {
+            self.limiter.take(&r.name, Identity::Key(key), rate, limit.burst, now).map_err(limited)?;
+        }
+        if let (Some(rate), Some(ip)) = (limit.per_ip, client) {
+            self.limiter.take(&r.name, Identity::Ip(ip), rate, limit.burst, now).map_err(limited)?;
+        }
+        Ok(())
     }
 
     /// The service named `name` (from a body field or header).

@@ -463,6 +463,8 @@ pub struct Live {
     pub pools: Box<[Arc<PoolView>]>,
     /// Route names as metric labels, by route index.
     pub route_labels: Box<[metrics::SharedString]>,
+    /// API keys of routes with `auth`, by route index.
+    pub route_keys: Box<[Option<crate::access::KeySet>]>,
 }
 
 impl Live {
@@ -531,7 +533,9 @@ impl StateStore {
             .iter()
             .map(|r| metrics::SharedString::from(Arc::<str>::from(r.name.as_str())))
             .collect();
-        (Live { version, snapshot, pools: views, route_labels }, removed)
+        let route_keys =
+            snapshot.network.routes.iter().map(|r| r.auth.as_ref().map(crate::access::KeySet::new)).collect();
+        (Live { version, snapshot, pools: views, route_labels, route_keys }, removed)
     }
 }
 

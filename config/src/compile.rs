@@ -546,6 +546,18 @@ fn compile_pool(
         interval: nonzero_duration(diags, &raw.health.interval, "health interval", defaults::HEALTH_INTERVAL),
         timeout: nonzero_duration(diags, &raw.health.timeout, "health timeout", defaults::HEALTH_TIMEOUT),
     };
+    if let Some(t) = &raw.health.timeout {
+        if health.timeout > health.interval {
+            diags.error(
+                t.span.clone(),
+                format!(
+                    "health timeout ({}) is longer than the interval ({}): a probe would outlast its turn; make the timeout shorter",
+                    crate::duration::format_duration(health.timeout),
+                    crate::duration::format_duration(health.interval)
+                ),
+            );
+        }
+    }
 
     let load = raw.load.as_ref().map(|l| LoadReport {
         path: path_value(diags, &l.path, "load path", defaults::LOAD_PATH),

@@ -107,8 +107,8 @@ impl Prefixes {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     exact: HashMap<Box<str>, Prefixes>,
-    /// Longest suffix first.
-    suffixes: Vec<(Box<str>, Prefixes)>,
+    /// Wildcard routes by suffix (`".example.com"`).
+    suffixes: HashMap<Box<str>, Prefixes>,
     any: Prefixes,
 }
 
@@ -123,17 +123,11 @@ impl RouteTable {
                 HostPattern::Exact(h) => {
                     table.exact.entry(h.as_str().into()).or_default().insert(&route.path_prefix, id)
                 }
-                HostPattern::Suffix(s) => match table.suffixes.iter_mut().find(|(k, _)| **k == **s) {
-                    Some((_, p)) => p.insert(&route.path_prefix, id),
-                    None => {
-                        let mut p = Prefixes::default();
-                        p.insert(&route.path_prefix, id);
-                        table.suffixes.push((s.as_str().into(), p));
-                    }
-                },
+                HostPattern::Suffix(s) => {
+                    table.suffixes.entry(s.as_str().into()).or_default().insert(&route.path_prefix, id)
+                }
             }
         }
-        table.suffixes.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
         table
     }
 
@@ -148,10 +142,14 @@ impl RouteTable {
                     return Some(id);
                 }
             }
-            for (suffix, p) in &self.suffixes {
-                if host.len() > suffix.len() && host.ends_with(&**suffix) {
-                    if let Some(id) = p.find(path) {
-                        return Some(id);
+            // Every suffix of the host that starts at a dot, longest first:
+            // one lookup per label, however many wildcard hosts there are.
+            if !self.suffixes.is_empty() {
+                for (i, _) in host.match_indices('.').filter(|(i, _)| *i > 0) {
+                    if let Some(p) = self.suffixes.get(&host[i..]) {
+                        if let Some(id) = p.find(path) {
+                            return Some(id);
+                        }
                     }
                 }
             }

@@ -471,14 +471,15 @@ impl Snapshot {
 }
 
 impl Network {
-    /// `"10 locations, 6 pools, 3 services, 4 routes"`.
+    /// `"10 locations, 6 pools, 3 services, 1 route"`.
     pub fn summary(&self) -> String {
+        let n = |count: usize, one: &str, many: &str| format!("{count} {}", if count == 1 { one } else { many });
         format!(
-            "{} locations, {} pools, {} services, {} routes",
-            self.locations.len(),
-            self.pools.len(),
-            self.services.len(),
-            self.routes.len()
+            "{}, {}, {}, {}",
+            n(self.locations.len(), "location", "locations"),
+            n(self.pools.len(), "pool", "pools"),
+            n(self.services.len(), "service", "services"),
+            n(self.routes.len(), "route", "routes")
         )
     }
 }

@@ -95,9 +95,17 @@ impl Default for RateLimiter {
 }
 
 impl RateLimiter {
-    /// Take one token for `who` on `route` (rate per second, burst size);
-    /// `Err(wait)` when the bucket is empty.
-    pub fn take(&self, route: &str, who: Identity<'_>, rate: f64, burst: u32, now: Instant) -> Result<(), Duration> {
+    /// Take one token for `who` on `route` (any value that identifies the
+    /// route; rate per second, burst size); `Err(wait)` when the bucket is
+    /// empty.
+    pub fn take(
+        &self,
+        route: impl std::hash::Hash,
+        who: Identity<'_>,
+        rate: f64,
+        burst: u32,
+        now: Instant,
+    ) -> Result<(), Duration> {
         let key = self.hasher.hash_one((route, who));
         let shard = &self.shards[(key as usize) % SHARDS];
         let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
@@ -118,16 +126,20 @@ impl RateLimiter {
     }
 }
 
-/// Make room: drop buckets that have refilled (their clients are idle),
-/// else the oldest.
+/// Make room for a batch of new clients at once (so that a full table
+/// costs one scan per batch, not per request): drop buckets that have
+/// refilled (their clients are idle), and if that frees less than an
+/// eighth, the least recently used eighth.
 fn evict(map: &mut HashMap<u64, Bucket>, rate: f64, burst: u32, now: Instant) {
     let cap = f64::from(burst.max(1));
-    let before = map.len();
+    let target = map.len() - map.len() / 8;
     map.retain(|_, b| b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate < cap);
-    if map.len() == before {
-        if let Some(oldest) = map.iter().min_by_key(|(_, b)| b.last).map(|(k, _)| *k) {
-            map.remove(&oldest);
-        }
+    if map.len() > target {
+        let mut ages: Vec<Instant> = map.values().map(|b| b.last).collect();
+        let cut = map.len() - target;
+        ages.select_nth_unstable(cut - 1);
+        let oldest_kept = ages[cut - 1];
+        map.retain(|_, b| b.last > oldest_kept);
     }
 }
 

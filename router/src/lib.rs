@@ -30,6 +30,7 @@ pub mod pick;
 pub mod placement;
 pub mod proxy;
 pub mod reload;
+pub mod request;
 pub mod routing;
 pub mod sim;
 pub mod state;

@@ -13,19 +13,16 @@ use pingora::prelude::HttpPeer;
 use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use stoke_config::{AuthHeader, PoolId, RouteId, ServiceId, ServiceSource};
+use stoke_config::{PoolId, RouteId, ServiceId};
 
-use crate::body::extract_field;
 use crate::drain::{Drain, Guard};
 use crate::error::Reject;
 use crate::headers::{self, new_request_id, valid_request_id};
 use crate::metrics as m;
-use crate::routing::{self, Router, MAX_CONNECT_ATTEMPTS, MAX_WAIT_HEADER};
+use crate::request::{self, Downstream, Outcome, Trace};
+use crate::routing::{Router, MAX_CONNECT_ATTEMPTS};
 use crate::state::{Live, Slot};
 use crate::upstream;
-
-/// Label for requests that never got a route or pool.
-static NO_LABEL: metrics::SharedString = metrics::SharedString::const_str("-");
 
 /// Bytes pingora keeps to replay a request body on a retry.
 const RETRY_BUFFER: u64 = 64 * 1024;
@@ -319,36 +316,26 @@ impl ProxyHttp for EdgeProxy {
         // The slot goes first: the request is over for the replica.
         let replica = ctx.slot.take().map(|s| s.replica().addr_text.clone());
         let status = session.response_written().map_or(ctx.status, |r| r.status.as_u16());
-        let elapsed = ctx.started.elapsed();
-        if let Some(live) = ctx.live.as_deref() {
-            let route = ctx.route.map_or_else(|| NO_LABEL.clone(), |r| live.route_labels[r.index()].clone());
-            let pool = ctx.pool.map_or_else(|| NO_LABEL.clone(), |p| live.pool(p).label.clone());
-            metrics::counter!(m::REQUESTS_TOTAL, "route" => route, "pool" => pool, "status" => m::status_label(status))
-                .increment(1);
-        }
-        metrics::histogram!(m::REQUEST_DURATION).record(elapsed.as_secs_f64());
-        if tracing::enabled!(target: "stoke::access", tracing::Level::INFO) {
-            let live = ctx.live.as_deref();
-            let net = live.map(|l| &l.snapshot.network);
-            let route = net.zip(ctx.route).map(|(n, r)| n.route(r).name.as_str()).unwrap_or("-");
-            let service = net.zip(ctx.service).map(|(n, s)| n.service(s).name.as_str()).unwrap_or("-");
-            let pool = net.zip(ctx.pool).map(|(n, p)| n.pool(p).id.as_str()).unwrap_or("-");
-            tracing::info!(
-                target: "stoke::access",
-                request_id = %ctx.request_id,
-                method = %session.req_header().method,
-                path = %session.req_header().uri.path(),
-                route,
-                service,
-                pool,
-                replica = replica.as_deref().unwrap_or("-"),
+        let req = session.req_header();
+        let protocol = if session.as_ref().is_http2() { "HTTP/2" } else { "HTTP/1.1" };
+        let error = e.map(|e| e as &dyn std::fmt::Display);
+        request::record(
+            ctx.live.as_deref(),
+            &Outcome {
+                request_id: &ctx.request_id,
+                protocol,
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                trace: Trace { route: ctx.route, service: ctx.service, max_body: None },
+                pool: ctx.pool,
+                replica: replica.as_deref(),
                 status,
-                bytes = session.body_bytes_sent(),
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                wait_ms = ctx.waited.as_millis() as u64,
-                error = e.map(|e| e.to_string()).unwrap_or_default(),
-            );
-        }
+                bytes: session.body_bytes_sent(),
+                elapsed: ctx.started.elapsed(),
+                waited: ctx.waited,
+                error,
+            },
+        );
     }
 
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
@@ -369,83 +356,68 @@ impl ProxyHttp for EdgeProxy {
 }
 
 impl EdgeProxy {
-    /// Route, find the service, place and take a slot.
+    /// Route, find the service, place and take a slot (the routing core's
+    /// [`request::decide`]).
     async fn decide(&self, session: &mut Session, ctx: &mut RequestCtx, live: &Arc<Live>) -> Result<(), Reject> {
-        let req = session.req_header();
-        let host = request_host(req).unwrap_or("");
-        let route_id = Router::route(live, host, req.uri.path())?;
-        ctx.route = Some(route_id);
-        let route = live.snapshot.network.route(route_id);
-        if route.auth.is_some() || route.rate_limit.is_some() {
-            let key_header = match route.auth.as_ref().map(|a| &a.header) {
-                Some(AuthHeader::Named(name)) => session.get_header(name.as_str()),
-                _ => session.get_header(http::header::AUTHORIZATION),
-            };
-            let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-            self.router.admit_client(live, route_id, key_header.map(|v| v.as_bytes()), client)?;
-        }
-        ctx.max_body = route.max_body;
-        if let Some(len) = content_length(session) {
-            if len > route.max_body {
-                return Err(Reject::client(
-                    413,
-                    "body_too_large",
-                    format!(
-                        "the request body is {len} bytes; this route accepts at most {} (max_body)",
-                        route.max_body
-                    ),
-                ));
-            }
-        }
-        let service = match &route.service {
-            ServiceSource::Fixed(id) => *id,
-            ServiceSource::Header(name) => {
-                let value = session.get_header(name.as_str()).ok_or_else(|| {
-                    Reject::client(
-                        400,
-                        "missing_model",
-                        format!("this route takes the model from the \"{name}\" header, which the request lacks"),
-                    )
-                })?;
-                let value = value.to_str().map_err(|_| {
-                    Reject::client(400, "invalid_model", format!("the \"{name}\" header is not valid text"))
-                })?;
-                Router::service_named(live, value.trim(), &format!("the \"{name}\" header"))?
-            }
-            ServiceSource::BodyField(field) => {
-                let body = read_body(session, ctx, route.max_body_read).await?;
-                let name =
-                    extract_field(&body, field).map_err(|e| Reject::client(400, "invalid_body", e.to_string()))?;
-                ctx.body = Some(body);
-                Router::service_named(live, &name, &format!("the \"{field}\" field of the body"))?
-            }
-        };
-        ctx.service = Some(service);
-        let max_wait = routing::max_wait(route.max_wait, session.get_header(MAX_WAIT_HEADER).map(|v| v.as_bytes()));
-        // While a request is held, a client that goes away shows as a closed
-        // connection (HTTP/1.1) or a reset stream (HTTP/2). That can only be
-        // watched once the body is read; a request still sending its body
-        // is held without that watch.
-        let watch = session.is_body_done();
-        let downstream = session.as_mut();
-        let client_gone = async move {
-            if watch {
-                let _ = downstream.read_body_or_idle(true).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        let admitted = self.router.admit(live, service, ctx.started, max_wait, client_gone).await?;
-        ctx.pool = Some(admitted.pool);
-        ctx.waited = admitted.waited;
-        ctx.slot = Some(admitted.slot);
+        let mut down = PingoraDownstream { session, continued: false };
+        let mut trace = Trace::default();
+        let decided = request::decide(&self.router, live, &mut down, ctx.started, &mut trace).await;
+        ctx.continued = down.continued;
+        ctx.route = trace.route;
+        ctx.service = trace.service;
+        ctx.max_body = trace.max_body.unwrap_or(u64::MAX);
+        let routed = decided?;
+        ctx.body = routed.body;
+        ctx.pool = Some(routed.admitted.pool);
+        ctx.waited = routed.admitted.waited;
+        ctx.slot = Some(routed.admitted.slot);
         Ok(())
+    }
+}
+
+/// A pingora session as the routing core sees it.
+struct PingoraDownstream<'a> {
+    session: &'a mut Session,
+    /// `Expect: 100-continue` was answered while reading the body.
+    continued: bool,
+}
+
+#[async_trait]
+impl Downstream for PingoraDownstream<'_> {
+    fn host(&self) -> &str {
+        request_host(self.session.req_header()).unwrap_or("")
+    }
+
+    fn path(&self) -> &str {
+        self.session.req_header().uri.path()
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.session.get_header(name).map(|v| v.as_bytes())
+    }
+
+    fn client_ip(&self) -> Option<std::net::IpAddr> {
+        self.session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+    }
+
+    async fn read_body(&mut self, limit: u64) -> Result<Bytes, Reject> {
+        read_body(self.session, &mut self.continued, limit).await
+    }
+
+    fn can_watch(&mut self) -> bool {
+        // A closed connection (HTTP/1.1) or reset stream (HTTP/2) shows
+        // only once the body has been read.
+        self.session.is_body_done()
+    }
+
+    async fn gone(&mut self) {
+        let _ = self.session.as_mut().read_body_or_idle(true).await;
     }
 }
 
 /// Read the whole request body (to find the service in it), at most
 /// `limit` bytes, keeping pingora able to send it upstream afterwards.
-async fn read_body(session: &mut Session, ctx: &mut RequestCtx, limit: u64) -> Result<Bytes, Reject> {
+async fn read_body(session: &mut Session, continued: &mut bool, limit: u64) -> Result<Bytes, Reject> {
     let too_large = |n: u64| {
         Reject::client(
             413,
@@ -472,7 +444,7 @@ async fn read_body(session: &mut Session, ctx: &mut RequestCtx, limit: u64) -> R
             .write_continue_response()
             .await
             .map_err(|e| Reject::client(400, "client_gone", format!("could not answer Expect: {e}")))?;
-        ctx.continued = true;
+        *continued = true;
     }
     if length.is_none() {
         // No length: the retry buffer must hold the whole body, so it may
@@ -510,10 +482,6 @@ async fn read_body(session: &mut Session, ctx: &mut RequestCtx, limit: u64) -> R
         ));
     }
     Ok(buf.freeze())
-}
-
-fn content_length(session: &Session) -> Option<u64> {
-    session.get_header(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse().ok())
 }
 
 fn request_host(req: &RequestHeader) -> Option<&str> {

@@ -134,11 +134,14 @@ impl Router {
             origin: crate::error::Origin::Client,
             retry_after: Some(wait),
         };
+        // Host and prefix identify a route (names need not be unique), and
+        // stay the same across reloads.
+        let id = (&r.host, &r.path_prefix);
         if let (Some(rate), Some(key)) = (limit.per_key, key.as_ref()) {
-            self.limiter.take(&r.name, Identity::Key(key), rate, limit.burst, now).map_err(limited)?;
+            self.limiter.take(id, Identity::Key(key), rate, limit.burst, now).map_err(limited)?;
         }
         if let (Some(rate), Some(ip)) = (limit.per_ip, client) {
-            self.limiter.take(&r.name, Identity::Ip(ip), rate, limit.burst, now).map_err(limited)?;
+            self.limiter.take(id, Identity::Ip(ip), rate, limit.burst, now).map_err(limited)?;
         }
         Ok(())
     }

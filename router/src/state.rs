@@ -223,8 +223,8 @@ impl PoolState {
     }
 
     fn observe_service_time(&self, took: Duration) {
-        let prev = self.service_time_us.load(Ordering::Relaxed);
-        self.service_time_us.store(ewma(prev, took.as_micros() as u64), Ordering::Relaxed);
+        let took = took.as_micros() as u64;
+        let _ = self.service_time_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |prev| Some(ewma(prev, took)));
     }
 
     /// Record that a request was routed away from this pool because it was

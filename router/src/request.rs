@@ -1,0 +1,201 @@
+//! One request's way through the routing core, whatever protocol brought
+//! it. A protocol adapter (pingora for HTTP/1.1 and HTTP/2, quinn + h3 for
+//! HTTP/3) implements [`Downstream`]; [`decide`] then runs route match,
+//! access control, body limits, the service lookup (route, header or body),
+//! and admission (placement, holding, waking), and [`record`] writes the
+//! metrics and the access-log line. There is one copy of this logic.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use stoke_config::{AuthHeader, PoolId, RouteId, ServiceId, ServiceSource};
+
+use crate::body::extract_field;
+use crate::error::Reject;
+use crate::metrics as m;
+use crate::routing::{self, Admitted, Router, MAX_WAIT_HEADER};
+use crate::state::Live;
+
+/// What the routing core needs from the protocol a request came in on.
+#[async_trait]
+pub trait Downstream: Send {
+    /// The host the request is for (`Host` or `:authority`, as sent).
+    fn host(&self) -> &str;
+
+    /// The request path (without the query).
+    fn path(&self) -> &str;
+
+    /// A request header's value (names are lower-case).
+    fn header(&self, name: &str) -> Option<&[u8]>;
+
+    /// The client's address.
+    fn client_ip(&self) -> Option<IpAddr>;
+
+    /// Read the whole body, at most `limit` bytes (413 beyond), so that the
+    /// service can be found in it; it is still sent upstream afterwards.
+    async fn read_body(&mut self, limit: u64) -> Result<Bytes, Reject>;
+
+    /// Whether [`gone`](Self::gone) can watch the client now (on some
+    /// protocols only once the body has been read).
+    fn can_watch(&mut self) -> bool;
+
+    /// Resolves when the client goes away (connection closed, stream reset).
+    async fn gone(&mut self);
+}
+
+/// What was decided for a request.
+#[derive(Debug)]
+pub struct Routed {
+    /// The service.
+    pub service: ServiceId,
+    /// The whole body, when it was read to find the service.
+    pub body: Option<Bytes>,
+    /// The slot on a replica.
+    pub admitted: Admitted,
+}
+
+/// How far a request got, kept for the log even when it is refused.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Trace {
+    /// The route it matched.
+    pub route: Option<RouteId>,
+    /// The service it asked for.
+    pub service: Option<ServiceId>,
+    /// The route's body limit.
+    pub max_body: Option<u64>,
+}
+
+/// Route, check and admit a request.
+pub async fn decide<D: Downstream>(
+    router: &Arc<Router>,
+    live: &Arc<Live>,
+    down: &mut D,
+    started: Instant,
+    trace: &mut Trace,
+) -> Result<Routed, Reject> {
+    let route_id = Router::route(live, down.host(), down.path())?;
+    trace.route = Some(route_id);
+    let route = live.snapshot.network.route(route_id);
+    if route.auth.is_some() || route.rate_limit.is_some() {
+        let key_header = match route.auth.as_ref().map(|a| &a.header) {
+            Some(AuthHeader::Named(name)) => down.header(name),
+            _ => down.header("authorization"),
+        };
+        router.admit_client(live, route_id, key_header, down.client_ip())?;
+    }
+    trace.max_body = Some(route.max_body);
+    if let Some(len) =
+        down.header("content-length").and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
+    {
+        if len > route.max_body {
+            return Err(Reject::client(
+                413,
+                "body_too_large",
+                format!("the request body is {len} bytes; this route accepts at most {} (max_body)", route.max_body),
+            ));
+        }
+    }
+    let mut body = None;
+    let service = match &route.service {
+        ServiceSource::Fixed(id) => *id,
+        ServiceSource::Header(name) => {
+            let value = down.header(name).ok_or_else(|| {
+                Reject::client(
+                    400,
+                    "missing_model",
+                    format!("this route takes the model from the \"{name}\" header, which the request lacks"),
+                )
+            })?;
+            let value = std::str::from_utf8(value).map_err(|_| {
+                Reject::client(400, "invalid_model", format!("the \"{name}\" header is not valid text"))
+            })?;
+            Router::service_named(live, value.trim(), &format!("the \"{name}\" header"))?
+        }
+        ServiceSource::BodyField(field) => {
+            let read = down.read_body(route.max_body_read).await?;
+            let name = extract_field(&read, field).map_err(|e| Reject::client(400, "invalid_body", e.to_string()))?;
+            body = Some(read);
+            Router::service_named(live, &name, &format!("the \"{field}\" field of the body"))?
+        }
+    };
+    trace.service = Some(service);
+    let max_wait = routing::max_wait(route.max_wait, down.header(MAX_WAIT_HEADER));
+    let watch = down.can_watch();
+    let client_gone = async {
+        if watch {
+            down.gone().await;
+        } else {
+            // Not watchable yet: held until a slot, the deadline or a wake.
+            std::future::pending::<()>().await;
+        }
+    };
+    let admitted = router.admit(live, service, started, max_wait, client_gone).await?;
+    Ok(Routed { service, body, admitted })
+}
+
+/// How a request ended, for metrics and the access log.
+pub struct Outcome<'a> {
+    /// The request id.
+    pub request_id: &'a str,
+    /// `HTTP/1.1`, `HTTP/2` or `HTTP/3`.
+    pub protocol: &'static str,
+    /// Request method.
+    pub method: &'a str,
+    /// Request path.
+    pub path: &'a str,
+    /// How far it got.
+    pub trace: Trace,
+    /// The pool, if one was chosen.
+    pub pool: Option<PoolId>,
+    /// The replica, if one was chosen.
+    pub replica: Option<&'a str>,
+    /// The status sent (0 if none could be).
+    pub status: u16,
+    /// Response body bytes sent.
+    pub bytes: usize,
+    /// Time from request to end.
+    pub elapsed: Duration,
+    /// Time held for capacity or a wake.
+    pub waited: Duration,
+    /// What went wrong, if anything.
+    pub error: Option<&'a dyn std::fmt::Display>,
+}
+
+/// Label for requests that never got a route or pool.
+static NO_LABEL: metrics::SharedString = metrics::SharedString::const_str("-");
+
+/// Count the request and write its access-log line (target `stoke::access`).
+pub fn record(live: Option<&Live>, o: &Outcome<'_>) {
+    if let Some(live) = live {
+        let route = o.trace.route.map_or_else(|| NO_LABEL.clone(), |r| live.route_labels[r.index()].clone());
+        let pool = o.pool.map_or_else(|| NO_LABEL.clone(), |p| live.pool(p).label.clone());
+        metrics::counter!(m::REQUESTS_TOTAL, "route" => route, "pool" => pool, "status" => m::status_label(o.status))
+            .increment(1);
+    }
+    metrics::histogram!(m::REQUEST_DURATION).record(o.elapsed.as_secs_f64());
+    if tracing::enabled!(target: "stoke::access", tracing::Level::INFO) {
+        let net = live.map(|l| &l.snapshot.network);
+        let route = net.zip(o.trace.route).map(|(n, r)| n.route(r).name.as_str()).unwrap_or("-");
+        let service = net.zip(o.trace.service).map(|(n, s)| n.service(s).name.as_str()).unwrap_or("-");
+        let pool = net.zip(o.pool).map(|(n, p)| n.pool(p).id.as_str()).unwrap_or("-");
+        tracing::info!(
+            target: "stoke::access",
+            request_id = %o.request_id,
+            protocol = o.protocol,
+            method = %o.method,
+            path = %o.path,
+            route,
+            service,
+            pool,
+            replica = o.replica.unwrap_or("-"),
+            status = o.status,
+            bytes = o.bytes,
+            duration_ms = o.elapsed.as_secs_f64() * 1000.0,
+            wait_ms = o.waited.as_millis() as u64,
+            error = o.error.map(|e| e.to_string()).unwrap_or_default(),
+        );
+    }
+}

@@ -130,7 +130,7 @@ async fn hostile_inputs_never_reach_a_pool_that_does_not_serve_the_service() {
         (body(r#"{"model":{"alpha":1}}"#), None),
         (body(&format!(r#"{{"model":"{}"}}"#, "a".repeat(100_000))), None),
         (body(&"[".repeat(10_000)), None),
-        (Req::get("/v1/models?model=alpha"), None),
+        (Req::get("/v1/chat/completions?model=alpha"), None),
         // Header routes: only the named header, trimmed, exact.
         (Req::get("/h/v1/models").header("x-model", "bravo"), Some("bravo")),
         (Req::get("/h/v1/models").header("x-model", " alpha "), Some("alpha")),

@@ -23,7 +23,7 @@ fn check_accepts_the_examples() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{name}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains(": ok: "), "{stdout}");
-        assert!(stdout.contains("locations") && stdout.contains("pools") && stdout.contains("routes"), "{stdout}");
+        assert!(stdout.contains("locations") && stdout.contains("pools") && stdout.contains("route"), "{stdout}");
     }
     let out = Command::new(STOKE)
         .args(["check", "--location", "syd", "--config"])

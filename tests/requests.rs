@@ -107,6 +107,12 @@ async fn bad_requests_get_clear_json_errors() {
         assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains(needle)), "{path}: {v}");
         assert!(r.header("x-request-id").is_some());
     }
+    // The OpenAI model list is answered by the edge on a body route.
+    let r = send(addr, Req::get("/v1/models")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ids: Vec<String> =
+        r.json()["data"].as_array().expect("data").iter().map(|m| m["id"].as_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(ids, ["small", "big"]);
     // The model from a header, with the prefix stripped.
     let r = send(addr, Req::get("/h/v1/models").header("x-model", "big")).await;
     assert_eq!(r.status, 200, "{}", r.text());

@@ -44,6 +44,9 @@ pub enum StartError {
     /// The admin listener cannot start.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// The HTTP/3 listener cannot start.
+    #[error(transparent)]
+    H3(#[from] crate::h3::H3Error),
 }
 
 /// Where a running edge listens.
@@ -53,6 +56,8 @@ pub struct Bound {
     pub http: Option<SocketAddr>,
     /// TLS: HTTP/1.1 + HTTP/2.
     pub https: Option<SocketAddr>,
+    /// QUIC: HTTP/3 (UDP).
+    pub h3: Option<SocketAddr>,
     /// The admin API.
     pub admin: SocketAddr,
 }
@@ -72,6 +77,7 @@ pub struct Edge {
     ready: Arc<AtomicBool>,
     reloader: Option<Arc<Reloader>>,
     admin_stop: watch::Sender<bool>,
+    quic: Option<quinn::Endpoint>,
 }
 
 impl Edge {
@@ -119,7 +125,7 @@ impl Edge {
         health::probe_all(&router.live()).await;
 
         let mut endpoints = Vec::new();
-        let mut bound = Bound { http: None, https: None, admin: edge_conf.admin };
+        let mut bound = Bound { http: None, https: None, h3: None, admin: edge_conf.admin };
         let bind = |which: &'static str, addr: SocketAddr| {
             listener::bind(addr).map_err(|source| StartError::Bind { which, addr, source })
         };
@@ -134,19 +140,37 @@ impl Edge {
             endpoints.push(Endpoint { socket, tls: Some(resolver.clone()) });
         }
 
+        let quic = match (edge_conf.h3, &certs) {
+            (Some(addr), Some(resolver)) => {
+                let (endpoint, local) = crate::h3::bind(addr, resolver.clone(), &edge_conf)?;
+                bound.h3 = Some(local);
+                Some(endpoint)
+            }
+            _ => None,
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         // The admin API outlives the drain, so that /readyz says 503 meanwhile.
         let (admin_stop, admin_rx) = watch::channel(false);
         let (admin_addr, admin_task) = admin.spawn(edge_conf.admin, admin_rx).await?;
         bound.admin = admin_addr;
         let drain = Drain::default();
-        let app = listener::app(router.clone(), threads, drain.clone());
+        // HTTPS answers advertise HTTP/3 where it is served.
+        let alt_svc = bound.h3.map(|a| crate::h3::alt_svc(a.port()));
+        let app = listener::app(router.clone(), threads, drain.clone(), alt_svc);
         let listeners = tokio::spawn(listener::serve(app, endpoints, shutdown_rx.clone()));
         let mut background = vec![
             tokio::spawn(health::run(router.clone(), shutdown_rx.clone())),
             tokio::spawn(wake::run_sleeper(router.clone(), shutdown_rx.clone())),
             admin_task,
         ];
+        if let Some(endpoint) = &quic {
+            background.push(tokio::spawn(crate::h3::serve(
+                endpoint.clone(),
+                router.clone(),
+                drain.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
         if let Some(r) = &reloader {
             match FileWatch::start(r.clone()) {
                 Ok(w) => background.push(tokio::spawn(w.run(shutdown_rx.clone()))),
@@ -157,7 +181,7 @@ impl Edge {
         }
 
         let live = router.live();
-        for (listener, addr) in [("http", bound.http), ("https", bound.https)] {
+        for (listener, addr) in [("http", bound.http), ("https", bound.https), ("h3", bound.h3)] {
             if let Some(addr) = addr {
                 tracing::info!(listener, addr = %addr, "listening");
             }
@@ -181,6 +205,7 @@ impl Edge {
             ready,
             reloader,
             admin_stop,
+            quic,
         })
     }
 
@@ -213,6 +238,10 @@ impl Edge {
             Ok(Ok(())) => {}
         }
         let drained = self.drain.wait(self.drain_timeout).await;
+        if let Some(endpoint) = &self.quic {
+            endpoint.close(quinn::VarInt::from_u32(0x100), b"shutting down");
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
         let _ = self.admin_stop.send(true);
         for t in &self.background {
             t.abort();

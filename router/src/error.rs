@@ -53,6 +53,12 @@ impl Reject {
         }
     }
 
+    /// A 200 the edge answers itself with this JSON body (carried on the
+    /// refusal path, which writes JSON answers).
+    pub fn answer(json: String) -> Self {
+        Reject { status: 200, code: "answer", message: json, origin: Origin::Internal, retry_after: None }
+    }
+
     /// The client went away before an answer: nothing is sent (logged as
     /// 499, as nginx does).
     pub fn client_gone() -> Self {
@@ -83,6 +89,9 @@ impl Reject {
     /// The JSON body, in the shape OpenAI clients parse:
     /// `{"error":{"message":…,"type":…,"code":…}}`.
     pub fn body(&self) -> String {
+        if self.code == "answer" {
+            return self.message.clone();
+        }
         let kind = match self.origin {
             Origin::Client => "invalid_request_error",
             Origin::Upstream => "service_unavailable",

@@ -17,6 +17,7 @@ pub mod demo;
 pub mod drain;
 pub mod edge;
 pub mod error;
+pub mod h3;
 pub mod headers;
 pub mod health;
 pub mod hooks;

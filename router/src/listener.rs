@@ -115,9 +115,9 @@ impl HttpServerApp for Sessions {
 pub const BACKLOG: i32 = 1024;
 
 /// Build the application over `router`; requests hold `drain` guards.
-pub fn app(router: Arc<Router>, threads: usize, drain: crate::drain::Drain) -> Connections {
+pub fn app(router: Arc<Router>, threads: usize, drain: crate::drain::Drain, alt_svc: Option<String>) -> Connections {
     let conf = ServerConf { threads: threads.max(1), ..ServerConf::default() };
-    let mut proxy = pingora::proxy::http_proxy(&Arc::new(conf), EdgeProxy::new(router.clone(), drain));
+    let mut proxy = pingora::proxy::http_proxy(&Arc::new(conf), EdgeProxy::new(router.clone(), drain, alt_svc));
     let mut options = HttpServerOptions::default();
     // The plain listener speaks HTTP/1.1 and h2c (prior knowledge); on TLS
     // connections pingora ignores this and follows ALPN.

@@ -19,7 +19,7 @@ use crate::drain::{Drain, Guard};
 use crate::error::Reject;
 use crate::headers::{self, new_request_id, valid_request_id};
 use crate::metrics as m;
-use crate::request::{self, Downstream, Outcome, Trace};
+use crate::request::{self, Downstream, Outcome, Trace, Verdict};
 use crate::routing::{Router, MAX_CONNECT_ATTEMPTS};
 use crate::state::{Live, Slot};
 use crate::upstream;
@@ -31,13 +31,21 @@ const RETRY_BUFFER: u64 = 64 * 1024;
 pub struct EdgeProxy {
     router: Arc<Router>,
     drain: Drain,
+    /// `Alt-Svc` for answers over TLS, when HTTP/3 is served.
+    alt_svc: Option<http::HeaderValue>,
 }
 
 impl EdgeProxy {
     /// A proxy over `router`; every request holds a guard of `drain` while
     /// it runs, so that shutdown can wait for it.
-    pub fn new(router: Arc<Router>, drain: Drain) -> Self {
-        EdgeProxy { router, drain }
+    pub fn new(router: Arc<Router>, drain: Drain, alt_svc: Option<String>) -> Self {
+        let alt_svc = alt_svc.and_then(|v| http::HeaderValue::from_str(&v).ok());
+        EdgeProxy { router, drain, alt_svc }
+    }
+
+    /// Whether the downstream connection is TLS (where `Alt-Svc` applies).
+    fn over_tls(session: &Session) -> bool {
+        session.digest().is_some_and(|d| d.ssl_digest.is_some())
     }
 }
 
@@ -258,7 +266,7 @@ impl ProxyHttp for EdgeProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -266,6 +274,11 @@ impl ProxyHttp for EdgeProxy {
             resp.remove_header(&name);
         }
         ctx.status = resp.status.as_u16();
+        if let Some(alt) = &self.alt_svc {
+            if Self::over_tls(session) {
+                resp.insert_header(http::header::ALT_SVC, alt.clone())?;
+            }
+        }
         if let Some(at) = ctx.forwarded_at {
             metrics::histogram!(m::UPSTREAM_TTFB).record(at.elapsed().as_secs_f64());
         }
@@ -366,7 +379,10 @@ impl EdgeProxy {
         ctx.route = trace.route;
         ctx.service = trace.service;
         ctx.max_body = trace.max_body.unwrap_or(u64::MAX);
-        let routed = decided?;
+        let routed = match decided? {
+            Verdict::Forward(routed) => routed,
+            Verdict::Answer(json) => return Err(Reject::answer(json)),
+        };
         ctx.body = routed.body;
         ctx.pool = Some(routed.admitted.pool);
         ctx.waited = routed.admitted.waited;
@@ -390,6 +406,10 @@ impl Downstream for PingoraDownstream<'_> {
 
     fn path(&self) -> &str {
         self.session.req_header().uri.path()
+    }
+
+    fn method(&self) -> &str {
+        self.session.req_header().method.as_str()
     }
 
     fn header(&self, name: &str) -> Option<&[u8]> {

@@ -28,6 +28,9 @@ pub trait Downstream: Send {
     /// The request path (without the query).
     fn path(&self) -> &str;
 
+    /// The request method.
+    fn method(&self) -> &str;
+
     /// A request header's value (names are lower-case).
     fn header(&self, name: &str) -> Option<&[u8]>;
 
@@ -46,7 +49,17 @@ pub trait Downstream: Send {
     async fn gone(&mut self);
 }
 
-/// What was decided for a request.
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Forward it to the replica it was admitted to.
+    Forward(Routed),
+    /// Answer it at the edge with this JSON (`GET …/models` on a route that
+    /// takes the model from the body: the edge knows every model).
+    Answer(String),
+}
+
+/// What was decided for a request that is forwarded.
 #[derive(Debug)]
 pub struct Routed {
     /// The service.
@@ -75,7 +88,7 @@ pub async fn decide<D: Downstream>(
     down: &mut D,
     started: Instant,
     trace: &mut Trace,
-) -> Result<Routed, Reject> {
+) -> Result<Verdict, Reject> {
     let route_id = Router::route(live, down.host(), down.path())?;
     trace.route = Some(route_id);
     let route = live.snapshot.network.route(route_id);
@@ -114,6 +127,11 @@ pub async fn decide<D: Downstream>(
             })?;
             Router::service_named(live, value.trim(), &format!("the \"{name}\" header"))?
         }
+        ServiceSource::BodyField(_) if down.method() == "GET" && down.path().ends_with("/models") => {
+            // The OpenAI model list: no body, no model to route by. The
+            // edge knows every model the network serves.
+            return Ok(Verdict::Answer(models_list(live)));
+        }
         ServiceSource::BodyField(field) => {
             let read = down.read_body(route.max_body_read).await?;
             let name = extract_field(&read, field).map_err(|e| Reject::client(400, "invalid_body", e.to_string()))?;
@@ -133,7 +151,20 @@ pub async fn decide<D: Downstream>(
         }
     };
     let admitted = router.admit(live, service, started, max_wait, client_gone).await?;
-    Ok(Routed { service, body, admitted })
+    Ok(Verdict::Forward(Routed { service, body, admitted }))
+}
+
+/// `{"object":"list","data":[{"id":…,"object":"model",…}]}` of every
+/// service the network serves.
+pub fn models_list(live: &Live) -> String {
+    let data: Vec<serde_json::Value> = live
+        .snapshot
+        .network
+        .services
+        .iter()
+        .map(|s| serde_json::json!({"id": s.name, "object": "model", "created": 0, "owned_by": "stoke"}))
+        .collect();
+    serde_json::json!({"object": "list", "data": data}).to_string()
 }
 
 /// How a request ended, for metrics and the access log.

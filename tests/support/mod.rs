@@ -116,7 +116,7 @@ pub fn pool(id: &str, location: &str, serves: &[&str], replicas: &[SocketAddr], 
     let replicas = replicas.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
     format!(
         "\n[[pool]]\nid = \"{id}\"\nlocation = \"{location}\"\nserves = [{serves}]\nreplicas = [{replicas}]\n\
-         health = {{ path = \"/health\", interval = \"100ms\", timeout = \"200ms\" }}\n{extra}\n"
+         health = {{ path = \"/health\", interval = \"100ms\", timeout = \"100ms\" }}\n{extra}\n"
     )
 }
 

@@ -1,0 +1,677 @@
+//! HTTP/3 on the public endpoint: a QUIC listener (quinn) speaking HTTP/3
+//! (h3), with the same certificates as the HTTPS listener (SNI, ALPN `h3`).
+//!
+//! Every request goes through the routing core ([`request::decide`]: route,
+//! access control, service from header or body, placement, holding, waking)
+//! exactly as HTTP/1.1 and HTTP/2 requests do, and is forwarded to the
+//! chosen replica over pooled HTTP/1.1 connections (pingora's connector),
+//! bodies streamed both ways. Only the translation between HTTP/3 streams
+//! and HTTP/1.1 upstream sessions lives here.
+//!
+//! A client that closes its connection, resets its request body or stops
+//! reading the response ends the upstream request and frees its slot. (A
+//! client that only stops reading while its request is still held is seen
+//! when the answer starts: h3-quinn does not surface STOP_SENDING earlier.)
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Buf, Bytes, BytesMut};
+use h3::error::Code;
+use h3::server::RequestStream;
+use http::{HeaderMap, HeaderName, HeaderValue, Response};
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use pingora::upstreams::peer::Peer as _;
+use tokio::sync::watch;
+
+use crate::drain::Drain;
+use crate::error::Reject;
+use crate::headers::{self, new_request_id, valid_request_id};
+use crate::metrics as m;
+use crate::request::{self, Downstream, Outcome, Trace, Verdict};
+use crate::routing::{Router, MAX_CONNECT_ATTEMPTS};
+use crate::state::Live;
+use crate::tls::{self, CertResolver};
+use crate::upstream;
+
+type SendHalf = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type RecvHalf = RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// Fields that are per-connection in HTTP/1.1 and forbidden in HTTP/3
+/// (RFC 9114 §4.2): never carried across.
+const CONNECTION_SPECIFIC: &[&str] =
+    &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"];
+
+/// How long to wait for a body's first bytes when a request has neither
+/// `Content-Length` nor a visible end (HTTP/3 does not mark a request
+/// without body on its headers): a GET's end arrives with its headers.
+pub const BODY_PEEK: Duration = Duration::from_millis(20);
+
+/// Why the HTTP/3 listener cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum H3Error {
+    /// The TLS settings cannot serve QUIC.
+    #[error("HTTP/3 TLS setup: {0}")]
+    Tls(String),
+    /// The UDP socket cannot be bound.
+    #[error("cannot listen on {addr} (h3, UDP): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// Bind the QUIC endpoint (port 0: any free port). Must run on the tokio
+/// runtime that will serve it.
+pub fn bind(
+    addr: SocketAddr,
+    resolver: Arc<CertResolver>,
+    edge: &stoke_config::EdgeSettings,
+) -> Result<(quinn::Endpoint, SocketAddr), H3Error> {
+    let tls = tls::server_config(resolver, &[b"h3"]).map_err(|e| H3Error::Tls(e.to_string()))?;
+    // quinn checks only the initial cipher suite here and unwraps the rest
+    // per connection: check it all once, now.
+    rustls::quic::ServerConnection::new(tls.clone(), rustls::quic::Version::V1, Vec::new())
+        .map_err(|e| H3Error::Tls(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| H3Error::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(edge.h3_idle_timeout).map_err(|e| H3Error::Tls(e.to_string()))?;
+    transport
+        .max_idle_timeout(Some(idle))
+        // Pings keep a connection whose request is held (a pool waking)
+        // from idling out; idle connections are closed by the server below.
+        .keep_alive_interval(Some(edge.h3_idle_timeout / 3))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(edge.h3_max_streams))
+        // Control and two QPACK streams each way, with room to spare.
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
+    server.transport_config(Arc::new(transport));
+    let socket = std::net::UdpSocket::bind(addr).map_err(|source| H3Error::Bind { addr, source })?;
+    let local = socket.local_addr().map_err(|source| H3Error::Bind { addr, source })?;
+    let endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))
+            .map_err(|source| H3Error::Bind { addr, source })?;
+    Ok((endpoint, local))
+}
+
+/// Shared by every HTTP/3 connection of an edge.
+struct Shared {
+    router: Arc<Router>,
+    connector: Connector,
+    drain: Drain,
+}
+
+/// Accept HTTP/3 connections until `shutdown`; then stop accepting, tell
+/// every connection to finish (GOAWAY), and close the endpoint once the
+/// caller's drain is over (it aborts this task).
+pub async fn serve(endpoint: quinn::Endpoint, router: Arc<Router>, drain: Drain, mut shutdown: watch::Receiver<bool>) {
+    let shared = Arc::new(Shared { router, connector: Connector::new(None), drain });
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, shared, shutdown).await,
+                Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
+            }
+        });
+    }
+    // No new connections; existing ones got GOAWAY from their own loops.
+    endpoint.set_server_config(None);
+}
+
+async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let max_header = shared.router.live().snapshot.network.edge.max_header_bytes as u64;
+    let idle_after = shared.router.live().snapshot.network.edge.h3_idle_timeout;
+    let mut h3c: h3::server::Connection<h3_quinn::Connection, Bytes> = match h3::server::builder()
+        .max_field_section_size(max_header)
+        .build(h3_quinn::Connection::new(conn.clone()))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "HTTP/3 setup failed");
+            return;
+        }
+    };
+    let active = Drain::default();
+    let mut draining = false;
+    let mut last_request = Instant::now();
+    loop {
+        // A connection with no request for the idle timeout is closed (the
+        // server's keep-alive pings would otherwise keep it forever).
+        let idle_deadline = tokio::time::Instant::from(last_request + idle_after);
+        tokio::select! {
+            accepted = h3c.accept() => match accepted {
+                Ok(Some(resolver)) => {
+                    last_request = Instant::now();
+                    let (shared, conn, guard) = (shared.clone(), conn.clone(), active.guard());
+                    tokio::spawn(async move {
+                        let _guard = guard;
+                        match resolver.resolve_request().await {
+                            Ok((req, stream)) => handle(req, stream, conn, shared).await,
+                            Err(e) => tracing::debug!(error = %e, "malformed HTTP/3 request"),
+                        }
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if !is_normal_close(&e) {
+                        tracing::debug!(error = %e, "HTTP/3 connection error");
+                    }
+                    break;
+                }
+            },
+            _ = stopping(&mut shutdown), if !draining => {
+                draining = true;
+                let _ = h3c.shutdown(0).await;
+            }
+            _ = tokio::time::sleep_until(idle_deadline), if active.active() == 0 && !draining => {
+                draining = true;
+                let _ = h3c.shutdown(0).await;
+            }
+        }
+    }
+    // Keep the connection until its requests end (dropping it closes at once).
+    let _ = active.wait(Duration::from_secs(3600)).await;
+}
+
+/// Resolves once `shutdown` turns true (without holding its lock after).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+fn is_normal_close(e: &h3::error::ConnectionError) -> bool {
+    use h3::error::ConnectionError as E;
+    use h3::quic::ConnectionErrorIncoming as I;
+    // Some clients (aioquic) close with application code 0; idle timeouts
+    // are a normal end too.
+    e.is_h3_no_error()
+        || matches!(e, E::Timeout { .. })
+        || matches!(e, E::Remote { 0: I::ApplicationClose { error_code: 0 } | I::Timeout, .. })
+}
+
+/// An HTTP/3 request as the routing core sees it.
+struct H3Downstream<'a> {
+    req: &'a http::Request<()>,
+    rx: &'a mut RecvHalf,
+    conn: &'a quinn::Connection,
+    /// Body bytes read ahead (to find the service, or to see if any come).
+    read_ahead: BytesMut,
+    /// The client's end of the body has been seen.
+    body_done: bool,
+}
+
+impl H3Downstream<'_> {
+    /// Read the rest of the body into `read_ahead`, at most `limit` bytes.
+    async fn read_all(&mut self, limit: u64) -> Result<(), Reject> {
+        while !self.body_done {
+            match self.rx.recv_data().await {
+                Ok(Some(mut chunk)) => {
+                    if (self.read_ahead.len() + chunk.remaining()) as u64 > limit {
+                        return Err(too_large(limit));
+                    }
+                    self.read_ahead.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+                }
+                Ok(None) => self.body_done = true,
+                Err(_) => return Err(Reject::client_gone()),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn too_large(limit: u64) -> Reject {
+    Reject::client(
+        413,
+        "body_too_large",
+        format!("the request body is over {limit} bytes, the most this route reads to find the model (max_body_read)"),
+    )
+}
+
+#[async_trait]
+impl Downstream for H3Downstream<'_> {
+    fn host(&self) -> &str {
+        self.req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| self.req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
+            .unwrap_or("")
+    }
+
+    fn path(&self) -> &str {
+        self.req.uri().path()
+    }
+
+    fn method(&self) -> &str {
+        self.req.method().as_str()
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.req.headers().get(name).map(|v| v.as_bytes())
+    }
+
+    fn client_ip(&self) -> Option<std::net::IpAddr> {
+        Some(self.conn.remote_address().ip().to_canonical())
+    }
+
+    async fn read_body(&mut self, limit: u64) -> Result<Bytes, Reject> {
+        self.read_all(limit).await?;
+        Ok(self.read_ahead.split().freeze())
+    }
+
+    fn can_watch(&mut self) -> bool {
+        true
+    }
+
+    async fn gone(&mut self) {
+        self.conn.closed().await;
+    }
+}
+
+/// One HTTP/3 request, from headers to the last byte of the answer.
+async fn handle(
+    req: http::Request<()>,
+    stream: RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+) {
+    let _in_progress = shared.drain.guard();
+    let started = Instant::now();
+    let (mut tx, mut rx) = stream.split();
+    let request_id = match req.headers().get(headers::REQUEST_ID) {
+        Some(v) if valid_request_id(v.as_bytes()) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        _ => new_request_id(),
+    };
+    let live = shared.router.live();
+    let mut trace = Trace::default();
+    let mut outcome = Ended { status: 0, bytes: 0, pool: None, replica: None, waited: Duration::ZERO, error: None };
+
+    let result = async {
+        let edge = &live.snapshot.network.edge;
+        if req.headers().len() > edge.max_headers {
+            return Err(Reject::client(
+                431,
+                "headers_too_large",
+                format!(
+                    "the request has {} header fields; at most {} are accepted",
+                    req.headers().len(),
+                    edge.max_headers
+                ),
+            ));
+        }
+        let mut down =
+            H3Downstream { req: &req, rx: &mut rx, conn: &conn, read_ahead: BytesMut::new(), body_done: false };
+        let routed = match request::decide(&shared.router, &live, &mut down, started, &mut trace).await? {
+            Verdict::Forward(routed) => routed,
+            Verdict::Answer(json) => return Err(Reject::answer(json)),
+        };
+        let (read_ahead, body_done) = (down.read_ahead, down.body_done);
+        outcome.pool = Some(routed.admitted.pool);
+        outcome.waited = routed.admitted.waited;
+        forward(
+            &req,
+            &mut tx,
+            &mut rx,
+            &conn,
+            &shared,
+            &live,
+            &request_id,
+            routed,
+            read_ahead,
+            body_done,
+            &mut trace,
+            &mut outcome,
+        )
+        .await
+    }
+    .await;
+    if let Err(reject) = result {
+        outcome.status = reject.status;
+        if !reject.is_client_gone() {
+            respond(&mut tx, &live, &request_id, &reject).await;
+        }
+        if reject.status >= 400 {
+            outcome.error = Some(reject.to_string());
+        }
+    }
+    let error = outcome.error.as_ref().map(|e| e as &dyn std::fmt::Display);
+    request::record(
+        Some(&live),
+        &Outcome {
+            request_id: &request_id,
+            protocol: "HTTP/3",
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            trace,
+            pool: outcome.pool,
+            replica: outcome.replica.as_deref(),
+            status: outcome.status,
+            bytes: outcome.bytes,
+            elapsed: started.elapsed(),
+            waited: outcome.waited,
+            error,
+        },
+    );
+}
+
+/// What a request came to, for the log.
+struct Ended {
+    status: u16,
+    bytes: usize,
+    pool: Option<stoke_config::PoolId>,
+    replica: Option<String>,
+    waited: Duration,
+    error: Option<String>,
+}
+
+/// Send the request to its replica (retrying connect failures elsewhere)
+/// and stream the answer back.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    req: &http::Request<()>,
+    tx: &mut SendHalf,
+    rx: &mut RecvHalf,
+    conn: &quinn::Connection,
+    shared: &Shared,
+    live: &Arc<Live>,
+    request_id: &str,
+    routed: request::Routed,
+    mut read_ahead: BytesMut,
+    mut body_done: bool,
+    trace: &mut Trace,
+    outcome: &mut Ended,
+) -> Result<(), Reject> {
+    let net = &live.snapshot.network;
+    let route = trace.route.map(|r| net.route(r));
+    let max_body = trace.max_body.unwrap_or(u64::MAX);
+    let mut slot = routed.admitted.slot;
+    let mut pool = routed.admitted.pool;
+    // The body the route read to find the service goes as it is; otherwise
+    // see whether a body comes at all (HTTP/3 gives no sign on the headers).
+    let whole_body = routed.body;
+    let has_length = req.headers().contains_key(http::header::CONTENT_LENGTH);
+    if whole_body.is_none() && !has_length && !body_done {
+        match tokio::time::timeout(BODY_PEEK, rx.recv_data()).await {
+            Ok(Ok(None)) => body_done = true,
+            Ok(Ok(Some(mut b))) => read_ahead.extend_from_slice(&b.copy_to_bytes(b.remaining())),
+            Ok(Err(_)) => return Err(Reject::client_gone()),
+            Err(_) => {}
+        }
+    }
+    let streamed = whole_body.is_none() && !(body_done && read_ahead.is_empty());
+    let head = upstream_head(req, conn, request_id, route, whole_body.as_ref().map(Bytes::len), has_length, streamed)?;
+
+    // Connect, retrying elsewhere while nothing was sent.
+    let mut attempts = 0;
+    let (mut session, peer) = loop {
+        attempts += 1;
+        let peer = upstream::peer(slot.replica().addr, net.pool(pool));
+        match shared.connector.get_http_session(&peer).await {
+            Ok((s, _reused)) => break (s, peer),
+            Err(e) => {
+                if slot.replica().set_ready(false) {
+                    tracing::warn!(replica = %slot.replica().addr, error = %e, "replica refused a connection; marked down");
+                }
+                drop(slot);
+                let retry = if attempts < MAX_CONNECT_ATTEMPTS {
+                    trace.service.and_then(|s| Router::reacquire(live, s))
+                } else {
+                    None
+                };
+                match retry {
+                    Some((p, s)) => {
+                        pool = p;
+                        slot = s;
+                        outcome.pool = Some(p);
+                    }
+                    None => return Err(Reject::bad_gateway(format!("could not connect to a replica: {e}"))),
+                }
+            }
+        }
+    };
+    outcome.replica = Some(slot.replica().addr_text.to_string());
+    session.set_read_timeout(peer.options.read_timeout);
+    session.set_write_timeout(peer.options.write_timeout);
+    let forwarded_at = Instant::now();
+    let upstream_err = |e: pingora::BError| Reject::bad_gateway(format!("the replica failed: {}", e.etype().as_str()));
+    session.write_request_header(Box::new(head)).await.map_err(upstream_err)?;
+
+    // The request body: whole, or streamed as it comes (bounded by max_body).
+    if let Some(body) = whole_body {
+        session.write_request_body(body, true).await.map_err(upstream_err)?;
+    } else if streamed {
+        let mut sent = read_ahead.len() as u64;
+        if !read_ahead.is_empty() {
+            session.write_request_body(read_ahead.freeze(), false).await.map_err(upstream_err)?;
+        }
+        while !body_done {
+            match rx.recv_data().await {
+                Ok(Some(mut chunk)) => {
+                    sent += chunk.remaining() as u64;
+                    if sent > max_body {
+                        session.shutdown().await;
+                        return Err(Reject::client(
+                            413,
+                            "body_too_large",
+                            format!(
+                                "the request body exceeds {max_body} bytes, the most this route accepts (max_body)"
+                            ),
+                        ));
+                    }
+                    session
+                        .write_request_body(chunk.copy_to_bytes(chunk.remaining()), false)
+                        .await
+                        .map_err(upstream_err)?;
+                }
+                Ok(None) => body_done = true,
+                Err(_) => {
+                    // The client reset its upload: abandon the upstream request.
+                    session.shutdown().await;
+                    return Err(Reject::client_gone());
+                }
+            }
+        }
+    }
+    session.finish_request_body().await.map_err(upstream_err)?;
+
+    // The answer's head (skipping 1xx), watching for the client leaving.
+    loop {
+        tokio::select! {
+            r = session.read_response_header() => r.map_err(|e| match e.etype() {
+                pingora::ErrorType::ReadTimedout => Reject {
+                    status: 504,
+                    code: "upstream_timeout",
+                    message: "the replica did not answer in time".into(),
+                    origin: crate::error::Origin::Upstream,
+                    retry_after: None,
+                },
+                _ => upstream_err(e),
+            })?,
+            _ = conn.closed() => {
+                session.shutdown().await;
+                return Err(Reject::client_gone());
+            }
+        }
+        if !session.response_header().is_some_and(|h| h.status.is_informational()) {
+            break;
+        }
+    }
+    metrics::histogram!(m::UPSTREAM_TTFB).record(forwarded_at.elapsed().as_secs_f64());
+    let Some(upstream_head) = session.response_header() else {
+        return Err(Reject::bad_gateway("the replica sent no response head"));
+    };
+    let mut resp = Response::builder().status(upstream_head.status);
+    if let Some(h) = resp.headers_mut() {
+        copy_headers(&upstream_head.headers, h);
+        h.insert(headers::REQUEST_ID, header_value(request_id));
+        if net.edge.debug_headers {
+            add_debug_headers(h, live, pool, &slot, outcome.waited);
+        }
+    }
+    outcome.status = upstream_head.status.as_u16();
+    let resp = resp.body(()).map_err(|e| Reject::bad_gateway(e.to_string()))?;
+    if tx.send_response(resp).await.is_err() {
+        session.shutdown().await;
+        return Err(Reject::client_gone());
+    }
+
+    // The answer's body, streamed; a client that stops reading ends it.
+    loop {
+        let chunk = tokio::select! {
+            r = session.read_response_body() => r,
+            _ = conn.closed() => {
+                session.shutdown().await;
+                outcome.error = Some("client gone mid-response".into());
+                return Ok(());
+            }
+        };
+        match chunk {
+            Ok(Some(b)) => {
+                outcome.bytes += b.len();
+                // send_data is not cancel-safe: never raced.
+                if tx.send_data(b).await.is_err() {
+                    session.shutdown().await;
+                    outcome.error = Some("client stopped reading".into());
+                    return Ok(());
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                // The replica failed mid-answer: the client sees the stream reset.
+                session.shutdown().await;
+                tx.stop_stream(Code::H3_INTERNAL_ERROR);
+                outcome.error = Some(format!("replica failed mid-response: {}", e.etype().as_str()));
+                return Ok(());
+            }
+        }
+    }
+    let _ = tx.finish().await;
+    if session.response_done() {
+        shared.connector.release_http_session(session, &peer, peer.idle_timeout()).await;
+    } else {
+        session.shutdown().await;
+    }
+    drop(slot);
+    Ok(())
+}
+
+/// The HTTP/1.1 request head for the replica.
+#[allow(clippy::too_many_arguments)]
+fn upstream_head(
+    req: &http::Request<()>,
+    conn: &quinn::Connection,
+    request_id: &str,
+    route: Option<&stoke_config::Route>,
+    whole_body: Option<usize>,
+    has_length: bool,
+    streamed: bool,
+) -> Result<RequestHeader, Reject> {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let path =
+        route.and_then(|r| headers::forward_path(pq, &r.path_prefix, r.strip_prefix)).unwrap_or_else(|| pq.to_owned());
+    let bad = |e: pingora::BError| Reject::client(400, "bad_request", format!("cannot forward this request: {e}"));
+    let mut head =
+        RequestHeader::build(req.method().clone(), path.as_bytes(), Some(req.headers().len() + 6)).map_err(bad)?;
+    let hop = headers::hop_by_hop(req.headers(), true);
+    let mut cookies: Vec<&str> = Vec::new();
+    for (name, value) in req.headers() {
+        if CONNECTION_SPECIFIC.contains(&name.as_str()) || hop.contains(name) {
+            continue;
+        }
+        match name.as_str() {
+            // HTTP/3 may split cookies; HTTP/1.1 wants one field (RFC 9114 §4.2.1).
+            "cookie" => cookies.extend(value.to_str().ok()),
+            "content-length" if whole_body.is_some() => {}
+            _ => {
+                head.append_header(name.clone(), value.clone()).map_err(bad)?;
+            }
+        }
+    }
+    if !cookies.is_empty() {
+        head.insert_header(http::header::COOKIE, cookies.join("; ")).map_err(bad)?;
+    }
+    if let Some(authority) = req.uri().authority() {
+        head.insert_header(http::header::HOST, authority.as_str()).map_err(bad)?;
+        head.insert_header(headers::FORWARDED_HOST, authority.as_str()).map_err(bad)?;
+    }
+    head.insert_header(headers::FORWARDED_FOR, conn.remote_address().ip().to_canonical().to_string()).map_err(bad)?;
+    head.insert_header(headers::FORWARDED_PROTO, "https").map_err(bad)?;
+    head.insert_header(headers::REQUEST_ID, request_id).map_err(bad)?;
+    match whole_body {
+        Some(len) => head.insert_header(http::header::CONTENT_LENGTH, len.to_string()).map_err(bad)?,
+        None if streamed && !has_length => {
+            head.insert_header(http::header::TRANSFER_ENCODING, "chunked").map_err(bad)?
+        }
+        None => {}
+    }
+    Ok(head)
+}
+
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    let hop = headers::hop_by_hop(from, false);
+    for (name, value) in from {
+        if !CONNECTION_SPECIFIC.contains(&name.as_str()) && !hop.contains(name) {
+            to.append(name.clone(), value.clone());
+        }
+    }
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+fn add_debug_headers(
+    h: &mut HeaderMap,
+    live: &Live,
+    pool: stoke_config::PoolId,
+    slot: &crate::state::Slot,
+    waited: Duration,
+) {
+    let net = &live.snapshot.network;
+    let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
+        h.insert(HeaderName::from_static(name), header_value(value));
+    };
+    set(h, headers::STOKE_EDGE, &live.snapshot.edge_location().id);
+    set(h, headers::STOKE_POOL, &net.pool(pool).id);
+    set(h, headers::STOKE_REPLICA, &slot.replica().addr_text);
+    set(h, headers::STOKE_WAIT_MS, &waited.as_millis().to_string());
+}
+
+/// Answer a request stoke refuses, as JSON.
+async fn respond(tx: &mut SendHalf, live: &Live, request_id: &str, reject: &Reject) {
+    let body = Bytes::from(reject.body());
+    let mut resp = Response::builder()
+        .status(reject.status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(headers::REQUEST_ID, header_value(request_id));
+    if let Some(secs) = reject.retry_after_secs() {
+        resp = resp.header(http::header::RETRY_AFTER, secs);
+    }
+    if reject.status == 401 {
+        resp = resp.header(http::header::WWW_AUTHENTICATE, "Bearer");
+    }
+    if live.snapshot.network.edge.debug_headers {
+        resp = resp.header(headers::STOKE_EDGE, header_value(&live.snapshot.edge_location().id));
+    }
+    let Ok(resp) = resp.body(()) else { return };
+    if tx.send_response(resp).await.is_ok() && tx.send_data(body).await.is_ok() {
+        let _ = tx.finish().await;
+    }
+}
+
+/// The `Alt-Svc` value advertising HTTP/3 on `port`.
+pub fn alt_svc(port: u16) -> String {
+    format!("h3=\":{port}\"; ma=86400")
+}

@@ -291,6 +291,29 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        // A pooled connection the replica had already closed (it restarted,
+        // or died) fails before any answer: pingora marks such errors
+        // "retry if the connection was reused". The replica never took the
+        // request, so it may go elsewhere — for any method, as long as its
+        // body can be replayed (read whole to route it, or small enough for
+        // pingora's retry buffer) and the attempts are not used up.
+        let mut e = e.more_context(format!("replica {peer}"));
+        if session.as_ref().retry_buffer_truncated() || ctx.attempts >= MAX_CONNECT_ATTEMPTS {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
     fn fail_to_connect(
         &self,
         _session: &mut Session,

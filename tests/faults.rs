@@ -1,0 +1,273 @@
+//! Faults and hostile clients: a replica killed under load, upstreams that
+//! stall mid-stream, a whole pool unreachable, an orchestrator that is down,
+//! slowloris clients and a connection flood.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BODY_ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_under_load_fails_only_what_it_was_serving() {
+    logs();
+    let a = replica_with("r1", |o| o.tokens_per_sec = 200.0).await;
+    let b = replica_with("r2", |o| o.tokens_per_sec = 200.0).await;
+    // Slow probes: the failed connections, not a probe, must take r1 out.
+    let slow = "health = { path = \"/health\", interval = \"60s\", timeout = \"500ms\" }";
+    let text = format!(
+        "{EDGE}{LOCATIONS}\n[[pool]]\nid = \"fra-a\"\nlocation = \"fra\"\nserves = [\"m\"]\nreplicas = [\"{}\", \"{}\"]\n{slow}\n{BODY_ROUTE}",
+        a.addr, b.addr
+    );
+    let (edge, _file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http");
+
+    // Long streams on both replicas.
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        let resp = open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 600))).await;
+        let on = resp.headers().get("x-sim-replica").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        streams.push((on, tokio::spawn(async move { resp.into_body().collect().await.map(|b| b.to_bytes()) })));
+    }
+    assert!(streams.iter().any(|(on, _)| on == "r1") && streams.iter().any(|(on, _)| on == "r2"), "streams on both");
+
+    // Short requests from four clients, before and after the kill.
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop_at = Instant::now() + Duration::from_millis(1500);
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (ok, failed) = (ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                while Instant::now() < stop_at {
+                    let r = send(addr, Req::post("/v1/chat/completions", chat_body("m", false, 1))).await;
+                    if r.status == 200 { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dead = a.addr;
+    a.kill().await;
+    for w in workers {
+        w.await.expect("worker");
+    }
+    // Only what r1 had in hand could fail: at most one short request per
+    // client, and the streams it was serving.
+    assert!(failed.load(Ordering::Relaxed) <= 4, "{} short requests failed", failed.load(Ordering::Relaxed));
+    assert!(ok.load(Ordering::Relaxed) > 20);
+    for (on, s) in streams {
+        let body = s.await.expect("task");
+        let complete = body.as_ref().is_ok_and(|b| b.ends_with(b"data: [DONE]\n\n"));
+        if on == "r2" {
+            assert!(complete, "a stream on the surviving replica was cut");
+        } else {
+            assert!(!complete, "a stream on the killed replica cannot have finished");
+        }
+    }
+    let live = edge.router.live();
+    assert!(!live.pools[0].replicas.iter().find(|r| r.addr == dead).expect("r1").is_ready(), "r1 is marked down");
+    // Afterwards every request succeeds.
+    for _ in 0..10 {
+        assert_eq!(send(addr, Req::chat("m")).await.status, 200);
+    }
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}
+
+/// An upstream that answers `/health` and, for anything else, starts an SSE
+/// answer, sends two events, then stalls forever.
+async fn stalling_upstream() -> SocketAddr {
+    use stoke_router::http_server::{serve_http, HttpBody};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _keep = tx;
+        serve_http(listener, rx, |req: http::Request<hyper::body::Incoming>| async move {
+            if req.uri().path() == "/health" {
+                return Ok(http::Response::new(HttpBody::Left(http_body_util::Full::new(Bytes::from_static(b"ok")))));
+            }
+            let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(2);
+            tokio::spawn(async move {
+                let _ = tx.send_data(Bytes::from_static(b"data: {\"n\":1}\n\n")).await;
+                let _ = tx.send_data(Bytes::from_static(b"data: {\"n\":2}\n\n")).await;
+                std::future::pending::<()>().await;
+                drop(tx);
+            });
+            let mut resp = http::Response::new(HttpBody::Right(body));
+            resp.headers_mut().insert("content-type", http::HeaderValue::from_static("text/event-stream"));
+            Ok(resp)
+        })
+        .await
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stalls_mid_stream_ends_the_stream_and_frees_the_slot() {
+    logs();
+    let up = stalling_upstream().await;
+    let text =
+        format!("{EDGE}{LOCATIONS}{}{BODY_ROUTE}", pool("fra-a", "fra", &["m"], &[up], "read_timeout = \"500ms\""));
+    let (edge, _file) = edge(&text, "fra").await;
+    let started = Instant::now();
+    let resp = open(edge.bound.http.expect("http"), &Req::post("/v1/chat/completions", chat_body("m", true, 10))).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => got.extend_from_slice(f.data_ref().map(|d| &d[..]).unwrap_or(&[])),
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the client is not left hanging");
+    assert!(String::from_utf8_lossy(&got).contains("\"n\":2"), "the events sent before the stall arrived");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_pool_unreachable_moves_traffic_to_the_next() {
+    logs();
+    let reps = [replica("fra-1").await, replica("fra-2").await];
+    let par = replica("par-1").await;
+    let addrs: Vec<_> = reps.iter().map(|r| r.addr).collect();
+    let text = format!(
+        "{EDGE}{LOCATIONS}{}{}{BODY_ROUTE}",
+        pool("fra-a", "fra", &["m"], &addrs, ""),
+        pool("par-a", "par", &["m"], &[par.addr], "")
+    );
+    let (edge, _file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    assert_eq!(send(addr, Req::chat("m")).await.header("stoke-pool"), Some("fra-a"));
+    let [r1, r2] = reps;
+    r1.kill().await;
+    r2.kill().await;
+    // Every request succeeds (retried on the next pool), and within one
+    // health interval (100 ms here) they all go there directly.
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < Duration::from_millis(600) {
+        let r = send(addr, Req::chat("m")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        last = r.header("stoke-pool").unwrap_or("").to_owned();
+    }
+    assert_eq!(last, "par-a");
+    assert!(edge.router.live().pools[0].replicas.iter().all(|r| !r.is_ready()));
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_that_is_down_still_gets_held_requests_answered_by_their_deadline() {
+    logs();
+    // The wake hook points at a port where nothing listens.
+    let nothing = free_addr();
+    let rep = free_addr();
+    let text = format!(
+        "{EDGE}{LOCATIONS}{}\n[[route]]\nservice_from = \"body:model\"\nmax_wait = \"700ms\"\n",
+        scaled_pool("fra-a", "fra", &["m"], &[rep], nothing, "wake_time = \"100ms\"")
+    );
+    let (edge, _file) = edge(&text, "fra").await;
+    let started = Instant::now();
+    let r = send(edge.bound.http.expect("http"), Req::chat("m")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(650) && took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(pool_state(&edge, "fra-a").await["queue"], 0);
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_clients_do_not_slow_anyone_else_down() {
+    logs();
+    let rep = replica("fra-1").await;
+    let text = format!(
+        "{}{LOCATIONS}{}{BODY_ROUTE}",
+        EDGE.replace("debug_headers", "client_header_timeout = \"2s\"\ndebug_headers"),
+        pool("fra-a", "fra", &["m"], &[rep.addr], "")
+    );
+    let (edge, _file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    // Three hundred clients send a request line and then a byte now and then.
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+        slow.push(s);
+    }
+    let trickle = tokio::spawn(async move {
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            for s in slow.iter_mut() {
+                let _ = s.write_all(b"X").await;
+            }
+        }
+        slow
+    });
+    // Meanwhile ordinary requests see ordinary latency.
+    let mut worst = Duration::ZERO;
+    for _ in 0..30 {
+        let t = Instant::now();
+        let r = send(addr, Req::chat("m")).await;
+        assert_eq!(r.status, 200);
+        worst = worst.max(t.elapsed());
+    }
+    assert!(worst < Duration::from_millis(500), "worst latency {worst:?} under slowloris");
+    // A slow client that goes quiet is cut off after the header timeout.
+    let mut slow = trickle.await.expect("trickle");
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow[0].read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "a silent slow client is disconnected: {closed:?}");
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_are_closed_at_once() {
+    logs();
+    let rep = replica("fra-1").await;
+    let text = format!(
+        "{}{LOCATIONS}{}{BODY_ROUTE}",
+        EDGE.replace("debug_headers", "max_connections = 20\ndebug_headers"),
+        pool("fra-a", "fra", &["m"], &[rep.addr], "")
+    );
+    let (edge, _file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    // Let the edge take them all in.
+    tokio::task::yield_now().await;
+    eventually(Duration::from_secs(5), "the 21st connection is refused", || async {
+        let mut extra = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let _ = extra.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    drop(idle);
+    // Once they go, new connections are served again.
+    eventually(Duration::from_secs(5), "served again", || async {
+        let r = stoke_router::http_client::get(addr, "localhost", "/v1/models", Duration::from_secs(1)).await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    edge.shutdown().await;
+}

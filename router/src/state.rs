@@ -333,6 +333,20 @@ pub struct PoolView {
 }
 
 impl PoolView {
+    /// A pool view outside any snapshot (for benches and tests): replicas
+    /// on `replicas` loopback ports, none ready yet.
+    pub fn detached(replicas: usize, max_concurrency: u32, max_queue: u32) -> Self {
+        PoolView {
+            label: metrics::SharedString::const_str("detached"),
+            state: Arc::new(PoolState::new("detached", Duration::from_secs(1))),
+            replicas: (0..replicas)
+                .map(|i| Arc::new(ReplicaState::new(SocketAddr::from(([127, 0, 0, 1], 1 + i as u16)))))
+                .collect(),
+            max_concurrency,
+            max_queue,
+        }
+    }
+
     /// Free slots over ready replicas.
     pub fn free_slots(&self) -> u32 {
         self.replicas.iter().map(|r| r.free_slots(self.max_concurrency)).sum()

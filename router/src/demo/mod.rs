@@ -197,6 +197,11 @@ impl Demo {
         })
     }
 
+    /// The generated config file every edge reads (and reloads when it changes).
+    pub fn config_path(&self) -> &std::path::Path {
+        self._config.path()
+    }
+
     /// The figures so far.
     pub fn summary(&self) -> Summary {
         let s = &self.world.stats;
@@ -353,6 +358,7 @@ pub async fn run(opts: DemoOptions, duration: Option<Duration>) -> Result<Summar
     let demo = Demo::start(opts).await?;
     println!("stoke demo: ten edges, {} GPU pools, a day every {} s", POOLS.len(), demo.world.clock.day.as_secs());
     println!("  status page   {}", demo.status_url);
+    println!("  config        {}", demo.config_path().display());
     for (id, addr) in &demo.edges {
         println!("  edge {id:<4}     http://{addr}/v1/chat/completions");
     }

@@ -68,6 +68,11 @@ pub struct ReplicaStats {
     pub waiting: AtomicU32,
     /// Streams whose client went away before the end.
     pub aborted: AtomicU64,
+    /// When `/health` first answered 200 after the replica was last made
+    /// sick (or started): the moment a prober can first see it ready.
+    pub healthy_since: std::sync::Mutex<Option<Instant>>,
+    /// When the last completion request arrived.
+    pub last_request_at: std::sync::Mutex<Option<Instant>>,
 }
 
 struct Sim {
@@ -117,6 +122,11 @@ impl Replica {
 
     /// Make `/health` fail (true) or follow the boot time again (false).
     pub fn set_sick(&self, sick: bool) {
+        if sick {
+            if let Ok(mut h) = self.stats.healthy_since.lock() {
+                *h = None;
+            }
+        }
         self.sim.sick.store(sick, Ordering::Relaxed);
     }
 
@@ -143,6 +153,9 @@ impl Sim {
         let mut resp = match (req.method(), req.uri().path()) {
             (&Method::GET, "/health") => {
                 if self.booted() && !self.sick.load(Ordering::Relaxed) {
+                    if let Ok(mut h) = self.stats.healthy_since.lock() {
+                        h.get_or_insert_with(Instant::now);
+                    }
                     text(StatusCode::OK, "ok")
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "booting")
@@ -200,6 +213,9 @@ impl Sim {
             return error(StatusCode::SERVICE_UNAVAILABLE, "the replica is still booting");
         }
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut at) = self.stats.last_request_at.lock() {
+            *at = Some(Instant::now());
+        }
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the body failed: {e}")),

@@ -335,20 +335,10 @@ impl TlsConn {
         roots: &[rustls::pki_types::CertificateDer<'static>],
         sni: &str,
     ) -> Self {
-        let mut store = rustls::RootCertStore::empty();
-        for r in roots {
-            store.add(r.clone()).expect("root");
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(store)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = tls_client_config(roots, &[b"http/1.1"]);
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).expect("name");
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.expect("handshake");
+        let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("handshake");
         let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).expect("cert").clone().into_owned();
         let (sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.expect("h1");

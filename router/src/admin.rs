@@ -18,16 +18,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::http_server::{serve_http, HttpBody};
+use crate::http_server::{json as json_response, serve_http, text, HttpBody};
 use crate::metrics as m;
 use crate::reload::Reloader;
 use crate::routing::Router;
@@ -301,19 +299,6 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         diff |= usize::from(x ^ y);
     }
     diff == 0
-}
-
-fn text(status: StatusCode, body: &str) -> Response<HttpBody> {
-    let mut r = Response::new(Either::Left(Full::new(Bytes::copy_from_slice(body.as_bytes()))));
-    *r.status_mut() = status;
-    r
-}
-
-fn json_response(status: StatusCode, v: &Value) -> Response<HttpBody> {
-    let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-    r
 }
 
 fn error(status: StatusCode, message: &str) -> Response<HttpBody> {

@@ -175,6 +175,21 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().thread_name("stoke").build()
 }
 
+/// Run `main` on a runtime of `threads` workers (0: one per core); `what`
+/// names the command in the error if the runtime cannot start.
+fn run_on_runtime<F>(threads: usize, what: &str, main: F) -> ExitCode
+where
+    F: std::future::Future<Output = ExitCode>,
+{
+    match runtime(threads) {
+        Ok(rt) => rt.block_on(main),
+        Err(e) => {
+            eprintln!("stoke {what}: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn serve(args: &ServeArgs) -> ExitCode {
     // Validate before starting anything, and size the runtime from the file.
     let snapshot = match stoke_config::load_snapshot(&args.config, args.location.as_deref()) {
@@ -233,14 +248,7 @@ pub(crate) async fn wait_for_stop() {
 }
 
 fn sim_replica(args: ReplicaArgs) -> ExitCode {
-    let rt = match runtime(0) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("stoke sim: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    rt.block_on(async move {
+    run_on_runtime(0, "sim replica", async move {
         let opts = ReplicaOptions {
             listen: args.listen,
             name: args.name,
@@ -273,14 +281,7 @@ fn sim_orchestrator(args: OrchestratorArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let rt = match runtime(0) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("stoke sim: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    rt.block_on(async move {
+    run_on_runtime(0, "sim orchestrator", async move {
         let opts = OrchestratorOptions {
             listen: args.listen,
             boot_time: args.boot_time,

@@ -47,3 +47,18 @@ where
     drop(listener);
     while conns.join_next().await.is_some() {}
 }
+
+/// A response with a text body.
+pub fn text(status: http::StatusCode, body: &str) -> Response<HttpBody> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::copy_from_slice(body.as_bytes()))));
+    *r.status_mut() = status;
+    r
+}
+
+/// A response with a JSON body.
+pub fn json(status: http::StatusCode, v: &serde_json::Value) -> Response<HttpBody> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}

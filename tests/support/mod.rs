@@ -262,14 +262,11 @@ pub struct TlsResp {
     pub resp: Resp,
 }
 
-/// Send one request over TLS, trusting `roots`, with SNI `sni` and ALPN `alpn`.
-pub async fn send_tls(
-    addr: SocketAddr,
+/// A TLS client trusting `roots` and offering `alpn`.
+pub fn tls_client_config(
     roots: &[rustls::pki_types::CertificateDer<'static>],
-    sni: &str,
     alpn: &[&[u8]],
-    req: Req,
-) -> TlsResp {
+) -> Arc<rustls::ClientConfig> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r.clone()).expect("root");
@@ -281,7 +278,18 @@ pub async fn send_tls(
         .with_root_certificates(store)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    Arc::new(config)
+}
+
+/// Send one request over TLS, trusting `roots`, with SNI `sni` and ALPN `alpn`.
+pub async fn send_tls(
+    addr: SocketAddr,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+    sni: &str,
+    alpn: &[&[u8]],
+    req: Req,
+) -> TlsResp {
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(roots, alpn));
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).expect("server name");
     let tls = connector.connect(name, tcp).await.expect("TLS handshake");

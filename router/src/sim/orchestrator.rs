@@ -11,16 +11,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 use stoke_config::Network;
 use tokio::sync::watch;
 
 use super::replica::{Replica, ReplicaOptions};
-use crate::http_server::{serve_http, HttpBody};
+use crate::http_server::{json as json_response, serve_http, HttpBody};
 
 /// Settings of a simulated orchestrator.
 #[derive(Clone, Debug)]
@@ -297,11 +296,4 @@ impl Fleet {
             _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
         }
     }
-}
-
-fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<HttpBody> {
-    let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    r
 }

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 
-use crate::http_server::{serve_http, HttpBody};
+use crate::http_server::{json as json_response, serve_http, text, HttpBody};
 
 /// Settings of a simulated replica.
 #[derive(Clone, Debug)]
@@ -379,19 +379,6 @@ impl Generation {
 
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn text(status: StatusCode, body: &str) -> Response<HttpBody> {
-    let mut r = Response::new(Either::Left(Full::new(Bytes::copy_from_slice(body.as_bytes()))));
-    *r.status_mut() = status;
-    r
-}
-
-fn json_response(status: StatusCode, v: &Value) -> Response<HttpBody> {
-    let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-    r
 }
 
 fn error(status: StatusCode, message: &str) -> Response<HttpBody> {

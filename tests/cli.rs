@@ -86,20 +86,27 @@ fn help_describes_every_command_and_flag() {
     }
 }
 
-/// Read the JSON log lines of a child until the plain listener's address shows.
-fn listening_addr(stderr: std::process::ChildStderr) -> SocketAddr {
+/// Read the JSON log lines of a child until the plain listener's address
+/// shows; returns it and the admin listener's.
+fn listening_addrs(stderr: std::process::ChildStderr) -> (SocketAddr, SocketAddr) {
     let mut lines = BufReader::new(stderr).lines();
+    let (mut http, mut admin) = (None, None);
     while let Some(Ok(line)) = lines.next() {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            if v["listener"] == "http" {
-                let addr = v["addr"].as_str().expect("addr").parse().expect("socket addr");
+            let addr = || v["addr"].as_str().and_then(|a| a.parse().ok());
+            match v["listener"].as_str() {
+                Some("http") => http = addr(),
+                Some("admin") => admin = addr(),
+                _ => {}
+            }
+            if let (Some(h), Some(a)) = (http, admin) {
                 // Keep draining the pipe so the child never blocks on it.
                 std::thread::spawn(move || for _ in lines {});
-                return addr;
+                return (h, a);
             }
         }
     }
-    panic!("the edge never reported its listener");
+    panic!("the edge never reported its listeners");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +123,7 @@ async fn serve_stops_on_sigterm_after_in_flight_requests_finish() {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn stoke serve");
-    let addr = listening_addr(child.stderr.take().expect("stderr"));
+    let (addr, _) = listening_addrs(child.stderr.take().expect("stderr"));
 
     let resp = open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 20))).await;
     assert_eq!(resp.status(), 200);
@@ -130,4 +137,37 @@ async fn serve_stops_on_sigterm_after_in_flight_requests_finish() {
     assert!(exit.success(), "exit status {exit:?}");
     // And it no longer listens.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config() {
+    let rep = replica("fra-1").await;
+    let text = format!(
+        "{EDGE}{LOCATIONS}{}\n[[route]]\nservice_from = \"body:model\"\n",
+        pool("fra-a", "fra", &["m"], &[rep.addr], "")
+    );
+    let file = ConfigFile::new(&text);
+    let mut child = Command::new(STOKE)
+        .args(["--log-format", "json", "serve", "--location", "fra", "--config"])
+        .arg(&file.path)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn stoke serve");
+    let (_, admin) = listening_addrs(child.stderr.take().expect("stderr"));
+    assert_eq!(send(admin, Req::get("/state")).await.json()["version"], 1);
+    let version = || async { send(admin, Req::get("/state")).await.json()["version"].as_u64() };
+
+    // The file is untouched: only the signal can cause this reload.
+    let status = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    eventually(std::time::Duration::from_secs(5), "reloaded on SIGHUP", || async {
+        (version().await == Some(2)).then_some(())
+    })
+    .await;
+    let state = send(admin, Req::get("/state")).await.json();
+    assert_eq!(state["last_reload"]["trigger"], "signal");
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    assert!(exit.success());
 }

@@ -76,6 +76,14 @@ async fn a_hundred_reloads_under_load_lose_no_request() {
     assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed across reloads");
     assert!(ok.load(Ordering::Relaxed) >= 100, "the load ran: {} requests", ok.load(Ordering::Relaxed));
     assert!(edge.router.live().version >= 101);
+    let metrics = send(edge.bound.admin, Req::get("/metrics")).await.text();
+    let ok_reloads = metrics
+        .lines()
+        .find(|l| l.starts_with("stoke_config_reloads_total{result=\"ok\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .expect("reload counter");
+    assert!(ok_reloads >= 100.0, "{ok_reloads} reloads counted");
+    assert!(metrics.contains("stoke_config_snapshot_version"));
     assert_drained(&edge).await;
     edge.shutdown().await;
 }

@@ -372,3 +372,33 @@ impl Traffic {
         sent
     }
 }
+
+/// The demo's page for the whole network: ten edges, every pool, live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_status_page_draws_the_whole_network_in_chromium() {
+    logs();
+    let chromium = chromium();
+    let demo = stoke_router::demo::Demo::start(stoke_router::demo::DemoOptions {
+        day: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await
+    .expect("demo starts");
+    let pools = demo.state()["pools"].as_array().map_or(0, Vec::len);
+    let dom = browse(&chromium, &["--dump-dom"], &demo.status_url).await;
+    let locations = elements_with_class(&dom, "loc");
+    for id in LOCATION_IDS {
+        assert!(
+            locations.iter().any(|tag| attr(tag, "data-id").as_deref() == Some(id)),
+            "location {id} not drawn on the demo page"
+        );
+    }
+    assert_eq!(elements_with_class(&dom, "pool").len(), pools, "every pool drawn");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&dir).expect("artifact dir");
+    let shot = dir.join("demo_status_page.png");
+    let shot_arg = format!("--screenshot={}", shot.display());
+    browse(&chromium, &[&shot_arg, "--window-size=1400,900", "--hide-scrollbars"], &demo.status_url).await;
+    assert!(std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000), "screenshot saved");
+    demo.stop().await;
+}

@@ -68,6 +68,28 @@ async fn in_flight_is_exact_for_complete_and_streamed_requests() {
         }
         assert_drained(&edge).await;
     }
+    // Upstream connections are pooled: 24 requests, a dozen at a time,
+    // need no more than a dozen connections (plus the health probes').
+    let conns = rep.stats.connections.load(Ordering::Relaxed);
+    let probes = 10; // one per 100 ms probe, generously
+    assert!(conns <= 12 + probes, "{conns} upstream connections for 24 requests");
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused() {
+    logs();
+    let rep = replica("fra-1").await;
+    let (edge, _file) = edge(&one_pool(rep.addr, ""), "fra").await;
+    let addr = edge.bound.http.expect("http");
+    let before = rep.stats.connections.load(Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        assert_eq!(send(addr, Req::chat("m")).await.status, 200);
+    }
+    let probes = started.elapsed().as_millis() as u64 / 100 + 2;
+    let opened = rep.stats.connections.load(Ordering::Relaxed) - before;
+    assert!(opened <= 1 + probes, "{opened} connections for 50 sequential requests ({probes} for probes)");
     edge.shutdown().await;
 }
 

@@ -21,8 +21,21 @@ pub type HttpBody = Either<Full<Bytes>, http_body_util::channel::Channel<Bytes, 
 
 /// Serve `handler` on `listener` until `shutdown` turns true; then stop
 /// accepting and let open connections finish.
-pub async fn serve_http<F, Fut>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: F)
+pub async fn serve_http<F, Fut>(listener: TcpListener, shutdown: watch::Receiver<bool>, handler: F)
 where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<HttpBody>, Infallible>> + Send + 'static,
+{
+    serve_http_counted(listener, shutdown, handler, None).await;
+}
+
+/// [`serve_http`], counting accepted connections in `counter`.
+pub async fn serve_http_counted<F, Fut>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    handler: F,
+    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<HttpBody>, Infallible>> + Send + 'static,
 {
@@ -38,6 +51,9 @@ where
             continue;
         };
         let _ = stream.set_nodelay(true);
+        if let Some(n) = &counter {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let handler = handler.clone();
         conns.spawn(async move {
             let service = service_fn(&handler);

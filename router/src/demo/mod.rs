@@ -320,6 +320,11 @@ impl World {
                     "max_concurrency": pool.max_concurrency,
                     "routed_total": views.iter().map(|v| v.state.routed()).sum::<u64>(),
                     "expected_wake_ms": home.state.expected_wake().as_millis() as u64,
+                    "waking_for_ms": views
+                        .iter()
+                        .filter_map(|v| v.state.waking_since())
+                        .map(|t| t.elapsed().as_millis() as u64)
+                        .max(),
                     "replicas": replicas,
                 })
             })

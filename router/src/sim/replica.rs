@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 
-use crate::http_server::{json as json_response, serve_http, text, HttpBody};
+use crate::http_server::{json as json_response, serve_http_counted, text, HttpBody};
 
 /// Settings of a simulated replica.
 #[derive(Clone, Debug)]
@@ -73,6 +73,8 @@ pub struct ReplicaStats {
     pub healthy_since: std::sync::Mutex<Option<Instant>>,
     /// When the last completion request arrived.
     pub last_request_at: std::sync::Mutex<Option<Instant>>,
+    /// TCP connections accepted.
+    pub connections: Arc<AtomicU64>,
 }
 
 struct Sim {
@@ -113,10 +115,16 @@ impl Replica {
         });
         let (shutdown, rx) = watch::channel(false);
         let handler = sim.clone();
-        let task = tokio::spawn(serve_http(listener, rx, move |req| {
-            let sim = handler.clone();
-            async move { Ok::<_, Infallible>(sim.handle(req).await) }
-        }));
+        let counter = stats.connections.clone();
+        let task = tokio::spawn(serve_http_counted(
+            listener,
+            rx,
+            move |req| {
+                let sim = handler.clone();
+                async move { Ok::<_, Infallible>(sim.handle(req).await) }
+            },
+            Some(counter),
+        ));
         Ok(Replica { addr, stats, sim, shutdown, task })
     }
 

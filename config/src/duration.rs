@@ -74,6 +74,9 @@ pub fn format_duration(d: Duration) -> String {
         format!("{}m", ms / 60_000)
     } else if ms % 1_000 == 0 {
         format!("{}s", ms / 1_000)
+    } else if ms > u128::from(u64::MAX) {
+        // Too many milliseconds for one number the parser reads back.
+        format!("{}s{}ms", ms / 1_000, ms % 1_000)
     } else {
         format!("{ms}ms")
     }
@@ -105,6 +108,12 @@ mod tests {
         for bad in ["", "MiB", "1 mib", "-1", "1.5MiB", "99999999999GiB"] {
             assert_eq!(parse_size(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn huge_durations_round_trip() {
+        let d = Duration::from_millis(u64::MAX) + Duration::from_millis(1);
+        assert_eq!(parse_duration(&format_duration(d)), Some(d));
     }
 
     #[test]

@@ -22,7 +22,15 @@ pub enum BodyFieldError {
 }
 
 /// The value of the top-level string field `field` of the JSON object in `body`.
+///
+/// The body must be UTF-8 and a JSON object; values other than the field
+/// are skipped without further checks (an escaped lone surrogate, a number
+/// beyond f64 or very deep nesting are JSON by its grammar and pass: the
+/// replica judges them).
 pub fn extract_field(body: &[u8], field: &str) -> Result<String, BodyFieldError> {
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(BodyFieldError::NotJson(format!("it is not UTF-8 (invalid byte at offset {})", e.valid_up_to())));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let not_json = |e: serde_json::Error| BodyFieldError::NotJson(e.to_string());
     let found = FieldSeed { field }.deserialize(&mut de).map_err(not_json)?;
@@ -178,6 +186,12 @@ mod tests {
     fn escaped_keys_and_values() {
         let body = br#"{"mod\u0065l":"caf\u00e9"}"#;
         assert_eq!(extract_field(body, "model"), Ok("café".to_owned()));
+    }
+
+    #[test]
+    fn invalid_utf8_anywhere_is_not_json() {
+        let body = b"{\"model\":\"a\",\"prompt\":\"\x91\"}";
+        assert!(matches!(extract_field(body, "model"), Err(BodyFieldError::NotJson(m)) if m.contains("UTF-8")));
     }
 
     #[test]

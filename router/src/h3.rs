@@ -507,7 +507,7 @@ async fn forward(
             break;
         }
     }
-    metrics::histogram!(m::UPSTREAM_TTFB).record(forwarded_at.elapsed().as_secs_f64());
+    request::upstream_ttfb().record(forwarded_at.elapsed().as_secs_f64());
     let Some(upstream_head) = session.response_header() else {
         return Err(Reject::bad_gateway("the replica sent no response head"));
     };

@@ -280,7 +280,7 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         if let Some(at) = ctx.forwarded_at {
-            metrics::histogram!(m::UPSTREAM_TTFB).record(at.elapsed().as_secs_f64());
+            request::upstream_ttfb().record(at.elapsed().as_secs_f64());
         }
         resp.insert_header(headers::REQUEST_ID, ctx.request_id.as_str())?;
         if let Some(live) = &ctx.live {

@@ -5,8 +5,10 @@
 //! and admission (placement, holding, waking), and [`record`] writes the
 //! metrics and the access-log line. There is one copy of this logic.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -198,15 +200,49 @@ pub struct Outcome<'a> {
 /// Label for requests that never got a route or pool.
 static NO_LABEL: metrics::SharedString = metrics::SharedString::const_str("-");
 
+thread_local! {
+    /// Counter handles by (snapshot version, route, pool, status): looking
+    /// one up in the recorder builds a labelled key (an allocation and a
+    /// hash of three labels) each time; a worker thread's own table avoids
+    /// both and needs no lock.
+    static REQUEST_COUNTERS: RefCell<HashMap<(u64, u32, u32, u16), metrics::Counter>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Bound of a thread's counter table (it is cleared when full).
+const MAX_CACHED_COUNTERS: usize = 4096;
+
+fn request_duration() -> &'static metrics::Histogram {
+    static H: OnceLock<metrics::Histogram> = OnceLock::new();
+    H.get_or_init(|| metrics::histogram!(m::REQUEST_DURATION))
+}
+
+/// The `stoke_upstream_ttfb_seconds` histogram (registered once).
+pub fn upstream_ttfb() -> &'static metrics::Histogram {
+    static H: OnceLock<metrics::Histogram> = OnceLock::new();
+    H.get_or_init(|| metrics::histogram!(m::UPSTREAM_TTFB))
+}
+
 /// Count the request and write its access-log line (target `stoke::access`).
 pub fn record(live: Option<&Live>, o: &Outcome<'_>) {
     if let Some(live) = live {
-        let route = o.trace.route.map_or_else(|| NO_LABEL.clone(), |r| live.route_labels[r.index()].clone());
-        let pool = o.pool.map_or_else(|| NO_LABEL.clone(), |p| live.pool(p).label.clone());
-        metrics::counter!(m::REQUESTS_TOTAL, "route" => route, "pool" => pool, "status" => m::status_label(o.status))
-            .increment(1);
+        let key = (live.version, o.trace.route.map_or(u32::MAX, |r| r.0), o.pool.map_or(u32::MAX, |p| p.0), o.status);
+        REQUEST_COUNTERS.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if cache.len() >= MAX_CACHED_COUNTERS {
+                cache.clear();
+            }
+            cache
+                .entry(key)
+                .or_insert_with(|| {
+                    let route = o.trace.route.map_or_else(|| NO_LABEL.clone(), |r| live.route_labels[r.index()].clone());
+                    let pool = o.pool.map_or_else(|| NO_LABEL.clone(), |p| live.pool(p).label.clone());
+                    metrics::counter!(m::REQUESTS_TOTAL, "route" => route, "pool" => pool, "status" => m::status_label(o.status))
+                })
+                .increment(1);
+        });
     }
-    metrics::histogram!(m::REQUEST_DURATION).record(o.elapsed.as_secs_f64());
+    request_duration().record(o.elapsed.as_secs_f64());
     if tracing::enabled!(target: "stoke::access", tracing::Level::INFO) {
         let net = live.map(|l| &l.snapshot.network);
         let route = net.zip(o.trace.route).map(|(n, r)| n.route(r).name.as_str()).unwrap_or("-");

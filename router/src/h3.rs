@@ -30,7 +30,6 @@ use tokio::sync::watch;
 use crate::drain::Drain;
 use crate::error::Reject;
 use crate::headers::{self, new_request_id, valid_request_id};
-use crate::metrics as m;
 use crate::request::{self, Downstream, Outcome, Trace, Verdict};
 use crate::routing::{Router, MAX_CONNECT_ATTEMPTS};
 use crate::state::Live;

@@ -109,7 +109,8 @@ struct Shared {
 /// every connection to finish (GOAWAY), and close the endpoint once the
 /// caller's drain is over (it aborts this task).
 pub async fn serve(endpoint: quinn::Endpoint, router: Arc<Router>, drain: Drain, mut shutdown: watch::Receiver<bool>) {
-    let shared = Arc::new(Shared { router, connector: Connector::new(None), drain });
+    let options = pingora::connectors::ConnectorOptions::new(crate::listener::UPSTREAM_KEEPALIVE_POOL);
+    let shared = Arc::new(Shared { router, connector: Connector::new(Some(options)), drain });
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,

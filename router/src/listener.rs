@@ -111,12 +111,22 @@ impl HttpServerApp for Sessions {
     }
 }
 
+/// Idle upstream connections kept per worker thread.
+pub const UPSTREAM_KEEPALIVE_POOL: usize = 1024;
+
 /// Backlog of the public listeners.
 pub const BACKLOG: i32 = 1024;
 
 /// Build the application over `router`; requests hold `drain` guards.
 pub fn app(router: Arc<Router>, threads: usize, drain: crate::drain::Drain, alt_svc: Option<String>) -> Connections {
-    let conf = ServerConf { threads: threads.max(1), ..ServerConf::default() };
+    let conf = ServerConf {
+        threads: threads.max(1),
+        // Idle upstream connections kept per worker. pingora's default (128)
+        // is below the concurrency of one busy pool: beyond it every request
+        // would pay a new connection.
+        upstream_keepalive_pool_size: UPSTREAM_KEEPALIVE_POOL,
+        ..ServerConf::default()
+    };
     let mut proxy = pingora::proxy::http_proxy(&Arc::new(conf), EdgeProxy::new(router.clone(), drain, alt_svc));
     let mut options = HttpServerOptions::default();
     // The plain listener speaks HTTP/1.1 and h2c (prior knowledge); on TLS

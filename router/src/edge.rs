@@ -80,6 +80,9 @@ pub struct Edge {
     quic: Option<quinn::Endpoint>,
 }
 
+/// Timeouts up to this long use pingora's fast timer; longer ones tokio's.
+const FAST_TIMER_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 impl Edge {
     /// Start an edge for `snapshot` (no reload source): probe every
     /// replica once, then bind and serve.
@@ -99,6 +102,12 @@ impl Edge {
     }
 
     async fn start_inner(snapshot: Snapshot, source: Option<ConfigSource>) -> Result<Edge, StartError> {
+        // pingora's fast timers stay in a per-thread tree until their
+        // deadline, even when the operation finished long before: every read
+        // under a 300 s `read_timeout` would hold an entry for five minutes.
+        // Long timeouts, which are nearly always cancelled, go to tokio's
+        // timer instead, which forgets a timer when it is dropped.
+        pingora::time::fast_timeout::set_fast_timeout_to_tokio_threshold(Some(FAST_TIMER_LIMIT));
         let edge_conf = snapshot.network.edge.clone();
         let threads = match edge_conf.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

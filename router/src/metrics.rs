@@ -53,9 +53,26 @@ pub fn install() -> PrometheusHandle {
             // then ours only renders what it records itself.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            spawn_upkeep(handle.clone());
             handle
         })
         .clone()
+}
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Fold histogram samples into buckets every few seconds. The recorder keeps
+/// every sample until it is rendered or upkept, so an edge whose `/metrics`
+/// nobody scrapes would otherwise grow by each request's samples forever.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new().name("stoke-metrics-upkeep".to_owned()).spawn(move || loop {
+        std::thread::sleep(UPKEEP_INTERVAL);
+        handle.run_upkeep();
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the metrics upkeep thread; histograms are folded only when /metrics is scraped");
+    }
 }
 
 fn describe() {

@@ -122,6 +122,42 @@ async fn bad_requests_get_clear_json_errors() {
     edge.shutdown().await;
 }
 
+/// A client that sends its whole (too large) body before it reads the
+/// answer gets the answer, not a reset connection: the edge answers 413 at
+/// once from Content-Length, then reads and drops the rest of the body
+/// before it closes (a lingering close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_body_still_being_sent_gets_the_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    logs();
+    let fra = replica("fra-1").await;
+    let sin = replica("sin-1").await;
+    let (edge, _file) = edge(&body_config(fra.addr, sin.addr), "fra").await;
+    let addr = edge.bound.http.expect("http");
+    for _ in 0..3 {
+        let len = 8usize << 20;
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.expect("head");
+        // Give the edge time to answer and, without lingering, to close.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let chunk = vec![b' '; 64 << 10];
+        for _ in 0..len / chunk.len() {
+            s.write_all(&chunk).await.expect("the edge reads the rest of the body instead of resetting");
+        }
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+        read.expect("answered in time").expect("the answer, not a reset");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+        assert!(text.contains("body_too_large"), "{text}");
+    }
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_and_hop_by_hop_headers() {
     logs();

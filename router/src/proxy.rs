@@ -564,12 +564,43 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, reject: &Reject) {
             let _ = resp.insert_header(headers::STOKE_EDGE, live.snapshot.edge_location().id.as_str());
         }
     }
-    if !session.is_body_done() {
+    let unread = !session.is_body_done();
+    if unread {
         // The unread body stays on the connection: it cannot be reused.
         session.set_keepalive(None);
     }
-    if session.write_response_header(Box::new(resp), false).await.is_ok() {
-        let _ = session.write_response_body(Some(body), true).await;
+    if session.write_response_header(Box::new(resp), false).await.is_ok()
+        && session.write_response_body(Some(body), true).await.is_ok()
+        && unread
+    {
+        linger(session, ctx).await;
+    }
+}
+
+/// How long a lingering close reads the rest of an unread request body.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How much of an unread request body a lingering close reads at most.
+const LINGER_BYTES: usize = 16 << 20;
+
+/// A lingering close (RFC 9112, section 9.6): after an answer that left the
+/// request body unread, read and drop what the client is still sending, for
+/// a bounded time and size, before the connection closes. Closing a socket
+/// with unread data makes the kernel reset the connection, and a client
+/// still busy sending its body would then see a broken pipe instead of the
+/// answer. HTTP/2 needs none of this: the stream is reset, not the
+/// connection. A client waiting on `Expect: 100-continue` sends nothing more.
+async fn linger(session: &mut Session, ctx: &RequestCtx) {
+    let expects_continue = session.get_header(EXPECT).is_some();
+    if session.is_http2() || (expects_continue && !ctx.continued) {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut read = 0;
+    while read < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Ok(Ok(Some(chunk))) => read += chunk.len(),
+            _ => break,
+        }
     }
 }
 

@@ -63,6 +63,9 @@ pub struct RequestCtx {
     continued: bool,
     pool: Option<PoolId>,
     slot: Option<Slot>,
+    /// The replica of a slot released before the request ended (for the
+    /// access log).
+    released_replica: Option<Arc<str>>,
     /// Whether the slot in `slot` has been handed to pingora as a peer.
     slot_used: bool,
     attempts: u8,
@@ -98,6 +101,7 @@ impl ProxyHttp for EdgeProxy {
             continued: false,
             pool: None,
             slot: None,
+            released_replica: None,
             slot_used: false,
             attempts: 0,
             waited: Duration::ZERO,
@@ -336,6 +340,11 @@ impl ProxyHttp for EdgeProxy {
             Some(r) => r,
             None => reject_for(e),
         };
+        // The replica is done with this request: free its slot before the
+        // answer, which may linger over the rest of an unread body.
+        if let Some(slot) = ctx.slot.take() {
+            ctx.released_replica = Some(slot.replica().addr_text.clone());
+        }
         let code = if is_downstream_gone(e) {
             0
         } else {
@@ -349,7 +358,7 @@ impl ProxyHttp for EdgeProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // The slot goes first: the request is over for the replica.
-        let replica = ctx.slot.take().map(|s| s.replica().addr_text.clone());
+        let replica = ctx.slot.take().map(|s| s.replica().addr_text.clone()).or_else(|| ctx.released_replica.take());
         let status = session.response_written().map_or(ctx.status, |r| r.status.as_u16());
         let req = session.req_header();
         let protocol = if session.as_ref().is_http2() { "HTTP/2" } else { "HTTP/1.1" };

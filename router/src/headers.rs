@@ -1,7 +1,7 @@
 //! Header policy shared by every protocol: request ids, hop-by-hop headers
 //! (RFC 9110 §7.6.1), forwarded headers and the path rewrite.
 
-use http::header::{HeaderName, CONNECTION};
+use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING};
 use http::HeaderMap;
 
 /// `x-request-id`.
@@ -35,15 +35,35 @@ const RESPONSE_ONLY_HOP: &[&str] = &["proxy-authenticate"];
 /// caller removes them through its own header type (pingora keeps a case
 /// map beside the `HeaderMap`).
 pub fn hop_by_hop(headers: &HeaderMap, request: bool) -> Vec<HeaderName> {
+    let extra = if request { REQUEST_ONLY_HOP } else { RESPONSE_ONLY_HOP };
     let mut out = Vec::new();
-    for value in headers.get_all(CONNECTION) {
-        if let Ok(v) = value.to_str() {
+    // One pass over the names present: most messages carry none of these,
+    // and comparing a few short names is cheaper than hashing each list
+    // entry into the map.
+    let mut connection = false;
+    for name in headers.keys() {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || extra.contains(&n) {
+            connection |= name == CONNECTION;
+            out.push(name.clone());
+        } else if request && name == TE {
+            let trailers =
+                headers.get(TE).is_some_and(|te| te.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("trailers")));
+            if !trailers {
+                out.push(TE);
+            }
+        }
+    }
+    if connection {
+        for value in headers.get_all(CONNECTION) {
+            let Ok(v) = value.to_str() else { continue };
             for token in v.split(',') {
                 if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
                     // Connection may not name the headers that frame the body.
-                    if name != http::header::TRANSFER_ENCODING
-                        && name != http::header::CONTENT_LENGTH
+                    if name != TRANSFER_ENCODING
+                        && name != CONTENT_LENGTH
                         && headers.contains_key(&name)
+                        && !out.contains(&name)
                     {
                         out.push(name);
                     }
@@ -51,20 +71,6 @@ pub fn hop_by_hop(headers: &HeaderMap, request: bool) -> Vec<HeaderName> {
             }
         }
     }
-    let extra = if request { REQUEST_ONLY_HOP } else { RESPONSE_ONLY_HOP };
-    for &name in HOP_BY_HOP.iter().chain(extra) {
-        if headers.contains_key(name) {
-            out.push(HeaderName::from_static(name));
-        }
-    }
-    if request {
-        if let Some(te) = headers.get(http::header::TE) {
-            if !te.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("trailers")) {
-                out.push(http::header::TE);
-            }
-        }
-    }
-    out.dedup();
     out
 }
 
@@ -76,7 +82,14 @@ pub fn valid_request_id(value: &[u8]) -> bool {
 
 /// A new request id: 32 lowercase hex digits (128 random bits).
 pub fn new_request_id() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(32);
+    for word in [fastrand::u64(..), fastrand::u64(..)] {
+        for shift in (0..16).rev() {
+            id.push(char::from(HEX[((word >> (shift * 4)) & 0xf) as usize]));
+        }
+    }
+    id
 }
 
 /// The path (and query) to forward: `path_and_query` with `prefix`
@@ -108,6 +121,31 @@ mod tests {
             assert!(names.iter().any(|x| x == n), "{n} not removed: {names:?}");
         }
         assert!(!names.iter().any(|x| x == "transfer-encoding"));
+    }
+
+    #[test]
+    fn nothing_to_remove_from_ordinary_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("x"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        assert!(hop_by_hop(&h, true).is_empty());
+        h.insert("proxy-authenticate", HeaderValue::from_static("Basic"));
+        assert!(hop_by_hop(&h, true).is_empty());
+        assert_eq!(hop_by_hop(&h, false), ["proxy-authenticate"]);
+    }
+
+    #[test]
+    fn connection_naming_te_or_a_fixed_header_lists_it_once() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("TE, Keep-Alive, content-length"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        let names = hop_by_hop(&h, true);
+        assert_eq!(names.iter().filter(|n| *n == "keep-alive").count(), 1, "{names:?}");
+        assert!(names.iter().any(|n| n == "te"), "{names:?}");
+        assert!(!names.iter().any(|n| n == "content-length"), "{names:?}");
     }
 
     #[test]

@@ -218,7 +218,7 @@ impl ProxyHttp for EdgeProxy {
             req.insert_header(headers::FORWARDED_FOR, addr.ip().to_string())?;
         }
         let proto = if session.digest().is_some_and(|d| d.ssl_digest.is_some()) { "https" } else { "http" };
-        req.insert_header(headers::FORWARDED_PROTO, proto)?;
+        req.insert_header(headers::FORWARDED_PROTO, http::HeaderValue::from_static(proto))?;
         req.insert_header(headers::REQUEST_ID, ctx.request_id.as_str())?;
         if let (Some(live), Some(route)) = (&ctx.live, ctx.route) {
             let route = live.snapshot.network.route(route);

@@ -139,6 +139,32 @@ async fn serve_stops_on_sigterm_after_in_flight_requests_finish() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
+/// SIGTERM right after the listeners are up is a clean stop, not the
+/// signal's default action (which would end the process at once and cut
+/// every connection): the handlers are in place before anything is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_as_soon_as_serving_is_a_clean_stop() {
+    let rep = replica("fra-1").await;
+    let file = ConfigFile::new(&format!(
+        "{EDGE}{LOCATIONS}{}\n[[route]]\nservice_from = \"body:model\"\n",
+        pool("fra-a", "fra", &["m"], &[rep.addr], "")
+    ));
+    for _ in 0..3 {
+        let mut child = Command::new(STOKE)
+            .args(["--log-format", "json", "serve", "--location", "fra", "--config"])
+            .arg(&file.path)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn stoke serve");
+        let _ = listening_addrs(child.stderr.take().expect("stderr"));
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+        let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+        assert!(exit.success(), "stopped by the signal itself: {exit:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_config() {
     let rep = replica("fra-1").await;

@@ -211,6 +211,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     drop(snapshot);
     let source = ConfigSource { path: args.config.clone(), location: args.location.clone() };
     rt.block_on(async move {
+        let stop = stop_signal();
         let edge = match Edge::start_from(source).await {
             Ok(e) => e,
             Err(e) => {
@@ -221,7 +222,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         };
         let (stop_hup, hup_rx) = tokio::sync::watch::channel(false);
         let hup = edge.reloader().map(|r| tokio::spawn(crate::watch::on_sighup(r.clone(), hup_rx)));
-        wait_for_stop().await;
+        stop.await;
         let _ = stop_hup.send(true);
         if let Some(h) = hup {
             h.abort();
@@ -233,22 +234,32 @@ fn serve(args: &ServeArgs) -> ExitCode {
     })
 }
 
-/// Wait for SIGTERM or SIGINT.
-pub(crate) async fn wait_for_stop() {
+/// Catch SIGTERM and SIGINT from now on; the returned future ends at the
+/// first of them. Call it before anything starts serving: until then a
+/// signal still has its default action and ends the process at once,
+/// cutting whatever was in flight.
+pub(crate) fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers, only Ctrl-C via tokio's fallback.
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            // Without signal handlers, only Ctrl-C via tokio's fallback.
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
     }
 }
 
 fn sim_replica(args: ReplicaArgs) -> ExitCode {
     run_on_runtime(0, "sim replica", async move {
+        let stop = stop_signal();
         let opts = ReplicaOptions {
             listen: args.listen,
             name: args.name,
@@ -265,7 +276,7 @@ fn sim_replica(args: ReplicaArgs) -> ExitCode {
             }
         };
         tracing::info!(addr = %replica.addr, "simulated replica listening");
-        wait_for_stop().await;
+        stop.await;
         replica.kill().await;
         ExitCode::SUCCESS
     })
@@ -282,6 +293,7 @@ fn sim_orchestrator(args: OrchestratorArgs) -> ExitCode {
         }
     };
     run_on_runtime(0, "sim orchestrator", async move {
+        let stop = stop_signal();
         let opts = OrchestratorOptions {
             listen: args.listen,
             boot_time: args.boot_time,
@@ -297,7 +309,7 @@ fn sim_orchestrator(args: OrchestratorArgs) -> ExitCode {
             }
         };
         tracing::info!(addr = %orch.addr, "simulated orchestrator listening");
-        wait_for_stop().await;
+        stop.await;
         orch.shutdown().await;
         ExitCode::SUCCESS
     })

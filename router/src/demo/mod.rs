@@ -360,6 +360,7 @@ fn free_port() -> std::io::Result<SocketAddr> {
 
 /// Run the demo until Ctrl-C (or for `duration`), print the summary.
 pub async fn run(opts: DemoOptions, duration: Option<Duration>) -> Result<Summary, DemoError> {
+    let stop = crate::cli::stop_signal();
     let demo = Demo::start(opts).await?;
     println!("stoke demo: ten edges, {} GPU pools, a day every {} s", POOLS.len(), demo.world.clock.day.as_secs());
     println!("  status page   {}", demo.status_url);
@@ -369,10 +370,16 @@ pub async fn run(opts: DemoOptions, duration: Option<Duration>) -> Result<Summar
     }
     println!("  try           curl -s http://{}/v1/chat/completions -d '{{\"model\":\"llama-3.1-8b\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}' -i", demo.edges.first().map(|e| e.1).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))));
     match duration {
-        Some(d) => tokio::time::sleep(d).await,
+        // Ctrl-C ends a timed run early, with its summary.
+        Some(d) => {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = stop => {}
+            }
+        }
         None => {
             println!("  Ctrl-C stops it.");
-            crate::cli::wait_for_stop().await;
+            stop.await;
         }
     }
     let summary = demo.stop().await;

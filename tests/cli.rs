@@ -109,6 +109,17 @@ fn listening_addrs(stderr: std::process::ChildStderr) -> (SocketAddr, SocketAddr
     panic!("the edge never reported its listeners");
 }
 
+/// `stoke serve` as the edge at fra over `config`, logging JSON to a pipe.
+fn serve_fra(config: &std::path::Path) -> std::process::Child {
+    Command::new(STOKE)
+        .args(["--log-format", "json", "serve", "--location", "fra", "--config"])
+        .arg(config)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn stoke serve")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_stops_on_sigterm_after_in_flight_requests_finish() {
     let rep = replica_with("fra-1", |o| o.tokens_per_sec = 20.0).await;
@@ -116,13 +127,7 @@ async fn serve_stops_on_sigterm_after_in_flight_requests_finish() {
         "{EDGE}{LOCATIONS}{}\n[[route]]\nservice_from = \"body:model\"\n",
         pool("fra-a", "fra", &["m"], &[rep.addr], "")
     ));
-    let mut child = Command::new(STOKE)
-        .args(["--log-format", "json", "serve", "--location", "fra", "--config"])
-        .arg(&file.path)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn stoke serve");
+    let mut child = serve_fra(&file.path);
     let (addr, _) = listening_addrs(child.stderr.take().expect("stderr"));
 
     let resp = open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 20))).await;
@@ -150,13 +155,7 @@ async fn sigterm_as_soon_as_serving_is_a_clean_stop() {
         pool("fra-a", "fra", &["m"], &[rep.addr], "")
     ));
     for _ in 0..3 {
-        let mut child = Command::new(STOKE)
-            .args(["--log-format", "json", "serve", "--location", "fra", "--config"])
-            .arg(&file.path)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn stoke serve");
+        let mut child = serve_fra(&file.path);
         let _ = listening_addrs(child.stderr.take().expect("stderr"));
         let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
         assert!(status.success());
@@ -173,13 +172,7 @@ async fn sighup_reloads_the_config() {
         pool("fra-a", "fra", &["m"], &[rep.addr], "")
     );
     let file = ConfigFile::new(&text);
-    let mut child = Command::new(STOKE)
-        .args(["--log-format", "json", "serve", "--location", "fra", "--config"])
-        .arg(&file.path)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn stoke serve");
+    let mut child = serve_fra(&file.path);
     let (_, admin) = listening_addrs(child.stderr.take().expect("stderr"));
     assert_eq!(send(admin, Req::get("/state")).await.json()["version"], 1);
     let version = || async { send(admin, Req::get("/state")).await.json()["version"].as_u64() };

@@ -52,17 +52,9 @@ WORK="${BENCH_WORK:-/tmp/stoke-e2e}"
 OUT="$WORK/profile/$(date +%Y%m%d-%H%M%S)-$TARGET-$MODE"
 RUN="$WORK/run-profile"
 mkdir -p "$OUT" "$RUN/upstream/tmp" "$RUN/nginx/tmp"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-for p in 8080 8081 8082 8084 8085 8099 8441 8442 8444 8450; do
-  if ss -ltnH "sport = :$p" | grep -q .; then echo "TCP port $p busy (is run.sh running?)" >&2; exit 1; fi
-done
+# shellcheck source=common.sh
+. "$DIR/common.sh"
+require_free_ports
 CERT="$ROOT/config/examples/certs/example.crt" KEY="$ROOT/config/examples/certs/example.key"
 cat "$CERT" "$KEY" >"$RUN/example.pem"
 for f in upstream.conf nginx.conf haproxy.cfg; do

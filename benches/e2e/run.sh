@@ -122,18 +122,10 @@ TS="$(date +%Y%m%d-%H%M%S)"
 OUT="$WORK/results/$TS"
 RUN="$WORK/run"
 mkdir -p "$OUT" "$RUN/upstream/tmp" "$RUN/nginx/tmp"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=common.sh
+. "$DIR/common.sh"
 
-for p in 8080 8450 8081 8441 8082 8442 8084 8444 8085 8099; do
-  if ss -ltnH "sport = :$p" | grep -q .; then echo "TCP port $p busy; stop the old run first" >&2; exit 1; fi
-done
+require_free_ports
 if ss -lunH "sport = :8444" | grep -q .; then echo "UDP port 8444 busy" >&2; exit 1; fi
 
 # Configs: certificate paths made absolute; HAProxy wants certificate + key in one file.

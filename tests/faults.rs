@@ -14,18 +14,15 @@ use http_body_util::BodyExt;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BODY_ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\n";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_under_load_fails_only_what_it_was_serving() {
     logs();
     let a = replica_with("r1", |o| o.tokens_per_sec = 200.0).await;
     let b = replica_with("r2", |o| o.tokens_per_sec = 200.0).await;
     // Slow probes: the failed connections, not a probe, must take r1 out.
-    let slow = "health = { path = \"/health\", interval = \"60s\", timeout = \"500ms\" }";
     let text = format!(
-        "{EDGE}{LOCATIONS}\n[[pool]]\nid = \"fra-a\"\nlocation = \"fra\"\nserves = [\"m\"]\nreplicas = [\"{}\", \"{}\"]\n{slow}\n{BODY_ROUTE}",
-        a.addr, b.addr
+        "{EDGE}{LOCATIONS}{}{BODY_ROUTE}",
+        pool_probed("fra-a", "fra", &["m"], &[a.addr, b.addr], SLOW_PROBES, "")
     );
     let (edge, _file) = edge(&text, "fra").await;
     let addr = edge.bound.http.expect("http");

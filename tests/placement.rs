@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use support::*;
 
-const BODY_ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\n";
-
 fn config(pools: &[String]) -> String {
     format!("{EDGE}{LOCATIONS}{}{BODY_ROUTE}", pools.concat())
 }
@@ -96,10 +94,9 @@ async fn refused_connection_is_retried_and_marks_the_replica_down() {
     let b = replica("fra-2").await;
     // Slow probes: the passive mark, not a probe, must take the dead
     // replica out.
-    let slow = "health = { path = \"/health\", interval = \"60s\", timeout = \"500ms\" }";
     let text = format!(
-        "{EDGE}{LOCATIONS}\n[[pool]]\nid = \"fra-a\"\nlocation = \"fra\"\nserves = [\"m\"]\nreplicas = [\"{}\", \"{}\"]\n{slow}\n{BODY_ROUTE}",
-        a.addr, b.addr
+        "{EDGE}{LOCATIONS}{}{BODY_ROUTE}",
+        pool_probed("fra-a", "fra", &["m"], &[a.addr, b.addr], SLOW_PROBES, "")
     );
     let (edge, _file) = edge(&text, "fra").await;
     let addr = edge.bound.http.expect("http");

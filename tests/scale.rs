@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use stoke_router::sim::OrchestratorOptions;
 use support::*;
 
-const BODY_ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"3s\"\n";
+/// The body route with a short `max_wait`, so that holds end within a test.
+const SHORT_WAIT_ROUTE: &str =
+    "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"3s\"\n";
 
 /// A network with one scaled pool `fra-a` (and the pools in `extra`), its
 /// orchestrator, and a config file. Returns the replica address too.
@@ -37,7 +39,7 @@ async fn world(
 async fn a_cold_pool_wakes_and_the_held_request_succeeds() {
     logs();
     let (orch, file, _) =
-        world("wake_time = \"400ms\"\nidle_timeout = \"1h\"", &[], BODY_ROUTE, Default::default()).await;
+        world("wake_time = \"400ms\"\nidle_timeout = \"1h\"", &[], SHORT_WAIT_ROUTE, Default::default()).await;
     let edge = edge_from(&file, "fra").await;
     assert_eq!(pool_state(&edge, "fra-a").await["state"], "cold");
 
@@ -74,7 +76,7 @@ async fn a_cold_pool_wakes_and_the_held_request_succeeds() {
 async fn a_hundred_concurrent_requests_cause_exactly_one_wake() {
     logs();
     let (orch, file, _) =
-        world("wake_time = \"300ms\"\nidle_timeout = \"1h\"", &[], BODY_ROUTE, Default::default()).await;
+        world("wake_time = \"300ms\"\nidle_timeout = \"1h\"", &[], SHORT_WAIT_ROUTE, Default::default()).await;
     let edge = edge_from(&file, "fra").await;
     let addr = edge.bound.http.expect("http");
     let tasks: Vec<_> = (0..100).map(|_| tokio::spawn(send(addr, Req::chat("m")))).collect();
@@ -135,7 +137,7 @@ async fn a_failing_orchestrator_is_counted_and_held_requests_still_get_answers()
 async fn a_full_queue_answers_at_once() {
     logs();
     let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
-    let (orch, file, _) = world("wake_time = \"300ms\"", &[], BODY_ROUTE, opts).await;
+    let (orch, file, _) = world("wake_time = \"300ms\"", &[], SHORT_WAIT_ROUTE, opts).await;
     file.rewrite(
         &std::fs::read_to_string(&file.path).expect("read").replace("[pool.scale]", "max_queue = 2\n[pool.scale]"),
     );
@@ -162,7 +164,7 @@ async fn a_full_queue_answers_at_once() {
 async fn a_client_gone_while_held_is_removed_and_nothing_is_forwarded() {
     logs();
     let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
-    let (orch, file, _) = world("wake_time = \"300ms\"", &[], BODY_ROUTE, opts).await;
+    let (orch, file, _) = world("wake_time = \"300ms\"", &[], SHORT_WAIT_ROUTE, opts).await;
     let edge = edge_from(&file, "fra").await;
     let addr = edge.bound.http.expect("http");
     for req in [Req::chat("m"), Req::post("/v1/completions", chat_body("m", true, 4))] {
@@ -193,7 +195,7 @@ async fn a_client_gone_while_held_is_removed_and_nothing_is_forwarded() {
 async fn a_wait_longer_than_the_deadline_is_refused_at_once_and_still_wakes() {
     logs();
     let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
-    let (orch, file, _) = world("wake_time = \"10s\"", &[], BODY_ROUTE, opts).await;
+    let (orch, file, _) = world("wake_time = \"10s\"", &[], SHORT_WAIT_ROUTE, opts).await;
     let edge = edge_from(&file, "fra").await;
     let started = Instant::now();
     // The route allows 3 s; the pool needs 10 s.
@@ -220,7 +222,7 @@ async fn route_away_then_warm() {
     let (listener, orch_addr) = orchestrator_listener().await;
     let (par_rep, fra_rep) = (free_addr(), free_addr());
     let text = format!(
-        "{EDGE}{LOCATIONS}{}{}{BODY_ROUTE}",
+        "{EDGE}{LOCATIONS}{}{}{SHORT_WAIT_ROUTE}",
         // Paris sleeps and takes long to wake; Frankfurt is always on.
         scaled_pool("par-a", "par", &["m"], &[par_rep], orch_addr, "wake_time = \"20s\"\nidle_timeout = \"1h\""),
         pool("fra-a", "fra", &["m"], &[fra_rep], ""),
@@ -253,7 +255,7 @@ async fn route_away_then_warm() {
 async fn an_idle_pool_gets_one_sleep_call_from_its_home_edge_only() {
     logs();
     let (orch, file, _) =
-        world("wake_time = \"200ms\"\nidle_timeout = \"600ms\"", &[], BODY_ROUTE, Default::default()).await;
+        world("wake_time = \"200ms\"\nidle_timeout = \"600ms\"", &[], SHORT_WAIT_ROUTE, Default::default()).await;
     let home = edge_from(&file, "fra").await;
     let other = edge_from(&file, "par").await;
     // Paris's traffic wakes Frankfurt's pool.
@@ -281,7 +283,7 @@ async fn an_idle_pool_gets_one_sleep_call_from_its_home_edge_only() {
 async fn an_open_stream_keeps_the_pool_awake() {
     logs();
     let (orch, file, _) =
-        world("wake_time = \"200ms\"\nidle_timeout = \"300ms\"", &[], BODY_ROUTE, Default::default()).await;
+        world("wake_time = \"200ms\"\nidle_timeout = \"300ms\"", &[], SHORT_WAIT_ROUTE, Default::default()).await;
     let edge = edge_from(&file, "fra").await;
     let addr = edge.bound.http.expect("http");
     // Two seconds of tokens (200 tokens at 200/s), far beyond the idle timeout.

@@ -9,8 +9,6 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use support::*;
 
-const BODY_ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\n";
-
 fn one_pool(replica: std::net::SocketAddr, extra: &str) -> String {
     format!("{EDGE}{LOCATIONS}{}{BODY_ROUTE}", pool("fra-a", "fra", &["m"], &[replica], extra))
 }

@@ -112,13 +112,33 @@ drain_timeout = "5s"
 
 /// A `[[pool]]` block with fast health probes.
 pub fn pool(id: &str, location: &str, serves: &[&str], replicas: &[SocketAddr], extra: &str) -> String {
+    pool_probed(id, location, serves, replicas, FAST_PROBES, extra)
+}
+
+/// Probes every 100 ms: tests see readiness change at once.
+pub const FAST_PROBES: &str = "health = { path = \"/health\", interval = \"100ms\", timeout = \"100ms\" }";
+/// Probes once a minute: only passive marks (failed connections) can take
+/// a replica out within a test.
+pub const SLOW_PROBES: &str = "health = { path = \"/health\", interval = \"60s\", timeout = \"500ms\" }";
+
+/// A `[[pool]]` table like [`pool`], with its `health` line given.
+pub fn pool_probed(
+    id: &str,
+    location: &str,
+    serves: &[&str],
+    replicas: &[SocketAddr],
+    health: &str,
+    extra: &str,
+) -> String {
     let serves = serves.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
     let replicas = replicas.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
     format!(
-        "\n[[pool]]\nid = \"{id}\"\nlocation = \"{location}\"\nserves = [{serves}]\nreplicas = [{replicas}]\n\
-         health = {{ path = \"/health\", interval = \"100ms\", timeout = \"100ms\" }}\n{extra}\n"
+        "\n[[pool]]\nid = \"{id}\"\nlocation = \"{location}\"\nserves = [{serves}]\nreplicas = [{replicas}]\n{health}\n{extra}\n"
     )
 }
+
+/// The route that takes the service from the body's `model` under `/v1/`.
+pub const BODY_ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\n";
 
 /// A response, body read whole.
 #[derive(Debug)]

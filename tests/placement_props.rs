@@ -1,6 +1,6 @@
 //! Property tests of the placement decisions: `placement::place` over
 //! random ranked candidates and pool states, `pick::pick` over random
-//! replicas and seeds, and `Router::place` over random generated networks.
+//! replicas and seeds, and `Live::place` over random generated networks.
 //! Each property is stated against a slow reference written from the
 //! modules' documentation, not from their code.
 
@@ -10,9 +10,9 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use stoke_config::{Candidate, PoolId, ServiceId};
-use stoke_router::pick::{pick, ReplicaLoad};
-use stoke_router::placement::{place, Decision, Placement, PoolStatus};
-use stoke_router::routing::Router;
+use stoke_router::core::pick::{pick, ReplicaLoad};
+use stoke_router::core::placement::{place, Decision, Placement, PoolStatus};
+use stoke_router::state::Router;
 
 // ---- placement::place ------------------------------------------------------
 
@@ -218,7 +218,7 @@ proptest! {
     }
 }
 
-// ---- Router::place ---------------------------------------------------------
+// ---- Live::place -----------------------------------------------------------
 
 const SERVICES: &[&str] = &["llama", "mistral", "qwen", "phi"];
 const LOCATIONS: &[(&str, f64, f64)] =
@@ -316,7 +316,7 @@ proptest! {
                 live.pools[id.index()].replicas[j].set_ready(ready);
             }
             for _ in 0..p.busy {
-                if let Some(slot) = Router::acquire(&live, id) {
+                if let Some(slot) = live.acquire(id, stoke_router::clock::now()) {
                     held.push(slot);
                 }
             }
@@ -331,7 +331,7 @@ proptest! {
                 continue;
             };
             prop_assert_eq!(served.get(&service).copied(), Some(SERVICES[ask]));
-            let p = Router::place(&live, service);
+            let p = live.place(service, stoke_router::clock::now());
             if let Decision::Forward { pool } | Decision::Hold { pool, .. } = p.decision {
                 prop_assert!(
                     net.pool(pool).services.contains(&service),

@@ -151,7 +151,9 @@ async fn a_full_queue_answers_at_once() {
     let started = Instant::now();
     let r = send(addr, Req::chat("m")).await;
     assert_eq!(r.status, 503, "{}", r.text());
-    assert!(started.elapsed() < Duration::from_millis(500), "a full queue answers at once");
+    // At once: a smoke bound here; the immediate answer itself is checked
+    // on a paused clock (proxy::admit's tests).
+    assert!(started.elapsed() < Duration::from_secs(2), "a full queue answers at once");
     assert!(r.header("retry-after").is_some());
     for h in held {
         assert_eq!(h.await.expect("task").status, 503);
@@ -202,7 +204,7 @@ async fn a_wait_longer_than_the_deadline_is_refused_at_once_and_still_wakes() {
     let r = send(edge.bound.http.expect("http"), Req::chat("m")).await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "wait_exceeds_deadline");
-    assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(started.elapsed() < Duration::from_secs(2));
     let retry: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).expect("retry-after");
     assert!((9..=11).contains(&retry), "retry after {retry} s");
     eventually(Duration::from_secs(5), "the wake starts anyway", || async {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use mimalloc::MiMalloc;
 use stoke_benches::{generate_network, load, mark_ready};
-use stoke_router::routing::Router;
+use stoke_router::state::Router;
 
 // Loading allocates a great deal (the parse tree, then the network), so
 // the allocator matters: use the one the `stoke` binary uses.

@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use criterion::{criterion_group, BenchmarkId, Criterion};
 use stoke_benches::{load, ready_router, sample_requests, Request, SampleRequests};
 use stoke_config::{PoolId, ServiceSource};
-use stoke_router::placement::Decision;
-use stoke_router::routing::Router;
+use stoke_router::clock;
+use stoke_router::core::placement::Decision;
+use stoke_router::state::Router;
 
 /// The network of the decision benches: 10 locations × 100 pools × 8 replicas.
 const LOCATIONS: usize = 10;
@@ -79,9 +80,11 @@ fn decide(router: &Router, host: &str, path: &str, model: &str) -> Option<PoolId
         ServiceSource::Fixed(id) => *id,
         ServiceSource::BodyField(_) | ServiceSource::Header(_) => network.service_id(model)?,
     };
-    match Router::place(&live, service).decision {
+    // The shell reads the clock once per decision and passes it in.
+    let now = clock::now();
+    match live.place(service, now).decision {
         Decision::Forward { pool } => {
-            let slot = Router::acquire(&live, pool)?;
+            let slot = live.acquire(pool, now)?;
             drop(slot);
             Some(pool)
         }
@@ -131,7 +134,7 @@ fn decision(c: &mut Criterion) {
     let network = &live.snapshot.network;
     let samples = sample_requests(ROUTES);
     let service = network.service_id(MODEL).expect("the model is served");
-    let pool = match Router::place(&live, service).decision {
+    let pool = match live.place(service, clock::now()).decision {
         Decision::Forward { pool } => pool,
         other => panic!("a ready network should forward, got {other:?}"),
     };
@@ -158,12 +161,12 @@ fn decision(c: &mut Criterion) {
     g.bench_function("service_by_name", |b| b.iter(|| network.service_id(black_box(MODEL))));
 
     // Step 3: placement among the pools that serve the service.
-    g.bench_function("place", |b| b.iter(|| Router::place(&live, black_box(service))));
+    g.bench_function("place", |b| b.iter(|| live.place(black_box(service), clock::now())));
 
     // Step 4: replica pick (power of two choices) and slot, released at once.
     g.bench_function("acquire_release", |b| {
         b.iter(|| {
-            let slot = Router::acquire(&live, black_box(pool)).expect("a free slot");
+            let slot = live.acquire(black_box(pool), clock::now()).expect("a free slot");
             drop(slot);
         })
     });
@@ -185,7 +188,7 @@ fn decision(c: &mut Criterion) {
             r.set_ready(false);
         }
     }
-    c.bench_function("decision/place/two_nearest_down", |b| b.iter(|| Router::place(&dl, black_box(service))));
+    c.bench_function("decision/place/two_nearest_down", |b| b.iter(|| dl.place(black_box(service), clock::now())));
 }
 
 criterion_group!(benches, decision);

@@ -26,7 +26,7 @@ fn dispatch(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let view = Arc::new(PoolView::detached(1, 4, 16));
-                let mut ticket = view.hold().expect("held");
+                let mut ticket = view.hold(stoke_router::clock::now()).expect("held");
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let waiter = tokio::spawn(async move {
                     let slot = ticket.slot().await;
@@ -36,7 +36,7 @@ fn dispatch(c: &mut Criterion) {
                 tokio::task::yield_now().await;
                 let seen = Instant::now();
                 view.replicas[0].set_ready(true);
-                view.dispatch();
+                view.dispatch(stoke_router::clock::now());
                 let got = rx.await.expect("slot handed over");
                 total += got.duration_since(seen);
                 let _ = waiter.await;
@@ -62,7 +62,7 @@ async fn world() -> World {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let orch_task = tokio::spawn(async move {
         let _keep = stop_tx;
-        stoke_router::http_server::serve_http(orch, stop_rx, |_req| async {
+        stoke_router::net::server::serve_http(orch, stop_rx, |_req| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Either::Left(
                 http_body_util::Full::new(bytes::Bytes::from_static(b"{}")),
             )))
@@ -98,7 +98,7 @@ async fn cycle(w: &World, addr: SocketAddr) -> Duration {
     let live = w.edge.router.live();
     live.pools[0].replicas[0].set_ready(false);
     let body = bytes::Bytes::from_static(br#"{"model":"m","messages":[],"max_tokens":1}"#);
-    let request = tokio::spawn(stoke_router::http_client::call(
+    let request = tokio::spawn(stoke_router::net::client::call(
         addr,
         http::Method::POST,
         "localhost",
@@ -108,7 +108,7 @@ async fn cycle(w: &World, addr: SocketAddr) -> Duration {
         Duration::from_secs(30),
     ));
     // Held: wait until it is in the queue, and a little more (a real boot).
-    while live.pools[0].state.queue.is_empty() {
+    while live.pools[0].queue.is_empty() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     tokio::time::sleep(Duration::from_millis(40)).await;

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use stoke_config::{ConfigError, Network};
-use stoke_router::routing::Router;
 use stoke_router::state::Live;
+use stoke_router::state::Router;
 
 /// The path generated files are compiled as (only used in messages).
 pub const GENERATED_PATH: &str = "generated.toml";

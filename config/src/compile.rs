@@ -89,7 +89,7 @@ pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source,
         return None;
     }
     let edge = edge?;
-    let route_table = RouteTable::new(&routes);
+    let route_table = RouteTable::new(routes.iter().map(|r| (&r.host, r.path_prefix.as_str())));
     Some(Network {
         source,
         edge,

@@ -10,7 +10,17 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::snapshot::{Route, RouteId};
+/// Index of a route in the network's routes, in file order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteId(pub u32);
+
+impl RouteId {
+    /// As a slice index.
+    #[inline]
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
 
 /// Longest host name that can match an exact or wildcard route (RFC 1035
 /// limits names to 253 characters); longer hosts only match `*` routes.
@@ -113,19 +123,16 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Build the table over `routes` (indices become [`RouteId`]s).
-    pub fn new(routes: &[Route]) -> Self {
+    /// Build the table over the routes' host patterns and path prefixes,
+    /// in route order (positions become [`RouteId`]s).
+    pub fn new<'a>(routes: impl IntoIterator<Item = (&'a HostPattern, &'a str)>) -> Self {
         let mut table = RouteTable::default();
-        for (i, route) in routes.iter().enumerate() {
+        for (i, (host, prefix)) in routes.into_iter().enumerate() {
             let id = RouteId(i as u32);
-            match &route.host {
-                HostPattern::Any => table.any.insert(&route.path_prefix, id),
-                HostPattern::Exact(h) => {
-                    table.exact.entry(h.as_str().into()).or_default().insert(&route.path_prefix, id)
-                }
-                HostPattern::Suffix(s) => {
-                    table.suffixes.entry(s.as_str().into()).or_default().insert(&route.path_prefix, id)
-                }
+            match host {
+                HostPattern::Any => table.any.insert(prefix, id),
+                HostPattern::Exact(h) => table.exact.entry(h.as_str().into()).or_default().insert(prefix, id),
+                HostPattern::Suffix(s) => table.suffixes.entry(s.as_str().into()).or_default().insert(prefix, id),
             }
         }
         table
@@ -186,26 +193,11 @@ fn normalize_host<'b>(host: &str, buf: &'b mut [u8; MAX_HOST_LEN]) -> Option<&'b
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{ServiceId, ServiceSource};
-    use std::time::Duration;
-
-    fn route(host: &str, prefix: &str) -> Route {
-        Route {
-            name: format!("{host}{prefix}"),
-            host: HostPattern::parse(host).expect("valid pattern"),
-            path_prefix: prefix.to_owned(),
-            service: ServiceSource::Fixed(ServiceId(0)),
-            max_wait: Duration::from_secs(1),
-            strip_prefix: false,
-            max_body_read: 1,
-            max_body: 1,
-            auth: None,
-            rate_limit: None,
-        }
-    }
 
     fn table(routes: &[(&str, &str)]) -> RouteTable {
-        RouteTable::new(&routes.iter().map(|(h, p)| route(h, p)).collect::<Vec<_>>())
+        let hosts: Vec<HostPattern> =
+            routes.iter().map(|(h, _)| HostPattern::parse(h).expect("valid pattern")).collect();
+        RouteTable::new(hosts.iter().zip(routes.iter().map(|(_, p)| *p)))
     }
 
     #[test]

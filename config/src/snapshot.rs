@@ -12,6 +12,7 @@ use std::time::Duration;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use stoke_geo::{Coord, RttMatrix};
 
+pub use crate::routes::RouteId;
 use crate::routes::{HostPattern, RouteTable};
 
 /// Index of a location in [`Network::locations`].
@@ -25,10 +26,6 @@ pub struct PoolId(pub u32);
 /// Index of a service in [`Network::services`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceId(pub u32);
-
-/// Index of a route in [`Network::routes`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RouteId(pub u32);
 
 impl LocationId {
     /// As a slice index.
@@ -49,7 +46,7 @@ macro_rules! index_u32 {
         }
     )*};
 }
-index_u32!(PoolId, ServiceId, RouteId);
+index_u32!(PoolId, ServiceId);
 
 /// Everything the file says, validated, independent of which edge reads it.
 #[derive(Debug)]

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::edge::Edge;
 use crate::logging::{self, LogFormat};
 use crate::reload::ConfigSource;
+use crate::signals::stop_signal;
 use crate::sim::{Orchestrator, OrchestratorOptions, Replica, ReplicaOptions};
 
 /// stoke: an edge load balancer and request router for AI inference.
@@ -221,7 +222,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
             }
         };
         let (stop_hup, hup_rx) = tokio::sync::watch::channel(false);
-        let hup = edge.reloader().map(|r| tokio::spawn(crate::watch::on_sighup(r.clone(), hup_rx)));
+        let hup = edge.reloader().map(|r| tokio::spawn(crate::reload::watch::on_sighup(r.clone(), hup_rx)));
         stop.await;
         let _ = stop_hup.send(true);
         if let Some(h) = hup {
@@ -232,29 +233,6 @@ fn serve(args: &ServeArgs) -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
-}
-
-/// Catch SIGTERM and SIGINT from now on; the returned future ends at the
-/// first of them. Call it before anything starts serving: until then a
-/// signal still has its default action and ends the process at once,
-/// cutting whatever was in flight.
-pub(crate) fn stop_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
-    async move {
-        match handlers {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            // Without signal handlers, only Ctrl-C via tokio's fallback.
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
 }
 
 fn sim_replica(args: ReplicaArgs) -> ExitCode {

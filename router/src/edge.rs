@@ -13,14 +13,13 @@ use tokio::task::JoinHandle;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::admin::{Admin, AdminError};
+use crate::control::{probe, sleep};
 use crate::drain::Drain;
-use crate::health;
-use crate::listener::{self, Endpoint};
+use crate::proxy::listener::{self, Endpoint};
+use crate::reload::watch::FileWatch;
 use crate::reload::{ConfigSource, Reloader};
-use crate::routing::Router;
+use crate::state::Router;
 use crate::tls::{CertResolver, CertStore};
-use crate::wake;
-use crate::watch::FileWatch;
 
 /// Why an edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -129,9 +128,9 @@ impl Edge {
             edge_conf.admin,
             ready.clone(),
         )?
-        .with_page(Arc::new(|| crate::status::PAGE.to_owned()));
+        .with_page(Arc::new(|| crate::admin::status::PAGE.to_owned()));
         // Know which replicas are up before the first request arrives.
-        health::probe_all(&router.live()).await;
+        probe::probe_all(&router.live()).await;
 
         let mut endpoints = Vec::new();
         let mut bound = Bound { http: None, https: None, h3: None, admin: edge_conf.admin };
@@ -165,11 +164,11 @@ impl Edge {
         let drain = Drain::default();
         // HTTPS answers advertise HTTP/3 where it is served.
         let alt_svc = bound.h3.map(|a| crate::h3::alt_svc(a.port()));
-        let app = listener::app(router.clone(), threads, drain.clone(), alt_svc);
+        let app = listener::app(router.clone(), threads, drain.clone(), alt_svc.clone());
         let listeners = tokio::spawn(listener::serve(app, endpoints, shutdown_rx.clone()));
         let mut background = vec![
-            tokio::spawn(health::run(router.clone(), shutdown_rx.clone())),
-            tokio::spawn(wake::run_sleeper(router.clone(), shutdown_rx.clone())),
+            tokio::spawn(probe::run(router.clone(), shutdown_rx.clone())),
+            tokio::spawn(sleep::run(router.clone(), shutdown_rx.clone())),
             admin_task,
         ];
         if let Some(endpoint) = &quic {
@@ -177,6 +176,7 @@ impl Edge {
                 endpoint.clone(),
                 router.clone(),
                 drain.clone(),
+                alt_svc,
                 shutdown_rx.clone(),
             )));
         }

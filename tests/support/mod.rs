@@ -367,7 +367,7 @@ pub async fn assert_drained(edge: &Edge) {
 /// a JSON echo of what it received: method, path, headers and body length.
 /// With `hang = true` it never answers anything but `/health`.
 pub async fn echo_upstream(hang: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    use stoke_router::http_server::{serve_http, HttpBody};
+    use stoke_router::net::server::{serve_http, HttpBody};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::watch::channel(false);

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::edge::Edge;
-use crate::http_server::{serve_http, HttpBody};
+use crate::net::server::{serve_http, HttpBody};
 use crate::sim::{Orchestrator, OrchestratorOptions};
 use traffic::{Clock, Stats};
 use world::{Ports, POOLS, SITES};
@@ -82,7 +82,7 @@ pub struct Demo {
 
 /// What the status page reads.
 struct World {
-    routers: Vec<(&'static str, Arc<crate::routing::Router>)>,
+    routers: Vec<(&'static str, Arc<crate::state::Router>)>,
     clock: Clock,
     stats: Arc<Stats>,
     started: Instant,
@@ -248,7 +248,8 @@ impl World {
     fn handle(&self, req: Request<Incoming>) -> Response<HttpBody> {
         match req.uri().path() {
             "/" => {
-                let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(crate::status::PAGE.as_bytes()))));
+                let mut r =
+                    Response::new(Either::Left(Full::new(Bytes::from_static(crate::admin::status::PAGE.as_bytes()))));
                 r.headers_mut()
                     .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
                 r
@@ -294,7 +295,7 @@ impl World {
                     _ => "down",
                 };
                 let in_flight: u32 = views.iter().map(|v| v.state.in_flight()).sum();
-                let queue: u32 = views.iter().map(|v| v.state.queue.len()).sum();
+                let queue: u32 = views.iter().map(|v| v.queue.len()).sum();
                 let home = &views[pool.home_edge.index()];
                 let ready = home.ready_count() as u32;
                 let capacity = (ready * pool.max_concurrency).saturating_sub(in_flight);
@@ -360,7 +361,7 @@ fn free_port() -> std::io::Result<SocketAddr> {
 
 /// Run the demo until Ctrl-C (or for `duration`), print the summary.
 pub async fn run(opts: DemoOptions, duration: Option<Duration>) -> Result<Summary, DemoError> {
-    let stop = crate::cli::stop_signal();
+    let stop = crate::signals::stop_signal();
     let demo = Demo::start(opts).await?;
     println!("stoke demo: ten edges, {} GPU pools, a day every {} s", POOLS.len(), demo.world.clock.day.as_secs());
     println!("  status page   {}", demo.status_url);

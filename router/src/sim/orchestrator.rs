@@ -19,7 +19,7 @@ use stoke_config::Network;
 use tokio::sync::watch;
 
 use super::replica::{Replica, ReplicaOptions};
-use crate::http_server::{json as json_response, serve_http, HttpBody};
+use crate::net::server::{json as json_response, serve_http, HttpBody};
 
 /// Settings of a simulated orchestrator.
 #[derive(Clone, Debug)]

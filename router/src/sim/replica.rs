@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 
-use crate::http_server::{json as json_response, serve_http_counted, text, HttpBody};
+use crate::net::server::{json as json_response, serve_http_counted, text, HttpBody};
 
 /// Settings of a simulated replica.
 #[derive(Clone, Debug)]

@@ -25,8 +25,8 @@ use stoke_config::duration::{format_duration, parse_duration, parse_size};
 use stoke_config::{Auth, AuthHeader, LoadFormat};
 use stoke_router::access::{digest, KeySet};
 use stoke_router::admin::constant_time_eq;
-use stoke_router::load::{metric_names, parse_load};
-use stoke_router::routing::max_wait;
+use stoke_router::control::load::{metric_names, parse_load};
+use stoke_router::proxy::admit::max_wait;
 
 const KEY: &str = "sk-test-0123456789abcdef";
 

@@ -18,7 +18,7 @@ use std::fmt;
 use libfuzzer_sys::fuzz_target;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
-use stoke_router::body::{extract_field, BodyFieldError};
+use stoke_router::proxy::body::{extract_field, BodyFieldError};
 
 /// The top-level entries of a JSON object, in order, duplicates kept
 /// (`serde_json::Value` keeps the last of duplicate keys; the extractor

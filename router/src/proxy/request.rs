@@ -15,11 +15,14 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use stoke_config::{AuthHeader, PoolId, RouteId, ServiceId, ServiceSource};
 
-use crate::body::extract_field;
+use super::admit::{self, Admitted, MAX_WAIT_HEADER};
+use super::body::extract_field;
+use super::policy;
+use crate::access::Identity;
+use crate::clock;
 use crate::error::Reject;
 use crate::metrics as m;
-use crate::routing::{self, Admitted, Router, MAX_WAIT_HEADER};
-use crate::state::Live;
+use crate::state::{Live, Router};
 
 /// What the routing core needs from the protocol a request came in on.
 #[async_trait]
@@ -91,7 +94,7 @@ pub async fn decide<D: Downstream>(
     started: Instant,
     trace: &mut Trace,
 ) -> Result<Verdict, Reject> {
-    let route_id = Router::route(live, down.host(), down.path())?;
+    let route_id = route(live, down.host(), down.path())?;
     trace.route = Some(route_id);
     let route = live.snapshot.network.route(route_id);
     if route.auth.is_some() || route.rate_limit.is_some() {
@@ -99,18 +102,14 @@ pub async fn decide<D: Downstream>(
             Some(AuthHeader::Named(name)) => down.header(name),
             _ => down.header("authorization"),
         };
-        router.admit_client(live, route_id, key_header, down.client_ip())?;
+        admit_client(router, live, route_id, key_header, down.client_ip())?;
     }
     trace.max_body = Some(route.max_body);
     if let Some(len) =
         down.header("content-length").and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
     {
         if len > route.max_body {
-            return Err(Reject::client(
-                413,
-                "body_too_large",
-                format!("the request body is {len} bytes; this route accepts at most {} (max_body)", route.max_body),
-            ));
+            return Err(policy::declared_too_large(len, route.max_body));
         }
     }
     let mut body = None;
@@ -127,7 +126,7 @@ pub async fn decide<D: Downstream>(
             let value = std::str::from_utf8(value).map_err(|_| {
                 Reject::client(400, "invalid_model", format!("the \"{name}\" header is not valid text"))
             })?;
-            Router::service_named(live, value.trim(), &format!("the \"{name}\" header"))?
+            service_named(live, value.trim(), &format!("the \"{name}\" header"))?
         }
         ServiceSource::BodyField(_) if down.method() == "GET" && down.path().ends_with("/models") => {
             // The OpenAI model list: no body, no model to route by. The
@@ -138,11 +137,11 @@ pub async fn decide<D: Downstream>(
             let read = down.read_body(route.max_body_read).await?;
             let name = extract_field(&read, field).map_err(|e| Reject::client(400, "invalid_body", e.to_string()))?;
             body = Some(read);
-            Router::service_named(live, &name, &format!("the \"{field}\" field of the body"))?
+            service_named(live, &name, &format!("the \"{field}\" field of the body"))?
         }
     };
     trace.service = Some(service);
-    let max_wait = routing::max_wait(route.max_wait, down.header(MAX_WAIT_HEADER));
+    let max_wait = admit::max_wait(route.max_wait, down.header(MAX_WAIT_HEADER));
     let watch = down.can_watch();
     let client_gone = async {
         if watch {
@@ -152,8 +151,60 @@ pub async fn decide<D: Downstream>(
             std::future::pending::<()>().await;
         }
     };
-    let admitted = router.admit(live, service, started, max_wait, client_gone).await?;
+    let admitted = admit::admit(router, live, service, started, max_wait, client_gone).await?;
     Ok(Verdict::Forward(Routed { service, body, admitted }))
+}
+
+/// The route for `host` and `path`.
+pub fn route(live: &Live, host: &str, path: &str) -> Result<RouteId, Reject> {
+    live.snapshot
+        .network
+        .route_table
+        .find(host, path)
+        .ok_or_else(|| Reject::client(404, "no_route", format!("no route for host \"{host}\" and path \"{path}\"")))
+}
+
+/// Access control of a route: the API key (if the route has `auth`),
+/// then the rate limits. `key_header` is the value of the route's key
+/// header; `client` the client's address.
+pub fn admit_client(
+    router: &Router,
+    live: &Live,
+    route: RouteId,
+    key_header: Option<&[u8]>,
+    client: Option<IpAddr>,
+) -> Result<(), Reject> {
+    let r = live.snapshot.network.route(route);
+    let key = match (&r.auth, &live.route_keys[route.index()]) {
+        (Some(auth), Some(keys)) => Some(keys.check(&auth.header, key_header)?),
+        _ => None,
+    };
+    let Some(limit) = &r.rate_limit else { return Ok(()) };
+    let now = clock::now();
+    let limited = |wait: Duration| Reject {
+        status: 429,
+        code: "rate_limited",
+        message: format!("too many requests on route {}; slow down", r.name),
+        origin: crate::error::Origin::Client,
+        retry_after: Some(wait),
+    };
+    // Host and prefix identify a route (names need not be unique), and
+    // stay the same across reloads.
+    let id = (&r.host, &r.path_prefix);
+    if let (Some(rate), Some(key)) = (limit.per_key, key.as_ref()) {
+        router.limiter.take(id, Identity::Key(key), rate, limit.burst, now).map_err(limited)?;
+    }
+    if let (Some(rate), Some(ip)) = (limit.per_ip, client) {
+        router.limiter.take(id, Identity::Ip(ip), rate, limit.burst, now).map_err(limited)?;
+    }
+    Ok(())
+}
+
+/// The service named `name` (from a body field or header).
+pub fn service_named(live: &Live, name: &str, from: &str) -> Result<ServiceId, Reject> {
+    live.snapshot.network.service_id(name).ok_or_else(|| {
+        Reject::client(404, "model_not_found", format!("no pool serves the model \"{name}\" (taken from {from})"))
+    })
 }
 
 /// `{"object":"list","data":[{"id":…,"object":"model",…}]}` of every

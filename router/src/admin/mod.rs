@@ -12,6 +12,8 @@
 //! Mutating calls need `Authorization: Bearer <token>` when a token is
 //! configured; the token is compared in constant time.
 
+pub mod status;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,11 +27,11 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::http_server::{json as json_response, serve_http, text, HttpBody};
+use crate::clock;
 use crate::metrics as m;
+use crate::net::server::{json as json_response, serve_http, text, HttpBody};
 use crate::reload::Reloader;
-use crate::routing::Router;
-use crate::state::Live;
+use crate::state::{Live, Router};
 
 /// Why the admin listener cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +167,7 @@ impl Admin {
                 let id = id.to_string();
                 // Probe now rather than trust the push blindly: a replica
                 // that does not answer yet is not sent traffic.
-                tokio::spawn(async move { crate::wake::probe_pool(&view, &check, &id).await });
+                tokio::spawn(async move { crate::control::wake::probe_pool(&view, &check, &id).await });
                 json_response(StatusCode::ACCEPTED, &json!({"pool": segments[2], "probing": true}))
             }
             (_, ["", "healthz" | "readyz" | "state" | "metrics" | "reload"]) | (_, ["", "pools", _, "ready"]) => {
@@ -207,7 +209,7 @@ impl Admin {
 /// The `/state` document of one edge.
 pub fn state_json(live: &Live) -> Value {
     let net = &live.snapshot.network;
-    let now = Instant::now();
+    let now = clock::now();
     let pools: Vec<Value> = net
         .pools
         .iter()
@@ -232,13 +234,13 @@ pub fn state_json(live: &Live) -> Value {
                 "scales": pool.scale.is_some(),
                 "warm_capacity": view.free_slots(),
                 "in_flight": st.in_flight(),
-                "queue": st.queue.len(),
+                "queue": view.queue.len(),
                 "max_queue": pool.max_queue,
                 "max_concurrency": pool.max_concurrency,
                 "routed_total": st.routed(),
                 "expected_wake_ms": st.expected_wake().as_millis() as u64,
                 "waking_for_ms": st.waking_since().map(|t| now.saturating_duration_since(t).as_millis() as u64),
-                "idle_for_ms": st.last_active().elapsed().as_millis() as u64,
+                "idle_for_ms": now.saturating_duration_since(st.last_active()).as_millis() as u64,
                 "rtt_ms": net.rtt.get(live.snapshot.location.index(), pool.location.index()).as_secs_f64() * 1000.0,
                 "replicas": view.replicas.iter().map(|r| json!({
                     "addr": &*r.addr_text,
@@ -285,7 +287,7 @@ pub fn update_gauges(live: &Live) {
         let id = &view.label;
         metrics::gauge!(m::POOL_WARM_CAPACITY, "pool" => id.clone()).set(f64::from(view.free_slots()));
         metrics::gauge!(m::POOL_IN_FLIGHT, "pool" => id.clone()).set(f64::from(view.state.in_flight()));
-        metrics::gauge!(m::POOL_QUEUE_DEPTH, "pool" => id.clone()).set(f64::from(view.state.queue.len()));
+        metrics::gauge!(m::POOL_QUEUE_DEPTH, "pool" => id.clone()).set(f64::from(view.queue.len()));
     }
 }
 

@@ -2,6 +2,8 @@
 //! path, then swap it in atomically. A file that fails leaves the running
 //! snapshot in place, and its problems are reported (log, metric, admin API).
 
+pub mod watch;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -9,7 +11,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::metrics as m;
-use crate::routing::Router;
+use crate::state::Router;
 use crate::tls::{CertResolver, CertStore};
 
 /// Where the config comes from.

@@ -24,8 +24,8 @@ use pingora::services::listening::Service as ListeningService;
 use pingora::services::Service as _;
 use tokio::sync::watch;
 
-use crate::proxy::EdgeProxy;
-use crate::routing::Router;
+use super::phases::EdgeProxy;
+use crate::state::Router;
 use crate::tls::CertResolver;
 
 /// The pingora proxy application every public listener shares.

@@ -11,7 +11,7 @@ use stoke_config::{Hook, HookUrl};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::http_client::MAX_RESPONSE_BYTES;
+use crate::net::client::MAX_RESPONSE_BYTES;
 
 /// What a hook is asked to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,10 +8,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::http_client;
-use crate::load::parse_load;
-use crate::routing::Router;
-use crate::state::{Live, PoolView, ReplicaState};
+use super::load::parse_load;
+use crate::clock;
+use crate::net::client as http_client;
+use crate::state::{Live, PoolView, ReplicaState, Router};
 use stoke_config::{HealthCheck, LoadReport};
 
 /// Consecutive failed probes that mark a ready replica down. A refused
@@ -84,8 +84,9 @@ pub async fn probe_all(live: &Live) {
         }
     }
     while set.join_next().await.is_some() {}
+    let now = clock::now();
     for view in live.pools.iter() {
-        view.dispatch();
+        view.dispatch(now);
     }
 }
 
@@ -124,7 +125,7 @@ async fn probe_loop(view: Arc<PoolView>, replica: Arc<ReplicaState>, check: Heal
         fails = f;
         if became_ready {
             // Held requests leave as soon as a replica is seen ready.
-            view.dispatch();
+            view.dispatch(clock::now());
         }
         tokio::time::sleep(jitter(check.interval)).await;
     }
@@ -140,7 +141,7 @@ async fn scrape_loop(view: Arc<PoolView>, replica: Arc<ReplicaState>, load: Load
                     replica.set_reported_load(n);
                     if n > 0 {
                         // Load from any edge keeps the pool awake.
-                        view.state.touch();
+                        view.state.touch(clock::now());
                     }
                 }
             }

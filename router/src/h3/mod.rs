@@ -21,20 +21,21 @@ use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
 use h3::error::Code;
 use h3::server::RequestStream;
-use http::{HeaderMap, HeaderName, HeaderValue, Response};
+use http::{HeaderMap, HeaderValue, Response};
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::Peer as _;
 use tokio::sync::watch;
 
 use crate::drain::Drain;
 use crate::error::Reject;
-use crate::headers::{self, new_request_id, valid_request_id};
-use crate::request::{self, Downstream, Outcome, Trace, Verdict};
-use crate::routing::{Router, MAX_CONNECT_ATTEMPTS};
-use crate::state::Live;
+use crate::proxy::headers;
+use crate::proxy::policy::{self, Attempts, BodyCount, Failure, Forwarded, Served};
+use crate::proxy::request::{self, Downstream, Outcome, Trace, Verdict};
+use crate::proxy::upstream;
+use crate::state::{Live, Router};
 use crate::tls::{self, CertResolver};
-use crate::upstream;
 
 type SendHalf = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 type RecvHalf = RequestStream<h3_quinn::RecvStream, Bytes>;
@@ -103,14 +104,23 @@ struct Shared {
     router: Arc<Router>,
     connector: Connector,
     drain: Drain,
+    /// `Alt-Svc` on every answer (HTTP/3 is HTTPS).
+    alt_svc: Option<HeaderValue>,
 }
 
 /// Accept HTTP/3 connections until `shutdown`; then stop accepting, tell
 /// every connection to finish (GOAWAY), and close the endpoint once the
 /// caller's drain is over (it aborts this task).
-pub async fn serve(endpoint: quinn::Endpoint, router: Arc<Router>, drain: Drain, mut shutdown: watch::Receiver<bool>) {
-    let options = pingora::connectors::ConnectorOptions::new(crate::listener::UPSTREAM_KEEPALIVE_POOL);
-    let shared = Arc::new(Shared { router, connector: Connector::new(Some(options)), drain });
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    router: Arc<Router>,
+    drain: Drain,
+    alt_svc: Option<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let options = pingora::connectors::ConnectorOptions::new(crate::proxy::listener::UPSTREAM_KEEPALIVE_POOL);
+    let alt_svc = alt_svc.and_then(|v| HeaderValue::from_str(&v).ok());
+    let shared = Arc::new(Shared { router, connector: Connector::new(Some(options)), drain, alt_svc });
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -130,8 +140,12 @@ pub async fn serve(endpoint: quinn::Endpoint, router: Arc<Router>, drain: Drain,
 }
 
 async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let max_header = shared.router.live().snapshot.network.edge.max_header_bytes as u64;
-    let idle_after = shared.router.live().snapshot.network.edge.h3_idle_timeout;
+    let edge = shared.router.live().snapshot.network.edge.clone();
+    // QPACK counts 32 bytes of overhead per field where the header limit
+    // counts 4 ([`policy::head_size`]): leave room for that, so that the
+    // edge's own rule (and its 431) decides, as on every protocol.
+    let max_header = (edge.max_header_bytes + 32 * (edge.max_headers + 8)) as u64;
+    let idle_after = edge.h3_idle_timeout;
     let mut h3c: h3::server::Connection<h3_quinn::Connection, Bytes> = match h3::server::builder()
         .max_field_section_size(max_header)
         .build(h3_quinn::Connection::new(conn.clone()))
@@ -217,8 +231,9 @@ impl H3Downstream<'_> {
         while !self.body_done {
             match self.rx.recv_data().await {
                 Ok(Some(mut chunk)) => {
-                    if (self.read_ahead.len() + chunk.remaining()) as u64 > limit {
-                        return Err(too_large(limit));
+                    let n = (self.read_ahead.len() + chunk.remaining()) as u64;
+                    if n > limit {
+                        return Err(policy::read_too_large(n, limit));
                     }
                     self.read_ahead.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
                 }
@@ -228,14 +243,6 @@ impl H3Downstream<'_> {
         }
         Ok(())
     }
-}
-
-fn too_large(limit: u64) -> Reject {
-    Reject::client(
-        413,
-        "body_too_large",
-        format!("the request body is over {limit} bytes, the most this route reads to find the model (max_body_read)"),
-    )
 }
 
 #[async_trait]
@@ -289,27 +296,18 @@ async fn handle(
     let _in_progress = shared.drain.guard();
     let started = Instant::now();
     let (mut tx, mut rx) = stream.split();
-    let request_id = match req.headers().get(headers::REQUEST_ID) {
-        Some(v) if valid_request_id(v.as_bytes()) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
-        _ => new_request_id(),
-    };
+    let request_id = policy::request_id(req.headers().get(headers::REQUEST_ID).map(|v| v.as_bytes()));
     let live = shared.router.live();
     let mut trace = Trace::default();
     let mut outcome = Ended { status: 0, bytes: 0, pool: None, replica: None, waited: Duration::ZERO, error: None };
 
     let result = async {
-        let edge = &live.snapshot.network.edge;
-        if req.headers().len() > edge.max_headers {
-            return Err(Reject::client(
-                431,
-                "headers_too_large",
-                format!(
-                    "the request has {} header fields; at most {} are accepted",
-                    req.headers().len(),
-                    edge.max_headers
-                ),
-            ));
-        }
+        let bytes = policy::head_size(
+            req.uri().path_and_query().map_or("", |p| p.as_str()),
+            req.uri().authority().map(|a| a.as_str()),
+            req.headers(),
+        );
+        policy::check_head(&live.snapshot.network.edge, req.headers().len(), bytes)?;
         let mut down =
             H3Downstream { req: &req, rx: &mut rx, conn: &conn, read_ahead: BytesMut::new(), body_done: false };
         let routed = match request::decide(&shared.router, &live, &mut down, started, &mut trace).await? {
@@ -339,7 +337,7 @@ async fn handle(
     if let Err(reject) = result {
         outcome.status = reject.status;
         if !reject.is_client_gone() {
-            respond(&mut tx, &live, &request_id, &reject).await;
+            respond(&mut tx, &live, &request_id, &reject, shared.alt_svc.as_ref()).await;
         }
         if reject.status >= 400 {
             outcome.error = Some(reject.to_string());
@@ -375,8 +373,36 @@ struct Ended {
     error: Option<String>,
 }
 
-/// Send the request to its replica (retrying connect failures elsewhere)
-/// and stream the answer back.
+/// How one try at a replica failed before its answer began.
+enum TryError {
+    /// The edge answers this itself (the client went, or sent too much).
+    Answer(Reject),
+    /// The replica's side failed; on a reused pooled connection the
+    /// request may go again ([`Failure::Reused`]).
+    Upstream(pingora::BError),
+}
+
+/// The request body as it goes upstream.
+struct Body<'a> {
+    /// Bytes the edge already holds: the whole body (read to find the
+    /// model), or what arrived ahead of streaming.
+    held: Option<Bytes>,
+    /// Whether more is to come from the client.
+    streamed: bool,
+    rx: &'a mut RecvHalf,
+    count: BodyCount,
+}
+
+impl Body<'_> {
+    /// Whether a try that failed can send the body again: only what the
+    /// edge holds whole can be.
+    fn replayable(&self) -> bool {
+        !self.streamed
+    }
+}
+
+/// Send the request to its replica, retrying elsewhere (or on a fresh
+/// connection) while the policy allows, and stream the answer back.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     req: &http::Request<()>,
@@ -394,7 +420,6 @@ async fn forward(
 ) -> Result<(), Reject> {
     let net = &live.snapshot.network;
     let route = trace.route.map(|r| net.route(r));
-    let max_body = trace.max_body.unwrap_or(u64::MAX);
     let mut slot = routed.admitted.slot;
     let mut pool = routed.admitted.pool;
     // The body the route read to find the service goes as it is; otherwise
@@ -411,113 +436,72 @@ async fn forward(
     }
     let streamed = whole_body.is_none() && !(body_done && read_ahead.is_empty());
     let head = upstream_head(req, conn, request_id, route, whole_body.as_ref().map(Bytes::len), has_length, streamed)?;
+    let held = whole_body.or_else(|| (!read_ahead.is_empty()).then(|| read_ahead.freeze()));
+    let mut body = Body {
+        held,
+        // A body that arrived whole with the request needs no streaming.
+        streamed: streamed && !body_done,
+        rx,
+        count: BodyCount::new(trace.max_body.unwrap_or(u64::MAX)),
+    };
+    if let Some(held) = &body.held {
+        body.count.add(held.len())?;
+    }
 
-    // Connect, retrying elsewhere while nothing was sent.
-    let mut attempts = 0;
+    let mut attempts = Attempts::default();
     let (mut session, peer) = loop {
-        attempts += 1;
+        attempts.start();
         let peer = upstream::peer(slot.replica().addr, net.pool(pool));
-        match shared.connector.get_http_session(&peer).await {
-            Ok((s, _reused)) => break (s, peer),
+        let failure = match shared.connector.get_http_session(&peer).await {
             Err(e) => {
-                if slot.replica().set_ready(false) {
-                    tracing::warn!(replica = %slot.replica().addr, error = %e, "replica refused a connection; marked down");
-                }
-                drop(slot);
-                let retry = if attempts < MAX_CONNECT_ATTEMPTS {
-                    trace.service.and_then(|s| Router::reacquire(live, s))
-                } else {
-                    None
-                };
-                match retry {
-                    Some((p, s)) => {
-                        pool = p;
-                        slot = s;
-                        outcome.pool = Some(p);
-                    }
-                    None => return Err(Reject::bad_gateway(format!("could not connect to a replica: {e}"))),
-                }
+                policy::mark_down(&slot, &e);
+                (Failure::Connect, e)
             }
+            Ok((mut session, reused)) => match send(&mut session, &head, &mut body, conn, &peer).await {
+                Ok(()) => break (session, peer),
+                Err(TryError::Answer(reject)) => {
+                    session.shutdown().await;
+                    return Err(reject);
+                }
+                Err(TryError::Upstream(e)) => {
+                    session.shutdown().await;
+                    let timed_out = matches!(e.etype(), pingora::ErrorType::ReadTimedout);
+                    (if reused && !timed_out { Failure::Reused } else { Failure::Other }, e)
+                }
+            },
+        };
+        let (failure, e) = failure;
+        drop(slot);
+        let retry =
+            if attempts.may_retry(failure, body.replayable()) { policy::retry_slot(live, trace.service) } else { None };
+        match retry {
+            Some((p, s)) => {
+                pool = p;
+                slot = s;
+                outcome.pool = Some(p);
+            }
+            None if failure == Failure::Connect => {
+                return Err(Reject::bad_gateway(format!("could not connect to a replica: {e}")))
+            }
+            None => return Err(policy::upstream_failure(&e)),
         }
     };
     outcome.replica = Some(slot.replica().addr_text.to_string());
-    session.set_read_timeout(peer.options.read_timeout);
-    session.set_write_timeout(peer.options.write_timeout);
-    let forwarded_at = Instant::now();
-    let upstream_err = |e: pingora::BError| Reject::bad_gateway(format!("the replica failed: {}", e.etype().as_str()));
-    session.write_request_header(Box::new(head)).await.map_err(upstream_err)?;
-
-    // The request body: whole, or streamed as it comes (bounded by max_body).
-    if let Some(body) = whole_body {
-        session.write_request_body(body, true).await.map_err(upstream_err)?;
-    } else if streamed {
-        let mut sent = read_ahead.len() as u64;
-        if !read_ahead.is_empty() {
-            session.write_request_body(read_ahead.freeze(), false).await.map_err(upstream_err)?;
-        }
-        while !body_done {
-            match rx.recv_data().await {
-                Ok(Some(mut chunk)) => {
-                    sent += chunk.remaining() as u64;
-                    if sent > max_body {
-                        session.shutdown().await;
-                        return Err(Reject::client(
-                            413,
-                            "body_too_large",
-                            format!(
-                                "the request body exceeds {max_body} bytes, the most this route accepts (max_body)"
-                            ),
-                        ));
-                    }
-                    session
-                        .write_request_body(chunk.copy_to_bytes(chunk.remaining()), false)
-                        .await
-                        .map_err(upstream_err)?;
-                }
-                Ok(None) => body_done = true,
-                Err(_) => {
-                    // The client reset its upload: abandon the upstream request.
-                    session.shutdown().await;
-                    return Err(Reject::client_gone());
-                }
-            }
-        }
-    }
-    session.finish_request_body().await.map_err(upstream_err)?;
-
-    // The answer's head (skipping 1xx), watching for the client leaving.
-    loop {
-        tokio::select! {
-            r = session.read_response_header() => r.map_err(|e| match e.etype() {
-                pingora::ErrorType::ReadTimedout => Reject {
-                    status: 504,
-                    code: "upstream_timeout",
-                    message: "the replica did not answer in time".into(),
-                    origin: crate::error::Origin::Upstream,
-                    retry_after: None,
-                },
-                _ => upstream_err(e),
-            })?,
-            _ = conn.closed() => {
-                session.shutdown().await;
-                return Err(Reject::client_gone());
-            }
-        }
-        if !session.response_header().is_some_and(|h| h.status.is_informational()) {
-            break;
-        }
-    }
-    request::upstream_ttfb().record(forwarded_at.elapsed().as_secs_f64());
     let Some(upstream_head) = session.response_header() else {
         return Err(Reject::bad_gateway("the replica sent no response head"));
     };
     let mut resp = Response::builder().status(upstream_head.status);
     if let Some(h) = resp.headers_mut() {
         copy_headers(&upstream_head.headers, h);
-        h.insert(headers::REQUEST_ID, header_value(request_id));
-        if net.edge.debug_headers {
-            add_debug_headers(h, live, pool, &slot, outcome.waited);
+        h.insert(headers::REQUEST_ID, policy::value(request_id));
+        if let Some(alt) = policy::alt_svc(true, shared.alt_svc.as_ref()) {
+            h.insert(http::header::ALT_SVC, alt.clone());
         }
+        let served = Served { pool: Some(pool), replica: Some(&slot.replica().addr_text), waited: outcome.waited };
+        let _ = policy::debug_headers(live, served, |name, value| {
+            h.insert(name, value);
+            Ok::<_, ()>(())
+        });
     }
     outcome.status = upstream_head.status.as_u16();
     let resp = resp.body(()).map_err(|e| Reject::bad_gateway(e.to_string()))?;
@@ -566,6 +550,52 @@ async fn forward(
     Ok(())
 }
 
+/// One try: the request head and body to the replica, then its answer's
+/// head (skipping 1xx), watching for the client leaving.
+async fn send(
+    session: &mut HttpSession,
+    head: &RequestHeader,
+    body: &mut Body<'_>,
+    conn: &quinn::Connection,
+    peer: &pingora::upstreams::peer::HttpPeer,
+) -> Result<(), TryError> {
+    session.set_read_timeout(peer.options.read_timeout);
+    session.set_write_timeout(peer.options.write_timeout);
+    session.write_request_header(Box::new(head.clone())).await.map_err(TryError::Upstream)?;
+    if let Some(held) = &body.held {
+        session.write_request_body(held.clone(), !body.streamed).await.map_err(TryError::Upstream)?;
+    }
+    while body.streamed {
+        match body.rx.recv_data().await {
+            Ok(Some(mut chunk)) => {
+                body.count.add(chunk.remaining()).map_err(TryError::Answer)?;
+                session
+                    .write_request_body(chunk.copy_to_bytes(chunk.remaining()), false)
+                    .await
+                    .map_err(TryError::Upstream)?;
+            }
+            Ok(None) => {
+                body.streamed = false;
+            }
+            // The client reset its upload: abandon the upstream request.
+            Err(_) => return Err(TryError::Answer(Reject::client_gone())),
+        }
+    }
+    session.finish_request_body().await.map_err(TryError::Upstream)?;
+    let forwarded_at = Instant::now();
+    loop {
+        tokio::select! {
+            r = session.read_response_header() => r.map_err(TryError::Upstream)?,
+            _ = conn.closed() => return Err(TryError::Answer(Reject::client_gone())),
+        }
+        if !session.response_header().is_some_and(|h| h.status.is_informational()) {
+            break;
+        }
+    }
+    request::upstream_ttfb().record(forwarded_at.elapsed().as_secs_f64());
+    Ok(())
+}
+
 /// The HTTP/1.1 request head for the replica.
 #[allow(clippy::too_many_arguments)]
 fn upstream_head(
@@ -601,13 +631,13 @@ fn upstream_head(
     if !cookies.is_empty() {
         head.insert_header(http::header::COOKIE, cookies.join("; ")).map_err(bad)?;
     }
-    if let Some(authority) = req.uri().authority() {
-        head.insert_header(http::header::HOST, authority.as_str()).map_err(bad)?;
-        head.insert_header(headers::FORWARDED_HOST, authority.as_str()).map_err(bad)?;
+    let authority = req.uri().authority().map(|a| a.as_str());
+    if let Some(authority) = authority {
+        head.insert_header(http::header::HOST, authority).map_err(bad)?;
     }
-    head.insert_header(headers::FORWARDED_FOR, conn.remote_address().ip().to_canonical().to_string()).map_err(bad)?;
-    head.insert_header(headers::FORWARDED_PROTO, "https").map_err(bad)?;
-    head.insert_header(headers::REQUEST_ID, request_id).map_err(bad)?;
+    let forwarded =
+        Forwarded { host: authority, client: Some(conn.remote_address().ip().to_canonical()), tls: true, request_id };
+    forwarded.apply(|name, value| head.insert_header(name, value)).map_err(bad)?;
     match whole_body {
         Some(len) => head.insert_header(http::header::CONTENT_LENGTH, len.to_string()).map_err(bad)?,
         None if streamed && !has_length => {
@@ -627,46 +657,15 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-fn header_value(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("-"))
-}
-
-fn add_debug_headers(
-    h: &mut HeaderMap,
-    live: &Live,
-    pool: stoke_config::PoolId,
-    slot: &crate::state::Slot,
-    waited: Duration,
-) {
-    let net = &live.snapshot.network;
-    let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
-        h.insert(HeaderName::from_static(name), header_value(value));
-    };
-    set(h, headers::STOKE_EDGE, &live.snapshot.edge_location().id);
-    set(h, headers::STOKE_POOL, &net.pool(pool).id);
-    set(h, headers::STOKE_REPLICA, &slot.replica().addr_text);
-    set(h, headers::STOKE_WAIT_MS, &waited.as_millis().to_string());
-}
-
-/// Answer a request stoke refuses, as JSON.
-async fn respond(tx: &mut SendHalf, live: &Live, request_id: &str, reject: &Reject) {
-    let body = Bytes::from(reject.body());
-    let mut resp = Response::builder()
-        .status(reject.status)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::CONTENT_LENGTH, body.len())
-        .header(headers::REQUEST_ID, header_value(request_id));
-    if let Some(secs) = reject.retry_after_secs() {
-        resp = resp.header(http::header::RETRY_AFTER, secs);
-    }
-    if reject.status == 401 {
-        resp = resp.header(http::header::WWW_AUTHENTICATE, "Bearer");
-    }
-    if live.snapshot.network.edge.debug_headers {
-        resp = resp.header(headers::STOKE_EDGE, header_value(&live.snapshot.edge_location().id));
+/// Send the edge's own answer for `reject`.
+async fn respond(tx: &mut SendHalf, live: &Live, request_id: &str, reject: &Reject, alt_svc: Option<&HeaderValue>) {
+    let answer = policy::answer(reject, request_id, Some(live), policy::alt_svc(true, alt_svc));
+    let mut resp = Response::builder().status(answer.status);
+    if let Some(h) = resp.headers_mut() {
+        h.extend(answer.headers);
     }
     let Ok(resp) = resp.body(()) else { return };
-    if tx.send_response(resp).await.is_ok() && tx.send_data(body).await.is_ok() {
+    if tx.send_response(resp).await.is_ok() && tx.send_data(answer.body).await.is_ok() {
         let _ = tx.finish().await;
     }
 }

@@ -6,25 +6,12 @@
 //! Pure: randomness comes in as a function, and replicas are seen through
 //! [`ReplicaLoad`], so that the choice is deterministic for a seed.
 
-use crate::state::ReplicaState;
-
 /// What the pick needs to know of a replica.
 pub trait ReplicaLoad {
     /// Free slots under `max` (0 if not ready).
     fn free(&self, max: u32) -> u32;
     /// Requests it is busy with.
     fn busy(&self) -> u32;
-}
-
-impl ReplicaLoad for ReplicaState {
-    #[inline]
-    fn free(&self, max: u32) -> u32 {
-        self.free_slots(max)
-    }
-    #[inline]
-    fn busy(&self) -> u32 {
-        self.load()
-    }
 }
 
 impl<T: ReplicaLoad + ?Sized> ReplicaLoad for std::sync::Arc<T> {

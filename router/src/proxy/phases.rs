@@ -1,27 +1,27 @@
 //! The pingora adapter for HTTP/1.1 and HTTP/2: each phase translates the
-//! session into a call to the routing core and back. Policy lives in
-//! [`crate::routing`], [`crate::placement`] and [`crate::headers`].
+//! session into a call to the routing core ([`super::request`]) or the
+//! response policy ([`super::policy`]) and back. It holds no policy.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, RETRY_AFTER};
+use http::header::{CONTENT_LENGTH, EXPECT, HOST};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorType, Result};
 use stoke_config::{PoolId, RouteId, ServiceId};
 
+use super::headers;
+use super::policy::{self, Attempts, BodyCount, Failure, Forwarded, Served};
+use super::request::{self, Downstream, Outcome, Trace, Verdict};
+use super::upstream;
 use crate::drain::{Drain, Guard};
 use crate::error::Reject;
-use crate::headers::{self, new_request_id, valid_request_id};
-use crate::request::{self, Downstream, Outcome, Trace, Verdict};
-use crate::routing::{Router, MAX_CONNECT_ATTEMPTS};
-use crate::state::{Live, Slot};
-use crate::upstream;
+use crate::state::{Live, Router, Slot};
 
 /// Bytes pingora keeps to replay a request body on a retry.
 const RETRY_BUFFER: u64 = 64 * 1024;
@@ -42,9 +42,9 @@ impl EdgeProxy {
         EdgeProxy { router, drain, alt_svc }
     }
 
-    /// Whether the downstream connection is TLS (where `Alt-Svc` applies).
-    fn over_tls(session: &Session) -> bool {
-        session.digest().is_some_and(|d| d.ssl_digest.is_some())
+    /// `Alt-Svc` for an answer on this session (HTTPS only).
+    fn alt_svc(&self, session: &Session) -> Option<&http::HeaderValue> {
+        policy::alt_svc(over_tls(session), self.alt_svc.as_ref())
     }
 }
 
@@ -68,15 +68,14 @@ pub struct RequestCtx {
     released_replica: Option<Arc<str>>,
     /// Whether the slot in `slot` has been handed to pingora as a peer.
     slot_used: bool,
-    attempts: u8,
+    attempts: Attempts,
     waited: Duration,
     reject: Option<Reject>,
     status: u16,
     /// When the request was last handed to a replica (for time to first byte).
     forwarded_at: Option<Instant>,
-    /// The route's body limit, and how much of the body went upstream.
-    max_body: u64,
-    body_sent: u64,
+    /// The body streamed upstream, against the route's limit.
+    body_count: BodyCount,
 }
 
 impl RequestCtx {
@@ -103,13 +102,12 @@ impl ProxyHttp for EdgeProxy {
             slot: None,
             released_replica: None,
             slot_used: false,
-            attempts: 0,
+            attempts: Attempts::default(),
             waited: Duration::ZERO,
             reject: None,
             status: 0,
             forwarded_at: None,
-            max_body: u64::MAX,
-            body_sent: 0,
+            body_count: BodyCount::new(u64::MAX),
         }
     }
 
@@ -123,31 +121,22 @@ impl ProxyHttp for EdgeProxy {
         let live = self.router.live();
         let edge = &live.snapshot.network.edge;
         let req = session.req_header();
-        let count = req.headers.len();
-        let bytes = req.uri.path_and_query().map_or(1, |p| p.as_str().len())
-            + req.uri.authority().map_or(0, |a| a.as_str().len())
-            + req.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
-        if count > edge.max_headers || bytes > edge.max_header_bytes {
-            ctx.reject = Some(Reject::client(
-                431,
-                "headers_too_large",
-                format!(
-                    "the request has {count} header fields and {bytes} bytes of request line and headers; at most {} fields and {} bytes are accepted",
-                    edge.max_headers, edge.max_header_bytes
-                ),
-            ));
+        let bytes = policy::head_size(
+            req.uri.path_and_query().map_or("", |p| p.as_str()),
+            req.uri.authority().map(|a| a.as_str()),
+            &req.headers,
+        );
+        if let Err(reject) = policy::check_head(edge, req.headers.len(), bytes) {
+            ctx.reject = Some(reject);
         }
         ctx.live = Some(live);
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.request_id = match session.get_header(headers::REQUEST_ID) {
-            Some(v) if valid_request_id(v.as_bytes()) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            _ => new_request_id(),
-        };
+        ctx.request_id = policy::request_id(session.get_header(headers::REQUEST_ID).map(|v| v.as_bytes()));
         if let Some(reject) = ctx.reject.take() {
-            respond(session, ctx, &reject).await;
+            respond(session, ctx, &reject, self.alt_svc(session).cloned()).await;
             ctx.status = reject.status;
             ctx.reject = Some(reject);
             return Ok(true);
@@ -159,7 +148,7 @@ impl ProxyHttp for EdgeProxy {
         match decided {
             Ok(()) => Ok(false),
             Err(reject) => {
-                respond(session, ctx, &reject).await;
+                respond(session, ctx, &reject, self.alt_svc(session).cloned()).await;
                 ctx.status = reject.status;
                 ctx.reject = Some(reject);
                 Ok(true)
@@ -168,15 +157,12 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
-        ctx.attempts += 1;
+        ctx.attempts.start();
         if ctx.slot_used || ctx.slot.is_none() {
             // A retry: the slot of the failed try was released; find another.
             ctx.slot = None;
-            let (live, service) = (ctx.live()?.clone(), ctx.service);
-            let Some(service) = service else {
-                return Err(Error::explain(ErrorType::InternalError, "retry without a service"));
-            };
-            match Router::reacquire(&live, service) {
+            let live = ctx.live()?.clone();
+            match policy::retry_slot(&live, ctx.service) {
                 Some((pool, slot)) => {
                     ctx.pool = Some(pool);
                     ctx.slot = Some(slot);
@@ -208,18 +194,13 @@ impl ProxyHttp for EdgeProxy {
         if ctx.continued {
             req.remove_header(&EXPECT);
         }
-        let host = request_host(session.req_header()).map(str::to_owned);
-        if let Some(host) = host {
-            req.insert_header(headers::FORWARDED_HOST, host)?;
-        }
-        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            // The public edge is the first hop: a client's own
-            // X-Forwarded-For is not trusted, it is replaced.
-            req.insert_header(headers::FORWARDED_FOR, addr.ip().to_string())?;
-        }
-        let proto = if session.digest().is_some_and(|d| d.ssl_digest.is_some()) { "https" } else { "http" };
-        req.insert_header(headers::FORWARDED_PROTO, http::HeaderValue::from_static(proto))?;
-        req.insert_header(headers::REQUEST_ID, ctx.request_id.as_str())?;
+        let forwarded = Forwarded {
+            host: request_host(session.req_header()),
+            client: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
+            tls: over_tls(session),
+            request_id: &ctx.request_id,
+        };
+        forwarded.apply(|name, value| req.insert_header(name, value))?;
         if let (Some(live), Some(route)) = (&ctx.live, ctx.route) {
             let route = live.snapshot.network.route(route);
             let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -254,13 +235,8 @@ impl ProxyHttp for EdgeProxy {
         }
         // A body without a length is counted as it streams.
         if let Some(chunk) = body {
-            ctx.body_sent += chunk.len() as u64;
-            if ctx.body_sent > ctx.max_body {
-                ctx.reject = Some(Reject::client(
-                    413,
-                    "body_too_large",
-                    format!("the request body exceeds {} bytes, the most this route accepts (max_body)", ctx.max_body),
-                ));
+            if let Err(reject) = ctx.body_count.add(chunk.len()) {
+                ctx.reject = Some(reject);
                 return Err(Error::explain(ErrorType::HTTPStatus(413), "request body over max_body"));
             }
         }
@@ -277,19 +253,20 @@ impl ProxyHttp for EdgeProxy {
             resp.remove_header(&name);
         }
         ctx.status = resp.status.as_u16();
-        if let Some(alt) = &self.alt_svc {
-            if Self::over_tls(session) {
-                resp.insert_header(http::header::ALT_SVC, alt.clone())?;
-            }
+        if let Some(alt) = self.alt_svc(session) {
+            resp.insert_header(http::header::ALT_SVC, alt.clone())?;
         }
         if let Some(at) = ctx.forwarded_at {
             request::upstream_ttfb().record(at.elapsed().as_secs_f64());
         }
         resp.insert_header(headers::REQUEST_ID, ctx.request_id.as_str())?;
         if let Some(live) = &ctx.live {
-            if live.snapshot.network.edge.debug_headers {
-                add_debug_headers(resp, ctx, live)?;
-            }
+            let served = Served {
+                pool: ctx.pool,
+                replica: ctx.slot.as_ref().map(|s| &*s.replica().addr_text),
+                waited: ctx.waited,
+            };
+            policy::debug_headers(live, served, |name, value| resp.insert_header(name, value))?;
         }
         Ok(())
     }
@@ -309,7 +286,7 @@ impl ProxyHttp for EdgeProxy {
         // body can be replayed (read whole to route it, or small enough for
         // pingora's retry buffer) and the attempts are not used up.
         let mut e = e.more_context(format!("replica {peer}"));
-        if session.as_ref().retry_buffer_truncated() || ctx.attempts >= MAX_CONNECT_ATTEMPTS {
+        if !ctx.attempts.may_retry(Failure::Reused, !session.as_ref().retry_buffer_truncated()) {
             e.set_retry(false);
         } else {
             e.retry.decide_reuse(client_reused);
@@ -327,28 +304,26 @@ impl ProxyHttp for EdgeProxy {
         // Nothing was sent: the replica is down for us until a probe says
         // otherwise, and the request may go elsewhere.
         if let Some(slot) = ctx.slot.take() {
-            if slot.replica().set_ready(false) {
-                tracing::warn!(replica = %slot.replica().addr, error = %e, "replica refused a connection; marked down");
-            }
+            policy::mark_down(&slot, &e);
         }
-        e.set_retry(ctx.attempts < MAX_CONNECT_ATTEMPTS);
+        e.set_retry(ctx.attempts.may_retry(Failure::Connect, true));
         e
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
         let reject = match ctx.reject.take() {
             Some(r) => r,
-            None => reject_for(e),
+            None => policy::upstream_failure(e),
         };
         // The replica is done with this request: free its slot before the
         // answer, which may linger over the rest of an unread body.
         if let Some(slot) = ctx.slot.take() {
             ctx.released_replica = Some(slot.replica().addr_text.clone());
         }
-        let code = if is_downstream_gone(e) {
+        let code = if policy::client_gone(e) {
             0
         } else {
-            respond(session, ctx, &reject).await;
+            respond(session, ctx, &reject, self.alt_svc(session).cloned()).await;
             reject.status
         };
         ctx.status = code;
@@ -409,7 +384,7 @@ impl EdgeProxy {
         ctx.continued = down.continued;
         ctx.route = trace.route;
         ctx.service = trace.service;
-        ctx.max_body = trace.max_body.unwrap_or(u64::MAX);
+        ctx.body_count = BodyCount::new(trace.max_body.unwrap_or(u64::MAX));
         let routed = match decided? {
             Verdict::Forward(routed) => routed,
             Verdict::Answer(json) => return Err(Reject::answer(json)),
@@ -469,13 +444,7 @@ impl Downstream for PingoraDownstream<'_> {
 /// Read the whole request body (to find the service in it), at most
 /// `limit` bytes, keeping pingora able to send it upstream afterwards.
 async fn read_body(session: &mut Session, continued: &mut bool, limit: u64) -> Result<Bytes, Reject> {
-    let too_large = |n: u64| {
-        Reject::client(
-            413,
-            "body_too_large",
-            format!("the request body is {n} bytes or more; this route reads at most {limit} bytes of it to find the model (max_body_read)"),
-        )
-    };
+    let too_large = |n: u64| policy::read_too_large(n, limit);
     let length = match session.get_header(CONTENT_LENGTH) {
         Some(v) => Some(
             v.to_str()
@@ -539,39 +508,20 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
     req.headers.get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
 
-fn add_debug_headers(resp: &mut ResponseHeader, ctx: &RequestCtx, live: &Live) -> Result<()> {
-    let net = &live.snapshot.network;
-    resp.insert_header(headers::STOKE_EDGE, live.snapshot.edge_location().id.as_str())?;
-    if let Some(pool) = ctx.pool {
-        resp.insert_header(headers::STOKE_POOL, net.pool(pool).id.as_str())?;
-    }
-    if let Some(slot) = &ctx.slot {
-        resp.insert_header(headers::STOKE_REPLICA, &*slot.replica().addr_text)?;
-    }
-    resp.insert_header(headers::STOKE_WAIT_MS, ctx.waited.as_millis().to_string())?;
-    Ok(())
+/// Whether the downstream connection is TLS.
+fn over_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
-/// Write `reject` as a JSON response (nothing if the client is gone).
-async fn respond(session: &mut Session, ctx: &RequestCtx, reject: &Reject) {
+/// Write `reject` as the edge's own answer (nothing if the client is gone).
+async fn respond(session: &mut Session, ctx: &RequestCtx, reject: &Reject, alt_svc: Option<http::HeaderValue>) {
     if reject.is_client_gone() {
         return;
     }
-    let body = Bytes::from(reject.body());
-    let Ok(mut resp) = ResponseHeader::build(reject.status, Some(6)) else { return };
-    let _ = resp.insert_header(CONTENT_TYPE, "application/json");
-    let _ = resp.insert_header(CONTENT_LENGTH, body.len().to_string());
-    let _ = resp.insert_header(headers::REQUEST_ID, ctx.request_id.as_str());
-    if let Some(secs) = reject.retry_after_secs() {
-        let _ = resp.insert_header(RETRY_AFTER, secs.to_string());
-    }
-    if reject.status == 401 {
-        let _ = resp.insert_header(http::header::WWW_AUTHENTICATE, "Bearer");
-    }
-    if let Some(live) = &ctx.live {
-        if live.snapshot.network.edge.debug_headers {
-            let _ = resp.insert_header(headers::STOKE_EDGE, live.snapshot.edge_location().id.as_str());
-        }
+    let answer = policy::answer(reject, &ctx.request_id, ctx.live.as_deref(), alt_svc.as_ref());
+    let Ok(mut resp) = ResponseHeader::build(answer.status, Some(answer.headers.len())) else { return };
+    for (name, value) in answer.headers {
+        let _ = resp.insert_header(name, value);
     }
     let unread = !session.is_body_done();
     if unread {
@@ -579,7 +529,7 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, reject: &Reject) {
         session.set_keepalive(None);
     }
     if session.write_response_header(Box::new(resp), false).await.is_ok()
-        && session.write_response_body(Some(body), true).await.is_ok()
+        && session.write_response_body(Some(answer.body), true).await.is_ok()
         && unread
     {
         linger(session, ctx).await;
@@ -611,40 +561,4 @@ async fn linger(session: &mut Session, ctx: &RequestCtx) {
             _ => break,
         }
     }
-}
-
-/// Map a proxy error to what the client is told.
-fn reject_for(e: &Error) -> Reject {
-    match e.etype() {
-        ErrorType::HTTPStatus(code) if *code == 502 => Reject::bad_gateway(e.to_string()),
-        ErrorType::ConnectTimedout
-        | ErrorType::ConnectRefused
-        | ErrorType::ConnectError
-        | ErrorType::ConnectNoRoute => {
-            Reject::bad_gateway(format!("could not connect to a replica: {}", e.etype().as_str()))
-        }
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Reject {
-            status: 504,
-            code: "upstream_timeout",
-            message: format!("the replica did not answer in time ({})", e.etype().as_str()),
-            origin: crate::error::Origin::Upstream,
-            retry_after: None,
-        },
-        _ => match e.esource() {
-            ErrorSource::Downstream => Reject::client(400, "bad_request", e.to_string()),
-            ErrorSource::Upstream => Reject::bad_gateway(format!("the replica failed: {}", e.etype().as_str())),
-            _ => Reject {
-                status: 500,
-                code: "internal_error",
-                message: "internal error".to_owned(),
-                origin: crate::error::Origin::Internal,
-                retry_after: None,
-            },
-        },
-    }
-}
-
-fn is_downstream_gone(e: &Error) -> bool {
-    matches!(e.esource(), ErrorSource::Downstream)
-        && matches!(e.etype(), ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed)
 }

@@ -1,0 +1,132 @@
+//! The sleeper: only a pool's home edge calls its sleep hook, once per idle
+//! period ([`crate::core::idle`] says when a pool is idle). Where `load` is
+//! configured, replicas that report running or waiting requests keep their
+//! pool awake (the load scrape marks it active).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stoke_config::Hook;
+use tokio::sync::watch;
+
+use super::hooks::{self, Action};
+use super::probe::jitter;
+use crate::clock;
+use crate::core::idle::{check_interval, is_idle};
+use crate::metrics as m;
+use crate::state::{Live, Router};
+
+/// A sleep hook to call.
+#[derive(Debug)]
+pub struct SleepCall {
+    /// The pool.
+    pub pool: Arc<str>,
+    /// Its sleep hook.
+    pub hook: Hook,
+    /// How long it was idle.
+    pub idle_for: Duration,
+}
+
+/// The pools of `live` whose home edge this is and that are idle at `now`,
+/// not yet put to sleep in this idle period. Each is marked slept and its
+/// replicas are taken out of rotation here at once (they are about to go),
+/// so that no request is sent to a replica that is stopping. Also returns
+/// when to look again.
+pub fn due(live: &Live, now: Instant) -> (Vec<SleepCall>, Duration) {
+    let here = live.snapshot.location;
+    let mut calls = Vec::new();
+    let home_pools = live.snapshot.network.pools.iter().enumerate().filter(|(_, p)| p.home_edge == here);
+    let mut timeouts = Vec::new();
+    for (pid, pool) in home_pools {
+        let Some(scale) = &pool.scale else { continue };
+        timeouts.push(scale.idle_timeout);
+        let view = &live.pools[pid];
+        if !is_idle(&view.activity(), now, scale.idle_timeout) || !view.state.mark_slept() {
+            continue;
+        }
+        let idle_for = now.saturating_duration_since(view.state.last_active());
+        let Some(hook) = scale.sleep.clone() else {
+            tracing::info!(pool = %view.state.id, "pool idle; no sleep hook configured");
+            continue;
+        };
+        for r in view.replicas.iter() {
+            r.set_ready(false);
+        }
+        calls.push(SleepCall { pool: view.state.id.clone(), hook, idle_for });
+    }
+    (calls, check_interval(timeouts))
+}
+
+/// Put idle pools whose home edge this is to sleep, until `shutdown`.
+pub async fn run(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let live = router.live();
+        let (calls, next_check) = due(&live, clock::now());
+        let edge = live.snapshot.edge_location().id.clone();
+        drop(live);
+        for call in calls {
+            metrics::counter!(m::SLEEPS_TOTAL, "pool" => call.pool.to_string()).increment(1);
+            tracing::info!(pool = %call.pool, idle_s = call.idle_for.as_secs(), "putting idle pool to sleep");
+            let edge = edge.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hooks::call(&call.hook, Action::Sleep, &call.pool, &edge, "idle").await {
+                    tracing::warn!(pool = %call.pool, error = %e, "sleep hook failed");
+                }
+            });
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(jitter(next_check)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn world() -> Arc<Router> {
+        crate::testing::two_pools(4, "idle_timeout = \"15s\"\nwake_time = \"1s\"")
+    }
+
+    #[test]
+    fn an_idle_pool_is_put_to_sleep_exactly_once_by_its_home_edge() {
+        let router = world();
+        let live = router.live();
+        for view in live.pools.iter() {
+            view.replicas[0].set_ready(true);
+        }
+        let t0 = live.pools[0].state.last_active();
+        assert!(due(&live, t0 + 14 * S).0.is_empty(), "not idle for the timeout yet");
+        let (calls, next) = due(&live, t0 + 15 * S);
+        // par-gpu is idle too, but its home edge is Paris.
+        assert_eq!(calls.iter().map(|c| &*c.pool).collect::<Vec<_>>(), ["fra-gpu"]);
+        assert_eq!(calls[0].idle_for, 15 * S);
+        assert!(!live.pools[0].is_warm(), "its replicas leave rotation at once");
+        assert!(live.pools[1].is_warm());
+        assert!(next <= Duration::from_millis(3750));
+        // Ready again (a probe, before the replicas stop): no second sleep
+        // in the same idle period.
+        live.pools[0].replicas[0].set_ready(true);
+        assert!(due(&live, t0 + 16 * S).0.is_empty());
+        assert!(due(&live, t0 + 100 * S).0.is_empty());
+        // A request later opens a new idle period, with its own sleep.
+        drop(live.acquire(stoke_config::PoolId(0), t0 + 101 * S));
+        let last = live.pools[0].state.last_active();
+        assert!(due(&live, last + 14 * S).0.is_empty());
+        assert_eq!(due(&live, last + 15 * S).0.len(), 1);
+    }
+
+    #[test]
+    fn a_busy_or_held_pool_is_not_put_to_sleep() {
+        let router = world();
+        let live = router.live();
+        live.pools[0].replicas[0].set_ready(true);
+        let t0 = live.pools[0].state.last_active();
+        let slot = live.acquire(stoke_config::PoolId(0), t0).expect("slot");
+        assert!(due(&live, t0 + 60 * S).0.is_empty(), "a request in flight keeps it awake");
+        drop(slot);
+    }
+}

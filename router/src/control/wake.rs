@@ -1,0 +1,126 @@
+//! Waking pools that scaled to zero: single flight per pool. The wake hook
+//! is called once, then again with backoff while no replica is ready
+//! ([`crate::core::wake`] says when); meanwhile the pool's replicas are
+//! probed fast (every 50–100 ms) so that the first held request leaves as
+//! soon as a replica answers. An orchestrator may also push readiness
+//! (`POST /pools/{id}/ready`), which probes at once. A wake that never
+//! completes is given up; held requests are answered by their own
+//! deadlines either way.
+
+use std::sync::Arc;
+
+use stoke_config::PoolId;
+
+use super::hooks::{self, Action};
+use super::probe;
+use crate::clock;
+use crate::core::wake::{WakeSchedule, WakeStep, FAST_PROBE};
+use crate::metrics as m;
+use crate::state::{Live, PoolView, Router};
+
+/// Why a wake starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A request is held for the pool.
+    Request,
+    /// Requests keep being routed away from it because it sleeps.
+    Demand,
+}
+
+impl Reason {
+    /// As sent to the hook and logged.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Request => "request",
+            Reason::Demand => "demand",
+        }
+    }
+}
+
+/// Wake `pool` unless it is warm, has no scale settings, or a wake is
+/// under way; true if this call started one.
+pub fn start(router: &Arc<Router>, live: &Live, pool: PoolId, reason: Reason) -> bool {
+    let view = live.pool(pool);
+    if view.is_warm() || !view.scales {
+        return false;
+    }
+    let now = clock::now();
+    if !view.state.begin_wake(now) {
+        return false;
+    }
+    tracing::info!(pool = %view.state.id, reason = reason.as_str(), "waking pool");
+    tokio::spawn(run(router.clone(), view.state.id.clone(), reason, WakeSchedule::new(now)));
+    true
+}
+
+/// The wake loop of one pool, until a replica is ready or it gives up.
+async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedule: WakeSchedule) {
+    loop {
+        let live = router.live();
+        let Some(pid) = live.snapshot.network.pool_id(&pool_id) else {
+            // The pool left the config.
+            if let Some(view) = live.pools.iter().find(|p| *p.state.id == *pool_id) {
+                view.state.end_wake(None);
+            }
+            return;
+        };
+        let view = live.pool(pid).clone();
+        let pool = live.snapshot.network.pool(pid);
+        let Some(scale) = &pool.scale else {
+            view.state.end_wake(None);
+            return;
+        };
+        let now = clock::now();
+        match schedule.step(now, view.is_warm(), view.state.expected_wake()) {
+            WakeStep::Ready { took } => {
+                view.state.end_wake(Some(took));
+                metrics::counter!(m::WAKEUPS_TOTAL, "pool" => pool_id.to_string(), "result" => "ready").increment(1);
+                metrics::histogram!(m::WAKE_DURATION, "pool" => pool_id.to_string()).record(took.as_secs_f64());
+                tracing::info!(pool = %pool_id, took_ms = took.as_millis() as u64, "pool awake");
+                view.dispatch(now);
+                return;
+            }
+            WakeStep::GiveUp { after } => {
+                view.state.end_wake(None);
+                metrics::counter!(m::WAKEUPS_TOTAL, "pool" => pool_id.to_string(), "result" => "timeout").increment(1);
+                tracing::warn!(pool = %pool_id, after_s = after.as_secs(), "wake abandoned: no replica became ready");
+                return;
+            }
+            WakeStep::Call { attempt } => {
+                let (hook, edge) = (scale.wake.clone(), live.snapshot.edge_location().id.clone());
+                let id = pool_id.clone();
+                // The call runs beside the fast probes, so a slow hook does
+                // not delay noticing a replica that is already up.
+                tokio::spawn(async move {
+                    match hooks::call(&hook, Action::Wake, &id, &edge, reason.as_str()).await {
+                        Ok(()) => {
+                            metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "called")
+                                .increment(1);
+                        }
+                        Err(e) => {
+                            metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "hook_error")
+                                .increment(1);
+                            tracing::warn!(pool = %id, attempt, error = %e, "wake hook failed");
+                        }
+                    }
+                });
+            }
+            WakeStep::Probe => {}
+        }
+        probe_pool(&view, &pool.health, &pool_id).await;
+        tokio::time::sleep(FAST_PROBE.mul_f64(0.75 + fastrand::f64() * 0.5)).await;
+    }
+}
+
+/// Probe every replica of a pool once, at the same time; dispatch held
+/// requests if one became ready.
+pub async fn probe_pool(view: &Arc<PoolView>, check: &stoke_config::HealthCheck, pool_id: &str) {
+    let probes = view.replicas.iter().map(|r| async move {
+        let result = probe::probe(r, check).await;
+        probe::apply(r, pool_id, result, 0)
+    });
+    futures_util::future::join_all(probes).await;
+    if view.is_warm() {
+        view.dispatch(clock::now());
+    }
+}

@@ -1,0 +1,235 @@
+//! The admission shell: places a request, takes a slot or holds it, starts
+//! the wakes that [`crate::core`] asks for, and waits — for a slot, the
+//! deadline or the client leaving. Every decision is the core's; this reads
+//! the clock and does the waiting.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stoke_config::{PoolId, ServiceId};
+
+use crate::clock;
+use crate::control::wake::{self, Reason};
+use crate::core::admission::{self, Admission, Refusal, MAX_OVERTAKEN, NO_CAPACITY_RETRY_AFTER};
+use crate::core::placement::Decision;
+use crate::error::Reject;
+use crate::state::{Live, Router, Slot};
+
+/// Request header with which a client asks for a shorter hold than the
+/// route's `max_wait`, in milliseconds (`stoke-max-wait-ms: 2000`).
+pub const MAX_WAIT_HEADER: &str = "stoke-max-wait-ms";
+
+/// A request admitted to a replica: it holds a slot until dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The slot; dropping it ends the request's in-flight count.
+    pub slot: Slot,
+    /// The pool it is on.
+    pub pool: PoolId,
+    /// How long the request was held for capacity or a wake.
+    pub waited: Duration,
+}
+
+/// Admit a request for `service` that arrived at `started` and may wait
+/// `max_wait`: place it, and either take a slot now or hold it (waking the
+/// pool if it sleeps) until a slot frees, its deadline passes (503 with
+/// `Retry-After`) or `client_gone` resolves. A request whose expected wait
+/// already exceeds its deadline is answered at once; the wake it needs
+/// still starts.
+pub async fn admit(
+    router: &Arc<Router>,
+    live: &Arc<Live>,
+    service: ServiceId,
+    started: Instant,
+    max_wait: Duration,
+    client_gone: impl Future<Output = ()>,
+) -> Result<Admitted, Reject> {
+    let deadline = admission::deadline(started, max_wait);
+    let mut overtaken = 0;
+    let (pool, now) = loop {
+        let now = clock::now();
+        let placement = live.place(service, now);
+        if let Some(cold) = placement.passed_over_cold {
+            // Route away, then warm: repeated demand wakes the near pool.
+            if live.pool(cold).state.routed_away(now) {
+                wake::start(router, live, cold, Reason::Demand);
+            }
+        }
+        let mut decision = placement.decision;
+        if let Decision::Forward { pool } = decision {
+            if let Some(slot) = live.acquire(pool, now) {
+                return Ok(Admitted { slot, pool, waited: now.saturating_duration_since(started) });
+            }
+            // Overtaken for the last slot: decide again a few times, then
+            // wait in that pool's queue.
+            overtaken += 1;
+            if overtaken <= MAX_OVERTAKEN {
+                continue;
+            }
+            decision = Decision::Hold { pool, eta_us: 0 };
+        }
+        if let Decision::Hold { pool, .. } = decision {
+            let view = live.pool(pool);
+            if admission::needs_wake(view.is_warm(), view.scales) {
+                wake::start(router, live, pool, Reason::Request);
+            }
+        }
+        match admission::admit(decision, now, deadline) {
+            Admission::Hold { pool, .. } => break (pool, now),
+            Admission::Forward { .. } => continue,
+            Admission::Refuse(refusal) => return Err(refused(live, service, refusal)),
+        }
+    };
+
+    let view = live.pool(pool).clone();
+    let Some(mut ticket) = view.hold(now) else {
+        let eta = Duration::from_micros(u64::from(view.status(now).wait_us.unwrap_or(0)));
+        return Err(Reject::unavailable(
+            "queue_full",
+            format!("pool {} holds its maximum of {} requests", view.state.id, view.max_queue),
+            eta.max(NO_CAPACITY_RETRY_AFTER),
+        ));
+    };
+    tokio::select! {
+        slot = ticket.slot() => match slot {
+            Some(slot) => Ok(Admitted { slot, pool, waited: clock::now().saturating_duration_since(started) }),
+            None => Err(Reject::unavailable(
+                "pool_removed",
+                format!("pool {} left the config while the request was held", view.state.id),
+                NO_CAPACITY_RETRY_AFTER,
+            )),
+        },
+        _ = tokio::time::sleep_until(deadline.into()) => {
+            let retry = admission::retry_after_timeout(view.status(clock::now()));
+            Err(Reject::unavailable(
+                "wait_timeout",
+                format!("held {} ms for pool {} without a free slot (max wait)", max_wait.as_millis(), view.state.id),
+                retry,
+            ))
+        }
+        _ = client_gone => Err(Reject::client_gone()),
+    }
+}
+
+/// The answer for a request the core refused.
+fn refused(live: &Live, service: ServiceId, refusal: Refusal) -> Reject {
+    let name = &live.snapshot.network.service(service).name;
+    match refusal {
+        Refusal::NoCapacity => Reject::unavailable(
+            "no_capacity",
+            format!("no pool serving \"{name}\" can take or hold the request now"),
+            refusal.retry_after(),
+        ),
+        Refusal::WaitExceedsDeadline { pool, eta, left } => Reject::unavailable(
+            "wait_exceeds_deadline",
+            format!(
+                "the fastest pool for \"{name}\" ({}) is expected to take {} ms, longer than this request may wait ({} ms)",
+                live.pool(pool).state.id,
+                eta.as_millis(),
+                left.as_millis()
+            ),
+            refusal.retry_after(),
+        ),
+    }
+}
+
+/// A slot for a retry after a connect failure: the failed replica is
+/// already marked down, so the pick moves on to another replica or the
+/// next pool. Never holds.
+pub fn reacquire(live: &Live, service: ServiceId) -> Option<(PoolId, Slot)> {
+    let now = clock::now();
+    match live.place(service, now).decision {
+        Decision::Forward { pool } => live.acquire(pool, now).map(|s| (pool, s)),
+        _ => None,
+    }
+}
+
+/// The wait a request asks for: the route's `max_wait`, or less if the
+/// client sent [`MAX_WAIT_HEADER`].
+pub fn max_wait(route_max: Duration, header: Option<&[u8]>) -> Duration {
+    header
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(route_max, |ms| route_max.min(Duration::from_millis(ms)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_deadline_can_only_shorten() {
+        let route = Duration::from_secs(30);
+        assert_eq!(max_wait(route, None), route);
+        assert_eq!(max_wait(route, Some(b"2000")), Duration::from_secs(2));
+        assert_eq!(max_wait(route, Some(b"99999999")), route);
+        assert_eq!(max_wait(route, Some(b"soon")), route);
+        assert_eq!(max_wait(route, Some(b"0")), Duration::ZERO);
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    /// Frankfurt warm with its one slot taken; Paris cold.
+    fn full_near_pool() -> (Arc<Router>, Arc<Live>, ServiceId, Slot) {
+        let router = crate::testing::two_pools(1, "idle_timeout = \"5m\"\nwake_time = \"20s\"");
+        let live = router.live();
+        live.pools[0].replicas[0].set_ready(true);
+        let service = live.snapshot.network.service_id("m").expect("service");
+        let slot = live.acquire(PoolId(0), clock::now()).expect("the one slot");
+        (router, live, service, slot)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_request_gives_up_at_its_deadline() {
+        let (router, live, service, _busy) = full_near_pool();
+        let started = clock::now();
+        let admit = admit(&router, &live, service, started, 5 * S, std::future::pending());
+        let (answer, ()) = tokio::join!(admit, async {
+            tokio::time::sleep(Duration::from_millis(4_990)).await;
+            assert_eq!(live.pools[0].queue.len(), 1, "still held just before the deadline");
+        });
+        let reject = answer.expect_err("no slot freed");
+        assert_eq!((reject.status, reject.code), (503, "wait_timeout"));
+        assert!(reject.retry_after.is_some_and(|r| r >= S));
+        assert_eq!(clock::now() - started, 5 * S, "answered at the deadline, on the virtual clock");
+        assert_eq!(live.pools[0].queue.len(), 0, "its place is freed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_request_takes_the_first_slot_that_frees() {
+        let (router, live, service, busy) = full_near_pool();
+        let started = clock::now();
+        let admit = admit(&router, &live, service, started, 30 * S, std::future::pending());
+        let (answer, ()) = tokio::join!(admit, async {
+            tokio::time::sleep(2 * S).await;
+            drop(busy);
+        });
+        let admitted = answer.expect("admitted");
+        assert_eq!(admitted.pool, PoolId(0));
+        assert_eq!(admitted.waited, 2 * S);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_leaves_while_held_leaves_the_queue() {
+        let (router, live, service, _busy) = full_near_pool();
+        let gone = tokio::time::sleep(S);
+        let reject = admit(&router, &live, service, clock::now(), 30 * S, gone).await.expect_err("gone");
+        assert!(reject.is_client_gone());
+        assert_eq!(live.pools[0].queue.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_longer_than_the_deadline_is_refused_at_once() {
+        let router = crate::testing::two_pools(1, "idle_timeout = \"5m\"\nwake_time = \"20s\"");
+        let live = router.live();
+        let service = live.snapshot.network.service_id("m").expect("service");
+        // Both pools cold: the nearest wakes in 20 s, the request may wait 5.
+        let started = clock::now();
+        let reject = admit(&router, &live, service, started, 5 * S, std::future::pending()).await.expect_err("refused");
+        assert_eq!((reject.status, reject.code), (503, "wait_exceeds_deadline"));
+        assert_eq!(reject.retry_after, Some(20 * S));
+        assert_eq!(clock::now(), started, "at once");
+        assert!(live.pools[0].state.waking_since().is_some(), "the wake it needs still starts");
+    }
+}

@@ -1,0 +1,406 @@
+//! The response policy, one copy for every protocol: request ids, header
+//! and body limits, forwarded and debug headers, the answers the edge
+//! makes itself (status, JSON body, `Retry-After`, `WWW-Authenticate`,
+//! `Alt-Svc`), the mapping of upstream failures to answers, and the retry
+//! budget after a failed connection. The protocol adapters
+//! ([`super::phases`] for HTTP/1.1 and HTTP/2, [`crate::h3`] for HTTP/3)
+//! translate these into their own types and hold no policy of their own.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::HeaderMap;
+use pingora::{Error, ErrorSource, ErrorType};
+use stoke_config::{EdgeSettings, PoolId, ServiceId};
+
+use super::headers::{self, new_request_id, valid_request_id};
+use crate::error::{Origin, Reject};
+use crate::state::{Live, Slot};
+
+/// How many times one request may be sent to a replica whose connection
+/// fails before anything is sent (the first try included).
+pub const MAX_CONNECT_ATTEMPTS: u8 = 3;
+
+/// The request id: the client's, if it sent an acceptable one, else new.
+pub fn request_id(sent: Option<&[u8]>) -> String {
+    match sent {
+        Some(v) if valid_request_id(v) => String::from_utf8_lossy(v).into_owned(),
+        _ => new_request_id(),
+    }
+}
+
+/// The size of a request head as the header limit counts it: the path and
+/// query, the authority, and each field's name and value plus 4 (": " and
+/// CRLF), whatever the protocol's own encoding.
+pub fn head_size(path_and_query: &str, authority: Option<&str>, fields: &HeaderMap) -> usize {
+    path_and_query.len().max(1)
+        + authority.map_or(0, str::len)
+        + fields.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>()
+}
+
+/// The header limits (`max_headers` fields, `max_header_bytes` bytes as
+/// [`head_size`] counts them): 431 beyond either.
+pub fn check_head(edge: &EdgeSettings, fields: usize, bytes: usize) -> Result<(), Reject> {
+    if fields > edge.max_headers || bytes > edge.max_header_bytes {
+        return Err(Reject::client(
+            431,
+            "headers_too_large",
+            format!(
+                "the request has {fields} header fields and {bytes} bytes of request line and headers; at most {} fields and {} bytes are accepted",
+                edge.max_headers, edge.max_header_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A declared body (`Content-Length`) over the route's `max_body`.
+pub fn declared_too_large(len: u64, max_body: u64) -> Reject {
+    Reject::client(
+        413,
+        "body_too_large",
+        format!("the request body is {len} bytes; this route accepts at most {max_body} (max_body)"),
+    )
+}
+
+/// A streamed body that went past the route's `max_body`.
+pub fn streamed_too_large(max_body: u64) -> Reject {
+    Reject::client(
+        413,
+        "body_too_large",
+        format!("the request body exceeds {max_body} bytes, the most this route accepts (max_body)"),
+    )
+}
+
+/// A body read to find the model that is `n` bytes or more, over the
+/// route's `max_body_read`.
+pub fn read_too_large(n: u64, limit: u64) -> Reject {
+    Reject::client(
+        413,
+        "body_too_large",
+        format!("the request body is {n} bytes or more; this route reads at most {limit} bytes of it to find the model (max_body_read)"),
+    )
+}
+
+/// Counts a body as it streams to the replica, against `max_body`.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyCount {
+    max: u64,
+    sent: u64,
+}
+
+impl BodyCount {
+    /// Nothing sent yet, under `max`.
+    pub fn new(max: u64) -> Self {
+        BodyCount { max, sent: 0 }
+    }
+
+    /// `n` more bytes; 413 once past the limit.
+    pub fn add(&mut self, n: usize) -> Result<(), Reject> {
+        self.sent = self.sent.saturating_add(n as u64);
+        if self.sent > self.max {
+            return Err(streamed_too_large(self.max));
+        }
+        Ok(())
+    }
+}
+
+/// What the forwarded headers say about the client's request.
+#[derive(Clone, Copy, Debug)]
+pub struct Forwarded<'a> {
+    /// The host the client asked for.
+    pub host: Option<&'a str>,
+    /// The client's address (the public edge is the first hop: a client's
+    /// own `X-Forwarded-For` is not trusted, it is replaced).
+    pub client: Option<IpAddr>,
+    /// Whether the client came over TLS.
+    pub tls: bool,
+    /// The request id.
+    pub request_id: &'a str,
+}
+
+impl Forwarded<'_> {
+    /// Set `x-forwarded-host`, `-for`, `-proto` and `x-request-id` through
+    /// `set` (each adapter writes them into its own header type).
+    pub fn apply<E>(&self, mut set: impl FnMut(&'static str, HeaderValue) -> Result<(), E>) -> Result<(), E> {
+        if let Some(host) = self.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            set(headers::FORWARDED_HOST, host)?;
+        }
+        if let Some(ip) = self.client {
+            set(headers::FORWARDED_FOR, value(&ip.to_string()))?;
+        }
+        set(headers::FORWARDED_PROTO, HeaderValue::from_static(if self.tls { "https" } else { "http" }))?;
+        set(headers::REQUEST_ID, value(self.request_id))
+    }
+}
+
+/// What the debug headers say about where a request went.
+#[derive(Clone, Copy, Debug)]
+pub struct Served<'a> {
+    /// The pool, if one was chosen.
+    pub pool: Option<PoolId>,
+    /// The replica, if one was chosen.
+    pub replica: Option<&'a str>,
+    /// Time held for capacity or a wake.
+    pub waited: Duration,
+}
+
+/// Set the debug headers (`stoke-edge`, `-pool`, `-replica`, `-wait-ms`)
+/// through `set`, when the edge is configured to send them.
+pub fn debug_headers<E>(
+    live: &Live,
+    served: Served<'_>,
+    mut set: impl FnMut(&'static str, HeaderValue) -> Result<(), E>,
+) -> Result<(), E> {
+    let net = &live.snapshot.network;
+    if !net.edge.debug_headers {
+        return Ok(());
+    }
+    set(headers::STOKE_EDGE, value(&live.snapshot.edge_location().id))?;
+    if let Some(pool) = served.pool {
+        set(headers::STOKE_POOL, value(&net.pool(pool).id))?;
+    }
+    if let Some(replica) = served.replica {
+        set(headers::STOKE_REPLICA, value(replica))?;
+    }
+    set(headers::STOKE_WAIT_MS, HeaderValue::from(served.waited.as_millis() as u64))
+}
+
+/// `Alt-Svc` for an answer: only over TLS, and only where HTTP/3 is served.
+pub fn alt_svc(tls: bool, advertised: Option<&HeaderValue>) -> Option<&HeaderValue> {
+    advertised.filter(|_| tls)
+}
+
+/// An answer the edge makes itself.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    /// Its status.
+    pub status: u16,
+    /// Its header fields, in order.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Its body (JSON).
+    pub body: Bytes,
+}
+
+/// The answer for `reject` (an error, or a 200 the edge answers itself):
+/// its JSON body, `Content-Type`, `Content-Length`, `x-request-id`,
+/// `Retry-After` where retrying helps, `WWW-Authenticate` on 401, the
+/// edge's debug header and `Alt-Svc` (pass [`alt_svc`]'s choice).
+pub fn answer(reject: &Reject, request_id: &str, live: Option<&Live>, alt_svc: Option<&HeaderValue>) -> Answer {
+    let body = Bytes::from(reject.body());
+    let mut h = Vec::with_capacity(7);
+    h.push((header::CONTENT_TYPE, HeaderValue::from_static("application/json")));
+    h.push((header::CONTENT_LENGTH, HeaderValue::from(body.len())));
+    h.push((HeaderName::from_static(headers::REQUEST_ID), value(request_id)));
+    if let Some(secs) = reject.retry_after_secs() {
+        h.push((header::RETRY_AFTER, HeaderValue::from(secs)));
+    }
+    if reject.status == 401 {
+        h.push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+    }
+    if let Some(live) = live.filter(|l| l.snapshot.network.edge.debug_headers) {
+        h.push((HeaderName::from_static(headers::STOKE_EDGE), value(&live.snapshot.edge_location().id)));
+    }
+    if let Some(alt) = alt_svc {
+        h.push((header::ALT_SVC, alt.clone()));
+    }
+    Answer { status: reject.status, headers: h, body }
+}
+
+/// What the client is told when forwarding failed with `e` (pingora's
+/// upstream connector serves every protocol).
+pub fn upstream_failure(e: &Error) -> Reject {
+    match e.etype() {
+        ErrorType::HTTPStatus(502) => Reject::bad_gateway(e.to_string()),
+        ErrorType::ConnectTimedout
+        | ErrorType::ConnectRefused
+        | ErrorType::ConnectError
+        | ErrorType::ConnectNoRoute => {
+            Reject::bad_gateway(format!("could not connect to a replica: {}", e.etype().as_str()))
+        }
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Reject {
+            status: 504,
+            code: "upstream_timeout",
+            message: format!("the replica did not answer in time ({})", e.etype().as_str()),
+            origin: Origin::Upstream,
+            retry_after: None,
+        },
+        _ => match e.esource() {
+            ErrorSource::Downstream => Reject::client(400, "bad_request", e.to_string()),
+            ErrorSource::Upstream => Reject::bad_gateway(format!("the replica failed: {}", e.etype().as_str())),
+            _ => Reject {
+                status: 500,
+                code: "internal_error",
+                message: "internal error".to_owned(),
+                origin: Origin::Internal,
+                retry_after: None,
+            },
+        },
+    }
+}
+
+/// Whether `e` means the client went away (nothing can be answered).
+pub fn client_gone(e: &Error) -> bool {
+    matches!(e.esource(), ErrorSource::Downstream)
+        && matches!(e.etype(), ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed)
+}
+
+/// The retry budget of one request: it may go to another replica while
+/// nothing was sent, at most [`MAX_CONNECT_ATTEMPTS`] tries in all.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Attempts(u8);
+
+impl Attempts {
+    /// Count a try.
+    pub fn start(&mut self) {
+        self.0 = self.0.saturating_add(1);
+    }
+
+    /// Tries so far.
+    pub fn count(&self) -> u8 {
+        self.0
+    }
+
+    /// Whether a failed try may be retried: after a connect failure
+    /// always, after a failure on a reused pooled connection (the replica
+    /// had closed it) only if the body can be sent again; within the
+    /// budget either way.
+    pub fn may_retry(&self, failure: Failure, body_replayable: bool) -> bool {
+        self.0 < MAX_CONNECT_ATTEMPTS
+            && match failure {
+                Failure::Connect => true,
+                Failure::Reused => body_replayable,
+                Failure::Other => false,
+            }
+    }
+}
+
+/// How a try at a replica failed, for [`Attempts::may_retry`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection: nothing was sent.
+    Connect,
+    /// A pooled connection failed before any answer (the replica had
+    /// closed it): the replica never took the request.
+    Reused,
+    /// Anything else: the replica may have seen the request.
+    Other,
+}
+
+/// A replica refused a connection: it is down for this edge until a probe
+/// says otherwise.
+pub fn mark_down(slot: &Slot, error: &dyn std::fmt::Display) {
+    if slot.replica().set_ready(false) {
+        tracing::warn!(replica = %slot.replica().addr, %error, "replica refused a connection; marked down");
+    }
+}
+
+/// A slot for the next try: another replica, or the next pool (the
+/// failed replica is already marked down or its slot released). Never holds.
+pub fn retry_slot(live: &Live, service: Option<ServiceId>) -> Option<(PoolId, Slot)> {
+    super::admit::reacquire(live, service?)
+}
+
+/// A header value from text that may hold bytes a header cannot
+/// (`-` then).
+pub fn value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edge() -> EdgeSettings {
+        let text = "[edge]\nlocation = \"fra\"\nadmin = \"127.0.0.1:0\"\nmax_headers = 8\nmax_header_bytes = \"1KiB\"\n[[location]]\nid = \"fra\"\nlat = 0\nlon = 0\n";
+        stoke_config::load_str(text, std::path::Path::new("t.toml")).expect("loads").edge
+    }
+
+    #[test]
+    fn one_header_rule_on_every_protocol() {
+        let e = edge();
+        let mut h = HeaderMap::new();
+        h.insert("a", HeaderValue::from_static("1"));
+        // "/x" + "host" + ("a" + "1" + 4)
+        assert_eq!(head_size("/x", Some("host"), &h), 12);
+        assert!(check_head(&e, 8, 1024).is_ok());
+        let r = check_head(&e, 9, 10).expect_err("too many");
+        assert_eq!((r.status, r.code), (431, "headers_too_large"));
+        assert!(r.message.contains("at most 8 fields and 1024 bytes"), "{}", r.message);
+        assert_eq!(check_head(&e, 1, 1025).expect_err("too big").status, 431);
+    }
+
+    #[test]
+    fn streamed_bodies_are_counted_against_max_body() {
+        let mut c = BodyCount::new(10);
+        assert!(c.add(6).is_ok());
+        assert!(c.add(4).is_ok());
+        assert_eq!(c.add(1).expect_err("over").status, 413);
+    }
+
+    #[test]
+    fn error_answers_carry_everything_a_client_needs() {
+        let alt = HeaderValue::from_static("h3=\":443\"");
+        let r = Reject::unavailable("no_capacity", "busy", Duration::from_millis(1500));
+        let a = answer(&r, "rid", None, alt_svc(true, Some(&alt)));
+        let get = |n: &str| a.headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.to_str().expect("text").to_owned());
+        assert_eq!(a.status, 503);
+        assert_eq!(get("retry-after").as_deref(), Some("2"));
+        assert_eq!(get("x-request-id").as_deref(), Some("rid"));
+        assert_eq!(get("content-type").as_deref(), Some("application/json"));
+        assert_eq!(get("content-length"), Some(a.body.len().to_string()));
+        assert_eq!(get("alt-svc").as_deref(), Some("h3=\":443\""));
+        let a = answer(&Reject::client(401, "unauthorized", "no key"), "rid", None, alt_svc(false, Some(&alt)));
+        assert!(a.headers.iter().any(|(k, v)| k == "www-authenticate" && v == "Bearer"));
+        assert!(!a.headers.iter().any(|(k, _)| k == "alt-svc"), "no Alt-Svc over plain HTTP");
+        assert!(!a.headers.iter().any(|(k, _)| k == "retry-after"), "no Retry-After on a client error");
+    }
+
+    #[test]
+    fn forwarded_headers() {
+        let mut set = Vec::new();
+        let f = Forwarded {
+            host: Some("api.example.com"),
+            client: Some([10, 0, 0, 7].into()),
+            tls: true,
+            request_id: "r1",
+        };
+        f.apply(|k, v| {
+            set.push((k, v));
+            Ok::<_, ()>(())
+        })
+        .expect("applied");
+        let got: Vec<(&str, &str)> = set.iter().map(|(k, v)| (*k, v.to_str().expect("text"))).collect();
+        assert_eq!(
+            got,
+            [
+                ("x-forwarded-host", "api.example.com"),
+                ("x-forwarded-for", "10.0.0.7"),
+                ("x-forwarded-proto", "https"),
+                ("x-request-id", "r1")
+            ]
+        );
+    }
+
+    #[test]
+    fn the_retry_budget() {
+        let mut a = Attempts::default();
+        a.start();
+        assert!(a.may_retry(Failure::Connect, false));
+        assert!(a.may_retry(Failure::Reused, true));
+        assert!(!a.may_retry(Failure::Reused, false), "a body that cannot be replayed is not retried");
+        assert!(!a.may_retry(Failure::Other, true));
+        a.start();
+        a.start();
+        assert!(!a.may_retry(Failure::Connect, true), "three tries at most");
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_acceptable() {
+        assert_eq!(request_id(Some(b"abc")), "abc");
+        assert_eq!(request_id(Some(b"has space")).len(), 32);
+        assert_eq!(request_id(None).len(), 32);
+    }
+}

@@ -1,0 +1,217 @@
+//! A pool's own bookkeeping, kept across snapshots by pool id: in-flight
+//! count, the idle clock, the wake under way and the learned wake time,
+//! the learned service time, demand from requests routed away, and the
+//! hold queue. Every method that needs the time is given it.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::core::demand::Demand;
+
+/// Seed of the mean time a request holds a slot, before any is observed.
+/// Inference requests take seconds; one second errs towards holding less.
+pub const SERVICE_TIME_SEED: Duration = Duration::from_secs(1);
+
+/// Weight of a new observation in the learned wake and service times.
+pub const EWMA_WEIGHT: f64 = 0.3;
+
+/// Per-pool state that outlives any one config snapshot.
+#[derive(Debug)]
+pub struct PoolState {
+    /// The pool's id.
+    pub id: Arc<str>,
+    pub(super) in_flight: AtomicU32,
+    /// Milliseconds since `epoch` of the last time a request started or
+    /// ended here, or the replicas reported load: the idle clock.
+    last_active_ms: AtomicU64,
+    epoch: Instant,
+    /// 0 when not waking; else milliseconds since `epoch` + 1 of the wake's start.
+    waking_since_ms: AtomicU64,
+    /// Learned wake time, microseconds (EWMA of observed wakes).
+    expected_wake_us: AtomicU64,
+    wake_observed: AtomicBool,
+    /// Learned time a request holds a slot, microseconds.
+    service_time_us: AtomicU64,
+    /// Whether the sleep hook was called for the current idle period.
+    slept: AtomicBool,
+    /// Requests routed away from this pool while it was cold.
+    demand: Mutex<Demand>,
+    /// Set when the pool left the config: held requests are answered.
+    removed: AtomicBool,
+    /// Requests this edge sent to the pool, ever.
+    pub(super) routed: AtomicU64,
+}
+
+impl PoolState {
+    /// A pool first seen at `now`, expected to wake in `wake_time`.
+    pub fn new(id: &str, wake_time: Duration, now: Instant) -> Self {
+        PoolState {
+            id: id.into(),
+            in_flight: AtomicU32::new(0),
+            last_active_ms: AtomicU64::new(0),
+            epoch: now,
+            waking_since_ms: AtomicU64::new(0),
+            expected_wake_us: AtomicU64::new(saturating_micros(wake_time)),
+            wake_observed: AtomicBool::new(false),
+            service_time_us: AtomicU64::new(saturating_micros(SERVICE_TIME_SEED)),
+            slept: AtomicBool::new(false),
+            demand: Mutex::new(Demand::default()),
+            removed: AtomicBool::new(false),
+            routed: AtomicU64::new(0),
+        }
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Requests this edge sent to the pool since it first saw it.
+    pub fn routed(&self) -> u64 {
+        self.routed.load(Ordering::Relaxed)
+    }
+
+    /// Requests this edge has in flight on the pool (streams included).
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// When a request last started or ended on this pool (or its replicas
+    /// last reported load).
+    pub fn last_active(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed))
+    }
+
+    /// Mark activity at `now`: the pool is not idle, and a new idle period
+    /// (with its own sleep) begins after it.
+    pub fn touch(&self, now: Instant) {
+        self.last_active_ms.fetch_max(self.ms(now), Ordering::Relaxed);
+        self.slept.store(false, Ordering::Relaxed);
+    }
+
+    /// When the current wake started, if one is under way.
+    pub fn waking_since(&self) -> Option<Instant> {
+        match self.waking_since_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(self.epoch + Duration::from_millis(ms - 1)),
+        }
+    }
+
+    /// Start a wake at `now` unless one is under way; true if this call
+    /// started it (single flight). Demand counted so far is spent.
+    pub fn begin_wake(&self, now: Instant) -> bool {
+        let ms = self.ms(now) + 1;
+        let began = self.waking_since_ms.compare_exchange(0, ms, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if began {
+            self.demand.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        began
+    }
+
+    /// End the wake under way; `took` is how long it took if it succeeded.
+    pub fn end_wake(&self, took: Option<Duration>) {
+        if let Some(took) = took {
+            let observed = saturating_micros(took);
+            let next = if self.wake_observed.swap(true, Ordering::Relaxed) {
+                ewma(self.expected_wake_us.load(Ordering::Relaxed), observed)
+            } else {
+                // The first observation replaces the configured guess.
+                observed
+            };
+            self.expected_wake_us.store(next, Ordering::Relaxed);
+        }
+        self.waking_since_ms.store(0, Ordering::Release);
+    }
+
+    /// Expected time from wake call to a ready replica.
+    pub fn expected_wake(&self) -> Duration {
+        Duration::from_micros(self.expected_wake_us.load(Ordering::Relaxed))
+    }
+
+    /// Mean time a request holds a slot here.
+    pub fn service_time(&self) -> Duration {
+        Duration::from_micros(self.service_time_us.load(Ordering::Relaxed))
+    }
+
+    pub(super) fn observe_service_time(&self, took: Duration) {
+        let took = saturating_micros(took);
+        let _ = self.service_time_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |prev| Some(ewma(prev, took)));
+    }
+
+    /// Record that a request was routed away from this pool at `now`
+    /// because it was cold; true if that demand should wake it
+    /// ([`crate::core::demand`]).
+    pub fn routed_away(&self, now: Instant) -> bool {
+        self.demand.lock().unwrap_or_else(|e| e.into_inner()).routed_away(now)
+    }
+
+    /// Mark that the sleep hook was called for this idle period; false if
+    /// it already was.
+    pub fn mark_slept(&self) -> bool {
+        !self.slept.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether the pool left the config.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+}
+
+fn saturating_micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn ewma(prev: u64, observed: u64) -> u64 {
+    (prev as f64 * (1.0 - EWMA_WEIGHT) + observed as f64 * EWMA_WEIGHT) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn wakes_are_single_flight_and_learned() {
+        let t0 = Instant::now();
+        let p = PoolState::new("p", 20 * S, t0);
+        assert_eq!(p.expected_wake(), 20 * S);
+        assert!(p.begin_wake(t0 + S));
+        assert!(!p.begin_wake(t0 + 2 * S), "second wake while one is under way");
+        assert_eq!(p.waking_since(), Some(t0 + S));
+        p.end_wake(Some(10 * S));
+        assert!(p.waking_since().is_none());
+        assert_eq!(p.expected_wake(), 10 * S, "first observation replaces the guess");
+        assert!(p.begin_wake(t0 + 20 * S));
+        p.end_wake(Some(20 * S));
+        assert_eq!(p.expected_wake(), 13 * S, "then an EWMA");
+    }
+
+    #[test]
+    fn a_wake_spends_the_demand_counted_so_far() {
+        let t0 = Instant::now();
+        let p = PoolState::new("p", S, t0);
+        assert!(!p.routed_away(t0));
+        assert!(!p.routed_away(t0 + S));
+        assert!(p.begin_wake(t0 + S));
+        p.end_wake(None);
+        assert!(!p.routed_away(t0 + 2 * S), "the count started afresh with the wake");
+    }
+
+    #[test]
+    fn the_idle_clock_moves_forward_only_and_reopens_the_sleep() {
+        let t0 = Instant::now();
+        let p = PoolState::new("p", S, t0);
+        p.touch(t0 + 10 * S);
+        p.touch(t0 + 5 * S);
+        assert_eq!(p.last_active(), t0 + 10 * S);
+        assert!(p.mark_slept());
+        assert!(!p.mark_slept(), "once per idle period");
+        p.touch(t0 + 11 * S);
+        assert!(p.mark_slept(), "activity starts a new idle period");
+    }
+}

@@ -1,0 +1,141 @@
+//! One replica's counters: readiness, this edge's in-flight count and the
+//! load the replica itself reports. Lock-free; read on every request.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::core::pick::ReplicaLoad;
+
+/// One replica's counters.
+#[derive(Debug)]
+pub struct ReplicaState {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Text form of `addr`, for headers and logs (made once).
+    pub addr_text: Arc<str>,
+    ready: AtomicBool,
+    in_flight: AtomicU32,
+    /// Requests the replica itself reports running plus waiting, from its
+    /// metrics (0 if not scraped).
+    reported_load: AtomicU32,
+    /// Our own in-flight count when that report was taken, to tell our load
+    /// from other edges'.
+    in_flight_at_report: AtomicU32,
+}
+
+impl ReplicaState {
+    /// A replica at `addr`, not ready until a probe says so: a
+    /// scaled-to-zero pool must not look warm. The edge probes every
+    /// replica once before it starts accepting, and at once after a reload
+    /// adds one.
+    pub fn new(addr: SocketAddr) -> Self {
+        ReplicaState {
+            addr,
+            addr_text: addr.to_string().into(),
+            ready: AtomicBool::new(false),
+            in_flight: AtomicU32::new(0),
+            reported_load: AtomicU32::new(0),
+            in_flight_at_report: AtomicU32::new(0),
+        }
+    }
+
+    /// Whether the replica takes new requests.
+    #[inline]
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Mark ready or not; returns the previous value.
+    pub fn set_ready(&self, ready: bool) -> bool {
+        self.ready.swap(ready, Ordering::Relaxed)
+    }
+
+    /// Requests this edge has in flight on the replica.
+    #[inline]
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Load other edges put on the replica, as far as its own metrics tell.
+    #[inline]
+    pub fn foreign_load(&self) -> u32 {
+        self.reported_load.load(Ordering::Relaxed).saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed))
+    }
+
+    /// Record the running + waiting count the replica reported.
+    pub fn set_reported_load(&self, load: u32) {
+        self.in_flight_at_report.store(self.in_flight(), Ordering::Relaxed);
+        self.reported_load.store(load, Ordering::Relaxed);
+    }
+
+    /// Requests the replica is busy with, ours and others'.
+    #[inline]
+    pub fn load(&self) -> u32 {
+        self.in_flight().saturating_add(self.foreign_load())
+    }
+
+    /// Free slots under `max`: zero when not ready.
+    #[inline]
+    pub fn free_slots(&self, max: u32) -> u32 {
+        if self.is_ready() {
+            max.saturating_sub(self.load())
+        } else {
+            0
+        }
+    }
+
+    /// Take a slot if fewer than `max` requests are in flight here.
+    pub(super) fn try_acquire(&self, max: u32) -> bool {
+        let foreign = self.foreign_load();
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n.saturating_add(foreign) < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    pub(super) fn release(&self) {
+        // Never below zero, even if a bug released twice.
+        let _ = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+}
+
+impl ReplicaLoad for ReplicaState {
+    #[inline]
+    fn free(&self, max: u32) -> u32 {
+        self.free_slots(max)
+    }
+    #[inline]
+    fn busy(&self) -> u32 {
+        self.load()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unready_replicas_have_no_free_slots() {
+        let r = ReplicaState::new("127.0.0.1:1".parse().expect("addr"));
+        assert_eq!(r.free_slots(8), 0, "not ready until probed");
+        r.set_ready(true);
+        assert_eq!(r.free_slots(8), 8);
+    }
+
+    #[test]
+    fn foreign_load_is_what_the_replica_reports_beyond_ours() {
+        let r = ReplicaState::new("127.0.0.1:1".parse().expect("addr"));
+        r.set_ready(true);
+        assert!(r.try_acquire(4));
+        // The replica reports 3 busy, one of which is ours: two are foreign.
+        r.set_reported_load(3);
+        assert_eq!(r.foreign_load(), 2);
+        assert_eq!(r.free_slots(4), 1);
+        assert!(r.try_acquire(4));
+        assert!(!r.try_acquire(4));
+        r.release();
+        r.release();
+        r.release();
+        assert_eq!(r.in_flight(), 0, "never below zero");
+    }
+}

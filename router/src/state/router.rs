@@ -1,0 +1,85 @@
+//! The edge's routing state: the live snapshot, swapped atomically on
+//! reload, and the pool states it is bound to.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use stoke_config::Snapshot;
+use tokio::sync::watch;
+
+use crate::access::RateLimiter;
+
+use super::bind::StateStore;
+use super::live::Live;
+
+/// The edge's routing state: the live snapshot and the pool states.
+#[derive(Debug)]
+pub struct Router {
+    live: ArcSwap<Live>,
+    store: StateStore,
+    version: AtomicU64,
+    changes: watch::Sender<u64>,
+    /// Token buckets of the routes' rate limits (kept across reloads).
+    pub limiter: RateLimiter,
+}
+
+impl Router {
+    /// A router serving `snapshot` as version 1.
+    pub fn new(snapshot: Snapshot) -> Arc<Router> {
+        let store = StateStore::default();
+        let (live, _, _) = store.bind(1, Arc::new(snapshot), crate::clock::now());
+        let (changes, _) = watch::channel(1);
+        Arc::new(Router {
+            live: ArcSwap::from_pointee(live),
+            store,
+            version: AtomicU64::new(1),
+            changes,
+            limiter: RateLimiter::default(),
+        })
+    }
+
+    /// Notified with the new version whenever a snapshot goes live.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The live snapshot and pool states; a request keeps this for its
+    /// whole life, so a reload never changes what it runs against.
+    #[inline]
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Make `snapshot` live; pool and replica states carry over by id.
+    /// Requests held for pools that left the config are answered.
+    pub fn swap(&self, snapshot: Snapshot) -> Arc<Live> {
+        let now = crate::clock::now();
+        let version = self.version.fetch_add(1, Ordering::AcqRel) + 1;
+        let old = self.live();
+        let (live, removed, diff) = self.store.bind(version, Arc::new(snapshot), now);
+        if !diff.is_empty() {
+            tracing::info!(
+                version,
+                added_pools = ?diff.added_pools,
+                removed_pools = ?diff.removed_pools,
+                added_replicas = diff.added_replicas.len(),
+                removed_replicas = diff.removed_replicas.len(),
+                "pools changed"
+            );
+        }
+        let live = Arc::new(live);
+        self.live.store(live.clone());
+        for state in removed {
+            if let Some(view) = old.pools.iter().find(|v| Arc::ptr_eq(&v.state, &state)) {
+                view.close();
+            }
+        }
+        // Capacity may have changed (replicas added, limits raised).
+        for view in live.pools.iter() {
+            view.dispatch(now);
+        }
+        self.changes.send_replace(version);
+        live
+    }
+}

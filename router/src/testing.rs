@@ -1,0 +1,52 @@
+//! Helpers for unit tests: a small network compiled from text, bound to
+//! state, with no sockets.
+
+use std::sync::Arc;
+
+use crate::state::Router;
+
+/// Two locations, Frankfurt (this edge) and Paris, each with a pool of
+/// one replica that scales to zero (`[pool.scale]` as given by `scale`),
+/// serving the model `m`; hooks point at a closed port.
+pub fn two_pools(max_concurrency: u32, scale: &str) -> Arc<Router> {
+    let pool = |id: &str, loc: &str, port: u16| {
+        format!(
+            r#"
+[[pool]]
+id = "{id}"
+location = "{loc}"
+serves = ["m"]
+replicas = ["127.0.0.1:{port}"]
+max_concurrency = {max_concurrency}
+[pool.scale]
+{scale}
+wake = {{ url = "http://127.0.0.1:9/wake" }}
+sleep = {{ url = "http://127.0.0.1:9/sleep" }}
+"#
+        )
+    };
+    let text = format!(
+        r#"
+[edge]
+location = "fra"
+admin = "127.0.0.1:0"
+
+[[location]]
+id = "fra"
+lat = 50.1
+lon = 8.7
+
+[[location]]
+id = "par"
+lat = 48.9
+lon = 2.4
+{}{}
+[[route]]
+service = "m"
+"#,
+        pool("fra-gpu", "fra", 9),
+        pool("par-gpu", "par", 10)
+    );
+    let net = stoke_config::load_str(&text, std::path::Path::new("test.toml")).expect("test config loads");
+    Router::new(net.for_edge(None).expect("edge location"))
+}

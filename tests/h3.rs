@@ -209,6 +209,113 @@ async fn https_answers_advertise_http3() {
         .await;
         assert_eq!(r.resp.status, 200);
         assert_eq!(r.resp.header("alt-svc"), Some(format!("h3=\":{port}\"; ma=86400").as_str()), "{:?}", r.alpn);
+        // Answers the edge makes itself advertise it too: the model list
+        // of a body-routed route, and an error.
+        for (path, status) in [("/v1/models", 200), ("/nowhere", 404)] {
+            let r =
+                send_tls(https, std::slice::from_ref(&w.root), "localhost", &[alpn], Req::get(path).host("localhost"))
+                    .await;
+            assert_eq!(r.resp.status, status, "{path}");
+            assert_eq!(
+                r.resp.header("alt-svc"),
+                Some(format!("h3=\":{port}\"; ma=86400").as_str()),
+                "{path} over {:?}",
+                r.alpn
+            );
+        }
     }
+    // And so do answers over HTTP/3 itself, forwarded or the edge's own.
+    let mut c = h3_client(w.edge.bound.h3.expect("h3"), w.root.clone()).await;
+    for path in ["/api/v1/models", "/v1/models", "/nowhere"] {
+        let r = c.request("GET", path, None, &[]).await;
+        assert_eq!(
+            r.headers.get("alt-svc").and_then(|v| v.to_str().ok()),
+            Some(format!("h3=\":{port}\"; ma=86400").as_str()),
+            "{path} over HTTP/3"
+        );
+    }
+    c.conn.close(quinn::VarInt::from_u32(0x100), b"done");
     w.edge.shutdown().await;
+}
+
+/// A replica that answers the first request on each connection and keeps
+/// the connection open, then closes it without an answer when a second
+/// request arrives on it: what a replica that restarted, or timed out an
+/// idle connection, does to a request sent on a pooled connection.
+async fn one_answer_per_connection() -> (SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let lost = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = lost.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let lost = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut answered = false;
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        continue;
+                    }
+                    buf.clear();
+                    if answered {
+                        lost.fetch_add(1, Ordering::Relaxed);
+                        return; // closed with the request unanswered
+                    }
+                    answered = true;
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, lost)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_lost_on_a_stale_pooled_connection_is_retried_on_every_protocol() {
+    logs();
+    let (upstream, lost) = one_answer_per_connection().await;
+    let (pem, key, der) = certificate(&["localhost"]);
+    let text = format!(
+        "[edge]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\nh3 = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+         [[tls]]\nhosts = [\"localhost\"]\ncert = \"c.crt\"\nkey = \"c.key\"\n{LOCATIONS}{}\n\
+         [[route]]\npath_prefix = \"/\"\nservice = \"small\"\n",
+        pool_probed("fra-a", "fra", &["small"], &[upstream], SLOW_PROBES, ""),
+    );
+    let file = ConfigFile::new(&text);
+    file.write("c.crt", pem.as_bytes());
+    file.write("c.key", key.as_bytes());
+    let edge = edge_from(&file, "fra").await;
+
+    // HTTP/1.1: the second request goes out on the pooled connection,
+    // which the replica drops; it is sent again on a new one.
+    let http = edge.bound.http.expect("http");
+    for i in 0..3 {
+        let r = send(http, Req::get("/x")).await;
+        assert_eq!(r.status, 200, "HTTP/1.1 request {i}: {}", r.text());
+    }
+    let lost_h1 = lost.load(Ordering::Relaxed);
+    assert!(lost_h1 >= 1, "no request went out on a stale connection");
+
+    // HTTP/3, over the same kind of pooled upstream connection.
+    let mut c = h3_client(edge.bound.h3.expect("h3"), der).await;
+    for i in 0..3 {
+        let r = c.request("GET", "/x", None, &[]).await;
+        assert_eq!(r.status, 200, "HTTP/3 request {i}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.body, b"ok");
+    }
+    assert!(lost.load(Ordering::Relaxed) > lost_h1, "no HTTP/3 request went out on a stale connection");
+    c.conn.close(quinn::VarInt::from_u32(0x100), b"done");
+    assert_drained(&edge).await;
+    edge.shutdown().await;
 }

@@ -213,6 +213,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let source = ConfigSource { path: args.config.clone(), location: args.location.clone() };
     rt.block_on(async move {
         let stop = stop_signal();
+        // Caught from now on: a SIGHUP while the edge starts waits for it
+        // (and reloads once it serves) instead of ending the process.
+        let hup = crate::signals::hangups();
         let edge = match Edge::start_from(source).await {
             Ok(e) => e,
             Err(e) => {
@@ -222,7 +225,10 @@ fn serve(args: &ServeArgs) -> ExitCode {
             }
         };
         let (stop_hup, hup_rx) = tokio::sync::watch::channel(false);
-        let hup = edge.reloader().map(|r| tokio::spawn(crate::reload::watch::on_sighup(r.clone(), hup_rx)));
+        let hup = match (edge.reloader(), hup) {
+            (Some(r), Some(hup)) => Some(tokio::spawn(crate::reload::watch::on_sighup(r.clone(), hup, hup_rx))),
+            _ => None,
+        };
         stop.await;
         let _ = stop_hup.send(true);
         if let Some(h) = hup {

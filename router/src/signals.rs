@@ -22,3 +22,15 @@ pub fn stop_signal() -> impl std::future::Future<Output = ()> {
         }
     }
 }
+
+/// Catch SIGHUP from now on (a reload request); `None`, with a warning, if
+/// the handler cannot be installed.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /reload or the file watch");
+            None
+        }
+    }
+}

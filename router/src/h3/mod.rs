@@ -483,7 +483,8 @@ async fn forward(
             None if failure == Failure::Connect => {
                 return Err(Reject::bad_gateway(format!("could not connect to a replica: {e}")))
             }
-            None => return Err(policy::upstream_failure(&e)),
+            // Whatever the session said, the failure was the replica's side.
+            None => return Err(policy::upstream_failure(&e.into_up())),
         }
     };
     outcome.replica = Some(slot.replica().addr_text.to_string());

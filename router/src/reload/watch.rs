@@ -73,12 +73,9 @@ impl FileWatch {
     }
 }
 
-/// Reload on SIGHUP, until `stop`.
-pub async fn on_sighup(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP");
-        return;
-    };
+/// Reload on each SIGHUP caught by `hup` (installed by the caller before
+/// the edge starts), until `stop`.
+pub async fn on_sighup(reloader: Arc<Reloader>, mut hup: tokio::signal::unix::Signal, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             got = hup.recv() => if got.is_none() { return },

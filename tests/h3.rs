@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use stoke_router::sim::OrchestratorOptions;
 use support::*;
 
 type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
@@ -318,4 +319,67 @@ async fn a_request_lost_on_a_stale_pooled_connection_is_retried_on_every_protoco
     c.conn.close(quinn::VarInt::from_u32(0x100), b"done");
     assert_drained(&edge).await;
     edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http3_client_that_leaves_while_held_is_never_forwarded() {
+    logs();
+    std::env::set_var("STOKE_TEST_ORCH_TOKEN", "orch-secret");
+    let (listener, orch) = orchestrator_listener().await;
+    let (pem, key, der) = certificate(&["localhost"]);
+    let text = format!(
+        "[edge]\nh3 = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+         [[tls]]\nhosts = [\"localhost\"]\ncert = \"c.crt\"\nkey = \"c.key\"\n{LOCATIONS}{}\n\
+         [[route]]\npath_prefix = \"/v1/\"\nservice = \"m\"\nmax_wait = \"30s\"\n",
+        scaled_pool("fra-a", "fra", &["m"], &[free_addr()], orch, "wake_time = \"300ms\""),
+    );
+    let file = ConfigFile::new(&text);
+    file.write("c.crt", pem.as_bytes());
+    file.write("c.key", key.as_bytes());
+    let orch =
+        start_orchestrator(listener, &file, OrchestratorOptions { ignore_wakes: true, ..Default::default() }).await;
+    let edge = edge_from(&file, "fra").await;
+    let queue = || async { pool_state(&edge, "fra-a").await["queue"].as_u64() };
+    let post = || {
+        http::Request::post(format!("https://localhost:{}/v1/chat/completions", edge.bound.h3.expect("h3").port()))
+            .header("content-type", "application/json")
+            .header("content-length", "1000")
+            .body(())
+            .expect("request")
+    };
+
+    // The client resets its stream with the body half sent.
+    let mut c = h3_client(edge.bound.h3.expect("h3"), der.clone()).await;
+    let mut s = c.send.send_request(post()).await.expect("send");
+    s.send_data(Bytes::from_static(b"{\"model\":\"m\",")).await.expect("part of the body");
+    eventually(Duration::from_secs(5), "HTTP/3 request held", || async { (queue().await == Some(1)).then_some(()) })
+        .await;
+    s.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+    eventually(Duration::from_secs(2), "stream reset: queue empty", || async {
+        (queue().await == Some(0)).then_some(())
+    })
+    .await;
+
+    // The client closes its connection while held.
+    let mut s = c.send.send_request(post()).await.expect("send");
+    s.send_data(Bytes::from(vec![b' '; 1000])).await.expect("body");
+    s.finish().await.expect("finish");
+    eventually(Duration::from_secs(5), "HTTP/3 request held", || async { (queue().await == Some(1)).then_some(()) })
+        .await;
+    c.conn.close(quinn::VarInt::from_u32(0x10c), b"bye");
+    eventually(Duration::from_secs(2), "connection closed: queue empty", || async {
+        (queue().await == Some(0)).then_some(())
+    })
+    .await;
+
+    orch.start_pool("fra-a").await.expect("start");
+    eventually(Duration::from_secs(5), "pool warm", || async {
+        (pool_state(&edge, "fra-a").await["state"] == "warm").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(orch.requests_received("fra-a").await, 0, "a request whose client left reached the replica");
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+    orch.shutdown().await;
 }

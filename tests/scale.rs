@@ -302,3 +302,82 @@ async fn an_open_stream_keeps_the_pool_awake() {
     edge.shutdown().await;
     orch.shutdown().await;
 }
+
+/// A fixed-service route with a long `max_wait`: a held request stays held
+/// until its client leaves (the edge reads no body to route it).
+const FIXED_LONG_WAIT_ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice = \"m\"\nmax_wait = \"30s\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_held_is_never_forwarded_whatever_the_protocol() {
+    use tokio::io::AsyncWriteExt;
+    logs();
+    let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
+    let (orch, file, _) = world("wake_time = \"300ms\"", &[], FIXED_LONG_WAIT_ROUTE, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    let queue = || async { pool_state(&edge, "fra-a").await["queue"].as_u64() };
+    let body = chat_body("m", false, 4);
+
+    // HTTP/1.1: a POST whose body the edge has not read, and a GET.
+    let post = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for head in [post, "GET /v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n".to_owned()] {
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client.write_all(head.as_bytes()).await.expect("send");
+        eventually(Duration::from_secs(5), "HTTP/1.1 request held", || async {
+            (queue().await == Some(1)).then_some(())
+        })
+        .await;
+        drop(client);
+        eventually(Duration::from_secs(2), "HTTP/1.1 client gone: queue empty", || async {
+            (queue().await == Some(0)).then_some(())
+        })
+        .await;
+    }
+
+    // HTTP/2: the request's stream is reset while its connection stays,
+    // then a request whose whole connection goes.
+    for reset_only in [true, false] {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        let conn = tokio::spawn(conn);
+        let mut request_sender = sender.clone();
+        let req = http::Request::post("http://localhost/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+            .expect("request");
+        let pending = tokio::spawn(async move { request_sender.send_request(req).await });
+        eventually(Duration::from_secs(5), "HTTP/2 request held", || async {
+            (queue().await == Some(1)).then_some(())
+        })
+        .await;
+        pending.abort();
+        if !reset_only {
+            conn.abort();
+        }
+        eventually(Duration::from_secs(2), "HTTP/2 client gone: queue empty", || async {
+            (queue().await == Some(0)).then_some(())
+        })
+        .await;
+        drop(sender);
+    }
+
+    // The pool comes up: nothing was left to forward to it.
+    orch.start_pool("fra-a").await.expect("start");
+    eventually(Duration::from_secs(5), "pool warm", || async {
+        (pool_state(&edge, "fra-a").await["state"] == "warm").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(orch.requests_received("fra-a").await, 0, "a request whose client left reached the replica");
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+    orch.shutdown().await;
+}

@@ -50,6 +50,10 @@ const CONNECTION_SPECIFIC: &[&str] =
 /// without body on its headers): a GET's end arrives with its headers.
 pub const BODY_PEEK: Duration = Duration::from_millis(20);
 
+/// How much of a held request's body is read ahead while it waits, so that
+/// a stream reset shows at once.
+pub const HELD_READ_AHEAD: u64 = 1 << 20;
+
 /// Why the HTTP/3 listener cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum H3Error {
@@ -223,6 +227,8 @@ struct H3Downstream<'a> {
     read_ahead: BytesMut,
     /// The client's end of the body has been seen.
     body_done: bool,
+    /// How much of the body may be read ahead while the request is held.
+    watch_limit: u64,
 }
 
 impl H3Downstream<'_> {
@@ -277,11 +283,21 @@ impl Downstream for H3Downstream<'_> {
         Ok(self.read_ahead.split().freeze())
     }
 
-    fn can_watch(&mut self) -> bool {
-        true
-    }
-
     async fn gone(&mut self) {
+        // A body still coming is read ahead (it goes upstream later as it
+        // is): a client that resets its stream shows as an error there.
+        // Then, or with a body already done, only the connection's end
+        // shows (h3-quinn does not surface STOP_SENDING before a write).
+        while !self.body_done && (self.read_ahead.len() as u64) < self.watch_limit {
+            tokio::select! {
+                chunk = self.rx.recv_data() => match chunk {
+                    Ok(Some(mut chunk)) => self.read_ahead.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining())),
+                    Ok(None) => self.body_done = true,
+                    Err(_) => return,
+                },
+                _ = self.conn.closed() => return,
+            }
+        }
         self.conn.closed().await;
     }
 }
@@ -308,8 +324,14 @@ async fn handle(
             req.headers(),
         );
         policy::check_head(&live.snapshot.network.edge, req.headers().len(), bytes)?;
-        let mut down =
-            H3Downstream { req: &req, rx: &mut rx, conn: &conn, read_ahead: BytesMut::new(), body_done: false };
+        let mut down = H3Downstream {
+            req: &req,
+            rx: &mut rx,
+            conn: &conn,
+            read_ahead: BytesMut::new(),
+            body_done: false,
+            watch_limit: HELD_READ_AHEAD,
+        };
         let routed = match request::decide(&shared.router, &live, &mut down, started, &mut trace).await? {
             Verdict::Forward(routed) => routed,
             Verdict::Answer(json) => return Err(Reject::answer(json)),

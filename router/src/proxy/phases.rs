@@ -26,6 +26,15 @@ use crate::state::{Live, Router, Slot};
 /// Bytes pingora keeps to replay a request body on a retry.
 const RETRY_BUFFER: u64 = 64 * 1024;
 
+/// How often the socket of a held HTTP/1.1 request whose body is unread
+/// is looked at for the client's leaving.
+const GONE_POLL: Duration = Duration::from_millis(100);
+
+/// Linux TCP states (`include/net/tcp_states.h`): the peer sent FIN, and
+/// the connection was reset or closed.
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_CLOSE: u8 = 7;
+
 /// The pingora proxy application of one edge.
 pub struct EdgeProxy {
     router: Arc<Router>,
@@ -430,14 +439,28 @@ impl Downstream for PingoraDownstream<'_> {
         read_body(self.session, &mut self.continued, limit).await
     }
 
-    fn can_watch(&mut self) -> bool {
-        // A closed connection (HTTP/1.1) or reset stream (HTTP/2) shows
-        // only once the body has been read.
-        self.session.is_body_done()
-    }
-
     async fn gone(&mut self) {
-        let _ = self.session.as_mut().read_body_or_idle(true).await;
+        // HTTP/2: a reset stream or a closed connection shows whether or not
+        // the body was read. HTTP/1.1 with its body read: the connection's
+        // end (or a reset) is the next thing it reads.
+        if self.session.is_http2() || self.session.is_body_done() {
+            let _ = self.session.as_mut().read_body_or_idle(true).await;
+            return;
+        }
+        // HTTP/1.1 with its body still unread: reading would take the body
+        // from the replica, so the socket's state is polled instead — a FIN
+        // from the client (CLOSE_WAIT) or a reset (CLOSE) shows there with
+        // the body still unread.
+        loop {
+            tokio::time::sleep(GONE_POLL).await;
+            let state = self.session.digest().and_then(|d| d.socket_digest.as_ref()).and_then(|s| s.tcp_info());
+            match state {
+                Some(info) if info.tcpi_state == TCP_CLOSE_WAIT || info.tcpi_state == TCP_CLOSE => return,
+                Some(_) => {}
+                // No TCP state to read (not a TCP socket): not watched.
+                None => std::future::pending::<()>().await,
+            }
+        }
     }
 }
 

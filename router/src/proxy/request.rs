@@ -46,11 +46,9 @@ pub trait Downstream: Send {
     /// service can be found in it; it is still sent upstream afterwards.
     async fn read_body(&mut self, limit: u64) -> Result<Bytes, Reject>;
 
-    /// Whether [`gone`](Self::gone) can watch the client now (on some
-    /// protocols only once the body has been read).
-    fn can_watch(&mut self) -> bool;
-
-    /// Resolves when the client goes away (connection closed, stream reset).
+    /// Resolves when the client goes away (connection closed, stream
+    /// reset), watched while the request is held; never, where the
+    /// protocol cannot tell without losing request data.
     async fn gone(&mut self);
 }
 
@@ -142,15 +140,7 @@ pub async fn decide<D: Downstream>(
     };
     trace.service = Some(service);
     let max_wait = admit::max_wait(route.max_wait, down.header(MAX_WAIT_HEADER));
-    let watch = down.can_watch();
-    let client_gone = async {
-        if watch {
-            down.gone().await;
-        } else {
-            // Not watchable yet: held until a slot, the deadline or a wake.
-            std::future::pending::<()>().await;
-        }
-    };
+    let client_gone = down.gone();
     let admitted = admit::admit(router, live, service, started, max_wait, client_gone).await?;
     Ok(Verdict::Forward(Routed { service, body, admitted }))
 }

@@ -138,18 +138,46 @@ async fn scrape_loop(view: Arc<PoolView>, replica: Arc<ReplicaState>, load: Load
         if let Ok(answer) = http_client::get(replica.addr, &replica.addr_text, &load.path, timeout).await {
             if answer.status.is_success() {
                 if let Some(n) = std::str::from_utf8(&answer.body).ok().and_then(|t| parse_load(t, load.format)) {
-                    replica.set_reported_load(n);
-                    if n > 0 {
-                        // Load from any edge keeps the pool awake.
-                        view.state.touch(clock::now());
-                    }
+                    apply_load(&view, &replica, n, clock::now());
                 }
             }
         }
     }
 }
 
+/// Take in the load a replica reported at `now`: load from any edge keeps
+/// the pool awake, and capacity that other edges freed goes to the
+/// requests held here first.
+pub fn apply_load(view: &Arc<PoolView>, replica: &ReplicaState, reported: u32, now: std::time::Instant) {
+    replica.set_reported_load(reported);
+    if reported > 0 {
+        view.state.touch(now);
+    }
+    view.dispatch(now);
+}
+
 /// `d` ± 10 %, so that probes of many replicas do not fall in step.
 pub fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.9 + fastrand::f64() * 0.2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_freed_by_other_edges_goes_to_held_requests() {
+        let view = Arc::new(PoolView::detached(1, 2, 8));
+        let replica = view.replicas[0].clone();
+        replica.set_ready(true);
+        // Other edges fill the replica.
+        apply_load(&view, &replica, 2, clock::now());
+        let mut ticket = view.hold(clock::now()).expect("held");
+        let waiting = tokio::time::timeout(Duration::from_secs(1), ticket.slot()).await;
+        assert!(waiting.is_err(), "no slot while the replica is full");
+        // Their requests end: the next scrape reports less.
+        apply_load(&view, &replica, 1, clock::now());
+        let slot = tokio::time::timeout(Duration::from_secs(1), ticket.slot()).await;
+        assert!(slot.expect("handed over at once").is_some());
+    }
 }

@@ -58,6 +58,13 @@ pub async fn admit(
         }
         let mut decision = placement.decision;
         if let Decision::Forward { pool } = decision {
+            // First come, first served: capacity that appeared without a
+            // dispatch (nothing is lost if one was missed) goes to the
+            // requests held before this one.
+            let view = live.pool(pool);
+            if !view.queue.is_empty() {
+                view.dispatch(now);
+            }
             if let Some(slot) = live.acquire(pool, now) {
                 return Ok(Admitted { slot, pool, waited: now.saturating_duration_since(started) });
             }
@@ -217,6 +224,32 @@ mod tests {
         let reject = admit(&router, &live, service, clock::now(), 30 * S, gone).await.expect_err("gone");
         assert!(reject.is_client_gone());
         assert_eq!(live.pools[0].queue.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_arrival_does_not_overtake_a_held_request() {
+        let router = crate::testing::two_pools(2, "idle_timeout = \"5m\"\nwake_time = \"20s\"");
+        let live = router.live();
+        let service = live.snapshot.network.service_id("m").expect("service");
+        let replica = live.pools[0].replicas[0].clone();
+        replica.set_ready(true);
+        // Frankfurt full with other edges' requests; Paris cold and far
+        // slower to wake than Frankfurt's queue: the first request is held.
+        replica.set_reported_load(2);
+        let first = tokio::spawn({
+            let (router, live) = (router.clone(), live.clone());
+            async move { admit(&router, &live, service, clock::now(), 30 * S, std::future::pending()).await }
+        });
+        while live.pools[0].queue.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // Other edges' load drops, and nothing dispatched the queue (a
+        // path that frees capacity silently): a new arrival comes.
+        replica.set_reported_load(0);
+        let second = admit(&router, &live, service, clock::now(), 30 * S, std::future::pending()).await;
+        assert!(second.is_ok());
+        let first = tokio::time::timeout(S, first).await.expect("the held request got its slot first").expect("task");
+        assert!(first.is_ok(), "{first:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -381,3 +381,28 @@ async fn a_client_that_leaves_while_held_is_never_forwarded_whatever_the_protoco
     edge.shutdown().await;
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sleep_hook_is_called_again() {
+    logs();
+    let opts = OrchestratorOptions { fail_sleeps: 1, ..Default::default() };
+    let (orch, file, _) = world("wake_time = \"200ms\"\nidle_timeout = \"600ms\"", &[], SHORT_WAIT_ROUTE, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let r = send(edge.bound.http.expect("http"), Req::chat("m")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The first sleep call fails (500); the second, a second later, stops the pool.
+    let sleeps = eventually(Duration::from_secs(8), "a second sleep call", || async {
+        let s = orch.calls_for("fra-a", "sleep");
+        (s.len() >= 2).then_some(s)
+    })
+    .await;
+    assert!(sleeps[1].at_ms >= sleeps[0].at_ms + 900, "resent after a backoff: {sleeps:?}");
+    eventually(Duration::from_secs(5), "the pool stopped", || async {
+        (!orch.is_running("fra-a").await).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(orch.calls_for("fra-a", "sleep").len(), 2, "no more calls once one succeeded");
+    edge.shutdown().await;
+    orch.shutdown().await;
+}

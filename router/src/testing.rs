@@ -9,6 +9,11 @@ use crate::state::Router;
 /// one replica that scales to zero (`[pool.scale]` as given by `scale`),
 /// serving the model `m`; hooks point at a closed port.
 pub fn two_pools(max_concurrency: u32, scale: &str) -> Arc<Router> {
+    Router::new(snapshot(&two_pools_text(max_concurrency, scale)))
+}
+
+/// The config text of [`two_pools`].
+pub fn two_pools_text(max_concurrency: u32, scale: &str) -> String {
     let pool = |id: &str, loc: &str, port: u16| {
         format!(
             r#"
@@ -25,7 +30,7 @@ sleep = {{ url = "http://127.0.0.1:9/sleep" }}
 "#
         )
     };
-    let text = format!(
+    format!(
         r#"
 [edge]
 location = "fra"
@@ -46,7 +51,11 @@ service = "m"
 "#,
         pool("fra-gpu", "fra", 9),
         pool("par-gpu", "par", 10)
-    );
-    let net = stoke_config::load_str(&text, std::path::Path::new("test.toml")).expect("test config loads");
-    Router::new(net.for_edge(None).expect("edge location"))
+    )
+}
+
+/// The snapshot of `text` at its `[edge].location`.
+pub fn snapshot(text: &str) -> stoke_config::Snapshot {
+    let net = stoke_config::load_str(text, std::path::Path::new("test.toml")).expect("test config loads");
+    net.for_edge(None).expect("edge location")
 }

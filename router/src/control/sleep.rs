@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::hooks::{self, Action};
 use super::probe::jitter;
 use crate::clock;
-use crate::core::idle::{check_interval, is_idle};
+use crate::core::idle::{check_interval, is_idle, sleep_resend_after};
 use crate::metrics as m;
 use crate::state::{Live, Router};
 
@@ -49,8 +49,16 @@ pub fn due(live: &Live, now: Instant) -> (Vec<SleepCall>, Duration) {
             tracing::info!(pool = %view.state.id, "pool idle; no sleep hook configured");
             continue;
         };
-        for r in view.replicas.iter() {
-            r.set_ready(false);
+        let was_ready: Vec<bool> = view.replicas.iter().map(|r| r.set_ready(false)).collect();
+        // A request may have picked a replica just before it left rotation:
+        // then it shows in the replica's count (or its slot was refused),
+        // and the pool is not idle after all.
+        if view.replicas.iter().any(|r| r.in_flight_now() > 0) || !view.queue.is_empty() {
+            for (r, ready) in view.replicas.iter().zip(was_ready) {
+                r.set_ready(ready);
+            }
+            view.state.unmark_slept();
+            continue;
         }
         calls.push(SleepCall { pool: view.state.id.clone(), hook, idle_for });
     }
@@ -62,21 +70,37 @@ pub async fn run(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let live = router.live();
         let (calls, next_check) = due(&live, clock::now());
-        let edge = live.snapshot.edge_location().id.clone();
+        let edge: Arc<str> = live.snapshot.edge_location().id.as_str().into();
         drop(live);
         for call in calls {
             metrics::counter!(m::SLEEPS_TOTAL, "pool" => call.pool.to_string()).increment(1);
             tracing::info!(pool = %call.pool, idle_s = call.idle_for.as_secs(), "putting idle pool to sleep");
-            let edge = edge.clone();
-            tokio::spawn(async move {
-                if let Err(e) = hooks::call(&call.hook, Action::Sleep, &call.pool, &edge, "idle").await {
-                    tracing::warn!(pool = %call.pool, error = %e, "sleep hook failed");
-                }
-            });
+            tokio::spawn(call_with_resends(router.clone(), call, edge.clone()));
         }
         tokio::select! {
             _ = tokio::time::sleep(jitter(next_check)) => {}
             _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Call a sleep hook until it succeeds, resending with backoff while the
+/// pool stays idle: activity since, a wake, or the pool leaving the config
+/// ends the resends.
+async fn call_with_resends(router: Arc<Router>, call: SleepCall, edge: Arc<str>) {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match hooks::call(&call.hook, Action::Sleep, &call.pool, &edge, "idle").await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(pool = %call.pool, attempt, error = %e, "sleep hook failed; will retry"),
+        }
+        tokio::time::sleep(sleep_resend_after(attempt)).await;
+        let live = router.live();
+        let Some(pid) = live.snapshot.network.pool_id(&call.pool) else { return };
+        let state = &live.pool(pid).state;
+        if !state.is_slept() || state.waking_since().is_some() {
+            return;
         }
     }
 }
@@ -117,6 +141,20 @@ mod tests {
         let last = live.pools[0].state.last_active();
         assert!(due(&live, last + 14 * S).0.is_empty());
         assert_eq!(due(&live, last + 15 * S).0.len(), 1);
+    }
+
+    #[test]
+    fn a_request_taking_a_slot_as_the_sleeper_looks_keeps_the_pool_awake() {
+        let router = world();
+        let live = router.live();
+        live.pools[0].replicas[0].set_ready(true);
+        let t0 = live.pools[0].state.last_active();
+        // A request has taken the replica's slot, and not yet counted it
+        // on the pool: the pool looks idle, but its replica is busy.
+        assert!(live.pools[0].replicas[0].try_acquire(4));
+        assert!(due(&live, t0 + 60 * S).0.is_empty(), "no sleep for a replica a request is on");
+        assert!(live.pools[0].replicas[0].is_ready(), "back in rotation");
+        assert!(!live.pools[0].state.is_slept(), "the next idle check may try again");
     }
 
     #[test]

@@ -32,6 +32,16 @@ pub fn is_idle(a: &Activity, now: Instant, idle_timeout: Duration) -> bool {
         && now.saturating_duration_since(a.last_active) >= idle_timeout
 }
 
+/// Longest gap between two calls of a sleep hook that failed.
+pub const MAX_SLEEP_RESEND: Duration = Duration::from_secs(60);
+
+/// When to call a failed sleep hook again after `attempt` calls: 1 s, 2 s,
+/// 4 s, … up to [`MAX_SLEEP_RESEND`]. The sleeper goes on while the pool
+/// stays idle; activity or a wake ends it.
+pub fn sleep_resend_after(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.saturating_sub(1).min(6)).min(MAX_SLEEP_RESEND)
+}
+
 /// How often the sleeper looks at pools with these idle timeouts: a
 /// quarter of the shortest, between 100 ms and 5 s.
 pub fn check_interval(idle_timeouts: impl IntoIterator<Item = Duration>) -> Duration {
@@ -69,6 +79,13 @@ mod tests {
         ] {
             assert!(!is_idle(&a, later, 15 * S), "{a:?}");
         }
+    }
+
+    #[test]
+    fn failed_sleeps_are_resent_with_backoff() {
+        let waits: Vec<u64> = (1..=8).map(|a| sleep_resend_after(a).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(sleep_resend_after(u32::MAX), MAX_SLEEP_RESEND);
     }
 
     #[test]

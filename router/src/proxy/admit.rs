@@ -98,14 +98,16 @@ pub async fn admit(
             eta.max(NO_CAPACITY_RETRY_AFTER),
         ));
     };
+    // A reload may have removed the pool between the placement (on this
+    // request's snapshot) and the hold: its queue was closed already and
+    // would answer no one.
+    if view.state.is_removed() {
+        return Err(pool_removed(&view.state.id));
+    }
     tokio::select! {
         slot = ticket.slot() => match slot {
             Some(slot) => Ok(Admitted { slot, pool, waited: clock::now().saturating_duration_since(started) }),
-            None => Err(Reject::unavailable(
-                "pool_removed",
-                format!("pool {} left the config while the request was held", view.state.id),
-                NO_CAPACITY_RETRY_AFTER,
-            )),
+            None => Err(pool_removed(&view.state.id)),
         },
         _ = tokio::time::sleep_until(deadline.into()) => {
             let retry = admission::retry_after_timeout(view.status(clock::now()));
@@ -117,6 +119,14 @@ pub async fn admit(
         }
         _ = client_gone => Err(Reject::client_gone()),
     }
+}
+
+fn pool_removed(pool: &str) -> Reject {
+    Reject::unavailable(
+        "pool_removed",
+        format!("pool {pool} left the config while the request was held"),
+        NO_CAPACITY_RETRY_AFTER,
+    )
 }
 
 /// The answer for a request the core refused.
@@ -224,6 +234,22 @@ mod tests {
         let reject = admit(&router, &live, service, clock::now(), 30 * S, gone).await.expect_err("gone");
         assert!(reject.is_client_gone());
         assert_eq!(live.pools[0].queue.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_on_a_snapshot_whose_pool_a_reload_removed_is_answered_at_once() {
+        let router = crate::testing::two_pools(1, "idle_timeout = \"5m\"\nwake_time = \"1s\"");
+        let old = router.live();
+        let service = old.snapshot.network.service_id("m").expect("service");
+        // The reload drops Frankfurt's pool; the request still runs on the
+        // snapshot it started with, where Frankfurt is the nearest.
+        let text = crate::testing::two_pools_text(1, "idle_timeout = \"5m\"\nwake_time = \"1s\"")
+            .replace("id = \"fra-gpu\"", "id = \"fra-gpu-2\"");
+        router.swap(crate::testing::snapshot(&text));
+        let started = clock::now();
+        let reject = admit(&router, &old, service, started, 30 * S, std::future::pending()).await.expect_err("removed");
+        assert_eq!((reject.status, reject.code), (503, "pool_removed"));
+        assert_eq!(clock::now(), started, "at once, not at the deadline");
     }
 
     #[tokio::test(start_paused = true)]

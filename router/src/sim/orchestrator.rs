@@ -36,6 +36,8 @@ pub struct OrchestratorOptions {
     pub fail_wakes: bool,
     /// Accept wake calls but start nothing (a wake that never completes).
     pub ignore_wakes: bool,
+    /// Answer this many sleep calls with 500 before obeying (fault injection).
+    pub fail_sleeps: u32,
 }
 
 impl Default for OrchestratorOptions {
@@ -47,6 +49,7 @@ impl Default for OrchestratorOptions {
             start_always_on: true,
             fail_wakes: false,
             ignore_wakes: false,
+            fail_sleeps: 0,
         }
     }
 }
@@ -72,6 +75,8 @@ struct Fleet {
     opts: OrchestratorOptions,
     network: Network,
     started: Instant,
+    /// Sleep calls failed so far (see [`OrchestratorOptions::fail_sleeps`]).
+    sleeps_failed: std::sync::atomic::AtomicU32,
     calls: Mutex<Vec<Call>>,
     running: tokio::sync::Mutex<HashMap<String, Vec<Replica>>>,
     /// Replica-seconds each pool has run: finished periods, and the start
@@ -107,6 +112,7 @@ impl Orchestrator {
             opts,
             network,
             started: Instant::now(),
+            sleeps_failed: std::sync::atomic::AtomicU32::new(0),
             calls: Mutex::new(Vec::new()),
             running: tokio::sync::Mutex::new(HashMap::new()),
             uptime: Mutex::new(HashMap::new()),
@@ -274,6 +280,13 @@ impl Fleet {
                     return json_response(StatusCode::NOT_FOUND, &json!({"error": format!("no pool {id}")}));
                 };
                 if action == "sleep" {
+                    let failed = self.sleeps_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if failed < self.opts.fail_sleeps {
+                        return json_response(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            &json!({"error": "sleep failed (simulated)"}),
+                        );
+                    }
                     self.stop_pool(&id).await;
                     return json_response(StatusCode::OK, &json!({"pool": id, "status": "stopped"}));
                 }

@@ -151,6 +151,17 @@ impl PoolState {
         !self.slept.swap(true, Ordering::AcqRel)
     }
 
+    /// Whether the sleep hook was called for the current idle period (no
+    /// activity since).
+    pub fn is_slept(&self) -> bool {
+        self.slept.load(Ordering::Acquire)
+    }
+
+    /// Undo [`mark_slept`](Self::mark_slept): the sleep did not happen.
+    pub fn unmark_slept(&self) {
+        self.slept.store(false, Ordering::Release);
+    }
+
     /// Whether the pool left the config.
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)

@@ -46,9 +46,17 @@ impl ReplicaState {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Mark ready or not; returns the previous value.
+    /// Mark ready or not; returns the previous value. Sequentially
+    /// consistent with [`try_acquire`](Self::try_acquire): a replica taken
+    /// out of rotation either refuses a slot being taken at that moment or
+    /// shows it in its in-flight count (the sleeper looks at both).
     pub fn set_ready(&self, ready: bool) -> bool {
-        self.ready.swap(ready, Ordering::Relaxed)
+        self.ready.swap(ready, Ordering::SeqCst)
+    }
+
+    /// Requests in flight, as [`set_ready`](Self::set_ready) orders them.
+    pub fn in_flight_now(&self) -> u32 {
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Requests this edge has in flight on the replica.
@@ -85,12 +93,21 @@ impl ReplicaState {
         }
     }
 
-    /// Take a slot if fewer than `max` requests are in flight here.
-    pub(super) fn try_acquire(&self, max: u32) -> bool {
+    /// Take a slot if the replica is ready and fewer than `max` requests
+    /// are in flight here.
+    pub(crate) fn try_acquire(&self, max: u32) -> bool {
         let foreign = self.foreign_load();
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n.saturating_add(foreign) < max).then_some(n + 1))
-            .is_ok()
+        let taken = self
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |n| (n.saturating_add(foreign) < max).then_some(n + 1))
+            .is_ok();
+        // Taken out of rotation (a sleep, a failed connection) between the
+        // pick and now: give the slot back.
+        if taken && !self.ready.load(Ordering::SeqCst) {
+            self.release();
+            return false;
+        }
+        taken
     }
 
     pub(super) fn release(&self) {
@@ -120,6 +137,16 @@ mod tests {
         assert_eq!(r.free_slots(8), 0, "not ready until probed");
         r.set_ready(true);
         assert_eq!(r.free_slots(8), 8);
+    }
+
+    #[test]
+    fn a_replica_out_of_rotation_gives_no_slot_even_to_a_request_that_picked_it() {
+        let r = ReplicaState::new("127.0.0.1:1".parse().expect("addr"));
+        r.set_ready(true);
+        // A request picked it (ready), then the sleeper took it out.
+        r.set_ready(false);
+        assert!(!r.try_acquire(4));
+        assert_eq!(r.in_flight(), 0);
     }
 
     #[test]

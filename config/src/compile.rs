@@ -907,14 +907,21 @@ fn compile_auth(diags: &mut Diagnostics, raw: &RawAuth, base: &Path) -> Option<A
     Some(Auth { keys, header })
 }
 
+/// The lowest rate a limit may have (requests per second): a lower one
+/// would make waits too long to say.
+pub const MIN_RATE: f64 = 0.001;
+
 fn compile_rate(diags: &mut Diagnostics, raw: &RawRate, has_auth: bool) -> Option<RateLimit> {
     let mut ok = true;
     for (key, at) in [("per_key", &raw.per_key), ("per_ip", &raw.per_ip)] {
         if let Some(at) = at {
-            if !(at.value > 0.0 && at.value <= 1e6) {
+            if !(at.value >= MIN_RATE && at.value <= 1e6) {
                 diags.error(
                     at.span.clone(),
-                    format!("{key} = {} is out of range; expected requests per second, more than 0", at.value),
+                    format!(
+                        "{key} = {} is out of range; expected requests per second, from {MIN_RATE} (one request per 1000 s) to 1000000",
+                        at.value
+                    ),
                 );
                 ok = false;
             }

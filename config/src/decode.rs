@@ -13,7 +13,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::diag::Diagnostics;
-use crate::duration::{parse_duration, parse_size, DURATION_HELP, SIZE_HELP};
+use crate::duration::{parse_duration, parse_size, DURATION_HELP, MAX_DURATION, MAX_DURATION_WHY, SIZE_HELP};
 
 /// A value read from the file, with the byte range it came from.
 #[derive(Clone, Debug, PartialEq)]
@@ -164,6 +164,17 @@ impl<'a, 'i> TableReader<'a, 'i> {
         let v = self.get(key)?;
         match v.get_ref() {
             DeValue::String(s) => match parse_duration(s) {
+                Some(d) if d > MAX_DURATION => {
+                    diags.error(
+                        v.span(),
+                        format!(
+                            "{key} in {}: \"{s}\" is longer than any duration stoke accepts ({}); {MAX_DURATION_WHY}",
+                            self.what,
+                            crate::duration::format_duration(MAX_DURATION)
+                        ),
+                    );
+                    None
+                }
                 Some(d) => Some(At::new(d, v.span())),
                 None => {
                     diags.error(v.span(), format!("{key} in {}: \"{s}\" is not {DURATION_HELP}", self.what));

@@ -7,6 +7,15 @@ use std::time::Duration;
 pub const DURATION_HELP: &str = r#"a duration such as "250ms", "5s", "5m", "1h" or "1m30s""#;
 
 /// What a size may look like, for error messages.
+/// The longest duration any key accepts: a week. Longer values are
+/// typos, and deadlines, timers and jitter computed from them must not
+/// overflow at run time.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Why [`MAX_DURATION`] exists, for the error message.
+pub const MAX_DURATION_WHY: &str =
+    "longer values are almost surely typos, and the timers computed from them must not overflow";
+
 pub const SIZE_HELP: &str = r#"a size in bytes, such as 65536, "64KiB", "1MiB" or "1GiB""#;
 
 /// Parse a duration: one or more `<integer><unit>` parts, units `ms`, `s`,

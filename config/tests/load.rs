@@ -257,3 +257,36 @@ fn missing_location_on_the_command_line_is_explained() {
     let err = network.for_edge(Some("ber")).expect_err("unknown location");
     assert!(err.to_string().contains("fra, par"), "{err}");
 }
+
+#[test]
+fn values_that_would_overflow_at_run_time_are_rejected_with_their_place() {
+    // Each would once pass `stoke check` and panic an edge: a deadline past
+    // the end of time, a probe interval too long to jitter, a rate whose
+    // Retry-After cannot be said.
+    let cases: &[(&str, &str, usize, &str)] = &[
+        ("service = \"m\"", "service = \"m\"\nmax_wait = \"18446744073709551615s\"", 24, "longer than any duration"),
+        ("service = \"m\"", "service = \"m\"\nmax_wait = \"169h\"", 24, "(168h)"),
+        (
+            "replicas = [\"127.0.0.1:9000\"]",
+            "replicas = [\"127.0.0.1:9000\"]\nhealth = { path = \"/health\", interval = \"9999999h\", timeout = \"1s\" }",
+            21,
+            "interval in",
+        ),
+        (
+            "service = \"m\"",
+            "service = \"m\"\nrate_limit = { per_ip = 1e-300 }",
+            24,
+            "per_ip = 0.000000",
+        ),
+    ];
+    for (from, to, line, needle) in cases {
+        let p = problems(&BASE.replacen(from, to, 1));
+        assert!(
+            p.iter().any(|p| p.line == *line && p.message.contains(needle)),
+            "{to}: no problem on line {line} containing {needle:?}; got {p:#?}"
+        );
+    }
+    // The longest accepted duration loads.
+    load_str(&BASE.replacen("service = \"m\"", "service = \"m\"\nmax_wait = \"168h\"", 1), Path::new("t.toml"))
+        .expect("a week is accepted");
+}

@@ -121,7 +121,9 @@ impl RateLimiter {
             b.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / rate))
+            // `check` bounds the rate; a wait that still cannot be said is
+            // as long as can be.
+            Err(Duration::try_from_secs_f64((1.0 - b.tokens) / rate).unwrap_or(Duration::MAX))
         }
     }
 }

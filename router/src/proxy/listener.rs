@@ -57,24 +57,41 @@ pub struct Sessions {
 impl ServerApp for Connections {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let max = self.router.live().snapshot.network.edge.max_connections;
-        if self.active.fetch_add(1, Ordering::AcqRel) >= max {
-            self.active.fetch_sub(1, Ordering::AcqRel);
+        let Some(_counted) = Counted::take(&self.active, max) else {
             metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL).increment(1);
             tracing::debug!(max, "connection refused: max_connections reached");
             return None;
-        }
+        };
         let mut next = Some(stream);
         let mut reused = false;
         while let Some(stream) = next.take() {
             next = REUSED.scope(reused, self.sessions.process_new(stream, shutdown)).await;
             reused = true;
         }
-        self.active.fetch_sub(1, Ordering::AcqRel);
         None
     }
 
     async fn cleanup(&self) {
         self.sessions.cleanup().await;
+    }
+}
+
+/// One connection counted against `max_connections`, released when
+/// dropped: on every path out of a connection's task, a panic or an abort
+/// included.
+pub struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    /// Count one more connection on `active` if fewer than `max` are.
+    pub fn take(active: &'a AtomicUsize, max: usize) -> Option<Self> {
+        active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Counted(active))
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -178,4 +195,26 @@ pub async fn serve(app: Connections, endpoints: Vec<Endpoint>, shutdown: watch::
     }
     service.start_service(Some(Arc::new(Mutex::new(fds))), shutdown, 1).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_released_however_its_task_ends() {
+        let active = AtomicUsize::new(0);
+        let a = Counted::take(&active, 2).expect("first");
+        let _b = Counted::take(&active, 2).expect("second");
+        assert!(Counted::take(&active, 2).is_none(), "the cap holds");
+        assert_eq!(active.load(Ordering::Acquire), 2, "a refused connection is not counted");
+        drop(a);
+        // A connection whose task panics releases its place too.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _c = Counted::take(&active, 2).expect("room again");
+            panic!("a bug in a connection's task");
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(active.load(Ordering::Acquire), 1);
+    }
 }

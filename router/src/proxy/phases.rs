@@ -26,6 +26,9 @@ use crate::state::{Live, Router, Slot};
 /// Bytes pingora keeps to replay a request body on a retry.
 const RETRY_BUFFER: u64 = 64 * 1024;
 
+/// The most a body buffer starts with, whatever length the request declares.
+const INITIAL_BODY_BUFFER: u64 = 16 * 1024;
+
 /// How often the socket of a held HTTP/1.1 request whose body is unread
 /// is looked at for the client's leaving.
 const GONE_POLL: Duration = Duration::from_millis(100);
@@ -494,7 +497,8 @@ async fn read_body(session: &mut Session, continued: &mut bool, limit: u64) -> R
         // be at most its size.
         session.as_mut().enable_retry_buffering();
     }
-    let mut buf = BytesMut::with_capacity(length.unwrap_or(0).min(limit) as usize);
+    // Grown as data arrives: a declared length is not allocated up front.
+    let mut buf = BytesMut::with_capacity(length.unwrap_or(0).min(limit).min(INITIAL_BODY_BUFFER) as usize);
     loop {
         if let Some(n) = length {
             // The last read goes into the retry buffer, so that pingora has

@@ -6,7 +6,6 @@ use std::time::Duration;
 /// What a duration string may look like, for error messages.
 pub const DURATION_HELP: &str = r#"a duration such as "250ms", "5s", "5m", "1h" or "1m30s""#;
 
-/// What a size may look like, for error messages.
 /// The longest duration any key accepts: a week. Longer values are
 /// typos, and deadlines, timers and jitter computed from them must not
 /// overflow at run time.
@@ -16,6 +15,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const MAX_DURATION_WHY: &str =
     "longer values are almost surely typos, and the timers computed from them must not overflow";
 
+/// What a size may look like, for error messages.
 pub const SIZE_HELP: &str = r#"a size in bytes, such as 65536, "64KiB", "1MiB" or "1GiB""#;
 
 /// Parse a duration: one or more `<integer><unit>` parts, units `ms`, `s`,

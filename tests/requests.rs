@@ -92,6 +92,12 @@ async fn bad_requests_get_clear_json_errors() {
         (Req::post("/v1/chat/completions", "not json"), 400, "invalid_body", "not a JSON object"),
         (Req::post("/v1/chat/completions", "{\"messages\":[]}"), 400, "invalid_body", "no \"model\" field"),
         (Req::post("/v1/chat/completions", "{\"model\":42}"), 400, "invalid_body", "must be a string"),
+        (
+            Req::post("/v1/chat/completions", "{\"model\":\"small\",\"model\":\"big\"}"),
+            400,
+            "invalid_body",
+            "\"model\" field more than once",
+        ),
         (Req::chat("gpt-nonexistent"), 404, "model_not_found", "gpt-nonexistent"),
         (Req::post("/v1/chat/completions", sized_body("small", 2 << 20)), 413, "body_too_large", "max_body_read"),
         (Req::get("/h/v1/models"), 400, "missing_model", "x-model"),

@@ -19,6 +19,10 @@ pub enum BodyFieldError {
     /// The field is there but is not a string.
     #[error("the \"{0}\" field of the JSON body must be a string")]
     NotString(String),
+    /// The field is there twice at the top level: servers disagree about
+    /// which one counts (Python's json keeps the last), so neither does.
+    #[error("the JSON body has the \"{0}\" field more than once; send it once")]
+    Duplicate(String),
 }
 
 /// The value of the top-level string field `field` of the JSON object in `body`.
@@ -38,6 +42,7 @@ pub fn extract_field(body: &[u8], field: &str) -> Result<String, BodyFieldError>
     match found {
         Found::String(s) => Ok(s),
         Found::NotString => Err(BodyFieldError::NotString(field.to_owned())),
+        Found::Duplicate => Err(BodyFieldError::Duplicate(field.to_owned())),
         Found::Missing => Err(BodyFieldError::Missing(field.to_owned())),
     }
 }
@@ -46,6 +51,7 @@ enum Found {
     String(String),
     NotString,
     Missing,
+    Duplicate,
 }
 
 struct FieldSeed<'f> {
@@ -74,6 +80,10 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
                     Some(s) => Found::String(s),
                     None => Found::NotString,
                 };
+            } else if is_wanted {
+                // The rest is still read: a body that is not JSON says so first.
+                found = Found::Duplicate;
+                map.next_value::<IgnoredAny>()?;
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
@@ -166,9 +176,15 @@ mod tests {
     }
 
     #[test]
-    fn first_occurrence_wins() {
-        let body = br#"{"model":"a","model":"b"}"#;
-        assert_eq!(extract_field(body, "model"), Ok("a".to_owned()));
+    fn a_field_given_twice_is_refused() {
+        // Placed as "a" here, served as "b" by a Python server: neither.
+        let dup = Err(BodyFieldError::Duplicate("model".into()));
+        assert_eq!(extract_field(br#"{"model":"a","model":"b"}"#, "model"), dup);
+        assert_eq!(extract_field(br#"{"model":"a","x":1,"mod\u0065l":"b"}"#, "model"), dup);
+        assert_eq!(extract_field(br#"{"model":"a","model":3}"#, "model"), dup);
+        // Nested duplicates are the replica's business.
+        assert_eq!(extract_field(br#"{"model":"a","m":{"model":1,"model":2}}"#, "model"), Ok("a".to_owned()));
+        assert!(matches!(extract_field(br#"{"model":"a","model":"b"} x"#, "model"), Err(BodyFieldError::NotJson(_))));
     }
 
     #[test]

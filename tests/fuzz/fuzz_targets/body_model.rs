@@ -71,7 +71,9 @@ fuzz_target!(|data: &[u8]| {
 
     match serde_json::from_slice::<Entries>(body) {
         Ok(Entries(entries)) => {
+            let times = entries.iter().filter(|(k, _)| k == field).count();
             let expected = match entries.iter().find(|(k, _)| k == field).map(|(_, v)| v) {
+                Some(_) if times > 1 => Err(BodyFieldError::Duplicate(field.to_owned())),
                 Some(Value::String(s)) => Ok(s.clone()),
                 Some(_) => Err(BodyFieldError::NotString(field.to_owned())),
                 None => Err(BodyFieldError::Missing(field.to_owned())),

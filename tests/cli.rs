@@ -190,3 +190,49 @@ async fn sighup_reloads_the_config() {
     let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
     assert!(exit.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_while_the_edge_starts_are_caught() {
+    // A replica that accepts and never answers: the edge's first probe of
+    // it takes its whole timeout (500 ms) before the edge serves.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let file = ConfigFile::new(&format!(
+        "{EDGE}{LOCATIONS}{}\n[[route]]\nservice_from = \"body:model\"\n",
+        pool_probed("fra-a", "fra", &["m"], &[silent_addr], SLOW_PROBES, "")
+    ));
+    let mut child = serve_fra(&file.path);
+    let pid = child.id().to_string();
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    // SIGHUP while the edge starts: once its handler was installed only
+    // after the start, this ended the process.
+    let mut admin = None;
+    while let Some(Ok(line)) = lines.next() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        if v["fields"]["message"] == "starting edge" || v["message"] == "starting edge" {
+            let status = Command::new("kill").args(["-HUP", &pid]).status().expect("kill");
+            assert!(status.success());
+        }
+        if v["listener"] == "admin" || v["fields"]["listener"] == "admin" {
+            admin = v["addr"].as_str().or(v["fields"]["addr"].as_str()).and_then(|a| a.parse::<SocketAddr>().ok());
+            break;
+        }
+    }
+    let admin = admin.expect("the edge came up despite the SIGHUP");
+    std::thread::spawn(move || for _ in lines {});
+    // The reload it asked for happens once the edge serves.
+    eventually(std::time::Duration::from_secs(5), "reloaded for the early SIGHUP", || async {
+        (send(admin, Req::get("/state")).await.json()["version"] == 2).then_some(())
+    })
+    .await;
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    holder.abort();
+}

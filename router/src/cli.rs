@@ -135,6 +135,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parse the command line and run.
 pub fn main() -> ExitCode {
+    // Before anything else: no signal may find its default action later.
+    crate::signals::install();
     let cli = Cli::parse();
     // The demo runs ten edges in one process: their routine logs would
     // drown its own output, so it shows warnings only unless RUST_LOG says more.
@@ -192,6 +194,7 @@ where
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
+    tracing::info!(config = %args.config.display(), location = args.location.as_deref(), "starting edge");
     // Validate before starting anything, and size the runtime from the file.
     let snapshot = match stoke_config::load_snapshot(&args.config, args.location.as_deref()) {
         Ok(s) => s,
@@ -212,9 +215,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
     drop(snapshot);
     let source = ConfigSource { path: args.config.clone(), location: args.location.clone() };
     rt.block_on(async move {
+        // Signals have been caught since the process began: a SIGTERM while
+        // the edge starts stops it as soon as it serves, a SIGHUP reloads.
         let stop = stop_signal();
-        // Caught from now on: a SIGHUP while the edge starts waits for it
-        // (and reloads once it serves) instead of ending the process.
         let hup = crate::signals::hangups();
         let edge = match Edge::start_from(source).await {
             Ok(e) => e,
@@ -225,10 +228,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
             }
         };
         let (stop_hup, hup_rx) = tokio::sync::watch::channel(false);
-        let hup = match (edge.reloader(), hup) {
-            (Some(r), Some(hup)) => Some(tokio::spawn(crate::reload::watch::on_sighup(r.clone(), hup, hup_rx))),
-            _ => None,
-        };
+        let hup = edge.reloader().map(|r| tokio::spawn(crate::reload::watch::on_sighup(r.clone(), hup, hup_rx)));
         stop.await;
         let _ = stop_hup.send(true);
         if let Some(h) = hup {

@@ -1,36 +1,90 @@
-//! Process signals: the stop signals every long-running command waits for.
+//! Process signals, caught from the first moment: SIGTERM and SIGINT stop
+//! a long-running command, SIGHUP asks for a reload. [`install`] (the
+//! binary's first act) installs the handlers on a thread of their own, so
+//! that no signal finds its default action — ending the process, in-flight
+//! requests with it — while the config loads or the edge starts; a stop
+//! that arrives then is kept and acted on as soon as someone waits for it,
+//! and so is a reload.
 
-/// Catch SIGTERM and SIGINT from now on; the returned future ends at the
-/// first of them. Call it before anything starts serving: until then a
-/// signal still has its default action and ends the process at once,
-/// cutting whatever was in flight.
-pub fn stop_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
-    async move {
-        match handlers {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+use std::sync::OnceLock;
+
+use tokio::sync::watch;
+
+struct Caught {
+    stop: watch::Sender<bool>,
+    hangups: watch::Sender<u64>,
+}
+
+static CAUGHT: OnceLock<Caught> = OnceLock::new();
+
+/// Install the handlers (once; later calls do nothing). Returns once they
+/// are in place.
+pub fn install() {
+    let _ = caught();
+}
+
+fn caught() -> &'static Caught {
+    CAUGHT.get_or_init(|| {
+        let (stop, _) = watch::channel(false);
+        let (hangups, _) = watch::channel(0);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, hup_tx) = (stop.clone(), hangups.clone());
+        let spawned = std::thread::Builder::new().name("stoke-signals".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
                 }
-            }
-            // Without signal handlers, only Ctrl-C via tokio's fallback.
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            };
+            rt.block_on(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let handlers =
+                    (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()));
+                let (mut term, mut int, mut hup) = match handlers {
+                    (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+                    (t, i, h) => {
+                        let e = [t.err(), i.err(), h.err()].into_iter().flatten().next();
+                        let _ = ready_tx.send(Err(e.map_or_else(|| "unknown".to_owned(), |e| e.to_string())));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => { stop_tx.send_replace(true); }
+                        _ = int.recv() => { stop_tx.send_replace(true); }
+                        _ = hup.recv() => { hup_tx.send_modify(|n| *n += 1); }
+                    }
+                }
+            });
+        });
+        let installed = match spawned {
+            Ok(_) => ready_rx.recv().unwrap_or_else(|_| Err("the signal thread ended".to_owned())),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = installed {
+            eprintln!("stoke: cannot catch signals ({e}); SIGTERM and SIGHUP keep their default action");
         }
+        Caught { stop, hangups }
+    })
+}
+
+/// Resolves at the first SIGTERM or SIGINT since [`install`], even one that
+/// came before this was called.
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
+    let mut stop = caught().stop.subscribe();
+    async move {
+        let _ = stop.wait_for(|s| *s).await;
     }
 }
 
-/// Catch SIGHUP from now on (a reload request); `None`, with a warning, if
-/// the handler cannot be installed.
-pub fn hangups() -> Option<tokio::signal::unix::Signal> {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /reload or the file watch");
-            None
-        }
+/// SIGHUPs since [`install`]: the value counts them, and `changed()` wakes
+/// at each (one that came before this was called included).
+pub fn hangups() -> watch::Receiver<u64> {
+    let mut rx = caught().hangups.subscribe();
+    if *rx.borrow() > 0 {
+        rx.mark_changed();
     }
+    rx
 }

@@ -73,12 +73,12 @@ impl FileWatch {
     }
 }
 
-/// Reload on each SIGHUP caught by `hup` (installed by the caller before
-/// the edge starts), until `stop`.
-pub async fn on_sighup(reloader: Arc<Reloader>, mut hup: tokio::signal::unix::Signal, mut stop: watch::Receiver<bool>) {
+/// Reload on each SIGHUP counted by `hup` ([`crate::signals::hangups`]),
+/// until `stop`; one that came while the edge started reloads once it serves.
+pub async fn on_sighup(reloader: Arc<Reloader>, mut hup: watch::Receiver<u64>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            got = hup.recv() => if got.is_none() { return },
+            got = hup.changed() => if got.is_err() { return },
             _ = stop.wait_for(|s| *s) => return,
         }
         reloader.reload("signal").await;

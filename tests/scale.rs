@@ -129,6 +129,10 @@ async fn a_failing_orchestrator_is_counted_and_held_requests_still_get_answers()
         m.contains("stoke_wakeups_total{pool=\"fra-a\",result=\"hook_error\"}").then_some(())
     })
     .await;
+    // The failure shows in /state, not a pool waking forever.
+    let state = pool_state(&edge, "fra-a").await;
+    assert_eq!(state["state"], "wake_failed", "{state}");
+    assert!(state["wake_error"].as_str().is_some_and(|e| e.contains("500")), "{state}");
     edge.shutdown().await;
     orch.shutdown().await;
 }

@@ -416,8 +416,9 @@ pub async fn send_chunked(addr: SocketAddr, path: &str, chunks: Vec<Bytes>) -> R
 /// A loopback address with a port that was free a moment ago (for replicas
 /// that an orchestrator starts later, whose addresses the config must name).
 pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+    // Outside the ephemeral range: the replica binds it only when woken,
+    // and an outgoing connection must not take it first.
+    stoke_router::sim::ports::replica_addr().expect("a free port outside the ephemeral range")
 }
 
 /// A `[[pool]]` that scales to zero through the orchestrator at `orch`.

@@ -216,15 +216,7 @@ pub fn state_json(live: &Live) -> Value {
         .zip(live.pools.iter())
         .map(|(pool, view)| {
             let st = &view.state;
-            let condition = if view.is_warm() {
-                "warm"
-            } else if st.waking_since().is_some() {
-                "waking"
-            } else if pool.scale.is_some() {
-                "cold"
-            } else {
-                "down"
-            };
+            let condition = st.condition(view.is_warm(), pool.scale.is_some());
             json!({
                 "id": pool.id,
                 "location": net.location(pool.location).id,
@@ -239,6 +231,7 @@ pub fn state_json(live: &Live) -> Value {
                 "max_concurrency": pool.max_concurrency,
                 "routed_total": st.routed(),
                 "expected_wake_ms": st.expected_wake().as_millis() as u64,
+                "wake_error": st.wake_error(),
                 "waking_for_ms": st.waking_since().map(|t| now.saturating_duration_since(t).as_millis() as u64),
                 "idle_for_ms": now.saturating_duration_since(st.last_active()).as_millis() as u64,
                 "rtt_ms": net.rtt.get(live.snapshot.location.index(), pool.location.index()).as_secs_f64() * 1000.0,

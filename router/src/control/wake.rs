@@ -74,6 +74,7 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
         match schedule.step(now, view.is_warm(), view.state.expected_wake()) {
             WakeStep::Ready { took } => {
                 view.state.end_wake(Some(took));
+                view.state.set_wake_error(None);
                 metrics::counter!(m::WAKEUPS_TOTAL, "pool" => pool_id.to_string(), "result" => "ready").increment(1);
                 metrics::histogram!(m::WAKE_DURATION, "pool" => pool_id.to_string()).record(took.as_secs_f64());
                 tracing::info!(pool = %pool_id, took_ms = took.as_millis() as u64, "pool awake");
@@ -82,22 +83,29 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
             }
             WakeStep::GiveUp { after } => {
                 view.state.end_wake(None);
+                let why = view.state.wake_error().unwrap_or_else(|| "the hook answered".to_owned());
+                view.state.set_wake_error(Some(format!(
+                    "no replica became ready within {} s ({why}); the next request wakes it again",
+                    after.as_secs()
+                )));
                 metrics::counter!(m::WAKEUPS_TOTAL, "pool" => pool_id.to_string(), "result" => "timeout").increment(1);
                 tracing::warn!(pool = %pool_id, after_s = after.as_secs(), "wake abandoned: no replica became ready");
                 return;
             }
             WakeStep::Call { attempt } => {
                 let (hook, edge) = (scale.wake.clone(), live.snapshot.edge_location().id.clone());
-                let id = pool_id.clone();
+                let (id, state) = (pool_id.clone(), view.state.clone());
                 // The call runs beside the fast probes, so a slow hook does
                 // not delay noticing a replica that is already up.
                 tokio::spawn(async move {
                     match hooks::call(&hook, Action::Wake, &id, &edge, reason.as_str()).await {
                         Ok(()) => {
+                            state.set_wake_error(None);
                             metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "called")
                                 .increment(1);
                         }
                         Err(e) => {
+                            state.set_wake_error(Some(format!("wake hook call {attempt} failed: {e}")));
                             metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "hook_error")
                                 .increment(1);
                             tracing::warn!(pool = %id, attempt, error = %e, "wake hook failed");

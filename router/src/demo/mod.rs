@@ -145,7 +145,12 @@ impl Demo {
         let orch_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let ports = Ports {
             orchestrator: orch_listener.local_addr()?,
-            replicas: POOLS.iter().map(|p| (0..p.replicas).map(|_| free_port()).collect()).collect::<Result<_, _>>()?,
+            // Bound only when a pool wakes: outside the ephemeral range,
+            // where no outgoing connection can take them first.
+            replicas: POOLS
+                .iter()
+                .map(|p| (0..p.replicas).map(|_| crate::sim::ports::replica_addr()).collect())
+                .collect::<Result<_, _>>()?,
         };
         let text = world::config(&ports, opts.idle_timeout);
         let config = tempfile_lite::TempFile::new("stoke-demo", &text)?;
@@ -288,10 +293,12 @@ impl World {
                 let views: Vec<_> = lives.iter().map(|(_, l)| l.pools[i].clone()).collect();
                 let warm = views.iter().any(|v| v.is_warm());
                 let waking = views.iter().any(|v| v.state.waking_since().is_some());
-                let state = match (warm, waking, pool.scale.is_some()) {
-                    (true, _, _) => "warm",
-                    (false, true, _) => "waking",
-                    (false, false, true) => "cold",
+                let wake_error = views.iter().find_map(|v| v.state.wake_error());
+                let state = match (warm, &wake_error, waking, pool.scale.is_some()) {
+                    (true, ..) => "warm",
+                    (false, Some(_), ..) => "wake_failed",
+                    (false, None, true, _) => "waking",
+                    (false, None, false, true) => "cold",
                     _ => "down",
                 };
                 let in_flight: u32 = views.iter().map(|v| v.state.in_flight()).sum();
@@ -312,6 +319,7 @@ impl World {
                     "id": pool.id,
                     "location": net.location(pool.location).id,
                     "state": state,
+                    "wake_error": wake_error,
                     "scales": pool.scale.is_some(),
                     "services": pool.services.iter().map(|s| net.service(*s).name.as_str()).collect::<Vec<_>>(),
                     "warm_capacity": capacity,
@@ -355,10 +363,6 @@ impl World {
 }
 
 /// A loopback port that was free a moment ago.
-fn free_port() -> std::io::Result<SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
-}
-
 /// Run the demo until Ctrl-C (or for `duration`), print the summary.
 pub async fn run(opts: DemoOptions, duration: Option<Duration>) -> Result<Summary, DemoError> {
     let stop = crate::signals::stop_signal();

@@ -2,6 +2,7 @@
 //! that tests, benches and the demo exercise stoke without GPUs.
 
 pub mod orchestrator;
+pub mod ports;
 pub mod replica;
 
 pub use orchestrator::{Call, Orchestrator, OrchestratorOptions};

@@ -37,6 +37,8 @@ pub struct PoolState {
     slept: AtomicBool,
     /// Requests routed away from this pool while it was cold.
     demand: Mutex<Demand>,
+    /// Why the last wake failed, until a wake succeeds or a new one starts.
+    wake_error: Mutex<Option<String>>,
     /// Set when the pool left the config: held requests are answered.
     removed: AtomicBool,
     /// Requests this edge sent to the pool, ever.
@@ -57,6 +59,7 @@ impl PoolState {
             service_time_us: AtomicU64::new(saturating_micros(SERVICE_TIME_SEED)),
             slept: AtomicBool::new(false),
             demand: Mutex::new(Demand::default()),
+            wake_error: Mutex::new(None),
             removed: AtomicBool::new(false),
             routed: AtomicU64::new(0),
         }
@@ -104,6 +107,7 @@ impl PoolState {
         let began = self.waking_since_ms.compare_exchange(0, ms, Ordering::AcqRel, Ordering::Acquire).is_ok();
         if began {
             self.demand.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.set_wake_error(None);
         }
         began
     }
@@ -121,6 +125,32 @@ impl PoolState {
             self.expected_wake_us.store(next, Ordering::Relaxed);
         }
         self.waking_since_ms.store(0, Ordering::Release);
+    }
+
+    /// Record why the wake failed (a hook error, a give-up), or `None`
+    /// once it goes well again.
+    pub fn set_wake_error(&self, error: Option<String>) {
+        *self.wake_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// Why the last wake failed, if it did and no wake has gone well since.
+    pub fn wake_error(&self) -> Option<String> {
+        self.wake_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The pool's condition as the admin API and the status page show it.
+    pub fn condition(&self, warm: bool, scales: bool) -> &'static str {
+        if warm {
+            "warm"
+        } else if self.wake_error.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            "wake_failed"
+        } else if self.waking_since().is_some() {
+            "waking"
+        } else if scales {
+            "cold"
+        } else {
+            "down"
+        }
     }
 
     /// Expected time from wake call to a ready replica.

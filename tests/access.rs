@@ -44,6 +44,31 @@ async fn api_keys_are_required_and_checked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_guessing_keys_is_refused_with_429() {
+    logs();
+    let (edge, _file, _rep) = keyed_edge("{ keys_file = \"keys.txt\" }", "").await;
+    let addr = edge.bound.http.expect("http");
+    let guess = |i: usize| Req::chat("m").header("authorization", &format!("Bearer sk-guess-{i:020}"));
+    // Ten wrong keys are told they are wrong...
+    for i in 0..10 {
+        let r = send(addr, guess(i)).await;
+        assert_eq!(
+            (r.status.as_u16(), r.json()["error"]["code"].as_str()),
+            (401, Some("invalid_api_key")),
+            "guess {i}"
+        );
+    }
+    // ...then the client is slowed down, whatever it sends, a right key too.
+    let r = send(addr, guess(10)).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "too_many_invalid_keys");
+    let retry: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).expect("retry-after");
+    assert!((1..=6).contains(&retry), "retry after {retry} s");
+    assert_eq!(send(addr, Req::chat("m").header("authorization", &format!("Bearer {KEY_A}"))).await.status, 429);
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_in_a_header_of_their_own() {
     logs();
     let (edge, _file, _rep) = keyed_edge("{ keys_file = \"keys.txt\", header = \"x-api-key\" }", "").await;

@@ -18,7 +18,7 @@ use stoke_config::{AuthHeader, PoolId, RouteId, ServiceId, ServiceSource};
 use super::admit::{self, Admitted, MAX_WAIT_HEADER};
 use super::body::extract_field;
 use super::policy;
-use crate::access::Identity;
+use crate::access::{Identity, FAILED_KEY_BURST, FAILED_KEY_RATE};
 use crate::clock;
 use crate::error::Reject;
 use crate::metrics as m;
@@ -165,12 +165,35 @@ pub fn admit_client(
     client: Option<IpAddr>,
 ) -> Result<(), Reject> {
     let r = live.snapshot.network.route(route);
+    let now = clock::now();
+    // Host and prefix identify a route (names need not be unique), and
+    // stay the same across reloads.
+    let id = (&r.host, &r.path_prefix);
     let key = match (&r.auth, &live.route_keys[route.index()]) {
-        (Some(auth), Some(keys)) => Some(keys.check(&auth.header, key_header)?),
+        (Some(auth), Some(keys)) => {
+            // A client that keeps presenting wrong keys is refused before
+            // its next guess is even looked at.
+            let guesses = |ip| {
+                let who = Identity::failed_keys(ip);
+                (who, router.limiter.peek(id, who, FAILED_KEY_RATE, FAILED_KEY_BURST, now))
+            };
+            if let Some((_, Err(wait))) = client.map(guesses) {
+                return Err(too_many_wrong_keys(wait));
+            }
+            match keys.check(&auth.header, key_header) {
+                Ok(key) => Some(key),
+                Err(reject) => {
+                    if let (Some(ip), "invalid_api_key") = (client, reject.code) {
+                        let _ =
+                            router.limiter.take(id, Identity::failed_keys(ip), FAILED_KEY_RATE, FAILED_KEY_BURST, now);
+                    }
+                    return Err(reject);
+                }
+            }
+        }
         _ => None,
     };
     let Some(limit) = &r.rate_limit else { return Ok(()) };
-    let now = clock::now();
     let limited = |wait: Duration| Reject {
         status: 429,
         code: "rate_limited",
@@ -178,16 +201,27 @@ pub fn admit_client(
         origin: crate::error::Origin::Client,
         retry_after: Some(wait),
     };
-    // Host and prefix identify a route (names need not be unique), and
-    // stay the same across reloads.
-    let id = (&r.host, &r.path_prefix);
     if let (Some(rate), Some(key)) = (limit.per_key, key.as_ref()) {
         router.limiter.take(id, Identity::Key(key), rate, limit.burst, now).map_err(limited)?;
     }
     if let (Some(rate), Some(ip)) = (limit.per_ip, client) {
-        router.limiter.take(id, Identity::Ip(ip), rate, limit.burst, now).map_err(limited)?;
+        router.limiter.take(id, Identity::client(ip), rate, limit.burst, now).map_err(limited)?;
     }
     Ok(())
+}
+
+/// 429 for a client that presented too many wrong API keys.
+fn too_many_wrong_keys(wait: Duration) -> Reject {
+    Reject {
+        status: 429,
+        code: "too_many_invalid_keys",
+        message: format!(
+            "too many invalid API keys from this client: at most {FAILED_KEY_BURST} in a row, then one every {} s",
+            (1.0 / FAILED_KEY_RATE).round()
+        ),
+        origin: crate::error::Origin::Client,
+        retry_after: Some(wait),
+    }
 }
 
 /// The service named `name` (from a body field or header).

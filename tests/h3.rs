@@ -383,3 +383,59 @@ async fn an_http3_client_that_leaves_while_held_is_never_forwarded() {
     edge.shutdown().await;
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_connections_count_against_max_connections() {
+    logs();
+    let rep = replica("fra-1").await;
+    let (pem, key, der) = certificate(&["localhost"]);
+    let text = format!(
+        "[edge]\nhttp = \"127.0.0.1:0\"\nh3 = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nmax_connections = 1\n\
+         [[tls]]\nhosts = [\"localhost\"]\ncert = \"c.crt\"\nkey = \"c.key\"\n{LOCATIONS}{}\n\
+         [[route]]\npath_prefix = \"/\"\nservice = \"small\"\n",
+        pool("fra-a", "fra", &["small"], &[rep.addr], ""),
+    );
+    let file = ConfigFile::new(&text);
+    file.write("c.crt", pem.as_bytes());
+    file.write("c.key", key.as_bytes());
+    let edge = edge_from(&file, "fra").await;
+    let h3 = edge.bound.h3.expect("h3");
+    let mut first = h3_client(h3, der.clone()).await;
+    assert_eq!(first.request("GET", "/v1/models", None, &[]).await.status, 200);
+    // The one connection allowed is taken: a second QUIC connection is
+    // refused at its handshake, and so is a TCP one.
+    assert!(try_h3(h3, der.clone()).await.is_err(), "a second HTTP/3 connection was accepted");
+    let mut tcp = tokio::net::TcpStream::connect(edge.bound.http.expect("http")).await.expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.write_all(b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n").await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.expect("answered or closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "a TCP connection beyond max_connections was served");
+    // Once the first goes, a new one is served.
+    first.conn.close(quinn::VarInt::from_u32(0x100), b"done");
+    drop(first);
+    eventually(Duration::from_secs(5), "a new HTTP/3 connection once the first closed", || {
+        let der = der.clone();
+        async move { try_h3(h3, der).await.ok() }
+    })
+    .await;
+    edge.shutdown().await;
+}
+
+/// Open an HTTP/3 connection; an error if the handshake fails.
+async fn try_h3(addr: SocketAddr, root: rustls::pki_types::CertificateDer<'static>) -> Result<(), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).map_err(|e| e.to_string())?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).map_err(|e| e.to_string())?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint.connect(addr, "localhost").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+    conn.close(quinn::VarInt::from_u32(0x100), b"probe");
+    Ok(())
+}

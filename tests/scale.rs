@@ -410,3 +410,49 @@ async fn a_failed_sleep_hook_is_called_again() {
     edge.shutdown().await;
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_held_in_memory_have_an_edge_wide_budget() {
+    logs();
+    let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
+    let route = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"30s\"\n";
+    let (orch, file, _) = world("wake_time = \"300ms\"", &[], route, opts).await;
+    file.rewrite(
+        &std::fs::read_to_string(&file.path)
+            .expect("read")
+            .replace("debug_headers = true", "debug_headers = true\nmax_buffered_bodies = \"1MiB\""),
+    );
+    let edge = edge_from(&file, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    // Bodies of 400 KiB, read to find the model, then held for a wake.
+    let big =
+        || Req::post("/v1/chat/completions", format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(400 << 10)));
+    let held: Vec<_> = (0..2).map(|_| tokio::spawn(send(addr, big()))).collect();
+    eventually(Duration::from_secs(5), "two held", || async {
+        (pool_state(&edge, "fra-a").await["queue"] == 2).then_some(())
+    })
+    .await;
+    let state = admin_json(&edge, "/state").await;
+    assert!(state["buffered_body_bytes"].as_u64().is_some_and(|b| b >= 800 << 10), "{}", state["buffered_body_bytes"]);
+    // A third would pass the 1 MiB budget: refused, not buffered.
+    let r = send(addr, big()).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "body_budget_exhausted");
+    assert!(r.header("retry-after").is_some());
+    // The held ones go (their clients leave): the budget is whole again.
+    for h in held {
+        h.abort();
+    }
+    eventually(Duration::from_secs(5), "budget given back", || async {
+        (admin_json(&edge, "/state").await["buffered_body_bytes"] == 0).then_some(())
+    })
+    .await;
+    let again = tokio::spawn(send(addr, big()));
+    eventually(Duration::from_secs(5), "a big body is taken again", || async {
+        (pool_state(&edge, "fra-a").await["queue"] == 1).then_some(())
+    })
+    .await;
+    again.abort();
+    edge.shutdown().await;
+    orch.shutdown().await;
+}

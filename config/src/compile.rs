@@ -302,6 +302,14 @@ fn compile_edge(
             1 << 20,
         ) as usize,
         max_headers: bounded(diags, &raw.max_headers, "max_headers", defaults::MAX_HEADERS, 8, 256) as usize,
+        max_buffered_bodies: bounded(
+            diags,
+            &raw.max_buffered_bodies,
+            "max_buffered_bodies",
+            defaults::MAX_BUFFERED_BODIES,
+            1 << 20,
+            1 << 40,
+        ),
         h3_idle_timeout: nonzero_duration(diags, &raw.h3_idle_timeout, "h3_idle_timeout", defaults::H3_IDLE_TIMEOUT),
         h3_max_streams: bounded(diags, &raw.h3_max_streams, "h3_max_streams", defaults::H3_MAX_STREAMS, 1, 10_000)
             as u32,

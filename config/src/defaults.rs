@@ -23,6 +23,9 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_CONNECTIONS: u64 = 10_000;
 /// `[edge].max_header_bytes`: request line and headers, in bytes (431 beyond).
 pub const MAX_HEADER_BYTES: u64 = 64 << 10;
+/// `[edge].max_buffered_bodies`: bytes of request bodies held in memory at
+/// once, across every connection and protocol (503 beyond).
+pub const MAX_BUFFERED_BODIES: u64 = 256 << 20;
 /// `[edge].max_headers`: request header fields (431 beyond).
 pub const MAX_HEADERS: u64 = 100;
 /// `[edge].h3_idle_timeout`: an HTTP/3 connection with no traffic is closed after this.

@@ -161,6 +161,8 @@ pub struct EdgeSettings {
     pub max_header_bytes: usize,
     /// Most request header fields.
     pub max_headers: usize,
+    /// Most bytes of request bodies held in memory at once, edge-wide.
+    pub max_buffered_bodies: u64,
     /// HTTP/3 connections with no traffic for this long are closed.
     pub h3_idle_timeout: Duration,
     /// Concurrent requests per HTTP/3 connection.

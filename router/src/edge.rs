@@ -164,7 +164,9 @@ impl Edge {
         let drain = Drain::default();
         // HTTPS answers advertise HTTP/3 where it is served.
         let alt_svc = bound.h3.map(|a| crate::h3::alt_svc(a.port()));
-        let app = listener::app(router.clone(), threads, drain.clone(), alt_svc.clone());
+        // TCP and QUIC connections count against one max_connections.
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let app = listener::app(router.clone(), threads, drain.clone(), alt_svc.clone(), connections.clone());
         let listeners = tokio::spawn(listener::serve(app, endpoints, shutdown_rx.clone()));
         let mut background = vec![
             tokio::spawn(probe::run(router.clone(), shutdown_rx.clone())),
@@ -177,6 +179,7 @@ impl Edge {
                 router.clone(),
                 drain.clone(),
                 alt_svc,
+                connections,
                 shutdown_rx.clone(),
             )));
         }

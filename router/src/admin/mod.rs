@@ -197,7 +197,7 @@ impl Admin {
 
     fn state(&self) -> Value {
         let live = self.router.live();
-        let mut v = state_json(&live);
+        let mut v = state_json(&live, self.router.bodies.held());
         v["uptime_s"] = json!(self.started.elapsed().as_secs());
         if let Some(r) = &self.reloader {
             v["last_reload"] = serde_json::to_value(r.last()).unwrap_or_default();
@@ -207,7 +207,7 @@ impl Admin {
 }
 
 /// The `/state` document of one edge.
-pub fn state_json(live: &Live) -> Value {
+pub fn state_json(live: &Live, buffered_body_bytes: u64) -> Value {
     let net = &live.snapshot.network;
     let now = clock::now();
     let pools: Vec<Value> = net
@@ -256,6 +256,7 @@ pub fn state_json(live: &Live) -> Value {
         "edges": [edge],
         "flows": flows,
         "version": live.version,
+        "buffered_body_bytes": buffered_body_bytes,
         "config": {"path": net.source.path.display().to_string(), "hash": net.source.hash},
         "locations": net.locations.iter().map(|l| json!({
             "id": l.id, "name": l.name, "lat": l.coord.lat, "lon": l.coord.lon, "edge": l.edge,

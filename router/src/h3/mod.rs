@@ -31,10 +31,11 @@ use tokio::sync::watch;
 use crate::drain::Drain;
 use crate::error::Reject;
 use crate::proxy::headers;
+use crate::proxy::listener::Counted;
 use crate::proxy::policy::{self, Attempts, BodyCount, Failure, Forwarded, Served};
 use crate::proxy::request::{self, Downstream, Outcome, Trace, Verdict};
 use crate::proxy::upstream;
-use crate::state::{Live, Router};
+use crate::state::{Held, Live, Router};
 use crate::tls::{self, CertResolver};
 
 type SendHalf = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
@@ -110,6 +111,8 @@ struct Shared {
     drain: Drain,
     /// `Alt-Svc` on every answer (HTTP/3 is HTTPS).
     alt_svc: Option<HeaderValue>,
+    /// Client connections open, TCP and QUIC, against `max_connections`.
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Accept HTTP/3 connections until `shutdown`; then stop accepting, tell
@@ -120,19 +123,28 @@ pub async fn serve(
     router: Arc<Router>,
     drain: Drain,
     alt_svc: Option<String>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let options = pingora::connectors::ConnectorOptions::new(crate::proxy::listener::UPSTREAM_KEEPALIVE_POOL);
     let alt_svc = alt_svc.and_then(|v| HeaderValue::from_str(&v).ok());
-    let shared = Arc::new(Shared { router, connector: Connector::new(Some(options)), drain, alt_svc });
+    let shared = Arc::new(Shared { router, connector: Connector::new(Some(options)), drain, alt_svc, connections });
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
             _ = shutdown.wait_for(|s| *s) => break,
         };
         let Some(incoming) = incoming else { break };
+        let max = shared.router.live().snapshot.network.edge.max_connections;
+        let Some(counted) = Counted::take(&shared.connections, max) else {
+            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL).increment(1);
+            tracing::debug!(max, "QUIC connection refused: max_connections reached");
+            incoming.refuse();
+            continue;
+        };
         let (shared, shutdown) = (shared.clone(), shutdown.clone());
         tokio::spawn(async move {
+            let _counted = counted;
             match incoming.await {
                 Ok(conn) => serve_connection(conn, shared, shutdown).await,
                 Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
@@ -229,6 +241,8 @@ struct H3Downstream<'a> {
     body_done: bool,
     /// How much of the body may be read ahead while the request is held.
     watch_limit: u64,
+    /// What `read_ahead` holds of the edge's body budget.
+    held: Held,
 }
 
 impl H3Downstream<'_> {
@@ -241,6 +255,7 @@ impl H3Downstream<'_> {
                     if n > limit {
                         return Err(policy::read_too_large(n, limit));
                     }
+                    self.held.grow(chunk.remaining()).map_err(policy::bodies_exhausted)?;
                     self.read_ahead.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
                 }
                 Ok(None) => self.body_done = true,
@@ -291,7 +306,16 @@ impl Downstream for H3Downstream<'_> {
         while !self.body_done && (self.read_ahead.len() as u64) < self.watch_limit {
             tokio::select! {
                 chunk = self.rx.recv_data() => match chunk {
-                    Ok(Some(mut chunk)) => self.read_ahead.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining())),
+                    Ok(Some(mut chunk)) => {
+                        // The chunk is the client's either way; past the budget
+                        // nothing more is read ahead (one chunk over it at most),
+                        // and only the connection is watched.
+                        let room = self.held.grow(chunk.remaining()).is_ok();
+                        self.read_ahead.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+                        if !room {
+                            break;
+                        }
+                    }
                     Ok(None) => self.body_done = true,
                     Err(_) => return,
                 },
@@ -331,12 +355,13 @@ async fn handle(
             read_ahead: BytesMut::new(),
             body_done: false,
             watch_limit: HELD_READ_AHEAD,
+            held: shared.router.bodies.account(),
         };
         let routed = match request::decide(&shared.router, &live, &mut down, started, &mut trace).await? {
             Verdict::Forward(routed) => routed,
             Verdict::Answer(json) => return Err(Reject::answer(json)),
         };
-        let (read_ahead, body_done) = (down.read_ahead, down.body_done);
+        let (read_ahead, body_done, _held) = (down.read_ahead, down.body_done, down.held);
         outcome.pool = Some(routed.admitted.pool);
         outcome.waited = routed.admitted.waited;
         forward(

@@ -43,7 +43,7 @@ tokio::task_local! {
 pub struct Connections {
     sessions: Arc<Sessions>,
     router: Arc<Router>,
-    active: AtomicUsize,
+    active: Arc<AtomicUsize>,
 }
 
 /// The inner layer, once per HTTP session: applies the edge's header and
@@ -76,20 +76,20 @@ impl ServerApp for Connections {
     }
 }
 
-/// One connection counted against `max_connections`, released when
-/// dropped: on every path out of a connection's task, a panic or an abort
-/// included.
-pub struct Counted<'a>(&'a AtomicUsize);
+/// One connection counted against `max_connections` (TCP and QUIC share
+/// the count), released when dropped: on every path out of a connection's
+/// task, a panic or an abort included.
+pub struct Counted(Arc<AtomicUsize>);
 
-impl<'a> Counted<'a> {
+impl Counted {
     /// Count one more connection on `active` if fewer than `max` are.
-    pub fn take(active: &'a AtomicUsize, max: usize) -> Option<Self> {
+    pub fn take(active: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
         active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
-        Some(Counted(active))
+        Some(Counted(active.clone()))
     }
 }
 
-impl Drop for Counted<'_> {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -135,7 +135,13 @@ pub const UPSTREAM_KEEPALIVE_POOL: usize = 1024;
 pub const BACKLOG: i32 = 1024;
 
 /// Build the application over `router`; requests hold `drain` guards.
-pub fn app(router: Arc<Router>, threads: usize, drain: crate::drain::Drain, alt_svc: Option<String>) -> Connections {
+pub fn app(
+    router: Arc<Router>,
+    threads: usize,
+    drain: crate::drain::Drain,
+    alt_svc: Option<String>,
+    connections: Arc<AtomicUsize>,
+) -> Connections {
     let conf = ServerConf {
         threads: threads.max(1),
         // Idle upstream connections kept per worker. pingora's default (128)
@@ -153,7 +159,7 @@ pub fn app(router: Arc<Router>, threads: usize, drain: crate::drain::Drain, alt_
     Connections {
         sessions: Arc::new(Sessions { proxy: Arc::new(proxy), router: router.clone() }),
         router,
-        active: AtomicUsize::new(0),
+        active: connections,
     }
 }
 
@@ -203,7 +209,7 @@ mod tests {
 
     #[test]
     fn a_connection_is_released_however_its_task_ends() {
-        let active = AtomicUsize::new(0);
+        let active = Arc::new(AtomicUsize::new(0));
         let a = Counted::take(&active, 2).expect("first");
         let _b = Counted::take(&active, 2).expect("second");
         assert!(Counted::take(&active, 2).is_none(), "the cap holds");

@@ -21,7 +21,7 @@ use super::request::{self, Downstream, Outcome, Trace, Verdict};
 use super::upstream;
 use crate::drain::{Drain, Guard};
 use crate::error::Reject;
-use crate::state::{Live, Router, Slot};
+use crate::state::{Held, Live, Router, Slot};
 
 /// Bytes pingora keeps to replay a request body on a retry.
 const RETRY_BUFFER: u64 = 64 * 1024;
@@ -71,6 +71,8 @@ pub struct RequestCtx {
     service: Option<ServiceId>,
     /// The whole body, when it was read to find the service.
     body: Option<Bytes>,
+    /// What `body` holds of the edge's body budget (given back with the context).
+    body_held: Option<Held>,
     /// `Expect: 100-continue` was answered here.
     continued: bool,
     pool: Option<PoolId>,
@@ -109,6 +111,7 @@ impl ProxyHttp for EdgeProxy {
             route: None,
             service: None,
             body: None,
+            body_held: None,
             continued: false,
             pool: None,
             slot: None,
@@ -390,10 +393,11 @@ impl EdgeProxy {
     /// Route, find the service, place and take a slot (the routing core's
     /// [`request::decide`]).
     async fn decide(&self, session: &mut Session, ctx: &mut RequestCtx, live: &Arc<Live>) -> Result<(), Reject> {
-        let mut down = PingoraDownstream { session, continued: false };
+        let mut down = PingoraDownstream { session, continued: false, held: self.router.bodies.account() };
         let mut trace = Trace::default();
         let decided = request::decide(&self.router, live, &mut down, ctx.started, &mut trace).await;
         ctx.continued = down.continued;
+        ctx.body_held = Some(down.held);
         ctx.route = trace.route;
         ctx.service = trace.service;
         ctx.body_count = BodyCount::new(trace.max_body.unwrap_or(u64::MAX));
@@ -414,6 +418,8 @@ struct PingoraDownstream<'a> {
     session: &'a mut Session,
     /// `Expect: 100-continue` was answered while reading the body.
     continued: bool,
+    /// What the body read here holds of the edge's body budget.
+    held: Held,
 }
 
 #[async_trait]
@@ -439,7 +445,7 @@ impl Downstream for PingoraDownstream<'_> {
     }
 
     async fn read_body(&mut self, limit: u64) -> Result<Bytes, Reject> {
-        read_body(self.session, &mut self.continued, limit).await
+        read_body(self.session, &mut self.continued, limit, &mut self.held).await
     }
 
     async fn gone(&mut self) {
@@ -469,7 +475,7 @@ impl Downstream for PingoraDownstream<'_> {
 
 /// Read the whole request body (to find the service in it), at most
 /// `limit` bytes, keeping pingora able to send it upstream afterwards.
-async fn read_body(session: &mut Session, continued: &mut bool, limit: u64) -> Result<Bytes, Reject> {
+async fn read_body(session: &mut Session, continued: &mut bool, limit: u64, held: &mut Held) -> Result<Bytes, Reject> {
     let too_large = |n: u64| policy::read_too_large(n, limit);
     let length = match session.get_header(CONTENT_LENGTH) {
         Some(v) => Some(
@@ -513,6 +519,7 @@ async fn read_body(session: &mut Session, continued: &mut bool, limit: u64) -> R
                 if (buf.len() + chunk.len()) as u64 > limit {
                     return Err(too_large((buf.len() + chunk.len()) as u64));
                 }
+                held.grow(chunk.len()).map_err(policy::bodies_exhausted)?;
                 buf.extend_from_slice(&chunk);
             }
             Ok(None) => break,

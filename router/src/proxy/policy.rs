@@ -84,6 +84,18 @@ pub fn read_too_large(n: u64, limit: u64) -> Reject {
     )
 }
 
+/// A body buffer that would pass the edge's `max_buffered_bodies`.
+pub fn bodies_exhausted(e: crate::state::budget::Exhausted) -> Reject {
+    Reject::unavailable(
+        "body_budget_exhausted",
+        format!(
+            "the edge holds its maximum of {} bytes of request bodies in memory (max_buffered_bodies); try again shortly",
+            e.max
+        ),
+        Duration::from_secs(1),
+    )
+}
+
 /// Counts a body as it streams to the replica, against `max_body`.
 #[derive(Clone, Copy, Debug)]
 pub struct BodyCount {

@@ -8,6 +8,7 @@
 //! | [`live`] | a snapshot bound to those states: what a request runs against |
 //! | [`bind`] | the reload diff, and binding a new snapshot to the old states |
 //! | [`router`] | the live snapshot, swapped atomically on reload |
+//! | [`budget`] | the edge-wide budget of request body bytes held in memory |
 //!
 //! Lock-free counters on the request path; states are keyed by pool id and
 //! replica address so that they survive reloads. Nothing here reads the
@@ -15,6 +16,7 @@
 //! time comes in as an argument.
 
 pub mod bind;
+pub mod budget;
 pub mod hold;
 pub mod live;
 pub mod pool;
@@ -22,6 +24,7 @@ pub mod replica;
 pub mod router;
 
 pub use bind::{diff, Diff, StateStore};
+pub use budget::{BodyBudget, Held};
 pub use hold::{HoldQueue, PoolView, Slot, Ticket};
 pub use live::Live;
 pub use pool::{PoolState, EWMA_WEIGHT, SERVICE_TIME_SEED};

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::access::RateLimiter;
 
 use super::bind::StateStore;
+use super::budget::BodyBudget;
 use super::live::Live;
 
 /// The edge's routing state: the live snapshot and the pool states.
@@ -22,12 +23,15 @@ pub struct Router {
     changes: watch::Sender<u64>,
     /// Token buckets of the routes' rate limits (kept across reloads).
     pub limiter: RateLimiter,
+    /// Request body bytes held in memory, edge-wide.
+    pub bodies: Arc<BodyBudget>,
 }
 
 impl Router {
     /// A router serving `snapshot` as version 1.
     pub fn new(snapshot: Snapshot) -> Arc<Router> {
         let store = StateStore::default();
+        let bodies = BodyBudget::new(snapshot.network.edge.max_buffered_bodies);
         let (live, _, _) = store.bind(1, Arc::new(snapshot), crate::clock::now());
         let (changes, _) = watch::channel(1);
         Arc::new(Router {
@@ -36,6 +40,7 @@ impl Router {
             version: AtomicU64::new(1),
             changes,
             limiter: RateLimiter::default(),
+            bodies,
         })
     }
 
@@ -57,6 +62,7 @@ impl Router {
         let now = crate::clock::now();
         let version = self.version.fetch_add(1, Ordering::AcqRel) + 1;
         let old = self.live();
+        self.bodies.set_max(snapshot.network.edge.max_buffered_bodies);
         let (live, removed, diff) = self.store.bind(version, Arc::new(snapshot), now);
         if !diff.is_empty() {
             tracing::info!(

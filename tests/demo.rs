@@ -47,6 +47,16 @@ async fn the_demo_world_serves_through_its_edges() {
     assert!(summary.requests >= 5);
     assert!(summary.ok * 100 >= summary.requests * 95, "{summary}");
     assert!(summary.always_on_gpu_seconds > 0.0);
+    // Replicas ran, and pools that scale to zero used less than an
+    // always-on fleet would have.
+    assert!(summary.gpu_seconds > 0.0, "{summary}");
+    assert!(summary.gpu_seconds < summary.always_on_gpu_seconds, "{summary}");
+    let text = summary.to_string();
+    let line = |label: &str| text.lines().find(|l| l.trim_start().starts_with(label)).map(str::to_owned);
+    let always_on = line("always on").expect("always-on pools listed");
+    let scaling = line("scale to zero").expect("scaling pools listed");
+    assert!(always_on.contains("fra-h100") && !always_on.contains("par-l40s"), "{text}");
+    assert!(scaling.contains("par-l40s") && !scaling.contains("fra-h100"), "{text}");
 }
 
 #[test]

@@ -273,3 +273,163 @@ async fn connections_beyond_max_connections_are_closed_at_once() {
     .await;
     edge.shutdown().await;
 }
+
+/// An upstream that counts the requests it reads and answers each with
+/// its path; `close_without_answer` drops the connection instead.
+async fn counting_upstream(close_without_answer: bool) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // Every request line in the stream, as the replica parses it.
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+                        let body_end = if chunked {
+                            match buf[end + 4..].windows(5).position(|w| w == b"0\r\n\r\n") {
+                                Some(p) => end + 4 + p + 5,
+                                None => break,
+                            }
+                        } else {
+                            end + 4 + len
+                        };
+                        if buf.len() < body_end {
+                            break;
+                        }
+                        buf.drain(..body_end);
+                        if path != "/health" {
+                            log.lock().expect("log").push(path.clone());
+                        }
+                        if close_without_answer && path != "/health" {
+                            return;
+                        }
+                        let body = format!("{{\"path\":\"{path}\"}}");
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_both_content_length_and_chunked_never_reaches_a_replica_as_two() {
+    logs();
+    let (upstream, seen) = counting_upstream(false).await;
+    let text =
+        format!("{EDGE}{LOCATIONS}{}\n[[route]]\nservice = \"m\"\n", pool("fra-a", "fra", &["m"], &[upstream], ""));
+    let (edge, _file) = edge(&text, "fra").await;
+    // The classic smuggling shape: a chunked body that ends at once, and a
+    // Content-Length that covers a second request hidden behind it.
+    let hidden = "GET /smuggled HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    let body = format!("0\r\n\r\n{hidden}");
+    let request = format!(
+        "POST /first HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\ntransfer-encoding: chunked\r\n\r\n{body}",
+        body.len()
+    );
+    let mut client = tokio::net::TcpStream::connect(edge.bound.http.expect("http")).await.expect("connect");
+    client.write_all(request.as_bytes()).await.expect("send");
+    let mut answers = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1500), client.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        answers.extend_from_slice(&buf[..n]);
+    }
+    let answers = String::from_utf8_lossy(&answers);
+    let told = answers.matches("HTTP/1.1 ").count();
+    let seen = seen.lock().expect("log").clone();
+    // Whatever the edge makes of it (refused, or the hidden request taken
+    // as the client's own next one), the replica never sees more requests
+    // than the client got answers for.
+    assert!(seen.len() <= told, "the replica saw {seen:?}, the client got {told} answers:\n{answers}");
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_the_client_abandons_free_their_slots() {
+    logs();
+    let rep = replica_with("fra-1", |o| o.tokens_per_sec = 20.0).await;
+    let (edge, _file) =
+        edge(&format!("{EDGE}{LOCATIONS}{}{BODY_ROUTE}", pool("fra-a", "fra", &["m"], &[rep.addr], "")), "fra").await;
+    let stream = tokio::net::TcpStream::connect(edge.bound.http.expect("http")).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2");
+    let conn = tokio::spawn(conn);
+    let req = || {
+        http::Request::post("http://localhost/v1/chat/completions")
+            .body(http_body_util::Full::new(Bytes::from(chat_body("m", true, 200))))
+            .expect("request")
+    };
+    // Two streams on one connection: one reset, one ended with the connection.
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let resp = sender.send_request(req()).await.expect("response");
+        let mut body = resp.into_body();
+        let _ = body.frame().await;
+        bodies.push(body);
+    }
+    assert_eq!(in_flight(&edge)[0].1, 2);
+    drop(bodies.remove(0)); // RST_STREAM
+    eventually(Duration::from_secs(5), "one stream's slot freed", || async {
+        (in_flight(&edge)[0].1 == 1).then_some(())
+    })
+    .await;
+    conn.abort(); // the connection goes
+    drop(bodies);
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_and_timeouts_are_502_and_504() {
+    logs();
+    let (closing, _) = counting_upstream(true).await;
+    let (hanging, _task) = echo_upstream(true).await;
+    let text = format!(
+        "{EDGE}{LOCATIONS}{}{}\n[[route]]\npath_prefix = \"/close/\"\nservice = \"a\"\n[[route]]\npath_prefix = \"/hang/\"\nservice = \"b\"\n",
+        pool_probed("fra-a", "fra", &["a"], &[closing], SLOW_PROBES, ""),
+        pool_probed("fra-b", "fra", &["b"], &[hanging], SLOW_PROBES, "read_timeout = \"300ms\""),
+    );
+    let (edge, _file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    let r = send(addr, Req::get("/close/x")).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_error");
+    let r = send(addr, Req::get("/hang/x")).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}

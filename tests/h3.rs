@@ -439,3 +439,53 @@ async fn try_h3(addr: SocketAddr, root: rustls::pki_types::CertificateDer<'stati
     conn.close(quinn::VarInt::from_u32(0x100), b"probe");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_over_the_limits_get_431_on_every_protocol() {
+    logs();
+    let rep = replica("fra-1").await;
+    let (pem, key, der) = certificate(&["localhost"]);
+    let text = format!(
+        "[edge]\nhttp = \"127.0.0.1:0\"\nh3 = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nmax_headers = 8\nmax_header_bytes = \"1KiB\"\n\
+         [[tls]]\nhosts = [\"localhost\"]\ncert = \"c.crt\"\nkey = \"c.key\"\n{LOCATIONS}{}\n\
+         [[route]]\npath_prefix = \"/\"\nservice = \"small\"\n",
+        pool("fra-a", "fra", &["small"], &[rep.addr], ""),
+    );
+    let file = ConfigFile::new(&text);
+    file.write("c.crt", pem.as_bytes());
+    file.write("c.key", key.as_bytes());
+    let edge = edge_from(&file, "fra").await;
+    let http = edge.bound.http.expect("http");
+    let many: Vec<(String, String)> = (0..20).map(|i| (format!("x-h{i}"), "1".to_owned())).collect();
+    let big = vec![("x-big".to_owned(), "b".repeat(2000))];
+    let mut c = h3_client(edge.bound.h3.expect("h3"), der).await;
+    for (what, headers) in [("20 fields", &many), ("2000 bytes", &big)] {
+        let with = |mut r: Req| {
+            for (k, v) in headers {
+                r = r.header(k, v);
+            }
+            r
+        };
+        let h1 = send(http, with(Req::get("/v1/models"))).await;
+        let h2 = send_h2c(http, with(Req::get("/v1/models"))).await;
+        let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let h3 = c.request("GET", "/v1/models", None, &hs).await;
+        let answers = [
+            ("HTTP/1.1", h1.status.as_u16(), h1.json()),
+            ("HTTP/2", h2.status.as_u16(), h2.json()),
+            ("HTTP/3", h3.status, serde_json::from_slice(&h3.body).unwrap_or_default()),
+        ];
+        for (proto, status, body) in answers {
+            assert_eq!(status, 431, "{what} over {proto}: {body}");
+            assert_eq!(body["error"]["code"], "headers_too_large", "{what} over {proto}");
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains("at most 8 fields and 1024 bytes"),
+                "{what} over {proto}: the same rule and message: {message}"
+            );
+        }
+    }
+    assert_eq!(rep.stats.requests.load(Ordering::Relaxed), 0, "nothing over the limits reached the replica");
+    c.conn.close(quinn::VarInt::from_u32(0x100), b"done");
+    edge.shutdown().await;
+}

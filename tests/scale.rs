@@ -456,3 +456,77 @@ async fn request_bodies_held_in_memory_have_an_edge_wide_budget() {
     edge.shutdown().await;
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_hook_that_brings_nothing_is_called_again() {
+    logs();
+    let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
+    let (orch, file, _) = world("wake_time = \"100ms\"", &[], SHORT_WAIT_ROUTE, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let held = tokio::spawn(send(edge.bound.http.expect("http"), Req::chat("m")));
+    // First resend: 1.5 × the expected wake, and never sooner than 2 s.
+    let calls = eventually(Duration::from_secs(5), "a second wake call", || async {
+        let c = orch.calls_for("fra-a", "wake");
+        (c.len() >= 2).then_some(c)
+    })
+    .await;
+    assert!(calls[1].at_ms >= calls[0].at_ms + 1900, "resent too soon: {calls:?}");
+    assert_eq!(held.await.expect("task").status, 503, "answered at its deadline");
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_deadline_alone_refuses_a_wait_it_cannot_meet() {
+    logs();
+    let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
+    let route = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"30s\"\n";
+    let (orch, file, _) = world("wake_time = \"2s\"", &[], route, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    // The route would hold it for the 2 s wake; the client allows 500 ms.
+    let r = send(addr, Req::chat("m").header("stoke-max-wait-ms", "500")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "wait_exceeds_deadline");
+    assert!(r.header("retry-after").is_some());
+    // Without the header the same request is held.
+    let held = tokio::spawn(send(addr, Req::chat("m")));
+    eventually(Duration::from_secs(5), "held without the header", || async {
+        (pool_state(&edge, "fra-a").await["queue"] == 1).then_some(())
+    })
+    .await;
+    held.abort();
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_that_replicas_report_keeps_their_pool_awake() {
+    logs();
+    let opts = OrchestratorOptions { tokens_per_sec: 100.0, ..Default::default() };
+    let scale = "wake_time = \"200ms\"\nidle_timeout = \"600ms\"";
+    let (orch, file, rep) = world(scale, &[], SHORT_WAIT_ROUTE, opts).await;
+    // Scrape the replicas' own load (vLLM's metric names) ten times a second.
+    file.rewrite(&std::fs::read_to_string(&file.path).expect("read").replace(
+        "[pool.scale]",
+        "load = { path = \"/metrics\", format = \"vllm\", interval = \"100ms\" }\n[pool.scale]",
+    ));
+    let edge = edge_from(&file, "fra").await;
+    let r = send(edge.bound.http.expect("http"), Req::chat("m")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Another edge's long generation, straight at the replica: this edge
+    // has nothing in flight, but the replica says it is busy.
+    let started = Instant::now();
+    let other_edge = tokio::spawn(send(rep, Req::post("/v1/chat/completions", chat_body("m", true, 300))));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(orch.calls_for("fra-a", "sleep").is_empty(), "put to sleep while its replica was busy");
+    assert_eq!(other_edge.await.expect("task").status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(2500));
+    // Once the replica is idle too, the pool sleeps.
+    eventually(Duration::from_secs(5), "asleep once idle", || async {
+        (!orch.calls_for("fra-a", "sleep").is_empty()).then_some(())
+    })
+    .await;
+    edge.shutdown().await;
+    orch.shutdown().await;
+}

@@ -122,6 +122,9 @@ impl std::fmt::Display for Summary {
         let share =
             if self.always_on_gpu_seconds > 0.0 { self.gpu_seconds * 100.0 / self.always_on_gpu_seconds } else { 0.0 };
         writeln!(f, "stoke demo: ran {:.0} s, 10 edges, {} pools", self.ran.as_secs_f64(), POOLS.len())?;
+        let ids = |on: bool| POOLS.iter().filter(|p| p.wake_time.is_none() == on).map(|p| p.id).collect::<Vec<_>>();
+        writeln!(f, "  always on     {}", ids(true).join(", "))?;
+        writeln!(f, "  scale to zero {}", ids(false).join(", "))?;
         writeln!(f, "  requests      {} ({:.1} % ok)", self.requests, rate)?;
         writeln!(f, "  latency       p50 {:.0} ms, p99 {:.0} ms", self.p50_ms, self.p99_ms)?;
         writeln!(

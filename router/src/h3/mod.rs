@@ -157,10 +157,12 @@ pub async fn serve(
 
 async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let edge = shared.router.live().snapshot.network.edge.clone();
-    // QPACK counts 32 bytes of overhead per field where the header limit
-    // counts 4 ([`policy::head_size`]): leave room for that, so that the
-    // edge's own rule (and its 431) decides, as on every protocol.
-    let max_header = (edge.max_header_bytes + 32 * (edge.max_headers + 8)) as u64;
+    // The field section size HTTP/3 advertises (and enforces itself) is
+    // twice the edge's header limit, plus QPACK's 32 bytes of overhead per
+    // field: a request somewhat over the limit still arrives, so that the
+    // edge's own rule answers it (431, the same message as on every
+    // protocol) rather than a bare stream error.
+    let max_header = (2 * edge.max_header_bytes + 32 * (edge.max_headers + 8)) as u64;
     let idle_after = edge.h3_idle_timeout;
     let mut h3c: h3::server::Connection<h3_quinn::Connection, Bytes> = match h3::server::builder()
         .max_field_section_size(max_header)

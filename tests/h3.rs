@@ -489,3 +489,37 @@ async fn headers_over_the_limits_get_431_on_every_protocol() {
     c.conn.close(quinn::VarInt::from_u32(0x100), b"done");
     edge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http3_stream_held_for_a_wake_says_it_is_held() {
+    logs();
+    std::env::set_var("STOKE_TEST_ORCH_TOKEN", "orch-secret");
+    let (listener, orch) = orchestrator_listener().await;
+    let (pem, key, der) = certificate(&["localhost"]);
+    let text = format!(
+        "[edge]\nh3 = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+         [[tls]]\nhosts = [\"localhost\"]\ncert = \"c.crt\"\nkey = \"c.key\"\n{LOCATIONS}{}\n\
+         [[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"5s\"\nhold_keepalive = \"200ms\"\n",
+        scaled_pool("fra-a", "fra", &["m"], &[free_addr()], orch, "wake_time = \"1s\""),
+    );
+    let file = ConfigFile::new(&text);
+    file.write("c.crt", pem.as_bytes());
+    file.write("c.key", key.as_bytes());
+    let opts = OrchestratorOptions { boot_time: Some(Duration::from_millis(1200)), ..Default::default() };
+    let orch = start_orchestrator(listener, &file, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let mut c = h3_client(edge.bound.h3.expect("h3"), der).await;
+    let body = chat_body("m", true, 5);
+    let r =
+        c.request("POST", "/v1/chat/completions", Some(body.as_bytes()), &[("content-type", "application/json")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers.get("content-type").and_then(|v| v.to_str().ok()), Some("text/event-stream"));
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(text.starts_with(": waking fra-a, eta "), "{text}");
+    assert!(text.matches("\n: ").count() >= 2, "comments every 200 ms while the pool boots: {text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    c.conn.close(quinn::VarInt::from_u32(0x100), b"done");
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+    orch.shutdown().await;
+}

@@ -530,3 +530,97 @@ async fn load_that_replicas_report_keeps_their_pool_awake() {
     edge.shutdown().await;
     orch.shutdown().await;
 }
+
+/// The body route with keep-alive comments for held streams.
+const KEEPALIVE_ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"5s\"\nhold_keepalive = \"200ms\"\n";
+
+/// Read an SSE response's body as it comes; `(elapsed, line)` for each
+/// non-empty line, until the end or `limit`.
+async fn sse_lines(resp: http::Response<hyper::body::Incoming>, limit: Duration) -> Vec<(Duration, String)> {
+    use http_body_util::BodyExt;
+    let started = Instant::now();
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let mut lines = Vec::new();
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(limit.saturating_sub(started.elapsed()), body.frame()).await {
+        if let Ok(data) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+            while let Some(i) = text.find('\n') {
+                let line: String = text.drain(..=i).collect();
+                let line = line.trim_end().to_owned();
+                if !line.is_empty() {
+                    lines.push((started.elapsed(), line));
+                }
+            }
+        }
+    }
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_stream_says_it_is_held_then_streams_the_replica() {
+    logs();
+    let opts = OrchestratorOptions { boot_time: Some(Duration::from_millis(1200)), ..Default::default() };
+    let (orch, file, _) = world("wake_time = \"1s\"", &[], KEEPALIVE_ROUTE, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let started = Instant::now();
+    let resp = open(edge.bound.http.expect("http"), &Req::post("/v1/chat/completions", chat_body("m", true, 5))).await;
+    let head_after = started.elapsed();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("text/event-stream"));
+    assert!(head_after < Duration::from_millis(1000), "the head came at once, not after the wake: {head_after:?}");
+    let lines = sse_lines(resp, Duration::from_secs(10)).await;
+    let comments: Vec<&String> = lines.iter().map(|(_, l)| l).filter(|l| l.starts_with(':')).collect();
+    assert!(comments.len() >= 3, "{lines:?}");
+    assert!(comments[0].starts_with(": waking fra-a, eta "), "{comments:?}");
+    let data: Vec<&String> = lines.iter().map(|(_, l)| l).filter(|l| l.starts_with("data: ")).collect();
+    assert!(data.len() >= 2, "the replica's stream follows: {lines:?}");
+    assert_eq!(data.last().map(|s| s.as_str()), Some("data: [DONE]"));
+    assert!(!data.iter().any(|d| d.contains("\"error\"")), "{data:?}");
+    assert_eq!(orch.calls_for("fra-a", "wake").len(), 1);
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_stream_whose_hold_fails_ends_with_an_openai_error_event() {
+    logs();
+    let opts = OrchestratorOptions { ignore_wakes: true, ..Default::default() };
+    let route = KEEPALIVE_ROUTE.replace("max_wait = \"5s\"", "max_wait = \"1500ms\"");
+    let (orch, file, _) = world("wake_time = \"1s\"", &[], &route, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let resp = open(edge.bound.http.expect("http"), &Req::post("/v1/chat/completions", chat_body("m", true, 5))).await;
+    assert_eq!(resp.status(), 200);
+    let lines = sse_lines(resp, Duration::from_secs(10)).await;
+    let last = lines.last().map(|(_, l)| l.clone()).unwrap_or_default();
+    let event: serde_json::Value =
+        serde_json::from_str(last.strip_prefix("data: ").unwrap_or("null")).expect("the last line is a data event");
+    assert_eq!(event["error"]["code"], "wait_timeout", "{lines:?}");
+    assert!(lines.iter().filter(|(_, l)| l.starts_with(':')).count() >= 3, "{lines:?}");
+    assert_eq!(pool_state(&edge, "fra-a").await["queue"], 0);
+    edge.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_held_with_keepalives_reads_fine_with_the_openai_client() {
+    logs();
+    // The interpreter: STOKE_TEST_PYTHON, else the README's test venv.
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python");
+    let python = std::env::var("STOKE_TEST_PYTHON").unwrap_or_else(|_| venv.to_owned());
+    let opts = OrchestratorOptions { boot_time: Some(Duration::from_millis(1200)), ..Default::default() };
+    let (orch, file, _) = world("wake_time = \"1s\"", &[], KEEPALIVE_ROUTE, opts).await;
+    let edge = edge_from(&file, "fra").await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/scripts/openai_held_stream.py");
+    let base = format!("http://{}/v1", edge.bound.http.expect("http"));
+    let out =
+        tokio::process::Command::new(&python).arg(script).arg(&base).arg("m").output().await.unwrap_or_else(|e| {
+            panic!("cannot run {python} (set STOKE_TEST_PYTHON to a Python with the openai package): {e}")
+        });
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the OpenAI client failed on a held stream:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("streamed"), "{stdout}");
+    edge.shutdown().await;
+    orch.shutdown().await;
+}

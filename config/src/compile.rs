@@ -810,6 +810,17 @@ fn compile_route(
         None => defaults::MAX_BODY_READ,
     };
     let max_wait = raw.max_wait.as_ref().map_or(defaults::MAX_WAIT, |w| w.value);
+    let hold_keepalive = match &raw.hold_keepalive {
+        Some(at) if at.value < std::time::Duration::from_millis(100) => {
+            diags.error(
+                at.span.clone(),
+                "hold_keepalive must be at least 100ms (a comment that often is only noise); leave it out to turn it off",
+            );
+            None
+        }
+        Some(at) => Some(at.value),
+        None => None,
+    };
     let max_body = match &raw.max_body {
         Some(at) if at.value == 0 => {
             diags
@@ -836,6 +847,7 @@ fn compile_route(
         path_prefix,
         service,
         max_wait,
+        hold_keepalive,
         strip_prefix: raw.strip_prefix.as_ref().map_or(defaults::STRIP_PREFIX, |s| s.value),
         max_body_read,
         max_body,

@@ -351,6 +351,9 @@ pub struct Route {
     pub service: ServiceSource,
     /// Longest a request is held for capacity or a wake.
     pub max_wait: Duration,
+    /// A streaming request held for a wake gets the SSE head at once and a
+    /// comment with the ETA this often (`None`: held silently).
+    pub hold_keepalive: Option<Duration>,
     /// Remove `path_prefix` from the forwarded path.
     pub strip_prefix: bool,
     /// Most bytes read from a body to find the service.

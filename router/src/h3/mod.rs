@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use crate::drain::Drain;
 use crate::error::Reject;
 use crate::proxy::headers;
+use crate::proxy::keepalive::{self, HeldStream, KeptAlive, Step};
 use crate::proxy::listener::Counted;
 use crate::proxy::policy::{self, Attempts, BodyCount, Failure, Forwarded, Served};
 use crate::proxy::request::{self, Downstream, Outcome, Trace, Verdict};
@@ -362,6 +363,10 @@ async fn handle(
         let routed = match request::decide(&shared.router, &live, &mut down, started, &mut trace).await? {
             Verdict::Forward(routed) => routed,
             Verdict::Answer(json) => return Err(Reject::answer(json)),
+            Verdict::HoldStream(held) => {
+                let stream = HeldH3 { req: &req, conn: &conn, shared: &shared, live: &live, request_id: &request_id };
+                return stream.serve(&mut tx, held, started, &trace, &mut outcome).await;
+            }
         };
         let (read_ahead, body_done, _held) = (down.read_ahead, down.body_done, down.held);
         outcome.pool = Some(routed.admitted.pool);
@@ -643,6 +648,130 @@ async fn send(
         }
     }
     request::upstream_ttfb().record(forwarded_at.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// A streaming request held with keep-alive comments ([`keepalive`]).
+struct HeldH3<'a> {
+    req: &'a http::Request<()>,
+    conn: &'a quinn::Connection,
+    shared: &'a Shared,
+    live: &'a Arc<Live>,
+    request_id: &'a str,
+}
+
+impl HeldH3<'_> {
+    /// The SSE head now, a comment every interval, then the replica's
+    /// stream, or an error event if the hold or the replica fails. Errs
+    /// only before the head is sent.
+    async fn serve(
+        self,
+        tx: &mut SendHalf,
+        held: HeldStream,
+        started: Instant,
+        trace: &Trace,
+        outcome: &mut Ended,
+    ) -> Result<(), Reject> {
+        let mut resp = Response::builder().status(200);
+        if let Some(h) = resp.headers_mut() {
+            let alt = policy::alt_svc(true, self.shared.alt_svc.as_ref());
+            h.extend(keepalive::head(self.request_id, self.live, alt));
+        }
+        let resp = resp.body(()).map_err(|e| Reject::bad_gateway(e.to_string()))?;
+        if tx.send_response(resp).await.is_err() {
+            return Err(Reject::client_gone());
+        }
+        outcome.status = 200;
+        let mut kept = KeptAlive::new(&self.shared.router, self.live, &held, started);
+        let admitted = loop {
+            match kept.next().await {
+                Step::Say(line) => {
+                    if tx.send_data(line).await.is_err() {
+                        // The client left: dropping the hold frees its place.
+                        outcome.error = Some("client gone while held".into());
+                        return Ok(());
+                    }
+                }
+                Step::Done(admitted) => break admitted,
+            }
+        };
+        drop(kept);
+        let admitted = match admitted {
+            Ok(a) => a,
+            Err(reject) => return end_with_error(tx, outcome, reject).await,
+        };
+        outcome.pool = Some(admitted.pool);
+        outcome.waited = admitted.waited;
+        let route = trace.route.map(|r| self.live.snapshot.network.route(r));
+        let head = match upstream_head(self.req, self.conn, self.request_id, route, Some(held.body.len()), true, false)
+        {
+            Ok(h) => h,
+            Err(reject) => return end_with_error(tx, outcome, reject).await,
+        };
+        let sent = upstream::send_whole(
+            &self.shared.connector,
+            self.live,
+            trace.service,
+            admitted.slot,
+            admitted.pool,
+            &head,
+            &held.body,
+        );
+        let mut sent = match sent.await {
+            Ok(sent) => sent,
+            Err(reject) => return end_with_error(tx, outcome, reject).await,
+        };
+        outcome.pool = Some(sent.pool);
+        outcome.replica = Some(sent.slot.replica().addr_text.to_string());
+        let status = sent.session.response_header().map_or(502, |h| h.status.as_u16());
+        if status != 200 {
+            sent.session.shutdown().await;
+            return end_with_error(tx, outcome, Reject::bad_gateway(format!("the replica answered {status}"))).await;
+        }
+        loop {
+            let chunk = tokio::select! {
+                r = sent.session.read_response_body() => r,
+                _ = self.conn.closed() => {
+                    sent.session.shutdown().await;
+                    outcome.error = Some("client gone mid-response".into());
+                    return Ok(());
+                }
+            };
+            match chunk {
+                Ok(Some(b)) => {
+                    outcome.bytes += b.len();
+                    if tx.send_data(b).await.is_err() {
+                        sent.session.shutdown().await;
+                        outcome.error = Some("client stopped reading".into());
+                        return Ok(());
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    sent.session.shutdown().await;
+                    let reject = Reject::bad_gateway(format!("the replica failed mid-stream: {}", e.etype().as_str()));
+                    return end_with_error(tx, outcome, reject).await;
+                }
+            }
+        }
+        let _ = tx.finish().await;
+        if sent.session.response_done() {
+            let idle = sent.peer.idle_timeout();
+            self.shared.connector.release_http_session(sent.session, &sent.peer, idle).await;
+        } else {
+            sent.session.shutdown().await;
+        }
+        drop(sent.slot);
+        Ok(())
+    }
+}
+
+/// End a held stream with an SSE error event for `reject`.
+async fn end_with_error(tx: &mut SendHalf, outcome: &mut Ended, reject: Reject) -> Result<(), Reject> {
+    if tx.send_data(keepalive::error_event(&reject)).await.is_ok() {
+        let _ = tx.finish().await;
+    }
+    outcome.error = Some(reject.to_string());
     Ok(())
 }
 

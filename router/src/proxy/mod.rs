@@ -6,6 +6,7 @@
 //! | [`admit`] | the admission shell: place, take a slot or hold, start wakes, wait |
 //! | [`policy`] | the one response policy: ids, limits, forwarded and debug headers, the edge's own answers, upstream failures, retries |
 //! | [`headers`] | header names and hop-by-hop rules |
+//! | [`keepalive`] | held streams that say they are held (`hold_keepalive`) |
 //! | [`body`] | finding the model in a JSON body |
 //! | [`upstream`] | how replicas are reached |
 //! | [`phases`] | the HTTP/1.1 and HTTP/2 adapter: pingora's proxy phases |
@@ -16,6 +17,7 @@
 pub mod admit;
 pub mod body;
 pub mod headers;
+pub mod keepalive;
 pub mod listener;
 pub mod phases;
 pub mod policy;

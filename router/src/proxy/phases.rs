@@ -16,6 +16,7 @@ use pingora::{Error, ErrorType, Result};
 use stoke_config::{PoolId, RouteId, ServiceId};
 
 use super::headers;
+use super::keepalive::{self, HeldStream, KeptAlive, Step};
 use super::policy::{self, Attempts, BodyCount, Failure, Forwarded, Served};
 use super::request::{self, Downstream, Outcome, Trace, Verdict};
 use super::upstream;
@@ -41,6 +42,8 @@ const TCP_CLOSE: u8 = 7;
 /// The pingora proxy application of one edge.
 pub struct EdgeProxy {
     router: Arc<Router>,
+    /// Upstream connections for the streams the edge forwards itself.
+    connector: pingora::connectors::http::Connector,
     drain: Drain,
     /// `Alt-Svc` for answers over TLS, when HTTP/3 is served.
     alt_svc: Option<http::HeaderValue>,
@@ -51,7 +54,8 @@ impl EdgeProxy {
     /// it runs, so that shutdown can wait for it.
     pub fn new(router: Arc<Router>, drain: Drain, alt_svc: Option<String>) -> Self {
         let alt_svc = alt_svc.and_then(|v| http::HeaderValue::from_str(&v).ok());
-        EdgeProxy { router, drain, alt_svc }
+        let options = pingora::connectors::ConnectorOptions::new(super::listener::UPSTREAM_KEEPALIVE_POOL);
+        EdgeProxy { router, connector: pingora::connectors::http::Connector::new(Some(options)), drain, alt_svc }
     }
 
     /// `Alt-Svc` for an answer on this session (HTTPS only).
@@ -159,9 +163,13 @@ impl ProxyHttp for EdgeProxy {
         // The snapshot taken at the first phase serves the whole request.
         let live = ctx.live.take().unwrap_or_else(|| self.router.live());
         let decided = self.decide(session, ctx, &live).await;
-        ctx.live = Some(live);
+        ctx.live = Some(live.clone());
         match decided {
-            Ok(()) => Ok(false),
+            Ok(None) => Ok(false),
+            Ok(Some(held)) => {
+                self.hold_stream(session, ctx, &live, held).await;
+                Ok(true)
+            }
             Err(reject) => {
                 respond(session, ctx, &reject, self.alt_svc(session).cloned()).await;
                 ctx.status = reject.status;
@@ -203,31 +211,7 @@ impl ProxyHttp for EdgeProxy {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        for name in headers::hop_by_hop(&req.headers, true) {
-            req.remove_header(&name);
-        }
-        if ctx.continued {
-            req.remove_header(&EXPECT);
-        }
-        let forwarded = Forwarded {
-            host: request_host(session.req_header()),
-            client: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
-            tls: over_tls(session),
-            request_id: &ctx.request_id,
-        };
-        forwarded.apply(|name, value| req.insert_header(name, value))?;
-        if let (Some(live), Some(route)) = (&ctx.live, ctx.route) {
-            let route = live.snapshot.network.route(route);
-            let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-            if let Some(path) = headers::forward_path(pq, &route.path_prefix, route.strip_prefix) {
-                let uri = http::Uri::builder()
-                    .path_and_query(path)
-                    .build()
-                    .map_err(|e| Error::because(ErrorType::InternalError, "rewriting the path", e))?;
-                req.set_uri(uri);
-            }
-        }
-        Ok(())
+        upstream_head(session, ctx, req)
     }
 
     async fn request_body_filter(
@@ -392,7 +376,12 @@ impl ProxyHttp for EdgeProxy {
 impl EdgeProxy {
     /// Route, find the service, place and take a slot (the routing core's
     /// [`request::decide`]).
-    async fn decide(&self, session: &mut Session, ctx: &mut RequestCtx, live: &Arc<Live>) -> Result<(), Reject> {
+    async fn decide(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        live: &Arc<Live>,
+    ) -> Result<Option<HeldStream>, Reject> {
         let mut down = PingoraDownstream { session, continued: false, held: self.router.bodies.account() };
         let mut trace = Trace::default();
         let decided = request::decide(&self.router, live, &mut down, ctx.started, &mut trace).await;
@@ -404,12 +393,99 @@ impl EdgeProxy {
         let routed = match decided? {
             Verdict::Forward(routed) => routed,
             Verdict::Answer(json) => return Err(Reject::answer(json)),
+            Verdict::HoldStream(held) => return Ok(Some(held)),
         };
         ctx.body = routed.body;
         ctx.pool = Some(routed.admitted.pool);
         ctx.waited = routed.admitted.waited;
         ctx.slot = Some(routed.admitted.slot);
-        Ok(())
+        Ok(None)
+    }
+
+    /// A streaming request held with keep-alive comments: the SSE head now,
+    /// a comment every interval, then the replica's stream on the same
+    /// response, or an error event if the hold or the replica fails. The
+    /// edge forwards it itself (pingora's proxy cannot follow a response
+    /// head already sent).
+    async fn hold_stream(&self, session: &mut Session, ctx: &mut RequestCtx, live: &Arc<Live>, held: HeldStream) {
+        let alt = self.alt_svc(session).cloned();
+        let head = keepalive::head(&ctx.request_id, live, alt.as_ref());
+        let Ok(mut resp) = ResponseHeader::build(200, Some(head.len())) else { return };
+        for (name, value) in head {
+            let _ = resp.insert_header(name, value);
+        }
+        if session.write_response_header(Box::new(resp), false).await.is_err() {
+            ctx.reject = Some(Reject::client_gone());
+            return;
+        }
+        ctx.status = 200;
+        let mut kept = KeptAlive::new(&self.router, live, &held, ctx.started);
+        let admitted = loop {
+            match kept.next().await {
+                Step::Say(line) => {
+                    if session.write_response_body(Some(line), false).await.is_err() {
+                        // The client left: dropping the hold frees its place.
+                        ctx.reject = Some(Reject::client_gone());
+                        return;
+                    }
+                }
+                Step::Done(admitted) => break admitted,
+            }
+        };
+        drop(kept);
+        let admitted = match admitted {
+            Ok(a) => a,
+            Err(reject) => return end_with_error(session, ctx, reject).await,
+        };
+        ctx.pool = Some(admitted.pool);
+        ctx.waited = admitted.waited;
+        let mut req = session.req_header().clone();
+        if let Err(e) = upstream_head(session, ctx, &mut req) {
+            return end_with_error(session, ctx, Reject::bad_gateway(format!("cannot forward this request: {e}")))
+                .await;
+        }
+        req.remove_header(&http::header::TRANSFER_ENCODING);
+        let _ = req.insert_header(CONTENT_LENGTH, held.body.len());
+        ctx.forwarded_at = Some(Instant::now());
+        let sent =
+            upstream::send_whole(&self.connector, live, ctx.service, admitted.slot, admitted.pool, &req, &held.body);
+        let mut sent = match sent.await {
+            Ok(sent) => sent,
+            Err(reject) => return end_with_error(session, ctx, reject).await,
+        };
+        request::upstream_ttfb().record(ctx.forwarded_at.map_or(0.0, |t| t.elapsed().as_secs_f64()));
+        ctx.pool = Some(sent.pool);
+        ctx.released_replica = Some(sent.slot.replica().addr_text.clone());
+        ctx.slot = Some(sent.slot);
+        let status = sent.session.response_header().map_or(502, |h| h.status.as_u16());
+        if status != 200 {
+            sent.session.shutdown().await;
+            return end_with_error(session, ctx, Reject::bad_gateway(format!("the replica answered {status}"))).await;
+        }
+        loop {
+            match sent.session.read_response_body().await {
+                Ok(Some(chunk)) => {
+                    if session.write_response_body(Some(chunk), false).await.is_err() {
+                        sent.session.shutdown().await;
+                        ctx.reject = Some(Reject::client_gone());
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    sent.session.shutdown().await;
+                    let reject = Reject::bad_gateway(format!("the replica failed mid-stream: {}", e.etype().as_str()));
+                    return end_with_error(session, ctx, reject).await;
+                }
+            }
+        }
+        let _ = session.write_response_body(Some(Bytes::new()), true).await;
+        if sent.session.response_done() {
+            let idle = sent.peer.options.idle_timeout;
+            self.connector.release_http_session(sent.session, &sent.peer, idle).await;
+        } else {
+            sent.session.shutdown().await;
+        }
     }
 }
 
@@ -540,6 +616,43 @@ async fn read_body(session: &mut Session, continued: &mut bool, limit: u64, held
 
 fn request_host(req: &RequestHeader) -> Option<&str> {
     req.headers.get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.authority().map(|a| a.as_str()))
+}
+
+/// End a held stream with an SSE error event for `reject`.
+async fn end_with_error(session: &mut Session, ctx: &mut RequestCtx, reject: Reject) {
+    let event = keepalive::error_event(&reject);
+    ctx.reject = Some(reject);
+    let _ = session.write_response_body(Some(event), true).await;
+}
+
+/// The request head for the replica, made from the client's: hop-by-hop
+/// fields gone, forwarded fields set, the path rewritten for the route.
+fn upstream_head(session: &Session, ctx: &RequestCtx, req: &mut RequestHeader) -> Result<()> {
+    for name in headers::hop_by_hop(&req.headers, true) {
+        req.remove_header(&name);
+    }
+    if ctx.continued {
+        req.remove_header(&EXPECT);
+    }
+    let forwarded = Forwarded {
+        host: request_host(session.req_header()),
+        client: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
+        tls: over_tls(session),
+        request_id: &ctx.request_id,
+    };
+    forwarded.apply(|name, value| req.insert_header(name, value))?;
+    if let (Some(live), Some(route)) = (&ctx.live, ctx.route) {
+        let route = live.snapshot.network.route(route);
+        let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        if let Some(path) = headers::forward_path(pq, &route.path_prefix, route.strip_prefix) {
+            let uri = http::Uri::builder()
+                .path_and_query(path)
+                .build()
+                .map_err(|e| Error::because(ErrorType::InternalError, "rewriting the path", e))?;
+            req.set_uri(uri);
+        }
+    }
+    Ok(())
 }
 
 /// Whether the downstream connection is TLS.

@@ -17,9 +17,11 @@ use stoke_config::{AuthHeader, PoolId, RouteId, ServiceId, ServiceSource};
 
 use super::admit::{self, Admitted, MAX_WAIT_HEADER};
 use super::body::extract_field;
+use super::keepalive::{self, HeldStream};
 use super::policy;
 use crate::access::{Identity, FAILED_KEY_BURST, FAILED_KEY_RATE};
 use crate::clock;
+use crate::core::placement::Decision;
 use crate::error::Reject;
 use crate::metrics as m;
 use crate::state::{Live, Router};
@@ -60,6 +62,9 @@ pub enum Verdict {
     /// Answer it at the edge with this JSON (`GET …/models` on a route that
     /// takes the model from the body: the edge knows every model).
     Answer(String),
+    /// Hold it with keep-alive comments on an SSE stream opened now, then
+    /// forward it ([`super::keepalive`]).
+    HoldStream(HeldStream),
 }
 
 /// What was decided for a request that is forwarded.
@@ -140,6 +145,22 @@ pub async fn decide<D: Downstream>(
     };
     trace.service = Some(service);
     let max_wait = admit::max_wait(route.max_wait, down.header(MAX_WAIT_HEADER));
+    if let (Some(interval), Some(read)) = (route.hold_keepalive, &body) {
+        if keepalive::stream_requested(read) {
+            // Held for a pool that is waking or cold: the stream opens now.
+            if let Decision::Hold { pool, .. } = live.place(service, clock::now()).decision {
+                if !live.pool(pool).is_warm() {
+                    return Ok(Verdict::HoldStream(HeldStream {
+                        service,
+                        body: read.clone(),
+                        pool,
+                        max_wait,
+                        interval,
+                    }));
+                }
+            }
+        }
+    }
     let client_gone = down.gone();
     let admitted = admit::admit(router, live, service, started, max_wait, client_gone).await?;
     Ok(Verdict::Forward(Routed { service, body, admitted }))

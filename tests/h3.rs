@@ -360,6 +360,20 @@ async fn an_http3_client_that_leaves_while_held_is_never_forwarded() {
     })
     .await;
 
+    // The client stops reading the answer (STOP_SENDING) of a request whose
+    // body it finished: nothing was written to it yet.
+    let mut s = c.send.send_request(post()).await.expect("send");
+    s.send_data(Bytes::from(vec![b' '; 1000])).await.expect("body");
+    s.finish().await.expect("finish");
+    eventually(Duration::from_secs(5), "HTTP/3 request held", || async { (queue().await == Some(1)).then_some(()) })
+        .await;
+    s.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+    eventually(Duration::from_secs(2), "STOP_SENDING: queue empty", || async {
+        (queue().await == Some(0)).then_some(())
+    })
+    .await;
+    drop(s);
+
     // The client closes its connection while held.
     let mut s = c.send.send_request(post()).await.expect("send");
     s.send_data(Bytes::from(vec![b' '; 1000])).await.expect("body");

@@ -9,9 +9,9 @@
 //! and HTTP/1.1 upstream sessions lives here.
 //!
 //! A client that closes its connection, resets its request body or stops
-//! reading the response ends the upstream request and frees its slot. (A
-//! client that only stops reading while its request is still held is seen
-//! when the answer starts: h3-quinn does not surface STOP_SENDING earlier.)
+//! reading the response (STOP_SENDING) ends the upstream request and frees
+//! its slot, also while the request is held: the QUIC layer under h3 is the
+//! edge's own ([`quic`]) so that STOP_SENDING is seen before any write.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,8 +39,10 @@ use crate::proxy::upstream;
 use crate::state::{Held, Live, Router};
 use crate::tls::{self, CertResolver};
 
-type SendHalf = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
-type RecvHalf = RequestStream<h3_quinn::RecvStream, Bytes>;
+pub mod quic;
+
+type SendHalf = RequestStream<quic::SendStream<Bytes>, Bytes>;
+type RecvHalf = RequestStream<quic::RecvStream, Bytes>;
 
 /// Fields that are per-connection in HTTP/1.1 and forbidden in HTTP/3
 /// (RFC 9114 §4.2): never carried across.
@@ -165,9 +167,10 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>, mut shut
     // protocol) rather than a bare stream error.
     let max_header = (2 * edge.max_header_bytes + 32 * (edge.max_headers + 8)) as u64;
     let idle_after = edge.h3_idle_timeout;
-    let mut h3c: h3::server::Connection<h3_quinn::Connection, Bytes> = match h3::server::builder()
+    let stops = Arc::new(quic::Stops::default());
+    let mut h3c: h3::server::Connection<quic::Connection, Bytes> = match h3::server::builder()
         .max_field_section_size(max_header)
-        .build(h3_quinn::Connection::new(conn.clone()))
+        .build(quic::Connection::new(conn.clone(), stops.clone()))
         .await
     {
         Ok(c) => c,
@@ -187,11 +190,14 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>, mut shut
             accepted = h3c.accept() => match accepted {
                 Ok(Some(resolver)) => {
                     last_request = Instant::now();
-                    let (shared, conn, guard) = (shared.clone(), conn.clone(), active.guard());
+                    let (shared, conn, guard, stops) = (shared.clone(), conn.clone(), active.guard(), stops.clone());
                     tokio::spawn(async move {
                         let _guard = guard;
                         match resolver.resolve_request().await {
-                            Ok((req, stream)) => handle(req, stream, conn, shared).await,
+                            Ok((req, stream)) => {
+                                let stopped = stops.take(stream.send_id().into_inner());
+                                handle(req, stream, conn, stopped, shared).await
+                            }
                             Err(e) => tracing::debug!(error = %e, "malformed HTTP/3 request"),
                         }
                     });
@@ -246,6 +252,8 @@ struct H3Downstream<'a> {
     watch_limit: u64,
     /// What `read_ahead` holds of the edge's body budget.
     held: Held,
+    /// Resolves when the client stops reading the response (STOP_SENDING).
+    stopped: &'a mut quic::Stopped,
 }
 
 impl H3Downstream<'_> {
@@ -304,8 +312,8 @@ impl Downstream for H3Downstream<'_> {
     async fn gone(&mut self) {
         // A body still coming is read ahead (it goes upstream later as it
         // is): a client that resets its stream shows as an error there.
-        // Then, or with a body already done, only the connection's end
-        // shows (h3-quinn does not surface STOP_SENDING before a write).
+        // STOP_SENDING and the connection's end show whether or not the
+        // body is done.
         while !self.body_done && (self.read_ahead.len() as u64) < self.watch_limit {
             tokio::select! {
                 chunk = self.rx.recv_data() => match chunk {
@@ -323,17 +331,22 @@ impl Downstream for H3Downstream<'_> {
                     Err(_) => return,
                 },
                 _ = self.conn.closed() => return,
+                _ = &mut *self.stopped => return,
             }
         }
-        self.conn.closed().await;
+        tokio::select! {
+            _ = self.conn.closed() => {}
+            _ = &mut *self.stopped => {}
+        }
     }
 }
 
 /// One HTTP/3 request, from headers to the last byte of the answer.
 async fn handle(
     req: http::Request<()>,
-    stream: RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+    stream: RequestStream<quic::BidiStream<Bytes>, Bytes>,
     conn: quinn::Connection,
+    mut stopped: quic::Stopped,
     shared: Arc<Shared>,
 ) {
     let _in_progress = shared.drain.guard();
@@ -355,6 +368,7 @@ async fn handle(
             req: &req,
             rx: &mut rx,
             conn: &conn,
+            stopped: &mut stopped,
             read_ahead: BytesMut::new(),
             body_done: false,
             watch_limit: HELD_READ_AHEAD,

@@ -15,8 +15,9 @@ use crate::diag::Diagnostics;
 use crate::file::{FileConfig, RawAuth, RawEdge, RawHook, RawPool, RawRate, RawRoute, RawTls};
 use crate::routes::{HostPattern, RouteTable};
 use crate::snapshot::{
-    Auth, AuthHeader, EdgeSettings, HealthCheck, Hook, HookUrl, LoadFormat, LoadReport, Location, LocationId, Network,
-    Pool, PoolId, RateLimit, Route, Scale, Service, ServiceId, ServiceSource, Source, TlsCert,
+    Affinity, AffinityKey, Auth, AuthHeader, EdgeSettings, HealthCheck, Hook, HookUrl, LoadFormat, LoadReport,
+    Location, LocationId, Network, Pool, PoolId, RateLimit, Route, Scale, Service, ServiceId, ServiceSource, Source,
+    TlsCert,
 };
 
 /// Build the network from a decoded file. `base` is the directory that
@@ -594,6 +595,8 @@ fn compile_pool(
         Some(Scale { idle_timeout, wake_time, wake: wake?, sleep })
     });
 
+    let affinity = raw.affinity.as_ref().and_then(|a| compile_affinity(diags, a));
+
     let location = location?;
     if !id_ok || raw.serves.is_none() || raw.replicas.is_none() {
         return None;
@@ -626,7 +629,62 @@ fn compile_pool(
         health,
         load,
         scale,
+        affinity,
     })
+}
+
+fn compile_affinity(diags: &mut Diagnostics, raw: &crate::file::RawAffinity) -> Option<Affinity> {
+    let key = match &raw.key {
+        None => {
+            diags.error(raw.span.clone(), "[pool.affinity] needs key = \"prefix\", \"header:NAME\" or \"body:FIELD\"");
+            return None;
+        }
+        Some(at) => match at.value.split_once(':') {
+            None if at.value == "prefix" => AffinityKey::Prefix,
+            Some(("header", name)) if !name.is_empty() && http_token(name) => {
+                AffinityKey::Header(name.to_ascii_lowercase())
+            }
+            Some(("body", field)) if !field.is_empty() => AffinityKey::BodyField(field.to_owned()),
+            _ => {
+                diags.error(
+                    at.span.clone(),
+                    format!(
+                        "affinity key \"{}\" is not understood; expected \"prefix\", \"header:NAME\" or \"body:FIELD\"",
+                        at.value
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    let prefix_bytes = match &raw.prefix_bytes {
+        Some(at) if !(64..=1 << 20).contains(&at.value) => {
+            diags.error(
+                at.span.clone(),
+                format!("prefix_bytes = {} is out of range; expected 64 bytes to 1MiB", at.value),
+            );
+            defaults::AFFINITY_PREFIX_BYTES
+        }
+        Some(at) => at.value,
+        None => defaults::AFFINITY_PREFIX_BYTES,
+    } as usize;
+    let max_load = match &raw.max_load {
+        Some(at) if !(at.value >= 1.0 && at.value <= 100.0) => {
+            diags.error(
+                at.span.clone(),
+                format!("max_load = {} is out of range; expected 1 (no imbalance) to 100", at.value),
+            );
+            defaults::AFFINITY_MAX_LOAD
+        }
+        Some(at) => at.value,
+        None => defaults::AFFINITY_MAX_LOAD,
+    };
+    Some(Affinity { key, prefix_bytes, max_load })
+}
+
+/// Whether `s` is a valid header field name (RFC 9110 token).
+fn http_token(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn compile_hook(diags: &mut Diagnostics, raw: &RawHook, which: &str) -> Option<Hook> {

@@ -26,6 +26,11 @@ pub const MAX_HEADER_BYTES: u64 = 64 << 10;
 /// `[edge].max_buffered_bodies`: bytes of request bodies held in memory at
 /// once, across every connection and protocol (503 beyond).
 pub const MAX_BUFFERED_BODIES: u64 = 256 << 20;
+/// `[pool.affinity].prefix_bytes`: bytes of a conversation's opening hashed.
+pub const AFFINITY_PREFIX_BYTES: u64 = 4096;
+/// `[pool.affinity].max_load`: the key's replica is passed over above this
+/// × the pool's mean load + 1.
+pub const AFFINITY_MAX_LOAD: f64 = 1.25;
 /// `[edge].max_headers`: request header fields (431 beyond).
 pub const MAX_HEADERS: u64 = 100;
 /// `[edge].h3_idle_timeout`: an HTTP/3 connection with no traffic is closed after this.

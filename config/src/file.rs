@@ -47,10 +47,12 @@ const POOL_KEYS: &[&str] = &[
     "health",
     "load",
     "scale",
+    "affinity",
 ];
 const HEALTH_KEYS: &[&str] = &["path", "interval", "timeout"];
 const LOAD_KEYS: &[&str] = &["path", "format", "interval"];
 const SCALE_KEYS: &[&str] = &["idle_timeout", "wake_time", "wake", "sleep"];
+const AFFINITY_KEYS: &[&str] = &["key", "prefix_bytes", "max_load"];
 const HOOK_KEYS: &[&str] = &["url", "token_env", "command", "timeout"];
 const ROUTE_KEYS: &[&str] = &[
     "name",
@@ -137,6 +139,15 @@ pub(crate) struct RawPool {
     pub health: RawHealth,
     pub load: Option<RawLoad>,
     pub scale: Option<RawScale>,
+    pub affinity: Option<RawAffinity>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawAffinity {
+    pub span: Range<usize>,
+    pub key: Option<At<String>>,
+    pub prefix_bytes: Option<At<u64>>,
+    pub max_load: Option<At<f64>>,
 }
 
 #[derive(Debug, Default)]
@@ -359,6 +370,15 @@ fn decode_pool(diags: &mut Diagnostics, t: &DeTable<'_>, span: Range<usize>) -> 
             sleep,
         }
     });
+    let affinity = r.table(diags, "affinity").map(|(t, span)| {
+        let a = TableReader::new(diags, t, span.clone(), format!("[pool.affinity] of {id_hint}"), AFFINITY_KEYS);
+        RawAffinity {
+            span,
+            key: a.string(diags, "key"),
+            prefix_bytes: a.size(diags, "prefix_bytes"),
+            max_load: a.number(diags, "max_load"),
+        }
+    });
     RawPool {
         span,
         id: r.required_string(diags, "id"),
@@ -372,5 +392,6 @@ fn decode_pool(diags: &mut Diagnostics, t: &DeTable<'_>, span: Range<usize>) -> 
         health,
         load,
         scale,
+        affinity,
     }
 }

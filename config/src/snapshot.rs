@@ -225,6 +225,33 @@ pub struct Pool {
     pub load: Option<LoadReport>,
     /// Scale-to-zero settings; `None`: the pool is always on.
     pub scale: Option<Scale>,
+    /// Prompt-cache affinity, if configured: how requests pick replicas.
+    pub affinity: Option<Affinity>,
+}
+
+/// `[pool.affinity]`: requests that share a key go to the same replica of
+/// the pool from every edge (rendezvous hashing), within a load bound.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Affinity {
+    /// What the key is.
+    pub key: AffinityKey,
+    /// For [`AffinityKey::Prefix`]: bytes of the conversation's opening hashed.
+    pub prefix_bytes: usize,
+    /// The key's replica is passed over while its load is above
+    /// `max_load` × the pool's mean load + 1.
+    pub max_load: f64,
+}
+
+/// Where a request's affinity key comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AffinityKey {
+    /// The prompt's opening: the leading messages of a chat (roles and
+    /// contents, through the first user turn), or a completion's `prompt`.
+    Prefix,
+    /// A request header (lower-case name).
+    Header(String),
+    /// A top-level string field of the JSON body (e.g. OpenAI's `user`).
+    BodyField(String),
 }
 
 /// `health = { … }` of a pool.

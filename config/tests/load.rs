@@ -290,3 +290,32 @@ fn values_that_would_overflow_at_run_time_are_rejected_with_their_place() {
     load_str(&BASE.replacen("service = \"m\"", "service = \"m\"\nmax_wait = \"168h\"", 1), Path::new("t.toml"))
         .expect("a week is accepted");
 }
+
+#[test]
+fn pool_affinity_is_checked() {
+    let with = |table: &str| {
+        BASE.replacen(
+            "replicas = [\"127.0.0.1:9000\"]",
+            &format!("replicas = [\"127.0.0.1:9000\"]\n[pool.affinity]\n{table}"),
+            1,
+        )
+    };
+    let net = load_str(&with("key = \"prefix\""), Path::new("t.toml")).expect("loads");
+    let a = net.pools[0].affinity.as_ref().expect("affinity");
+    assert_eq!((a.key.clone(), a.prefix_bytes, a.max_load), (stoke_config::AffinityKey::Prefix, 4096, 1.25));
+    let net = load_str(&with("key = \"header:X-Session-Id\"\nmax_load = 2"), Path::new("t.toml")).expect("loads");
+    assert_eq!(
+        net.pools[0].affinity.as_ref().map(|a| a.key.clone()),
+        Some(stoke_config::AffinityKey::Header("x-session-id".into()))
+    );
+    for (table, needle) in [
+        ("key = \"cookie:x\"", "is not understood"),
+        ("prefix_bytes = 4096", "needs key"),
+        ("key = \"prefix\"\nmax_load = 0.5", "max_load = 0.5 is out of range"),
+        ("key = \"prefix\"\nprefix_bytes = 8", "prefix_bytes = 8 is out of range"),
+        ("key = \"prefix\"\nsticky = true", "unknown key \"sticky\""),
+    ] {
+        let p = problems(&with(table));
+        assert!(p.iter().any(|p| p.message.contains(needle)), "{table}: {p:#?}");
+    }
+}

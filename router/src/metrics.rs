@@ -32,6 +32,9 @@ pub const CONFIG_SNAPSHOT_VERSION: &str = "stoke_config_snapshot_version";
 /// `stoke_connections_refused_total`: connections closed at accept because
 /// `max_connections` were open.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "stoke_connections_refused_total";
+/// Counter: requests to pools with `[pool.affinity]`, by how the replica
+/// was chosen (`owner`, `spilled`, `none`).
+pub const AFFINITY_TOTAL: &str = "stoke_affinity_total";
 
 /// Histogram buckets for latencies: 100 µs to 60 s, roughly ×2.5 apart.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -78,6 +81,7 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(REQUESTS_TOTAL, "Requests answered, by route, pool and status.");
+    describe_counter!(AFFINITY_TOTAL, "Requests to pools with affinity, by how the replica was chosen.");
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time from request to the end of the answer.");
     describe_histogram!(UPSTREAM_TTFB, Unit::Seconds, "Time from forwarding to the replica's response head.");
     describe_gauge!(POOL_WARM_CAPACITY, "Free slots over the pool's ready replicas.");

@@ -16,8 +16,10 @@
 //! | [`wake`] | when a wake hook is called again, and when a wake is given up |
 //! | [`idle`] | when a pool is idle, so its home edge puts it to sleep |
 //! | [`pick`] | which replica of the chosen pool |
+//! | [`affinity`] | which replica, when requests share a key (prompt-cache affinity) |
 
 pub mod admission;
+pub mod affinity;
 pub mod demand;
 pub mod idle;
 pub mod pick;

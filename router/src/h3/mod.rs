@@ -355,7 +355,8 @@ async fn handle(
     let request_id = policy::request_id(req.headers().get(headers::REQUEST_ID).map(|v| v.as_bytes()));
     let live = shared.router.live();
     let mut trace = Trace::default();
-    let mut outcome = Ended { status: 0, bytes: 0, pool: None, replica: None, waited: Duration::ZERO, error: None };
+    let mut outcome =
+        Ended { status: 0, bytes: 0, pool: None, replica: None, waited: Duration::ZERO, error: None, affinity: None };
 
     let result = async {
         let bytes = policy::head_size(
@@ -427,6 +428,7 @@ async fn handle(
             elapsed: started.elapsed(),
             waited: outcome.waited,
             error,
+            affinity: outcome.affinity,
         },
     );
 }
@@ -439,6 +441,7 @@ struct Ended {
     replica: Option<String>,
     waited: Duration,
     error: Option<String>,
+    affinity: Option<crate::core::affinity::Chosen>,
 }
 
 /// How one try at a replica failed before its answer began.
@@ -556,6 +559,7 @@ async fn forward(
         }
     };
     outcome.replica = Some(slot.replica().addr_text.to_string());
+    outcome.affinity = slot.has_affinity().then(|| slot.chosen());
     let Some(upstream_head) = session.response_header() else {
         return Err(Reject::bad_gateway("the replica sent no response head"));
     };
@@ -737,6 +741,7 @@ impl HeldH3<'_> {
         };
         outcome.pool = Some(sent.pool);
         outcome.replica = Some(sent.slot.replica().addr_text.to_string());
+        outcome.affinity = sent.slot.has_affinity().then(|| sent.slot.chosen());
         let status = sent.session.response_header().map_or(502, |h| h.status.as_u16());
         if status != 200 {
             sent.session.shutdown().await;

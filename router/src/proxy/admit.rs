@@ -20,6 +20,25 @@ use crate::state::{Live, Router, Slot};
 /// route's `max_wait`, in milliseconds (`stoke-max-wait-ms: 2000`).
 pub const MAX_WAIT_HEADER: &str = "stoke-max-wait-ms";
 
+/// A request's affinity keys, for the pools among its candidates that have
+/// `[pool.affinity]` (empty, and allocation-free, when none has).
+#[derive(Debug, Default, Clone)]
+pub struct Keys(Vec<(PoolId, u64)>);
+
+impl Keys {
+    /// The request's key for `pool`, if the pool has affinity and the
+    /// request a key.
+    #[inline]
+    pub fn of(&self, pool: PoolId) -> Option<u64> {
+        self.0.iter().find(|(p, _)| *p == pool).map(|(_, k)| *k)
+    }
+
+    /// Record the key for `pool`.
+    pub fn push(&mut self, pool: PoolId, key: u64) {
+        self.0.push((pool, key));
+    }
+}
+
 /// A request admitted to a replica: it holds a slot until dropped.
 #[derive(Debug)]
 pub struct Admitted {
@@ -44,6 +63,7 @@ pub async fn admit(
     started: Instant,
     max_wait: Duration,
     client_gone: impl Future<Output = ()>,
+    keys: &Keys,
 ) -> Result<Admitted, Reject> {
     let deadline = admission::deadline(started, max_wait);
     let mut overtaken = 0;
@@ -65,7 +85,7 @@ pub async fn admit(
             if !view.queue.is_empty() {
                 view.dispatch(now);
             }
-            if let Some(slot) = live.acquire(pool, now) {
+            if let Some(slot) = view.acquire_keyed(now, keys.of(pool)) {
                 return Ok(Admitted { slot, pool, waited: now.saturating_duration_since(started) });
             }
             // Overtaken for the last slot: decide again a few times, then
@@ -90,7 +110,7 @@ pub async fn admit(
     };
 
     let view = live.pool(pool).clone();
-    let Some(mut ticket) = view.hold(now) else {
+    let Some(mut ticket) = view.hold_keyed(now, keys.of(pool)) else {
         let eta = Duration::from_micros(u64::from(view.status(now).wait_us.unwrap_or(0)));
         return Err(Reject::unavailable(
             "queue_full",
@@ -187,6 +207,9 @@ mod tests {
 
     const S: Duration = Duration::from_secs(1);
 
+    /// No affinity keys (the pools in these tests have none).
+    static NO_KEYS: Keys = Keys(Vec::new());
+
     /// Frankfurt warm with its one slot taken; Paris cold.
     fn full_near_pool() -> (Arc<Router>, Arc<Live>, ServiceId, Slot) {
         let router = crate::testing::two_pools(1, "idle_timeout = \"5m\"\nwake_time = \"20s\"");
@@ -201,7 +224,7 @@ mod tests {
     async fn a_held_request_gives_up_at_its_deadline() {
         let (router, live, service, _busy) = full_near_pool();
         let started = clock::now();
-        let admit = admit(&router, &live, service, started, 5 * S, std::future::pending());
+        let admit = admit(&router, &live, service, started, 5 * S, std::future::pending(), &NO_KEYS);
         let (answer, ()) = tokio::join!(admit, async {
             tokio::time::sleep(Duration::from_millis(4_990)).await;
             assert_eq!(live.pools[0].queue.len(), 1, "still held just before the deadline");
@@ -217,7 +240,7 @@ mod tests {
     async fn a_held_request_takes_the_first_slot_that_frees() {
         let (router, live, service, busy) = full_near_pool();
         let started = clock::now();
-        let admit = admit(&router, &live, service, started, 30 * S, std::future::pending());
+        let admit = admit(&router, &live, service, started, 30 * S, std::future::pending(), &NO_KEYS);
         let (answer, ()) = tokio::join!(admit, async {
             tokio::time::sleep(2 * S).await;
             drop(busy);
@@ -231,7 +254,7 @@ mod tests {
     async fn a_client_that_leaves_while_held_leaves_the_queue() {
         let (router, live, service, _busy) = full_near_pool();
         let gone = tokio::time::sleep(S);
-        let reject = admit(&router, &live, service, clock::now(), 30 * S, gone).await.expect_err("gone");
+        let reject = admit(&router, &live, service, clock::now(), 30 * S, gone, &NO_KEYS).await.expect_err("gone");
         assert!(reject.is_client_gone());
         assert_eq!(live.pools[0].queue.len(), 0);
     }
@@ -247,7 +270,9 @@ mod tests {
             .replace("id = \"fra-gpu\"", "id = \"fra-gpu-2\"");
         router.swap(crate::testing::snapshot(&text));
         let started = clock::now();
-        let reject = admit(&router, &old, service, started, 30 * S, std::future::pending()).await.expect_err("removed");
+        let reject = admit(&router, &old, service, started, 30 * S, std::future::pending(), &NO_KEYS)
+            .await
+            .expect_err("removed");
         assert_eq!((reject.status, reject.code), (503, "pool_removed"));
         assert_eq!(clock::now(), started, "at once, not at the deadline");
     }
@@ -264,7 +289,7 @@ mod tests {
         replica.set_reported_load(2);
         let first = tokio::spawn({
             let (router, live) = (router.clone(), live.clone());
-            async move { admit(&router, &live, service, clock::now(), 30 * S, std::future::pending()).await }
+            async move { admit(&router, &live, service, clock::now(), 30 * S, std::future::pending(), &NO_KEYS).await }
         });
         while live.pools[0].queue.is_empty() {
             tokio::task::yield_now().await;
@@ -272,7 +297,7 @@ mod tests {
         // Other edges' load drops, and nothing dispatched the queue (a
         // path that frees capacity silently): a new arrival comes.
         replica.set_reported_load(0);
-        let second = admit(&router, &live, service, clock::now(), 30 * S, std::future::pending()).await;
+        let second = admit(&router, &live, service, clock::now(), 30 * S, std::future::pending(), &NO_KEYS).await;
         assert!(second.is_ok());
         let first = tokio::time::timeout(S, first).await.expect("the held request got its slot first").expect("task");
         assert!(first.is_ok(), "{first:?}");
@@ -285,7 +310,9 @@ mod tests {
         let service = live.snapshot.network.service_id("m").expect("service");
         // Both pools cold: the nearest wakes in 20 s, the request may wait 5.
         let started = clock::now();
-        let reject = admit(&router, &live, service, started, 5 * S, std::future::pending()).await.expect_err("refused");
+        let reject = admit(&router, &live, service, started, 5 * S, std::future::pending(), &NO_KEYS)
+            .await
+            .expect_err("refused");
         assert_eq!((reject.status, reject.code), (503, "wait_exceeds_deadline"));
         assert_eq!(reject.retry_after, Some(20 * S));
         assert_eq!(clock::now(), started, "at once");

@@ -37,6 +37,8 @@ pub struct HeldStream {
     pub max_wait: Duration,
     /// How often a comment is sent.
     pub interval: Duration,
+    /// Its affinity keys.
+    pub keys: super::admit::Keys,
 }
 
 /// Whether the top-level `stream` field of a JSON body is `true`.
@@ -105,8 +107,9 @@ pub struct KeptAlive<'a> {
 impl<'a> KeptAlive<'a> {
     /// Admit `held` (which arrived at `started`); the client is watched
     /// by the comments' writes.
-    pub fn new(router: &'a Arc<Router>, live: &'a Arc<Live>, held: &HeldStream, started: Instant) -> Self {
-        let admit = admit::admit(router, live, held.service, started, held.max_wait, std::future::pending());
+    pub fn new(router: &'a Arc<Router>, live: &'a Arc<Live>, held: &'a HeldStream, started: Instant) -> Self {
+        let admit =
+            admit::admit(router, live, held.service, started, held.max_wait, std::future::pending(), &held.keys);
         let mut tick = tokio::time::interval(held.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         KeptAlive { admit: Box::pin(admit), tick, live, pool: held.pool }
@@ -116,6 +119,9 @@ impl<'a> KeptAlive<'a> {
     /// is over.
     pub async fn next(&mut self) -> Step {
         tokio::select! {
+            // The admission first: its first turn starts the wake that the
+            // first comment reports.
+            biased;
             done = &mut self.admit => Step::Done(done),
             _ = self.tick.tick() => Step::Say(comment(self.live, self.pool, clock::now())),
         }
@@ -146,6 +152,7 @@ mod tests {
             pool: PoolId(0),
             max_wait: Duration::from_secs(60),
             interval: Duration::from_secs(5),
+            keys: Default::default(),
         };
         let started = clock::now();
         let mut kept = KeptAlive::new(&router, &live, &held, started);

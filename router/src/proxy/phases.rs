@@ -20,6 +20,7 @@ use super::keepalive::{self, HeldStream, KeptAlive, Step};
 use super::policy::{self, Attempts, BodyCount, Failure, Forwarded, Served};
 use super::request::{self, Downstream, Outcome, Trace, Verdict};
 use super::upstream;
+use crate::core::affinity::Chosen;
 use crate::drain::{Drain, Guard};
 use crate::error::Reject;
 use crate::state::{Held, Live, Router, Slot};
@@ -94,6 +95,8 @@ pub struct RequestCtx {
     forwarded_at: Option<Instant>,
     /// The body streamed upstream, against the route's limit.
     body_count: BodyCount,
+    /// How the replica was chosen, on a pool with affinity.
+    affinity: Option<Chosen>,
 }
 
 impl RequestCtx {
@@ -127,6 +130,7 @@ impl ProxyHttp for EdgeProxy {
             status: 0,
             forwarded_at: None,
             body_count: BodyCount::new(u64::MAX),
+            affinity: None,
         }
     }
 
@@ -188,6 +192,7 @@ impl ProxyHttp for EdgeProxy {
             match policy::retry_slot(&live, ctx.service) {
                 Some((pool, slot)) => {
                     ctx.pool = Some(pool);
+                    ctx.affinity = chosen(&slot);
                     ctx.slot = Some(slot);
                 }
                 None => {
@@ -352,6 +357,7 @@ impl ProxyHttp for EdgeProxy {
                 elapsed: ctx.started.elapsed(),
                 waited: ctx.waited,
                 error,
+                affinity: ctx.affinity,
             },
         );
     }
@@ -398,6 +404,7 @@ impl EdgeProxy {
         ctx.body = routed.body;
         ctx.pool = Some(routed.admitted.pool);
         ctx.waited = routed.admitted.waited;
+        ctx.affinity = chosen(&routed.admitted.slot);
         ctx.slot = Some(routed.admitted.slot);
         Ok(None)
     }
@@ -456,6 +463,7 @@ impl EdgeProxy {
         request::upstream_ttfb().record(ctx.forwarded_at.map_or(0.0, |t| t.elapsed().as_secs_f64()));
         ctx.pool = Some(sent.pool);
         ctx.released_replica = Some(sent.slot.replica().addr_text.clone());
+        ctx.affinity = chosen(&sent.slot);
         ctx.slot = Some(sent.slot);
         let status = sent.session.response_header().map_or(502, |h| h.status.as_u16());
         if status != 200 {
@@ -616,6 +624,11 @@ async fn read_body(session: &mut Session, continued: &mut bool, limit: u64, held
 
 fn request_host(req: &RequestHeader) -> Option<&str> {
     req.headers.get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.authority().map(|a| a.as_str()))
+}
+
+/// How a slot's replica was chosen, on a pool with affinity.
+fn chosen(slot: &Slot) -> Option<Chosen> {
+    slot.has_affinity().then(|| slot.chosen())
 }
 
 /// End a held stream with an SSE error event for `reject`.

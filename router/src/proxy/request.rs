@@ -15,12 +15,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use stoke_config::{AuthHeader, PoolId, RouteId, ServiceId, ServiceSource};
 
-use super::admit::{self, Admitted, MAX_WAIT_HEADER};
+use super::admit::{self, Admitted, Keys, MAX_WAIT_HEADER};
 use super::body::extract_field;
 use super::keepalive::{self, HeldStream};
 use super::policy;
 use crate::access::{Identity, FAILED_KEY_BURST, FAILED_KEY_RATE};
 use crate::clock;
+use crate::core::affinity::{self, Chosen, KeySource};
 use crate::core::placement::Decision;
 use crate::error::Reject;
 use crate::metrics as m;
@@ -156,14 +157,32 @@ pub async fn decide<D: Downstream>(
                         pool,
                         max_wait,
                         interval,
+                        keys: affinity_keys(live, service, down, Some(read)),
                     }));
                 }
             }
         }
     }
+    let keys = affinity_keys(live, service, down, body.as_deref());
     let client_gone = down.gone();
-    let admitted = admit::admit(router, live, service, started, max_wait, client_gone).await?;
+    let admitted = admit::admit(router, live, service, started, max_wait, client_gone, &keys).await?;
     Ok(Verdict::Forward(Routed { service, body, admitted }))
+}
+
+/// The request's affinity keys for the candidate pools that have
+/// `[pool.affinity]`, from its headers and (if the edge read it) its body.
+fn affinity_keys<D: Downstream>(live: &Live, service: ServiceId, down: &D, body: Option<&[u8]>) -> Keys {
+    let mut keys = Keys::default();
+    let net = &live.snapshot.network;
+    for c in live.snapshot.candidates(service) {
+        let Some(a) = &net.pool(c.pool).affinity else { continue };
+        let header = |name: &str| down.header(name);
+        let field = |name: &str| body.and_then(|b| extract_field(b, name).ok());
+        if let Some(k) = affinity::key(a, &KeySource { body, header: &header, field: &field }) {
+            keys.push(c.pool, k);
+        }
+    }
+    keys
 }
 
 /// The route for `host` and `path`.
@@ -291,6 +310,8 @@ pub struct Outcome<'a> {
     pub waited: Duration,
     /// What went wrong, if anything.
     pub error: Option<&'a dyn std::fmt::Display>,
+    /// How the replica was chosen, on a pool with affinity.
+    pub affinity: Option<Chosen>,
 }
 
 /// Label for requests that never got a route or pool.
@@ -339,6 +360,10 @@ pub fn record(live: Option<&Live>, o: &Outcome<'_>) {
         });
     }
     request_duration().record(o.elapsed.as_secs_f64());
+    if let (Some(live), Some(pool), Some(chosen)) = (live, o.pool, o.affinity) {
+        metrics::counter!(m::AFFINITY_TOTAL, "pool" => live.pool(pool).label.clone(), "result" => chosen.as_str())
+            .increment(1);
+    }
     if tracing::enabled!(target: "stoke::access", tracing::Level::INFO) {
         let net = live.map(|l| &l.snapshot.network);
         let route = net.zip(o.trace.route).map(|(n, r)| n.route(r).name.as_str()).unwrap_or("-");
@@ -358,6 +383,7 @@ pub fn record(live: Option<&Live>, o: &Outcome<'_>) {
             bytes = o.bytes,
             duration_ms = o.elapsed.as_secs_f64() * 1000.0,
             wait_ms = o.waited.as_millis() as u64,
+            affinity = o.affinity.map_or("-", Chosen::as_str),
             error = o.error.map(|e| e.to_string()).unwrap_or_default(),
         );
     }

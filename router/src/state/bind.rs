@@ -137,6 +137,12 @@ impl StateStore {
                     max_concurrency: pool.max_concurrency,
                     max_queue: pool.max_queue,
                     scales: pool.scale.is_some(),
+                    affinity: pool.affinity.clone(),
+                    replica_ids: pool
+                        .replicas
+                        .iter()
+                        .map(|a| crate::core::affinity::hash(a.to_string().as_bytes()))
+                        .collect(),
                 })
             })
             .collect();

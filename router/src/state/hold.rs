@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
+use crate::core::affinity::{self, Chosen};
 use crate::core::idle::Activity;
 use crate::core::pick::pick;
 use crate::core::placement::PoolStatus;
@@ -40,6 +41,10 @@ pub struct PoolView {
     pub scales: bool,
     /// The pool id as a metric label (shared, so labelling allocates nothing).
     pub label: metrics::SharedString,
+    /// Prompt-cache affinity, if the pool has it.
+    pub affinity: Option<stoke_config::Affinity>,
+    /// The hash of each replica's address, for rendezvous hashing.
+    pub replica_ids: Box<[u64]>,
 }
 
 impl PoolView {
@@ -56,6 +61,8 @@ impl PoolView {
             max_concurrency,
             max_queue,
             scales: true,
+            affinity: None,
+            replica_ids: (0..replicas).map(|i| i as u64).collect(),
         }
     }
 
@@ -122,17 +129,36 @@ impl PoolView {
 
     /// Take a slot on a replica (power of two choices) at `now`; `None` if
     /// every ready replica is full.
+    #[inline]
     pub fn acquire(self: &Arc<Self>, now: Instant) -> Option<Slot> {
+        self.acquire_keyed(now, None)
+    }
+
+    /// Take a slot for a request with affinity `key` at `now`: the key's
+    /// replica by rendezvous hashing within the pool's load bound, when the
+    /// pool has affinity and the request a key; else as [`acquire`](Self::acquire).
+    pub fn acquire_keyed(self: &Arc<Self>, now: Instant, key: Option<u64>) -> Option<Slot> {
         // Another request may take the last slot between the pick and the
         // acquire; a few tries settle it without a lock.
         for _ in 0..4 {
-            let i = pick(&self.replicas, self.max_concurrency, |n| fastrand::usize(0..n))?;
+            let (i, chosen) = match (&self.affinity, key) {
+                (Some(a), Some(key)) => {
+                    affinity::pick(&self.replicas, &self.replica_ids, self.max_concurrency, key, a.max_load)?
+                }
+                _ => (pick(&self.replicas, self.max_concurrency, |n| fastrand::usize(0..n))?, Chosen::None),
+            };
             let replica = &self.replicas[i];
             if replica.try_acquire(self.max_concurrency) {
                 self.state.in_flight.fetch_add(1, Ordering::AcqRel);
                 self.state.routed.fetch_add(1, Ordering::Relaxed);
                 self.state.touch(now);
-                return Some(Slot { view: self.clone(), replica: replica.clone(), taken: now, dispatch_on_drop: true });
+                return Some(Slot {
+                    view: self.clone(),
+                    replica: replica.clone(),
+                    taken: now,
+                    dispatch_on_drop: true,
+                    chosen,
+                });
             }
         }
         None
@@ -143,7 +169,8 @@ impl PoolView {
     /// ready, a reload.
     pub fn dispatch(self: &Arc<Self>, now: Instant) {
         while !self.queue.is_empty() {
-            let Some(mut slot) = self.acquire(now) else { return };
+            // The slot is taken for the request at the head, with its key.
+            let Some(mut slot) = self.acquire_keyed(now, self.queue.front_key()) else { return };
             // A slot handed back below must not dispatch recursively.
             slot.dispatch_on_drop = false;
             match self.queue.pop() {
@@ -158,7 +185,13 @@ impl PoolView {
     /// Hold a request until a slot is handed to it; `None` if the queue is
     /// full. Dropping the ticket leaves the queue.
     pub fn hold(self: &Arc<Self>, now: Instant) -> Option<Ticket> {
-        let (id, rx) = self.queue.push(self.max_queue)?;
+        self.hold_keyed(now, None)
+    }
+
+    /// [`hold`](Self::hold) a request with affinity `key`: the slot handed
+    /// to it is picked for its key.
+    pub fn hold_keyed(self: &Arc<Self>, now: Instant, key: Option<u64>) -> Option<Ticket> {
+        let (id, rx) = self.queue.push(self.max_queue, key)?;
         let ticket = Ticket { view: self.clone(), id, rx };
         // Capacity may have appeared between the decision and the push.
         self.dispatch(now);
@@ -172,10 +205,18 @@ impl PoolView {
     }
 }
 
+/// One held request: its place, where its slot goes, and its affinity key.
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<Slot>,
+    key: Option<u64>,
+}
+
 /// Requests held for a pool: a bounded FIFO.
 #[derive(Debug, Default)]
 pub struct HoldQueue {
-    waiters: Mutex<VecDeque<(u64, oneshot::Sender<Slot>)>>,
+    waiters: Mutex<VecDeque<Waiter>>,
     len: AtomicU32,
     next_id: AtomicU64,
     /// Notified when held requests must give up at once (pool removed).
@@ -195,31 +236,36 @@ impl HoldQueue {
         self.len() == 0
     }
 
-    pub(super) fn push(&self, max: u32) -> Option<(u64, oneshot::Receiver<Slot>)> {
+    pub(super) fn push(&self, max: u32, key: Option<u64>) -> Option<(u64, oneshot::Receiver<Slot>)> {
         let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         if w.len() >= max as usize {
             return None;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        w.push_back((id, tx));
+        w.push_back(Waiter { id, tx, key });
         self.len.store(w.len() as u32, Ordering::Release);
         Some((id, rx))
     }
 
     pub(super) fn pop(&self) -> Option<oneshot::Sender<Slot>> {
         let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        let front = w.pop_front().map(|(_, tx)| tx);
+        let front = w.pop_front().map(|w| w.tx);
         self.len.store(w.len() as u32, Ordering::Release);
         front
     }
 
     fn remove(&self, id: u64) {
         let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = w.iter().position(|(i, _)| *i == id) {
+        if let Some(i) = w.iter().position(|w| w.id == id) {
             w.remove(i);
         }
         self.len.store(w.len() as u32, Ordering::Release);
+    }
+
+    /// The affinity key of the request at the head.
+    fn front_key(&self) -> Option<u64> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).front().and_then(|w| w.key)
     }
 
     /// Answer every held request at once.
@@ -278,9 +324,20 @@ pub struct Slot {
     pub(super) replica: Arc<ReplicaState>,
     pub(super) taken: Instant,
     pub(super) dispatch_on_drop: bool,
+    pub(super) chosen: Chosen,
 }
 
 impl Slot {
+    /// How the replica was chosen (affinity owner, spilled, or no key).
+    pub fn chosen(&self) -> Chosen {
+        self.chosen
+    }
+
+    /// Whether the slot's pool has affinity configured.
+    pub fn has_affinity(&self) -> bool {
+        self.view.affinity.is_some()
+    }
+
     /// The replica this slot is on.
     pub fn replica(&self) -> &Arc<ReplicaState> {
         &self.replica

@@ -114,3 +114,54 @@ async fn bodies_are_forwarded_whole_and_requests_without_a_key_are_served() {
         e.shutdown().await;
     }
 }
+
+/// Time to the first SSE frame of a streamed chat.
+async fn ttft(addr: std::net::SocketAddr, body: String) -> (Duration, Option<String>) {
+    use http_body_util::BodyExt;
+    let started = std::time::Instant::now();
+    let resp = open(addr, &Req::post("/v1/chat/completions", body)).await;
+    let replica = resp.headers().get("stoke-replica").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let mut body = resp.into_body();
+    let _ = body.frame().await;
+    let took = started.elapsed();
+    while let Some(Ok(_)) = body.frame().await {}
+    (took, replica)
+}
+
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_holding_a_prefix_answers_sooner() {
+    logs();
+    // Prefill of 2,000 tokens a second: a 2,000-token opening costs a
+    // second uncached, nothing once cached.
+    let mut reps = Vec::new();
+    for i in 0..3 {
+        reps.push(replica_with(&format!("r{i}"), |o| o.prefill_tokens_per_sec = 2000.0).await);
+    }
+    let addrs: Vec<_> = reps.iter().map(|r| r.addr).collect();
+    let (edges, _file) = world("key = \"prefix\"", &addrs).await;
+    let (fra, par) = (edges[0].bound.http.expect("http"), edges[1].bound.http.expect("http"));
+    let system = "You answer questions about the network. ".repeat(200);
+    let stream = |turns: &[&str]| {
+        let mut v: serde_json::Value = serde_json::from_str(&conversation(&system, turns)).expect("json");
+        v["stream"] = serde_json::Value::Bool(true);
+        v.to_string()
+    };
+    let (cold, first) = ttft(fra, stream(&["hi"])).await;
+    let (warm, second) = ttft(par, stream(&["hi", "Hello.", "and then?"])).await;
+    assert_eq!(first, second, "the second turn, from the other edge, went to the replica with the cache");
+    assert!(cold >= Duration::from_millis(900), "an uncached opening is prefilled: {cold:?}");
+    assert!(warm * 3 < cold, "the cached opening is not prefilled again: {warm:?} vs {cold:?}");
+    // The replicas say so in vLLM's metric names.
+    let owner = reps.iter().find(|r| first.as_deref() == Some(r.addr.to_string().as_str())).expect("the owner");
+    let metrics = send(owner.addr, Req::get("/metrics")).await.text();
+    let (queries, hits) =
+        (counter(&metrics, "vllm:prefix_cache_queries_total"), counter(&metrics, "vllm:prefix_cache_hits_total"));
+    assert!(queries > 4000.0 && hits > 1900.0, "queries {queries}, hits {hits}:\n{metrics}");
+    for e in edges {
+        e.shutdown().await;
+    }
+}

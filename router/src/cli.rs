@@ -126,6 +126,13 @@ struct ReplicaArgs {
     /// Model names listed by /v1/models (repeatable); any name is served.
     #[arg(long = "model", default_value = "llama-3.1-8b")]
     models: Vec<String>,
+    /// Prompt tokens prefilled per second, counting only those not in the
+    /// prefix cache (4 bytes of prompt text a token); 0: prefill is instant.
+    #[arg(long, default_value_t = 0.0)]
+    prefill_tokens_per_sec: f64,
+    /// Capacity of the prefix cache in tokens (an LRU of 16-token blocks).
+    #[arg(long, default_value_t = crate::sim::cache::DEFAULT_CACHE_TOKENS)]
+    cache_tokens: usize,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -251,6 +258,8 @@ fn sim_replica(args: ReplicaArgs) -> ExitCode {
             max_concurrency: args.max_concurrency,
             tokens_per_sec: args.tokens_per_sec,
             models: args.models,
+            prefill_tokens_per_sec: args.prefill_tokens_per_sec,
+            cache_tokens: args.cache_tokens,
         };
         let replica = match Replica::start(opts).await {
             Ok(r) => r,

@@ -219,6 +219,7 @@ impl Fleet {
                 max_concurrency: pool.max_concurrency as usize,
                 tokens_per_sec: self.opts.tokens_per_sec,
                 models: models.clone(),
+                ..ReplicaOptions::default()
             };
             replicas.push(Replica::start(opts).await?);
         }

@@ -32,6 +32,11 @@ pub struct ReplicaOptions {
     pub tokens_per_sec: f64,
     /// Models listed by `/v1/models` (any model name is served).
     pub models: Vec<String>,
+    /// Prompt tokens prefilled per second (only those not in the prefix
+    /// cache); 0: prefill takes no time.
+    pub prefill_tokens_per_sec: f64,
+    /// Capacity of the prefix cache, in tokens.
+    pub cache_tokens: usize,
 }
 
 impl Default for ReplicaOptions {
@@ -43,6 +48,8 @@ impl Default for ReplicaOptions {
             max_concurrency: 16,
             tokens_per_sec: 200.0,
             models: vec!["llama-3.1-8b".to_owned()],
+            prefill_tokens_per_sec: 0.0,
+            cache_tokens: super::cache::DEFAULT_CACHE_TOKENS,
         }
     }
 }
@@ -75,6 +82,10 @@ pub struct ReplicaStats {
     pub last_request_at: std::sync::Mutex<Option<Instant>>,
     /// TCP connections accepted.
     pub connections: Arc<AtomicU64>,
+    /// Prompt tokens looked up in the prefix cache.
+    pub cache_queries: AtomicU64,
+    /// Of those, tokens found cached.
+    pub cache_hits: AtomicU64,
 }
 
 struct Sim {
@@ -86,6 +97,8 @@ struct Sim {
     sick: AtomicBool,
     /// Last request body seen (for tests that check bodies arrive intact).
     last_body: std::sync::Mutex<Bytes>,
+    /// Blocks of recent prompts (vLLM's automatic prefix caching).
+    cache: super::cache::PrefixCache,
 }
 
 /// A running simulated replica.
@@ -106,6 +119,7 @@ impl Replica {
         let addr = listener.local_addr()?;
         let stats = Arc::new(ReplicaStats::default());
         let sim = Arc::new(Sim {
+            cache: super::cache::PrefixCache::new(opts.cache_tokens),
             slots: Arc::new(Semaphore::new(opts.max_concurrency.max(1))),
             opts,
             started: Instant::now(),
@@ -194,11 +208,19 @@ impl Sim {
              # HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
              # TYPE vllm:num_requests_waiting gauge\n\
              vllm:num_requests_waiting{{model_name=\"{model}\"}} {}\n\
+             # HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.\n\
+             # TYPE vllm:prefix_cache_queries_total counter\n\
+             vllm:prefix_cache_queries_total{{model_name=\"{model}\"}} {}\n\
+             # HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.\n\
+             # TYPE vllm:prefix_cache_hits_total counter\n\
+             vllm:prefix_cache_hits_total{{model_name=\"{model}\"}} {}\n\
              # HELP sim_requests_total Completion requests received.\n\
              # TYPE sim_requests_total counter\n\
              sim_requests_total {}\n",
             s.running.load(Ordering::Relaxed),
             s.waiting.load(Ordering::Relaxed),
+            s.cache_queries.load(Ordering::Relaxed),
+            s.cache_hits.load(Ordering::Relaxed),
             s.requests.load(Ordering::Relaxed),
         );
         let mut r = text(StatusCode::OK, &body);
@@ -260,6 +282,14 @@ impl Sim {
             interval: Duration::from_secs_f64(1.0 / self.opts.tokens_per_sec.max(0.001)),
         };
         let running = Gauge::new(self.stats.clone(), |s| &s.running);
+        // Prefill: only the prompt tokens the prefix cache does not hold.
+        let found = self.cache.lookup(&super::cache::prompt_text(&parsed));
+        self.stats.cache_queries.fetch_add(found.tokens, Ordering::Relaxed);
+        self.stats.cache_hits.fetch_add(found.cached, Ordering::Relaxed);
+        if self.opts.prefill_tokens_per_sec > 0.0 {
+            let uncached = (found.tokens - found.cached) as f64;
+            tokio::time::sleep(Duration::from_secs_f64(uncached / self.opts.prefill_tokens_per_sec)).await;
+        }
         if !stream {
             tokio::time::sleep(gen.interval * max_tokens as u32).await;
             drop((permit, running));

@@ -3,7 +3,7 @@
 system prompts with Zipf popularity, each session's turns extending its
 conversation. Sends streamed chats, measures time to first token, samples
 the replicas' load, and reads their prefix-cache counters. Prints one JSON
-object. Standard library plus httpx (which the openai package brings).
+object. Standard library plus httpx (httpx2 in newer openai releases, which bring it).
 
     load.py --target http://127.0.0.1:8080 [--target http://127.0.0.1:8081] \
             --replica http://127.0.0.1:9001 ... [--sessions 48 --turns 4 --concurrency 12]
@@ -15,7 +15,10 @@ import random
 import re
 import time
 
-import httpx
+try:
+    import httpx
+except ImportError:  # newer openai releases bring it as httpx2
+    import httpx2 as httpx
 
 WORDS = ("the edge routes every token to a warm GPU near you fast cache prefix "
          "network model replica pool wake sleep stream batch queue").split()

@@ -17,6 +17,7 @@ mkdir -p "$OUT"
 REPLICAS=${REPLICAS:-4}
 BASE=${BASE:-19100}
 LOAD_ARGS=${LOAD_ARGS:---sessions 48 --turns 4 --concurrency 12}
+CACHE_TOKENS=${CACHE_TOKENS:-65536}
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); }
 trap cleanup EXIT
@@ -28,7 +29,7 @@ start_replicas() {
   for i in $(seq 0 $((REPLICAS - 1))); do
     port=$((BASE + i))
     "$STOKE" sim replica --listen "127.0.0.1:$port" --name "r$i" --model m \
-      --tokens-per-sec 400 --prefill-tokens-per-sec 4000 --max-concurrency 16 2>/dev/null &
+      --tokens-per-sec 400 --prefill-tokens-per-sec 4000 --max-concurrency 16 --cache-tokens "$CACHE_TOKENS" 2>/dev/null &
     PIDS+=($!)
     REP_URLS+=("http://127.0.0.1:$port")
   done

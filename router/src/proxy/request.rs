@@ -173,6 +173,9 @@ pub async fn decide<D: Downstream>(
 /// `[pool.affinity]`, from its headers and (if the edge read it) its body.
 fn affinity_keys<D: Downstream>(live: &Live, service: ServiceId, down: &D, body: Option<&[u8]>) -> Keys {
     let mut keys = Keys::default();
+    if !live.any_affinity {
+        return keys;
+    }
     let net = &live.snapshot.network;
     for c in live.snapshot.candidates(service) {
         let Some(a) = &net.pool(c.pool).affinity else { continue };

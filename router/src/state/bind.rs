@@ -157,7 +157,8 @@ impl StateStore {
             .collect();
         let route_keys =
             snapshot.network.routes.iter().map(|r| r.auth.as_ref().map(crate::access::KeySet::new)).collect();
-        (Live { version, snapshot, pools: views, route_labels, route_keys }, removed, diff)
+        let any_affinity = snapshot.network.pools.iter().any(|p| p.affinity.is_some());
+        (Live { version, snapshot, pools: views, route_labels, route_keys, any_affinity }, removed, diff)
     }
 }
 

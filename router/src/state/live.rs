@@ -23,6 +23,9 @@ pub struct Live {
     pub route_labels: Box<[metrics::SharedString]>,
     /// API keys of routes with `auth`, by route index.
     pub route_keys: Box<[Option<crate::access::KeySet>]>,
+    /// Whether any pool has `[pool.affinity]` (if none has, requests need
+    /// no affinity keys).
+    pub any_affinity: bool,
 }
 
 impl Live {

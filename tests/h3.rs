@@ -537,3 +537,37 @@ async fn an_http3_stream_held_for_a_wake_says_it_is_held() {
     edge.shutdown().await;
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_http3_body_lost_on_a_stale_connection_is_not_sent_again_cut_short() {
+    logs();
+    let (upstream, lost) = one_answer_per_connection().await;
+    let (pem, key, der) = certificate(&["localhost"]);
+    let text = format!(
+        "[edge]\nh3 = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+         [[tls]]\nhosts = [\"localhost\"]\ncert = \"c.crt\"\nkey = \"c.key\"\n{LOCATIONS}{}\n\
+         [[route]]\npath_prefix = \"/\"\nservice = \"small\"\n",
+        pool_probed("fra-a", "fra", &["small"], &[upstream], SLOW_PROBES, ""),
+    );
+    let file = ConfigFile::new(&text);
+    file.write("c.crt", pem.as_bytes());
+    file.write("c.key", key.as_bytes());
+    let edge = edge_from(&file, "fra").await;
+    let mut c = h3_client(edge.bound.h3.expect("h3"), der).await;
+    // A first request leaves a pooled upstream connection behind.
+    assert_eq!(c.request("GET", "/x", None, &[]).await.status, 200);
+    // A body without a length, sent in two parts: it streams upstream on
+    // the pooled connection, which the replica drops. What went is gone, so
+    // the request may not go again (it would arrive cut short).
+    let req = http::Request::post(format!("{}/upload", c.base)).body(()).expect("request");
+    let mut s = c.send.send_request(req).await.expect("send");
+    s.send_data(Bytes::from_static(b"first part, ")).await.expect("part 1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.send_data(Bytes::from_static(b"second part")).await.expect("part 2");
+    s.finish().await.expect("finish");
+    let resp = s.recv_response().await.expect("response");
+    assert_eq!(resp.status(), 502, "a streamed body was sent again after part of it was gone");
+    assert!(lost.load(Ordering::Relaxed) >= 1);
+    c.conn.close(quinn::VarInt::from_u32(0x100), b"done");
+    edge.shutdown().await;
+}

@@ -33,9 +33,9 @@ use crate::error::Reject;
 use crate::proxy::headers;
 use crate::proxy::keepalive::{self, HeldStream, KeptAlive, Step};
 use crate::proxy::listener::Counted;
-use crate::proxy::policy::{self, Attempts, BodyCount, Failure, Forwarded, Served};
+use crate::proxy::policy::{self, BodyCount, Forwarded, Served};
 use crate::proxy::request::{self, Downstream, Outcome, Trace, Verdict};
-use crate::proxy::upstream;
+use crate::proxy::upstream::{self, Sent, TryError};
 use crate::state::{Held, Live, Router};
 use crate::tls::{self, CertResolver};
 
@@ -444,15 +444,6 @@ struct Ended {
     affinity: Option<crate::core::affinity::Chosen>,
 }
 
-/// How one try at a replica failed before its answer began.
-enum TryError {
-    /// The edge answers this itself (the client went, or sent too much).
-    Answer(Reject),
-    /// The replica's side failed; on a reused pooled connection the
-    /// request may go again ([`Failure::Reused`]).
-    Upstream(pingora::BError),
-}
-
 /// The request body as it goes upstream.
 struct Body<'a> {
     /// Bytes the edge already holds: the whole body (read to find the
@@ -462,13 +453,20 @@ struct Body<'a> {
     streamed: bool,
     rx: &'a mut RecvHalf,
     count: BodyCount,
+    /// Whether bytes read from the client went upstream (and are gone).
+    sent_from_client: bool,
 }
 
 impl Body<'_> {
-    /// Whether a try that failed can send the body again: only what the
-    /// edge holds whole can be.
+    /// Whether a try that failed can send the body again: only while every
+    /// byte sent so far is one the edge still holds.
     fn replayable(&self) -> bool {
-        !self.streamed
+        !self.sent_from_client
+    }
+
+    /// A failure on the replica's side, as the retry policy sees it.
+    fn failed(&self, error: pingora::BError) -> TryError {
+        TryError::Upstream { error, replayable: self.replayable() }
     }
 }
 
@@ -491,8 +489,8 @@ async fn forward(
 ) -> Result<(), Reject> {
     let net = &live.snapshot.network;
     let route = trace.route.map(|r| net.route(r));
-    let mut slot = routed.admitted.slot;
-    let mut pool = routed.admitted.pool;
+    let slot = routed.admitted.slot;
+    let pool = routed.admitted.pool;
     // The body the route read to find the service goes as it is; otherwise
     // see whether a body comes at all (HTTP/3 gives no sign on the headers).
     let whole_body = routed.body;
@@ -514,50 +512,16 @@ async fn forward(
         streamed: streamed && !body_done,
         rx,
         count: BodyCount::new(trace.max_body.unwrap_or(u64::MAX)),
+        sent_from_client: false,
     };
     if let Some(held) = &body.held {
         body.count.add(held.len())?;
     }
 
-    let mut attempts = Attempts::default();
-    let (mut session, peer) = loop {
-        attempts.start();
-        let peer = upstream::peer(slot.replica().addr, net.pool(pool));
-        let failure = match shared.connector.get_http_session(&peer).await {
-            Err(e) => {
-                policy::mark_down(&slot, &e);
-                (Failure::Connect, e)
-            }
-            Ok((mut session, reused)) => match send(&mut session, &head, &mut body, conn, &peer).await {
-                Ok(()) => break (session, peer),
-                Err(TryError::Answer(reject)) => {
-                    session.shutdown().await;
-                    return Err(reject);
-                }
-                Err(TryError::Upstream(e)) => {
-                    session.shutdown().await;
-                    let timed_out = matches!(e.etype(), pingora::ErrorType::ReadTimedout);
-                    (if reused && !timed_out { Failure::Reused } else { Failure::Other }, e)
-                }
-            },
-        };
-        let (failure, e) = failure;
-        drop(slot);
-        let retry =
-            if attempts.may_retry(failure, body.replayable()) { policy::retry_slot(live, trace.service) } else { None };
-        match retry {
-            Some((p, s)) => {
-                pool = p;
-                slot = s;
-                outcome.pool = Some(p);
-            }
-            None if failure == Failure::Connect => {
-                return Err(Reject::bad_gateway(format!("could not connect to a replica: {e}")))
-            }
-            // Whatever the session said, the failure was the replica's side.
-            None => return Err(policy::upstream_failure(&e.into_up())),
-        }
-    };
+    let mut attempt = H3Attempt { head: &head, body: &mut body, conn };
+    let sent = upstream::send_with_retries(&shared.connector, live, trace.service, slot, pool, &mut attempt).await?;
+    let Sent { mut session, peer, slot, pool } = sent;
+    outcome.pool = Some(pool);
     outcome.replica = Some(slot.replica().addr_text.to_string());
     outcome.affinity = slot.has_affinity().then(|| slot.chosen());
     let Some(upstream_head) = session.response_header() else {
@@ -623,6 +587,23 @@ async fn forward(
     Ok(())
 }
 
+/// One try of an HTTP/3 request at a replica.
+struct H3Attempt<'r, 'b> {
+    head: &'r RequestHeader,
+    body: &'r mut Body<'b>,
+    conn: &'r quinn::Connection,
+}
+
+impl upstream::Attempt for H3Attempt<'_, '_> {
+    fn attempt<'a>(
+        &'a mut self,
+        session: &'a mut HttpSession,
+        peer: &'a pingora::upstreams::peer::HttpPeer,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), TryError>> + Send + 'a>> {
+        Box::pin(send(session, self.head, self.body, self.conn, peer))
+    }
+}
+
 /// One try: the request head and body to the replica, then its answer's
 /// head (skipping 1xx), watching for the client leaving.
 async fn send(
@@ -634,18 +615,19 @@ async fn send(
 ) -> Result<(), TryError> {
     session.set_read_timeout(peer.options.read_timeout);
     session.set_write_timeout(peer.options.write_timeout);
-    session.write_request_header(Box::new(head.clone())).await.map_err(TryError::Upstream)?;
+    session.write_request_header(Box::new(head.clone())).await.map_err(|e| body.failed(e))?;
     if let Some(held) = &body.held {
-        session.write_request_body(held.clone(), !body.streamed).await.map_err(TryError::Upstream)?;
+        session.write_request_body(held.clone(), !body.streamed).await.map_err(|e| body.failed(e))?;
     }
     while body.streamed {
         match body.rx.recv_data().await {
             Ok(Some(mut chunk)) => {
                 body.count.add(chunk.remaining()).map_err(TryError::Answer)?;
+                body.sent_from_client = true;
                 session
                     .write_request_body(chunk.copy_to_bytes(chunk.remaining()), false)
                     .await
-                    .map_err(TryError::Upstream)?;
+                    .map_err(|e| body.failed(e))?;
             }
             Ok(None) => {
                 body.streamed = false;
@@ -654,11 +636,11 @@ async fn send(
             Err(_) => return Err(TryError::Answer(Reject::client_gone())),
         }
     }
-    session.finish_request_body().await.map_err(TryError::Upstream)?;
+    session.finish_request_body().await.map_err(|e| body.failed(e))?;
     let forwarded_at = Instant::now();
     loop {
         tokio::select! {
-            r = session.read_response_header() => r.map_err(TryError::Upstream)?,
+            r = session.read_response_header() => r.map_err(|e| body.failed(e))?,
             _ = conn.closed() => return Err(TryError::Answer(Reject::client_gone())),
         }
         if !session.response_header().is_some_and(|h| h.status.is_informational()) {

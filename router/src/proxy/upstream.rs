@@ -1,7 +1,9 @@
 //! How replicas are reached: pooled HTTP/1.1 connections with the pool's
 //! timeouts, and sending a request whose body the edge holds whole.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,6 +46,20 @@ pub struct Sent {
     pub pool: PoolId,
 }
 
+/// How one try at a replica failed before its answer began.
+pub enum TryError {
+    /// The edge answers this itself (the client went, or sent too much).
+    Answer(Reject),
+    /// The replica's side failed. On a reused pooled connection the request
+    /// may go again ([`Failure::Reused`]) if its body can be sent again.
+    Upstream {
+        /// What failed.
+        error: pingora::BError,
+        /// Whether the body can be sent again.
+        replayable: bool,
+    },
+}
+
 /// Send `head` and the whole `body` on `slot` of `pool`, trying another
 /// replica (or a fresh connection) as the response policy allows, and read
 /// the answer's head.
@@ -51,31 +67,79 @@ pub async fn send_whole(
     connector: &Connector,
     live: &Live,
     service: Option<ServiceId>,
-    mut slot: Slot,
-    mut pool: PoolId,
+    slot: Slot,
+    pool: PoolId,
     head: &RequestHeader,
     body: &Bytes,
+) -> Result<Sent, Reject> {
+    send_with_retries(connector, live, service, slot, pool, &mut Whole { head, body }).await
+}
+
+/// One try of a request to a replica: send it and read the answer's head.
+pub trait Attempt: Send {
+    /// Make the try on `session` to `peer`.
+    fn attempt<'a>(
+        &'a mut self,
+        session: &'a mut HttpSession,
+        peer: &'a HttpPeer,
+    ) -> Pin<Box<dyn Future<Output = Result<(), TryError>> + Send + 'a>>;
+}
+
+/// A request whose head and body the edge holds whole.
+struct Whole<'r> {
+    head: &'r RequestHeader,
+    body: &'r Bytes,
+}
+
+impl Attempt for Whole<'_> {
+    fn attempt<'a>(
+        &'a mut self,
+        session: &'a mut HttpSession,
+        peer: &'a HttpPeer,
+    ) -> Pin<Box<dyn Future<Output = Result<(), TryError>> + Send + 'a>> {
+        Box::pin(async move {
+            try_once(session, self.head, self.body, peer)
+                .await
+                .map_err(|error| TryError::Upstream { error, replayable: true })
+        })
+    }
+}
+
+/// Make one `attempt` (send the request, read the answer's head) on `slot`
+/// of `pool`, and further ones on another replica or a fresh connection
+/// while the response policy allows: the one retry loop of every protocol.
+pub async fn send_with_retries(
+    connector: &Connector,
+    live: &Live,
+    service: Option<ServiceId>,
+    mut slot: Slot,
+    mut pool: PoolId,
+    attempt: &mut dyn Attempt,
 ) -> Result<Sent, Reject> {
     let mut attempts = Attempts::default();
     loop {
         attempts.start();
         let peer = self::peer(slot.replica().addr, live.snapshot.network.pool(pool));
-        let (failure, e) = match connector.get_http_session(&peer).await {
+        let (failure, e, replayable) = match connector.get_http_session(&peer).await {
             Err(e) => {
                 policy::mark_down(&slot, &e);
-                (Failure::Connect, e)
+                (Failure::Connect, e, true)
             }
-            Ok((mut session, reused)) => match try_once(&mut session, head, body, &peer).await {
+            Ok((mut session, reused)) => match attempt.attempt(&mut session, &peer).await {
                 Ok(()) => return Ok(Sent { session, peer, slot, pool }),
-                Err(e) => {
+                Err(TryError::Answer(reject)) => {
                     session.shutdown().await;
-                    let timed_out = matches!(e.etype(), pingora::ErrorType::ReadTimedout);
-                    (if reused && !timed_out { Failure::Reused } else { Failure::Other }, e)
+                    return Err(reject);
+                }
+                Err(TryError::Upstream { error, replayable }) => {
+                    session.shutdown().await;
+                    let timed_out = matches!(error.etype(), pingora::ErrorType::ReadTimedout);
+                    (if reused && !timed_out { Failure::Reused } else { Failure::Other }, error, replayable)
                 }
             },
         };
         drop(slot);
-        let retry = if attempts.may_retry(failure, true) { policy::retry_slot(live, service) } else { None };
+        let retry = if attempts.may_retry(failure, replayable) { policy::retry_slot(live, service) } else { None };
         match retry {
             Some((p, s)) => {
                 pool = p;

@@ -548,40 +548,21 @@ async fn forward(
     }
 
     // The answer's body, streamed; a client that stops reading ends it.
-    loop {
-        let chunk = tokio::select! {
-            r = session.read_response_body() => r,
-            _ = conn.closed() => {
-                session.shutdown().await;
-                outcome.error = Some("client gone mid-response".into());
-                return Ok(());
-            }
-        };
-        match chunk {
-            Ok(Some(b)) => {
-                outcome.bytes += b.len();
-                // send_data is not cancel-safe: never raced.
-                if tx.send_data(b).await.is_err() {
-                    session.shutdown().await;
-                    outcome.error = Some("client stopped reading".into());
-                    return Ok(());
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                // The replica failed mid-answer: the client sees the stream reset.
-                session.shutdown().await;
-                tx.stop_stream(Code::H3_INTERNAL_ERROR);
-                outcome.error = Some(format!("replica failed mid-response: {}", e.etype().as_str()));
-                return Ok(());
-            }
+    match stream_answer(tx, &mut session, conn, outcome).await {
+        Streamed::Done => {
+            let _ = tx.finish().await;
+            release(shared, session, &peer).await;
         }
-    }
-    let _ = tx.finish().await;
-    if session.response_done() {
-        shared.connector.release_http_session(session, &peer, peer.idle_timeout()).await;
-    } else {
-        session.shutdown().await;
+        Streamed::ClientGone(why) => {
+            session.shutdown().await;
+            outcome.error = Some(why.into());
+        }
+        Streamed::ReplicaFailed(e) => {
+            // The replica failed mid-answer: the client sees the stream reset.
+            session.shutdown().await;
+            tx.stop_stream(Code::H3_INTERNAL_ERROR);
+            outcome.error = Some(format!("replica failed mid-response: {}", e.etype().as_str()));
+        }
     }
     drop(slot);
     Ok(())
@@ -727,43 +708,69 @@ impl HeldH3<'_> {
         let status = sent.session.response_header().map_or(502, |h| h.status.as_u16());
         if status != 200 {
             sent.session.shutdown().await;
-            return end_with_error(tx, outcome, Reject::bad_gateway(format!("the replica answered {status}"))).await;
+            return end_with_error(tx, outcome, keepalive::replica_refused(status)).await;
         }
-        loop {
-            let chunk = tokio::select! {
-                r = sent.session.read_response_body() => r,
-                _ = self.conn.closed() => {
-                    sent.session.shutdown().await;
-                    outcome.error = Some("client gone mid-response".into());
-                    return Ok(());
-                }
-            };
-            match chunk {
-                Ok(Some(b)) => {
-                    outcome.bytes += b.len();
-                    if tx.send_data(b).await.is_err() {
-                        sent.session.shutdown().await;
-                        outcome.error = Some("client stopped reading".into());
-                        return Ok(());
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    sent.session.shutdown().await;
-                    let reject = Reject::bad_gateway(format!("the replica failed mid-stream: {}", e.etype().as_str()));
-                    return end_with_error(tx, outcome, reject).await;
-                }
+        match stream_answer(tx, &mut sent.session, self.conn, outcome).await {
+            Streamed::Done => {
+                let _ = tx.finish().await;
+                release(self.shared, sent.session, &sent.peer).await;
             }
-        }
-        let _ = tx.finish().await;
-        if sent.session.response_done() {
-            let idle = sent.peer.idle_timeout();
-            self.shared.connector.release_http_session(sent.session, &sent.peer, idle).await;
-        } else {
-            sent.session.shutdown().await;
+            Streamed::ClientGone(why) => {
+                sent.session.shutdown().await;
+                outcome.error = Some(why.into());
+            }
+            Streamed::ReplicaFailed(e) => {
+                sent.session.shutdown().await;
+                return end_with_error(tx, outcome, keepalive::replica_failed(&e)).await;
+            }
         }
         drop(sent.slot);
         Ok(())
+    }
+}
+
+/// How streaming a replica's answer body to the client ended.
+enum Streamed {
+    /// The whole body went.
+    Done,
+    /// The client left or stopped reading.
+    ClientGone(&'static str),
+    /// The replica failed mid-answer.
+    ReplicaFailed(pingora::BError),
+}
+
+/// Stream the answer body from `session` to the client, counting bytes.
+async fn stream_answer(
+    tx: &mut SendHalf,
+    session: &mut HttpSession,
+    conn: &quinn::Connection,
+    outcome: &mut Ended,
+) -> Streamed {
+    loop {
+        let chunk = tokio::select! {
+            r = session.read_response_body() => r,
+            _ = conn.closed() => return Streamed::ClientGone("client gone mid-response"),
+        };
+        match chunk {
+            Ok(Some(b)) => {
+                outcome.bytes += b.len();
+                // send_data is not cancel-safe: never raced.
+                if tx.send_data(b).await.is_err() {
+                    return Streamed::ClientGone("client stopped reading");
+                }
+            }
+            Ok(None) => return Streamed::Done,
+            Err(e) => return Streamed::ReplicaFailed(e),
+        }
+    }
+}
+
+/// Give an upstream session that read its whole answer back to the pool.
+async fn release(shared: &Shared, mut session: HttpSession, peer: &pingora::upstreams::peer::HttpPeer) {
+    if session.response_done() {
+        shared.connector.release_http_session(session, peer, peer.idle_timeout()).await;
+    } else {
+        session.shutdown().await;
     }
 }
 

@@ -86,6 +86,17 @@ pub fn error_event(reject: &Reject) -> Bytes {
     Bytes::from(format!("data: {}\n\n", reject.body()))
 }
 
+/// A held stream's replica answered other than 200: the head already sent
+/// said 200, so this becomes the stream's error event.
+pub fn replica_refused(status: u16) -> Reject {
+    Reject::bad_gateway(format!("the replica answered {status}"))
+}
+
+/// A held stream's replica failed while its answer streamed.
+pub fn replica_failed(e: &pingora::Error) -> Reject {
+    Reject::bad_gateway(format!("the replica failed mid-stream: {}", e.etype().as_str()))
+}
+
 /// What the adapter does next while a stream is held.
 pub enum Step {
     /// Send this comment; stop if the client is gone.

@@ -468,7 +468,7 @@ impl EdgeProxy {
         let status = sent.session.response_header().map_or(502, |h| h.status.as_u16());
         if status != 200 {
             sent.session.shutdown().await;
-            return end_with_error(session, ctx, Reject::bad_gateway(format!("the replica answered {status}"))).await;
+            return end_with_error(session, ctx, keepalive::replica_refused(status)).await;
         }
         loop {
             match sent.session.read_response_body().await {
@@ -482,8 +482,7 @@ impl EdgeProxy {
                 Ok(None) => break,
                 Err(e) => {
                     sent.session.shutdown().await;
-                    let reject = Reject::bad_gateway(format!("the replica failed mid-stream: {}", e.etype().as_str()));
-                    return end_with_error(session, ctx, reject).await;
+                    return end_with_error(session, ctx, keepalive::replica_failed(&e)).await;
                 }
             }
         }

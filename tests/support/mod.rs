@@ -465,3 +465,16 @@ pub async fn pool_state(edge: &Edge, pool: &str) -> serde_json::Value {
     let state = admin_json(edge, "/state").await;
     state["pools"].as_array().and_then(|p| p.iter().find(|p| p["id"] == pool).cloned()).expect("pool in /state")
 }
+
+/// Bring `pool` up and check that none of the requests whose clients left
+/// while held reached its replicas.
+pub async fn assert_nothing_reached(edge: &Edge, orch: &stoke_router::sim::Orchestrator, pool: &str) {
+    orch.start_pool(pool).await.expect("start");
+    eventually(Duration::from_secs(5), "pool warm", || async {
+        (pool_state(edge, pool).await["state"] == "warm").then_some(())
+    })
+    .await;
+    // Anything still in the edge's hands would go out now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(orch.requests_received(pool).await, 0, "a request whose client left reached the replica");
+}

@@ -179,24 +179,7 @@ pub fn prefix(body: &[u8], limit: usize) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    #[derive(Clone, Copy)]
-    struct Fake {
-        ready: bool,
-        busy: u32,
-    }
-
-    impl ReplicaLoad for Fake {
-        fn free(&self, max: u32) -> u32 {
-            if self.ready {
-                max.saturating_sub(self.busy)
-            } else {
-                0
-            }
-        }
-        fn busy(&self) -> u32 {
-            self.busy
-        }
-    }
+    use crate::core::pick::fake::Fake;
 
     fn ids(n: u64) -> Vec<u64> {
         (0..n).map(|i| hash(format!("10.0.0.{i}:8000").as_bytes())).collect()

@@ -49,14 +49,15 @@ fn nth_eligible<R: ReplicaLoad>(replicas: &[R], max: u32, n: usize) -> Option<us
     replicas.iter().enumerate().filter(|(_, r)| r.free(max) > 0).nth(n).map(|(i, _)| i)
 }
 
+/// A replica for tests of the picks: ready or not, and how busy.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fake {
+    use super::ReplicaLoad;
 
-    #[derive(Clone, Copy)]
-    struct Fake {
-        ready: bool,
-        busy: u32,
+    #[derive(Clone, Copy, Debug)]
+    pub struct Fake {
+        pub ready: bool,
+        pub busy: u32,
     }
 
     impl ReplicaLoad for Fake {
@@ -71,6 +72,13 @@ mod tests {
             self.busy
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::fake::Fake;
 
     fn rng(seed: u64) -> impl FnMut(usize) -> usize {
         let mut r = fastrand::Rng::with_seed(seed);

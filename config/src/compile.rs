@@ -12,12 +12,12 @@ use stoke_geo::{Coord, RttMatrix, RttModel};
 use crate::decode::At;
 use crate::defaults;
 use crate::diag::Diagnostics;
-use crate::file::{FileConfig, RawAuth, RawEdge, RawHook, RawPool, RawRate, RawRoute, RawTls};
+use crate::file::{FileConfig, RawAuth, RawEdge, RawHook, RawPool, RawRate, RawRoute, RawScale, RawTls};
 use crate::routes::{HostPattern, RouteTable};
 use crate::snapshot::{
-    Affinity, AffinityKey, Auth, AuthHeader, EdgeSettings, HealthCheck, Hook, HookUrl, LoadFormat, LoadReport,
-    Location, LocationId, Network, Pool, PoolId, RateLimit, Route, Scale, Service, ServiceId, ServiceSource, Source,
-    TlsCert,
+    Affinity, AffinityKey, Auth, AuthHeader, EdgeSettings, HealthCheck, Hook, HookUrl, IdleTimeout, LoadFormat,
+    LoadReport, Location, LocationId, Network, Pool, PoolId, RateLimit, Route, Scale, Service, ServiceId,
+    ServiceSource, Source, TlsCert,
 };
 
 /// Build the network from a decoded file. `base` is the directory that
@@ -590,7 +590,7 @@ fn compile_pool(
     let scale = raw.scale.as_ref().and_then(|s| {
         let wake = s.wake.as_ref().and_then(|h| compile_hook(diags, h, "wake"));
         let sleep = s.sleep.as_ref().and_then(|h| compile_hook(diags, h, "sleep"));
-        let idle_timeout = nonzero_duration(diags, &s.idle_timeout, "idle_timeout", defaults::IDLE_TIMEOUT);
+        let idle_timeout = compile_idle(diags, s);
         let wake_time = nonzero_duration(diags, &s.wake_time, "wake_time", defaults::WAKE_TIME);
         Some(Scale { idle_timeout, wake_time, wake: wake?, sleep })
     });
@@ -1075,4 +1075,34 @@ mod tests {
             assert!(parse_service_from(bad).is_err(), "{bad}");
         }
     }
+}
+
+/// `idle_timeout` (a duration or `"auto"`) with its `min_idle` / `max_idle`.
+fn compile_idle(diags: &mut Diagnostics, s: &RawScale) -> IdleTimeout {
+    let auto = matches!(&s.idle_timeout, Some(At { value: None, .. }));
+    if !auto {
+        for bound in [&s.min_idle, &s.max_idle].into_iter().flatten() {
+            diags.error(
+                bound.span.clone(),
+                "min_idle and max_idle bound idle_timeout = \"auto\" only; this pool's idle_timeout is fixed"
+                    .to_owned(),
+            );
+        }
+        let fixed = s.idle_timeout.as_ref().and_then(|t| t.value.map(|d| At::new(d, t.span.clone())));
+        return IdleTimeout::Fixed(nonzero_duration(diags, &fixed, "idle_timeout", defaults::IDLE_TIMEOUT));
+    }
+    let min = s.min_idle.as_ref().map_or(defaults::MIN_IDLE, |d| d.value);
+    let max = nonzero_duration(diags, &s.max_idle, "max_idle", defaults::MAX_IDLE);
+    if min > max {
+        let span = s.min_idle.as_ref().or(s.max_idle.as_ref()).map(|d| d.span.clone()).unwrap_or_default();
+        diags.error(
+            span,
+            format!(
+                "min_idle ({}) is longer than max_idle ({})",
+                crate::duration::format_duration(min),
+                crate::duration::format_duration(max)
+            ),
+        );
+    }
+    IdleTimeout::Auto { min, max: max.max(min) }
 }

@@ -160,6 +160,15 @@ impl<'a, 'i> TableReader<'a, 'i> {
     }
 
     /// An optional duration string.
+    pub(crate) fn duration_or_auto(&self, diags: &mut Diagnostics, key: &str) -> Option<At<Option<Duration>>> {
+        let v = self.get(key)?;
+        if matches!(v.get_ref(), DeValue::String(s) if s.as_ref() == "auto") {
+            return Some(At::new(None, v.span()));
+        }
+        self.duration(diags, key).map(|d| At::new(Some(d.value), d.span))
+    }
+
+    /// An optional duration.
     pub(crate) fn duration(&self, diags: &mut Diagnostics, key: &str) -> Option<At<Duration>> {
         let v = self.get(key)?;
         match v.get_ref() {

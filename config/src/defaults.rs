@@ -68,6 +68,10 @@ pub const LOAD_INTERVAL: Duration = Duration::from_secs(1);
 pub const LOAD_FORMAT: &str = "vllm";
 /// `[pool.scale].idle_timeout`.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// `[pool.scale].min_idle`: the shortest window `idle_timeout = "auto"` picks.
+pub const MIN_IDLE: Duration = Duration::from_secs(10);
+/// `[pool.scale].max_idle`: the longest window `idle_timeout = "auto"` picks.
+pub const MAX_IDLE: Duration = Duration::from_secs(30 * 60);
 /// `[pool.scale].wake_time`: a typical cold start of an inference server
 /// loading an 8B model from local disk.
 pub const WAKE_TIME: Duration = Duration::from_secs(30);

@@ -51,7 +51,7 @@ const POOL_KEYS: &[&str] = &[
 ];
 const HEALTH_KEYS: &[&str] = &["path", "interval", "timeout"];
 const LOAD_KEYS: &[&str] = &["path", "format", "interval"];
-const SCALE_KEYS: &[&str] = &["idle_timeout", "wake_time", "wake", "sleep"];
+const SCALE_KEYS: &[&str] = &["idle_timeout", "min_idle", "max_idle", "wake_time", "wake", "sleep"];
 const AFFINITY_KEYS: &[&str] = &["key", "prefix_bytes", "max_load"];
 const HOOK_KEYS: &[&str] = &["url", "token_env", "command", "timeout"];
 const ROUTE_KEYS: &[&str] = &[
@@ -166,7 +166,10 @@ pub(crate) struct RawLoad {
 
 #[derive(Debug)]
 pub(crate) struct RawScale {
-    pub idle_timeout: Option<At<Duration>>,
+    /// `None` inside: `"auto"`.
+    pub idle_timeout: Option<At<Option<Duration>>>,
+    pub min_idle: Option<At<Duration>>,
+    pub max_idle: Option<At<Duration>>,
     pub wake_time: Option<At<Duration>>,
     pub wake: Option<RawHook>,
     pub sleep: Option<RawHook>,
@@ -364,7 +367,9 @@ fn decode_pool(diags: &mut Diagnostics, t: &DeTable<'_>, span: Range<usize>) -> 
             s.missing(diags, "wake", "a hook such as { url = \"http://orchestrator:7000/wake\" }");
         }
         RawScale {
-            idle_timeout: s.duration(diags, "idle_timeout"),
+            idle_timeout: s.duration_or_auto(diags, "idle_timeout"),
+            min_idle: s.duration(diags, "min_idle"),
+            max_idle: s.duration(diags, "max_idle"),
             wake_time: s.duration(diags, "wake_time"),
             wake,
             sleep,

@@ -302,13 +302,28 @@ pub struct LoadReport {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scale {
     /// Idle time after which the home edge puts the pool to sleep.
-    pub idle_timeout: Duration,
+    pub idle_timeout: IdleTimeout,
     /// Expected cold start, the seed of the learned wake time.
     pub wake_time: Duration,
     /// Called to wake the pool.
     pub wake: Hook,
     /// Called to put the pool to sleep; without it the pool is never put to sleep by stoke.
     pub sleep: Option<Hook>,
+}
+
+/// `idle_timeout` of `[pool.scale]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdleTimeout {
+    /// A fixed window.
+    Fixed(Duration),
+    /// `"auto"`: the home edge picks the window from the pool's idle gaps
+    /// and the cost of a wake, within these bounds.
+    Auto {
+        /// `min_idle`.
+        min: Duration,
+        /// `max_idle`.
+        max: Duration,
+    },
 }
 
 /// An actuator: a webhook or a command.

@@ -41,6 +41,48 @@ enum Command {
     /// Simulated GPU replicas and orchestrator, for trying configs without GPUs.
     #[command(subcommand)]
     Sim(SimCommand),
+    /// Replay a trace through every edge's decisions on a virtual clock (no
+    /// sockets), once per idle policy, and compare GPU-seconds, wakes,
+    /// answers, holds and time to first token.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// The network's config file.
+    #[arg(long, short, required_unless_present = "demo", conflicts_with = "demo")]
+    config: Option<PathBuf>,
+    /// Replay against the demo's network (as `stoke demo` runs it, with its
+    /// replicas' rates) instead of a config file.
+    #[arg(long)]
+    demo: bool,
+    /// The trace: JSON lines (as `stoke demo --record` writes) or the Azure
+    /// LLM inference CSV (TIMESTAMP,ContextTokens,GeneratedTokens).
+    #[arg(long, short)]
+    trace: PathBuf,
+    /// An idle policy: always-on, fixed:DURATION, config or auto
+    /// (repeatable; default: always-on, fixed:5m, config, auto).
+    #[arg(long = "policy", short)]
+    policies: Vec<String>,
+    /// How Azure CSV rows get an edge and a model, e.g.
+    /// "edges=sun,models=zipf:1,stretch=24,start=0,seed=1".
+    #[arg(long)]
+    assign: Option<String>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Prompt tokens a replica prefills per second (0: prefill is instant).
+    #[arg(long)]
+    prefill_tokens_per_sec: Option<f64>,
+    /// Tokens a replica generates per second, per request.
+    #[arg(long)]
+    decode_tokens_per_sec: Option<f64>,
+    /// One pool's rates, POOL=PREFILL/DECODE tokens per second (repeatable).
+    #[arg(long = "rate", value_parser = crate::simulate::parse_rate)]
+    rates: Vec<(String, crate::simulate::Rates)>,
+    /// Seed of every random draw: the same seed replays the same way.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Debug, Args)]
@@ -75,6 +117,10 @@ struct DemoArgs {
     /// Address of the status page.
     #[arg(long, default_value = "127.0.0.1:8080")]
     status: SocketAddr,
+    /// Write every request the simulated users send to FILE (JSON lines),
+    /// a trace that `stoke simulate --demo --trace FILE` replays.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,7 +193,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo runs ten edges in one process: their routine logs would
     // drown its own output, so it shows warnings only unless RUST_LOG says more.
-    let default_filter = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
+    let default_filter = if matches!(cli.command, Command::Demo(_) | Command::Simulate(_)) { "warn" } else { "info" };
     logging::init(cli.log_format, default_filter);
     match cli.command {
         Command::Check(args) => check(&args),
@@ -155,6 +201,75 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => demo(args),
         Command::Sim(SimCommand::Replica(args)) => sim_replica(args),
         Command::Sim(SimCommand::Orchestrator(args)) => sim_orchestrator(args),
+        Command::Simulate(args) => simulate(args),
+    }
+}
+
+fn simulate(args: SimulateArgs) -> ExitCode {
+    use crate::simulate::{self, Rates};
+    let fail = |what: &dyn std::fmt::Display| {
+        for line in what.to_string().lines() {
+            eprintln!("stoke simulate: {line}");
+        }
+        ExitCode::from(1)
+    };
+    let (text, path, mut defaults) = match &args.config {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => (t, path.clone(), Rates::default()),
+            Err(e) => return fail(&format!("{}: {e}", path.display())),
+        },
+        None => (crate::demo::world::replay_config(), PathBuf::from("demo.toml"), crate::demo::world::replica_rates()),
+    };
+    if let Some(p) = args.prefill_tokens_per_sec {
+        defaults.prefill_tps = p;
+    }
+    if let Some(d) = args.decode_tokens_per_sec {
+        defaults.decode_tps = d;
+    }
+    let network = match stoke_config::load_str(&text, &path) {
+        Ok(n) => n,
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("{line}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let trace = match simulate::trace::read(&args.trace, args.assign.as_deref(), &network) {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    let policies = if args.policies.is_empty() {
+        simulate::DEFAULT_POLICIES.iter().map(|p| p.to_string()).collect()
+    } else {
+        args.policies
+    };
+    let opts = simulate::Options {
+        config: &text,
+        config_path: &path,
+        policies,
+        rates: args.rates.into_iter().collect(),
+        default_rates: defaults,
+        seed: args.seed,
+        progress: !args.json,
+    };
+    match simulate::run(&opts, &trace) {
+        Ok(mut report) => {
+            if args.json {
+                println!("{}", report.json());
+            } else {
+                println!(
+                    "stoke simulate: {} requests over {:.0} s from {} ({})",
+                    trace.requests.len(),
+                    trace.span(),
+                    trace.source,
+                    trace.assign.as_deref().unwrap_or(trace.format)
+                );
+                print!("{}", report.table());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
     }
 }
 
@@ -317,7 +432,8 @@ fn demo(args: DemoArgs) -> ExitCode {
         }
     };
     // The demo's own log is its summary and status page; edges log warnings only.
-    let opts = crate::demo::DemoOptions { day: args.day, status: args.status, ..Default::default() };
+    let opts =
+        crate::demo::DemoOptions { day: args.day, status: args.status, record: args.record, ..Default::default() };
     let result = rt.block_on(async move {
         match crate::demo::run(opts.clone(), args.duration).await {
             // The status port is taken: any free one will do.

@@ -34,6 +34,7 @@ pub mod proxy;
 pub mod reload;
 pub mod signals;
 pub mod sim;
+pub mod simulate;
 pub mod state;
 pub mod tls;
 

@@ -206,6 +206,27 @@ impl Admin {
     }
 }
 
+/// A scaling pool's idle window: the rule, the window in force and, for
+/// `"auto"`, why it was chosen.
+fn idle_json(st: &crate::state::PoolState, rule: stoke_config::IdleTimeout) -> Value {
+    match rule {
+        stoke_config::IdleTimeout::Fixed(d) => json!({"rule": "fixed", "window_ms": d.as_millis() as u64}),
+        stoke_config::IdleTimeout::Auto { min, max } => {
+            let w = st.auto_window();
+            json!({
+                "rule": "auto",
+                "window_ms": w.map(|w| w.idle.as_millis() as u64),
+                "reason": w.map(|w| w.reason.as_str()),
+                "wake_cost_ms": w.map(|w| w.wake_cost.as_millis() as u64),
+                "gaps": w.map(|w| (w.gaps * 10.0).round() / 10.0),
+                "min_ms": min.as_millis() as u64,
+                "max_ms": max.as_millis() as u64,
+                "next_busy_in_ms": st.next_busy().map(|t| t.saturating_duration_since(clock::now()).as_millis() as u64),
+            })
+        }
+    }
+}
+
 /// The `/state` document of one edge.
 pub fn state_json(live: &Live, buffered_body_bytes: u64) -> Value {
     let net = &live.snapshot.network;
@@ -234,6 +255,7 @@ pub fn state_json(live: &Live, buffered_body_bytes: u64) -> Value {
                 "wake_error": st.wake_error(),
                 "waking_for_ms": st.waking_since().map(|t| now.saturating_duration_since(t).as_millis() as u64),
                 "idle_for_ms": now.saturating_duration_since(st.last_active()).as_millis() as u64,
+                "idle": pool.scale.as_ref().map(|scale| idle_json(st, scale.idle_timeout)),
                 "rtt_ms": net.rtt.get(live.snapshot.location.index(), pool.location.index()).as_secs_f64() * 1000.0,
                 "replicas": view.replicas.iter().map(|r| json!({
                     "addr": &*r.addr_text,

@@ -149,8 +149,13 @@ async fn scrape_loop(view: Arc<PoolView>, replica: Arc<ReplicaState>, load: Load
 /// the pool awake, and capacity that other edges freed goes to the
 /// requests held here first.
 pub fn apply_load(view: &Arc<PoolView>, replica: &ReplicaState, reported: u32, now: std::time::Instant) {
+    let quiet_before = replica.reported_load() == 0 && view.state.in_flight() == 0;
     replica.set_reported_load(reported);
     if reported > 0 {
+        // Other edges' load after a quiet spell ends an idle gap too.
+        if quiet_before {
+            view.state.end_gap(now);
+        }
         view.state.touch(now);
     }
     view.dispatch(now);

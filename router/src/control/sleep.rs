@@ -6,15 +6,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stoke_config::Hook;
+use stoke_config::{Hook, IdleTimeout, PoolId};
 use tokio::sync::watch;
 
 use super::hooks::{self, Action};
 use super::probe::jitter;
+use super::wake::{self, Reason};
 use crate::clock;
-use crate::core::idle::{check_interval, is_idle, sleep_resend_after};
+use crate::core::idle::{check_interval, is_idle, prewarm_at, sleep_resend_after};
 use crate::metrics as m;
-use crate::state::{Live, Router};
+use crate::state::{Live, PoolView, Router};
 
 /// A sleep hook to call.
 #[derive(Debug)]
@@ -25,23 +26,43 @@ pub struct SleepCall {
     pub hook: Hook,
     /// How long it was idle.
     pub idle_for: Duration,
+    /// The idle window it was put to sleep after.
+    pub window: Duration,
+}
+
+/// What the sleeper is to do at one look.
+#[derive(Debug, Default)]
+pub struct Due {
+    /// Sleep hooks to call.
+    pub sleeps: Vec<SleepCall>,
+    /// Cold pools to wake ahead of a busy period they are expected to have.
+    pub prewarm: Vec<PoolId>,
+    /// When to look again.
+    pub next_check: Duration,
 }
 
 /// The pools of `live` whose home edge this is and that are idle at `now`,
 /// not yet put to sleep in this idle period. Each is marked slept and its
 /// replicas are taken out of rotation here at once (they are about to go),
-/// so that no request is sent to a replica that is stopping. Also returns
-/// when to look again.
-pub fn due(live: &Live, now: Instant) -> (Vec<SleepCall>, Duration) {
+/// so that no request is sent to a replica that is stopping. Also the cold
+/// pools with `idle_timeout = "auto"` due for a pre-warm, and when to look
+/// again.
+pub fn due(live: &Live, now: Instant) -> Due {
     let here = live.snapshot.location;
-    let mut calls = Vec::new();
+    let mut due = Due::default();
     let home_pools = live.snapshot.network.pools.iter().enumerate().filter(|(_, p)| p.home_edge == here);
     let mut timeouts = Vec::new();
     for (pid, pool) in home_pools {
         let Some(scale) = &pool.scale else { continue };
-        timeouts.push(scale.idle_timeout);
         let view = &live.pools[pid];
-        if !is_idle(&view.activity(), now, scale.idle_timeout) || !view.state.mark_slept() {
+        let window = view.state.idle_window(scale.idle_timeout);
+        timeouts.push(window);
+        if let IdleTimeout::Auto { .. } = scale.idle_timeout {
+            if prewarm_due(view, now) {
+                due.prewarm.push(PoolId(pid as u32));
+            }
+        }
+        if !is_idle(&view.activity(), now, window) || !view.state.mark_slept() {
             continue;
         }
         let idle_for = now.saturating_duration_since(view.state.last_active());
@@ -60,19 +81,37 @@ pub fn due(live: &Live, now: Instant) -> (Vec<SleepCall>, Duration) {
             view.state.unmark_slept();
             continue;
         }
-        calls.push(SleepCall { pool: view.state.id.clone(), hook, idle_for });
+        due.sleeps.push(SleepCall { pool: view.state.id.clone(), hook, idle_for, window });
     }
-    (calls, check_interval(timeouts))
+    due.next_check = check_interval(timeouts);
+    due
+}
+
+/// Whether a cold pool is due for a wake ahead of the busy period its
+/// rhythm foretells: within its wake time (and a quarter) before it, and
+/// once per period.
+fn prewarm_due(view: &PoolView, now: Instant) -> bool {
+    if view.is_warm() || view.state.waking_since().is_some() {
+        return false;
+    }
+    let Some(next) = view.state.next_busy() else { return false };
+    let wake = view.state.expected_wake();
+    now >= prewarm_at(next, wake) && now < next + wake && view.state.mark_prewarmed(next)
 }
 
 /// Put idle pools whose home edge this is to sleep, until `shutdown`.
 pub async fn run(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let live = router.live();
-        let (calls, next_check) = due(&live, clock::now());
+        let due = due(&live, clock::now());
+        for pool in due.prewarm {
+            tracing::info!(pool = %live.pool(pool).state.id, "waking pool ahead of its expected busy period");
+            wake::start(&router, &live, pool, Reason::Prewarm);
+        }
         let edge: Arc<str> = live.snapshot.edge_location().id.as_str().into();
         drop(live);
-        for call in calls {
+        let next_check = due.next_check;
+        for call in due.sleeps {
             metrics::counter!(m::SLEEPS_TOTAL, "pool" => call.pool.to_string()).increment(1);
             tracing::info!(pool = %call.pool, idle_s = call.idle_for.as_secs(), "putting idle pool to sleep");
             tokio::spawn(call_with_resends(router.clone(), call, edge.clone()));
@@ -123,8 +162,8 @@ mod tests {
             view.replicas[0].set_ready(true);
         }
         let t0 = live.pools[0].state.last_active();
-        assert!(due(&live, t0 + 14 * S).0.is_empty(), "not idle for the timeout yet");
-        let (calls, next) = due(&live, t0 + 15 * S);
+        assert!(due(&live, t0 + 14 * S).sleeps.is_empty(), "not idle for the timeout yet");
+        let Due { sleeps: calls, next_check: next, .. } = due(&live, t0 + 15 * S);
         // par-gpu is idle too, but its home edge is Paris.
         assert_eq!(calls.iter().map(|c| &*c.pool).collect::<Vec<_>>(), ["fra-gpu"]);
         assert_eq!(calls[0].idle_for, 15 * S);
@@ -134,13 +173,13 @@ mod tests {
         // Ready again (a probe, before the replicas stop): no second sleep
         // in the same idle period.
         live.pools[0].replicas[0].set_ready(true);
-        assert!(due(&live, t0 + 16 * S).0.is_empty());
-        assert!(due(&live, t0 + 100 * S).0.is_empty());
+        assert!(due(&live, t0 + 16 * S).sleeps.is_empty());
+        assert!(due(&live, t0 + 100 * S).sleeps.is_empty());
         // A request later opens a new idle period, with its own sleep.
         drop(live.acquire(stoke_config::PoolId(0), t0 + 101 * S));
         let last = live.pools[0].state.last_active();
-        assert!(due(&live, last + 14 * S).0.is_empty());
-        assert_eq!(due(&live, last + 15 * S).0.len(), 1);
+        assert!(due(&live, last + 14 * S).sleeps.is_empty());
+        assert_eq!(due(&live, last + 15 * S).sleeps.len(), 1);
     }
 
     #[test]
@@ -152,7 +191,7 @@ mod tests {
         // A request has taken the replica's slot, and not yet counted it
         // on the pool: the pool looks idle, but its replica is busy.
         assert!(live.pools[0].replicas[0].try_acquire(4));
-        assert!(due(&live, t0 + 60 * S).0.is_empty(), "no sleep for a replica a request is on");
+        assert!(due(&live, t0 + 60 * S).sleeps.is_empty(), "no sleep for a replica a request is on");
         assert!(live.pools[0].replicas[0].is_ready(), "back in rotation");
         assert!(!live.pools[0].state.is_slept(), "the next idle check may try again");
     }
@@ -164,7 +203,7 @@ mod tests {
         live.pools[0].replicas[0].set_ready(true);
         let t0 = live.pools[0].state.last_active();
         let slot = live.acquire(stoke_config::PoolId(0), t0).expect("slot");
-        assert!(due(&live, t0 + 60 * S).0.is_empty(), "a request in flight keeps it awake");
+        assert!(due(&live, t0 + 60 * S).sleeps.is_empty(), "a request in flight keeps it awake");
         drop(slot);
     }
 }

@@ -25,6 +25,9 @@ pub enum Reason {
     Request,
     /// Requests keep being routed away from it because it sleeps.
     Demand,
+    /// Its home edge expects a busy period to start soon
+    /// (`idle_timeout = "auto"`).
+    Prewarm,
 }
 
 impl Reason {
@@ -33,6 +36,7 @@ impl Reason {
         match self {
             Reason::Request => "request",
             Reason::Demand => "demand",
+            Reason::Prewarm => "prewarm",
         }
     }
 }
@@ -41,16 +45,19 @@ impl Reason {
 /// under way; true if this call started one.
 pub fn start(router: &Arc<Router>, live: &Live, pool: PoolId, reason: Reason) -> bool {
     let view = live.pool(pool);
-    if view.is_warm() || !view.scales {
-        return false;
-    }
-    let now = clock::now();
-    if !view.state.begin_wake(now) {
-        return false;
-    }
+    let Some(schedule) = begin(view, clock::now()) else { return false };
     tracing::info!(pool = %view.state.id, reason = reason.as_str(), "waking pool");
-    tokio::spawn(run(router.clone(), view.state.id.clone(), reason, WakeSchedule::new(now)));
+    tokio::spawn(run(router.clone(), view.state.id.clone(), reason, schedule));
     true
+}
+
+/// Begin a wake of `view` at `now` unless it is warm, cannot wake, or a
+/// wake is under way: the schedule the wake loop then follows.
+pub fn begin(view: &PoolView, now: std::time::Instant) -> Option<WakeSchedule> {
+    if view.is_warm() || !view.scales || !view.state.begin_wake(now) {
+        return None;
+    }
+    Some(WakeSchedule::new(now))
 }
 
 /// The wake loop of one pool, until a replica is ready or it gives up.

@@ -38,6 +38,8 @@ pub struct DemoOptions {
     pub idle_timeout: Duration,
     /// Whether to send traffic.
     pub traffic: bool,
+    /// Write every request sent to this file, as a trace for `stoke simulate`.
+    pub record: Option<std::path::PathBuf>,
 }
 
 impl Default for DemoOptions {
@@ -48,6 +50,7 @@ impl Default for DemoOptions {
             status: SocketAddr::from(([127, 0, 0, 1], 0)),
             idle_timeout: Duration::from_secs(15),
             traffic: true,
+            record: None,
         }
     }
 }
@@ -73,6 +76,7 @@ pub struct Demo {
     /// Each edge: location id and plain HTTP address.
     pub edges: Vec<(&'static str, SocketAddr)>,
     world: Arc<World>,
+    recorder: Option<traffic::Recorder>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     orchestrator: Orchestrator,
@@ -181,9 +185,14 @@ impl Demo {
         });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let recorder = match &opts.record {
+            Some(path) => Some(Arc::new(std::sync::Mutex::new(std::io::BufWriter::new(std::fs::File::create(path)?)))),
+            None => None,
+        };
         if opts.traffic {
             for (site, (_, addr)) in SITES.iter().zip(&edges) {
-                tasks.push(tokio::spawn(traffic::run_site(site, *addr, clock, stats.clone(), stop_rx.clone())));
+                let rec = recorder.clone();
+                tasks.push(tokio::spawn(traffic::run_site(site, *addr, clock, stats.clone(), rec, stop_rx.clone())));
             }
         }
         let listener = tokio::net::TcpListener::bind(opts.status).await?;
@@ -197,6 +206,7 @@ impl Demo {
             status_url: format!("http://{status_addr}/"),
             edges,
             world,
+            recorder,
             stop,
             tasks,
             orchestrator,
@@ -241,6 +251,12 @@ impl Demo {
         // Let requests already sent finish (edges drain them too).
         tokio::time::sleep(Duration::from_millis(200)).await;
         let summary = self.summary();
+        if let Some(rec) = &self.recorder {
+            if let Ok(mut out) = rec.lock() {
+                use std::io::Write as _;
+                let _ = out.flush();
+            }
+        }
         for e in self.edge_handles {
             e.shutdown().await;
         }

@@ -141,12 +141,17 @@ impl Histogram {
     }
 }
 
+/// Where the demo writes each request it sends, as a trace for `stoke
+/// simulate` (JSON lines; `t` from the demo's start).
+pub type Recorder = Arc<Mutex<std::io::BufWriter<std::fs::File>>>;
+
 /// Send requests to the edge at `addr` (for `site`) until `stop`.
 pub async fn run_site(
     site: &'static Site,
     addr: SocketAddr,
     clock: Clock,
     stats: Arc<Stats>,
+    record: Option<Recorder>,
     mut stop: watch::Receiver<bool>,
 ) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -172,15 +177,31 @@ pub async fn run_site(
         let big = rng.f64() < 0.2;
         let stream = rng.bool();
         let max_tokens = rng.u32(8..48);
+        let record = record.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let model = if big { "llama-3.1-70b" } else { "llama-3.1-8b" };
             let body = serde_json::json!({
-                "model": if big { "llama-3.1-70b" } else { "llama-3.1-8b" },
+                "model": model,
                 "messages": [{"role": "user", "content": "Tell me about the edge."}],
                 "max_tokens": max_tokens,
                 "stream": stream,
             })
             .to_string();
+            if let Some(rec) = &record {
+                let r = crate::simulate::TraceRequest {
+                    t: clock.started.elapsed().as_secs_f64(),
+                    edge: site.id.to_owned(),
+                    model: model.to_owned(),
+                    // As the simulated replica counts them: 4 bytes a token.
+                    prompt_tokens: (body.len() / 4).max(1) as u32,
+                    output_tokens: max_tokens,
+                    session: None,
+                };
+                if let Ok(mut out) = rec.lock() {
+                    let _ = crate::simulate::trace::write_line(&mut *out, &r);
+                }
+            }
             let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
                 .header("content-type", "application/json")
                 .body(Full::new(Bytes::from(body)));

@@ -157,6 +157,28 @@ pub fn config(ports: &Ports, idle_timeout: Duration) -> String {
     s
 }
 
+/// The demo's config as `stoke simulate --demo` replays it: the same
+/// network, with placeholder replica addresses (a replay opens no socket).
+pub fn replay_config() -> String {
+    let ports = Ports {
+        orchestrator: SocketAddr::from(([127, 0, 0, 1], 7000)),
+        replicas: POOLS
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                (0..p.replicas).map(|j| SocketAddr::from(([127, 0, 0, 1], 9000 + (i * 10 + j) as u16))).collect()
+            })
+            .collect(),
+    };
+    config(&ports, super::DemoOptions::default().idle_timeout)
+}
+
+/// How fast the demo's simulated replicas work: no prefill time, and the
+/// simulated orchestrator's token rate.
+pub fn replica_rates() -> crate::simulate::Rates {
+    crate::simulate::Rates { prefill_tps: 0.0, decode_tps: crate::sim::OrchestratorOptions::default().tokens_per_sec }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,57 +66,16 @@ pub async fn admit(
     keys: &Keys,
 ) -> Result<Admitted, Reject> {
     let deadline = admission::deadline(started, max_wait);
-    let mut overtaken = 0;
-    let (pool, now) = loop {
-        let now = clock::now();
-        let placement = live.place(service, now);
-        if let Some(cold) = placement.passed_over_cold {
-            // Route away, then warm: repeated demand wakes the near pool.
-            if live.pool(cold).state.routed_away(now) {
-                wake::start(router, live, cold, Reason::Demand);
-            }
-        }
-        let mut decision = placement.decision;
-        if let Decision::Forward { pool } = decision {
-            // First come, first served: capacity that appeared without a
-            // dispatch (nothing is lost if one was missed) goes to the
-            // requests held before this one.
-            let view = live.pool(pool);
-            if !view.queue.is_empty() {
-                view.dispatch(now);
-            }
-            if let Some(slot) = view.acquire_keyed(now, keys.of(pool)) {
-                return Ok(Admitted { slot, pool, waited: now.saturating_duration_since(started) });
-            }
-            // Overtaken for the last slot: decide again a few times, then
-            // wait in that pool's queue.
-            overtaken += 1;
-            if overtaken <= MAX_OVERTAKEN {
-                continue;
-            }
-            decision = Decision::Hold { pool, eta_us: 0 };
-        }
-        if let Decision::Hold { pool, .. } = decision {
-            let view = live.pool(pool);
-            if admission::needs_wake(view.is_warm(), view.scales) {
-                wake::start(router, live, pool, Reason::Request);
-            }
-        }
-        match admission::admit(decision, now, deadline) {
-            Admission::Hold { pool, .. } => break (pool, now),
-            Admission::Forward { .. } => continue,
-            Admission::Refuse(refusal) => return Err(refused(live, service, refusal)),
-        }
+    let now = clock::now();
+    let pool = match place(live, service, started, now, deadline, keys, |pool, reason| {
+        wake::start(router, live, pool, reason);
+    })? {
+        Placed::Admitted(admitted) => return Ok(admitted),
+        Placed::Hold(pool) => pool,
     };
-
     let view = live.pool(pool).clone();
     let Some(mut ticket) = view.hold_keyed(now, keys.of(pool)) else {
-        let eta = Duration::from_micros(u64::from(view.status(now).wait_us.unwrap_or(0)));
-        return Err(Reject::unavailable(
-            "queue_full",
-            format!("pool {} holds its maximum of {} requests", view.state.id, view.max_queue),
-            eta.max(NO_CAPACITY_RETRY_AFTER),
-        ));
+        return Err(queue_full(&view, now));
     };
     // A reload may have removed the pool between the placement (on this
     // request's snapshot) and the hold: its queue was closed already and
@@ -129,19 +88,99 @@ pub async fn admit(
             Some(slot) => Ok(Admitted { slot, pool, waited: clock::now().saturating_duration_since(started) }),
             None => Err(pool_removed(&view.state.id)),
         },
-        _ = tokio::time::sleep_until(deadline.into()) => {
-            let retry = admission::retry_after_timeout(view.status(clock::now()));
-            Err(Reject::unavailable(
-                "wait_timeout",
-                format!("held {} ms for pool {} without a free slot (max wait)", max_wait.as_millis(), view.state.id),
-                retry,
-            ))
-        }
+        _ = tokio::time::sleep_until(deadline.into()) => Err(wait_timeout(&view, max_wait, clock::now())),
         _ = client_gone => Err(Reject::client_gone()),
     }
 }
 
-fn pool_removed(pool: &str) -> Reject {
+/// What [`place`] did with a request.
+#[derive(Debug)]
+pub enum Placed {
+    /// It has a slot.
+    Admitted(Admitted),
+    /// It is to be held in this pool's queue (the wake it needs, if any,
+    /// was started).
+    Hold(PoolId),
+}
+
+/// Place a request for `service` that arrived at `started`, at `now`, with
+/// `deadline`: take a slot now, or say which pool to hold it for, or
+/// refuse it — the whole of admission but the waiting, with no clock and
+/// no task of its own. Wakes the core asks for are started through `wake`
+/// (a hook call live, the replay's model of one in `stoke simulate`).
+pub fn place(
+    live: &Live,
+    service: ServiceId,
+    started: Instant,
+    now: Instant,
+    deadline: Instant,
+    keys: &Keys,
+    mut wake: impl FnMut(PoolId, Reason),
+) -> Result<Placed, Reject> {
+    let mut overtaken = 0;
+    loop {
+        let placement = live.place(service, now);
+        if let Some(cold) = placement.passed_over_cold {
+            // Route away, then warm: repeated demand wakes the near pool.
+            if live.pool(cold).state.routed_away(now) {
+                wake(cold, Reason::Demand);
+            }
+        }
+        let mut decision = placement.decision;
+        if let Decision::Forward { pool } = decision {
+            // First come, first served: capacity that appeared without a
+            // dispatch (nothing is lost if one was missed) goes to the
+            // requests held before this one.
+            let view = live.pool(pool);
+            if !view.queue.is_empty() {
+                view.dispatch(now);
+            }
+            if let Some(slot) = view.acquire_keyed(now, keys.of(pool)) {
+                return Ok(Placed::Admitted(Admitted { slot, pool, waited: now.saturating_duration_since(started) }));
+            }
+            // Overtaken for the last slot: decide again a few times, then
+            // wait in that pool's queue.
+            overtaken += 1;
+            if overtaken <= MAX_OVERTAKEN {
+                continue;
+            }
+            decision = Decision::Hold { pool, eta_us: 0 };
+        }
+        if let Decision::Hold { pool, .. } = decision {
+            let view = live.pool(pool);
+            if admission::needs_wake(view.is_warm(), view.scales) {
+                wake(pool, Reason::Request);
+            }
+        }
+        match admission::admit(decision, now, deadline) {
+            Admission::Hold { pool, .. } => return Ok(Placed::Hold(pool)),
+            Admission::Forward { .. } => continue,
+            Admission::Refuse(refusal) => return Err(refused(live, service, refusal)),
+        }
+    }
+}
+
+/// The answer for a request whose pool's queue is full.
+pub fn queue_full(view: &crate::state::PoolView, now: Instant) -> Reject {
+    let eta = Duration::from_micros(u64::from(view.status(now).wait_us.unwrap_or(0)));
+    Reject::unavailable(
+        "queue_full",
+        format!("pool {} holds its maximum of {} requests", view.state.id, view.max_queue),
+        eta.max(NO_CAPACITY_RETRY_AFTER),
+    )
+}
+
+/// The answer for a held request whose deadline passed.
+pub fn wait_timeout(view: &crate::state::PoolView, max_wait: Duration, now: Instant) -> Reject {
+    Reject::unavailable(
+        "wait_timeout",
+        format!("held {} ms for pool {} without a free slot (max wait)", max_wait.as_millis(), view.state.id),
+        admission::retry_after_timeout(view.status(now)),
+    )
+}
+
+/// The answer for a held request whose pool left the config.
+pub fn pool_removed(pool: &str) -> Reject {
     Reject::unavailable(
         "pool_removed",
         format!("pool {pool} left the config while the request was held"),

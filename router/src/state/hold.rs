@@ -149,7 +149,9 @@ impl PoolView {
             };
             let replica = &self.replicas[i];
             if replica.try_acquire(self.max_concurrency) {
-                self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+                if self.state.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+                    self.state.end_gap(now);
+                }
                 self.state.routed.fetch_add(1, Ordering::Relaxed);
                 self.state.touch(now);
                 return Some(Slot {
@@ -296,6 +298,15 @@ impl Ticket {
             }),
             _ = closed => None,
         }
+    }
+
+    /// The slot, if one was handed to this ticket already (a replay polls
+    /// its held requests this way instead of awaiting them).
+    pub fn try_slot(&mut self) -> Option<Slot> {
+        self.rx.try_recv().ok().map(|mut s| {
+            s.dispatch_on_drop = true;
+            s
+        })
     }
 
     /// The pool this ticket waits for.

@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use stoke_config::IdleTimeout;
+
 use crate::core::demand::Demand;
+use crate::core::idle::{IdleGaps, Window};
 
 /// Seed of the mean time a request holds a slot, before any is observed.
 /// Inference requests take seconds; one second errs towards holding less.
@@ -43,6 +46,12 @@ pub struct PoolState {
     removed: AtomicBool,
     /// Requests this edge sent to the pool, ever.
     pub(super) routed: AtomicU64,
+    /// Idle gaps seen, for `idle_timeout = "auto"`.
+    gaps: Mutex<IdleGaps>,
+    /// The window chosen last (`idle_timeout = "auto"`), for `/state`.
+    window: Mutex<Option<Window>>,
+    /// The busy-period start a pre-warm was sent for.
+    prewarmed_for: Mutex<Option<Instant>>,
 }
 
 impl PoolState {
@@ -62,6 +71,9 @@ impl PoolState {
             wake_error: Mutex::new(None),
             removed: AtomicBool::new(false),
             routed: AtomicU64::new(0),
+            gaps: Mutex::new(IdleGaps::default()),
+            window: Mutex::new(None),
+            prewarmed_for: Mutex::new(None),
         }
     }
 
@@ -90,6 +102,52 @@ impl PoolState {
     pub fn touch(&self, now: Instant) {
         self.last_active_ms.fetch_max(self.ms(now), Ordering::Relaxed);
         self.slept.store(false, Ordering::Relaxed);
+    }
+
+    /// A request starts at `now` on a pool with nothing else in flight (or
+    /// its replicas report load again): the gap since the last activity
+    /// ends. Gaps shorter than a tenth of a second are not idle time.
+    pub fn end_gap(&self, now: Instant) {
+        let gap = now.saturating_duration_since(self.last_active());
+        if gap < Duration::from_millis(100) {
+            return;
+        }
+        let long = self.window.lock().unwrap_or_else(|e| e.into_inner()).map_or(Duration::MAX, |w| w.idle);
+        self.gaps.lock().unwrap_or_else(|e| e.into_inner()).observe(gap, now, long);
+    }
+
+    /// The idle window in force under `rule`: fixed, or picked from the
+    /// gaps seen and the learned wake time (remembered for `/state`).
+    pub fn idle_window(&self, rule: IdleTimeout) -> Duration {
+        match rule {
+            IdleTimeout::Fixed(d) => d,
+            IdleTimeout::Auto { min, max } => {
+                let w = self.gaps.lock().unwrap_or_else(|e| e.into_inner()).window(self.expected_wake(), min, max);
+                *self.window.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+                w.idle
+            }
+        }
+    }
+
+    /// The window `idle_timeout = "auto"` chose last, if it did.
+    pub fn auto_window(&self) -> Option<Window> {
+        *self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When the next busy period is expected, if the pool has a rhythm.
+    pub fn next_busy(&self) -> Option<Instant> {
+        self.gaps.lock().unwrap_or_else(|e| e.into_inner()).next_start()
+    }
+
+    /// Mark that a pre-warm was sent for the busy period expected at
+    /// `next`; false if one already was.
+    pub fn mark_prewarmed(&self, next: Instant) -> bool {
+        let mut p = self.prewarmed_for.lock().unwrap_or_else(|e| e.into_inner());
+        if *p == Some(next) {
+            return false;
+        }
+        *p = Some(next);
+        true
     }
 
     /// When the current wake started, if one is under way.

@@ -71,6 +71,11 @@ impl ReplicaState {
         self.reported_load.load(Ordering::Relaxed).saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed))
     }
 
+    /// The running + waiting count the replica reported last.
+    pub fn reported_load(&self) -> u32 {
+        self.reported_load.load(Ordering::Relaxed)
+    }
+
     /// Record the running + waiting count the replica reported.
     pub fn set_reported_load(&self, load: u32) {
         self.in_flight_at_report.store(self.in_flight(), Ordering::Relaxed);

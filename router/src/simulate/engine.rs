@@ -1,0 +1,759 @@
+//! The replay: a discrete-event simulation of the whole network on a
+//! virtual clock, with no sockets. Every edge of the config gets its own
+//! [`Router`] (snapshot, pool and replica states, hold queues), exactly as
+//! `stoke serve` builds it, and its requests go through the code that
+//! serves live traffic: [`admit::place`] (route-away-then-warm, placement,
+//! admission with ETA, replica pick and affinity), the pools' hold queues,
+//! [`wake::begin`] and the [`WakeSchedule`] for single-flight wakes,
+//! [`sleep::due`] for the home edge's idle rule and pre-warm, and
+//! [`probe::apply_load`] for the load other edges put on a replica.
+//!
+//! What is modelled instead of run: the GPU replicas (a boot time, a
+//! concurrency limit with a waiting queue, a prefill and a decode rate),
+//! the orchestrator behind the hooks (a wake boots every replica of the
+//! pool, a sleep stops them), health probes (each edge sees a replica's
+//! change at its next probe, on a fixed phase) and the network (each
+//! request and answer takes the edge–pool RTT of the geo model).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stoke_config::{IdleTimeout, Network, PoolId, ServiceId, ServiceSource};
+
+use super::report::{Figures, PolicyReport};
+use super::trace::Trace;
+use crate::clock;
+use crate::control::{probe, sleep, wake};
+use crate::core::affinity;
+use crate::core::wake::{WakeSchedule, WakeStep, FAST_PROBE};
+use crate::proxy::admit::{self, Keys, Placed};
+use crate::state::{Live, Router, Slot, Ticket};
+
+/// How fast a pool's replicas work.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rates {
+    /// Prompt tokens prefilled per second (0: prefill takes no time).
+    pub prefill_tps: f64,
+    /// Tokens generated per second, per request.
+    pub decode_tps: f64,
+}
+
+impl Default for Rates {
+    /// An 8B-class model on one modern GPU: a prompt of 1,000 tokens
+    /// prefills in 0.2 s, and each request streams 40 tokens a second.
+    fn default() -> Self {
+        Rates { prefill_tps: 5000.0, decode_tps: 40.0 }
+    }
+}
+
+/// The idle policy a replay applies to every pool that scales.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Policy {
+    /// No pool ever sleeps: every pool is on from the start.
+    AlwaysOn,
+    /// Every scaling pool with this idle window.
+    Fixed(Duration),
+    /// The config as written.
+    Config,
+    /// Every scaling pool with `idle_timeout = "auto"` (its own bounds if
+    /// it has them, else the defaults).
+    Auto,
+}
+
+impl Policy {
+    /// Parse `always-on`, `fixed:DURATION`, `config` or `auto`.
+    pub fn parse(s: &str) -> Result<Policy, String> {
+        match s {
+            "always-on" => Ok(Policy::AlwaysOn),
+            "config" => Ok(Policy::Config),
+            "auto" => Ok(Policy::Auto),
+            _ => match s.strip_prefix("fixed:") {
+                Some(d) => stoke_config::duration::parse_duration(d)
+                    .filter(|d| !d.is_zero())
+                    .map(Policy::Fixed)
+                    .ok_or_else(|| format!("\"{d}\" is not a duration such as 30s or 5m")),
+                None => Err(format!("unknown policy \"{s}\"; expected always-on, fixed:DURATION, config or auto")),
+            },
+        }
+    }
+
+    /// Rewrite the pools of `network` as the policy says.
+    pub fn apply(&self, network: &mut Network) {
+        for pool in &mut network.pools {
+            match self {
+                Policy::AlwaysOn => pool.scale = None,
+                Policy::Config => {}
+                Policy::Fixed(d) => {
+                    if let Some(s) = &mut pool.scale {
+                        s.idle_timeout = IdleTimeout::Fixed(*d);
+                    }
+                }
+                Policy::Auto => {
+                    if let Some(s) = &mut pool.scale {
+                        if !matches!(s.idle_timeout, IdleTimeout::Auto { .. }) {
+                            s.idle_timeout = IdleTimeout::Auto {
+                                min: stoke_config::defaults::MIN_IDLE,
+                                max: stoke_config::defaults::MAX_IDLE,
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Virtual time: microseconds from the replay's start.
+type T = u64;
+
+fn us(d: Duration) -> T {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 4)
+}
+
+/// What happens at a moment of the replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    /// Trace request `0` arrives at its edge.
+    Arrive(usize),
+    /// A held request's deadline.
+    Deadline(u64),
+    /// A request ends at its replica (and its answer reaches the edge).
+    Finish(u64),
+    /// A replica of a pool is booted (if it was not stopped meanwhile: the generation).
+    Booted { pool: usize, replica: usize, generation: u64 },
+    /// An edge's health probe of a replica sees what the replica is now.
+    Probe { edge: usize, pool: usize, replica: usize },
+    /// A turn of an edge's wake loop for a pool.
+    WakeTurn { edge: usize, pool: usize },
+    /// An edge scrapes a pool's replicas' load.
+    Scrape { edge: usize, pool: usize },
+    /// An edge's sleeper looks at its home pools.
+    Sleeper { edge: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Power {
+    Off,
+    Booting,
+    Ready,
+}
+
+/// One GPU replica.
+#[derive(Debug)]
+struct Gpu {
+    power: Power,
+    generation: u64,
+    on_since: T,
+    up: T,
+    running: u32,
+    waiting: VecDeque<u64>,
+}
+
+/// A request on a replica.
+struct Job {
+    req: usize,
+    edge: usize,
+    pool: usize,
+    replica: usize,
+    slot: Option<Slot>,
+    arrived: T,
+    held_us: T,
+    ttft_us: T,
+}
+
+/// A request in a hold queue.
+struct Held {
+    ticket: Ticket,
+    req: usize,
+    edge: usize,
+    pool: usize,
+    service: ServiceId,
+    arrived: T,
+    max_wait: Duration,
+}
+
+struct EdgeSim {
+    /// Kept for the life of the replay, as an edge keeps its router.
+    _router: Arc<Router>,
+    live: Arc<Live>,
+    /// Whether this edge is the home edge of a pool (it runs a sleeper).
+    home: bool,
+}
+
+/// One replay of a trace under one policy.
+pub struct Replay<'a> {
+    trace: &'a Trace,
+    epoch: Instant,
+    now: T,
+    seq: u64,
+    events: BinaryHeap<Reverse<(T, u64, Ev)>>,
+    edges: Vec<EdgeSim>,
+    edge_of: Vec<usize>,
+    gpus: Vec<Vec<Gpu>>,
+    rates: Vec<Rates>,
+    boot: Vec<T>,
+    /// Probe phase of each (edge, pool, replica), and the pool's probe interval.
+    phase: Vec<Vec<Vec<T>>>,
+    interval: Vec<T>,
+    /// The route's `max_wait` of each service (`None`: no route serves it).
+    max_wait: Vec<Option<Duration>>,
+    jobs: HashMap<u64, Job>,
+    held: HashMap<u64, Held>,
+    held_order: Vec<Vec<VecDeque<u64>>>,
+    wakes: HashMap<(usize, usize), WakeSchedule>,
+    next_id: u64,
+    rng: fastrand::Rng,
+    total: Figures,
+    pools: Vec<Figures>,
+}
+
+/// Why a replay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The config did not load.
+    #[error(transparent)]
+    Config(#[from] stoke_config::ConfigError),
+}
+
+impl<'a> Replay<'a> {
+    /// Build the network of `text` (loaded as from `path`) under `policy`,
+    /// with pool rates from `rates` (by pool id, else `default_rates`).
+    pub fn new(
+        text: &str,
+        path: &std::path::Path,
+        policy: &Policy,
+        trace: &'a Trace,
+        rates: &HashMap<String, Rates>,
+        default_rates: Rates,
+        seed: u64,
+    ) -> Result<Replay<'a>, ReplayError> {
+        let epoch = Instant::now();
+        clock::set_virtual(Some(epoch));
+        fastrand::seed(seed);
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut base = stoke_config::load_str(text, path)?;
+        policy.apply(&mut base);
+        let edge_ids: Vec<String> = base.locations.iter().filter(|l| l.edge).map(|l| l.id.clone()).collect();
+        let mut edges = Vec::new();
+        for id in &edge_ids {
+            let mut net = stoke_config::load_str(text, path)?;
+            policy.apply(&mut net);
+            let snapshot = net.for_edge(Some(id))?;
+            let here = snapshot.location;
+            let home = snapshot.network.pools.iter().any(|p| p.home_edge == here && p.scale.is_some());
+            let router = Router::new(snapshot);
+            let live = router.live();
+            edges.push(EdgeSim { _router: router, live, home });
+        }
+        let net = &base;
+        let gpus = net
+            .pools
+            .iter()
+            .map(|p| {
+                let on = p.scale.is_none();
+                (0..p.replicas.len())
+                    .map(|_| Gpu {
+                        power: if on { Power::Ready } else { Power::Off },
+                        generation: 0,
+                        on_since: 0,
+                        up: 0,
+                        running: 0,
+                        waiting: VecDeque::new(),
+                    })
+                    .collect()
+            })
+            .collect();
+        // An edge probes every replica before it starts accepting: pools
+        // that are always on are ready everywhere from the start.
+        for e in &edges {
+            for (pool, view) in net.pools.iter().zip(e.live.pools.iter()) {
+                for r in view.replicas.iter() {
+                    r.set_ready(pool.scale.is_none());
+                }
+            }
+        }
+        let interval: Vec<T> = net.pools.iter().map(|p| us(p.health.interval).max(1)).collect();
+        let phase = edges
+            .iter()
+            .map(|_| {
+                net.pools
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (0..p.replicas.len()).map(|_| rng.u64(0..interval[i])).collect())
+                    .collect()
+            })
+            .collect();
+        let max_wait = (0..net.services.len())
+            .map(|s| {
+                net.routes
+                    .iter()
+                    .find(|r| match &r.service {
+                        ServiceSource::Fixed(id) => id.index() == s,
+                        ServiceSource::BodyField(_) | ServiceSource::Header(_) => true,
+                    })
+                    .map(|r| r.max_wait)
+            })
+            .collect();
+        let edge_of =
+            trace.requests.iter().map(|r| edge_ids.iter().position(|id| *id == r.edge).unwrap_or(0)).collect();
+        let mut replay = Replay {
+            trace,
+            epoch,
+            now: 0,
+            seq: 0,
+            events: BinaryHeap::new(),
+            held_order: edges.iter().map(|_| net.pools.iter().map(|_| VecDeque::new()).collect()).collect(),
+            edges,
+            edge_of,
+            gpus,
+            rates: net.pools.iter().map(|p| rates.get(&p.id).copied().unwrap_or(default_rates)).collect(),
+            boot: net.pools.iter().map(|p| p.scale.as_ref().map_or(0, |s| us(s.wake_time))).collect(),
+            phase,
+            interval,
+            max_wait,
+            jobs: HashMap::new(),
+            held: HashMap::new(),
+            wakes: HashMap::new(),
+            next_id: 0,
+            rng,
+            total: Figures::default(),
+            pools: net.pools.iter().map(|_| Figures::default()).collect(),
+        };
+        for i in 0..trace.requests.len() {
+            let t = (trace.requests[i].t * 1e6) as T;
+            replay.at(t, Ev::Arrive(i));
+        }
+        for e in 0..replay.edges.len() {
+            for (pool, p) in net.pools.iter().enumerate() {
+                if let Some(load) = &p.load {
+                    let first = replay.rng.u64(0..us(load.interval).max(1));
+                    replay.at(first, Ev::Scrape { edge: e, pool });
+                }
+            }
+            if replay.edges[e].home {
+                replay.at(0, Ev::Sleeper { edge: e });
+            }
+        }
+        Ok(replay)
+    }
+
+    fn at(&mut self, t: T, ev: Ev) {
+        self.seq += 1;
+        self.events.push(Reverse((t, self.seq, ev)));
+    }
+
+    fn instant(&self, t: T) -> Instant {
+        self.epoch + Duration::from_micros(t)
+    }
+
+    fn network(&self) -> &Network {
+        &self.edges[0].live.snapshot.network
+    }
+
+    /// Run to the end: until the last request is answered. `progress`
+    /// is told the share of the trace done, now and then.
+    pub fn run(mut self, policy: &str, mut progress: impl FnMut(f64)) -> PolicyReport {
+        let started = std::time::Instant::now();
+        let last_arrival = self.trace.requests.last().map_or(0, |r| (r.t * 1e6) as T);
+        let mut turns = 0u64;
+        while let Some(Reverse((t, _, ev))) = self.events.pop() {
+            if t > last_arrival && self.jobs.is_empty() && self.held.is_empty() {
+                break;
+            }
+            self.now = t;
+            clock::set_virtual(Some(self.instant(t)));
+            self.handle(ev);
+            turns += 1;
+            if turns % 65_536 == 0 && last_arrival > 0 {
+                progress((t as f64 / last_arrival as f64).min(1.0));
+            }
+        }
+        let horizon = self.now.max(last_arrival);
+        let report = self.report(policy, horizon, started.elapsed().as_secs_f64());
+        // Drop the states while the virtual clock still reads replay time.
+        drop(self);
+        clock::set_virtual(None);
+        report
+    }
+
+    fn report(&mut self, policy: &str, horizon: T, took_s: f64) -> PolicyReport {
+        for (pool, gpus) in self.gpus.iter().enumerate() {
+            let up: T = gpus.iter().map(|g| g.up + if g.power == Power::Off { 0 } else { horizon - g.on_since }).sum();
+            let s = up as f64 / 1e6;
+            self.pools[pool].gpu_seconds = s;
+            self.total.gpu_seconds += s;
+        }
+        let net = &self.edges[0].live.snapshot.network;
+        let windows = net
+            .pools
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let scale = p.scale.as_ref()?;
+                let home = self.edges.iter().find(|e| e.live.snapshot.location == p.home_edge)?;
+                let state = &home.live.pools[i].state;
+                let w = match scale.idle_timeout {
+                    IdleTimeout::Fixed(d) => stoke_config::duration::format_duration(d),
+                    IdleTimeout::Auto { .. } => match state.auto_window() {
+                        Some(w) => {
+                            format!("{} ({})", stoke_config::duration::format_duration(w.idle), w.reason.as_str())
+                        }
+                        None => "auto (not chosen)".into(),
+                    },
+                };
+                Some((p.id.clone(), w))
+            })
+            .collect();
+        PolicyReport {
+            policy: policy.to_owned(),
+            total: std::mem::take(&mut self.total),
+            pools: net.pools.iter().map(|p| p.id.clone()).zip(std::mem::take(&mut self.pools)).collect(),
+            windows,
+            horizon_s: horizon as f64 / 1e6,
+            took_s,
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Arrive(i) => self.arrive(i),
+            Ev::Deadline(id) => self.deadline(id),
+            Ev::Finish(id) => self.finish(id),
+            Ev::Booted { pool, replica, generation } => {
+                let g = &mut self.gpus[pool][replica];
+                if g.generation == generation && g.power == Power::Booting {
+                    g.power = Power::Ready;
+                    self.probes_after_change(pool, replica);
+                }
+            }
+            Ev::Probe { edge, pool, replica } => self.probe(edge, pool, replica),
+            Ev::WakeTurn { edge, pool } => self.wake_turn(edge, pool),
+            Ev::Scrape { edge, pool } => self.scrape(edge, pool),
+            Ev::Sleeper { edge } => self.sleeper(edge),
+        }
+    }
+
+    fn arrive(&mut self, i: usize) {
+        let r = &self.trace.requests[i];
+        let e = self.edge_of[i];
+        self.total.requests += 1;
+        let live = self.edges[e].live.clone();
+        let Some(service) = live.snapshot.network.service_id(&r.model) else {
+            return self.refuse(None, "unknown_model", 0);
+        };
+        let Some(max_wait) = self.max_wait[service.index()] else {
+            return self.refuse(None, "no_route", 0);
+        };
+        let mut keys = Keys::default();
+        if let Some(session) = &r.session {
+            for c in live.snapshot.candidates(service) {
+                if live.pool(c.pool).affinity.is_some() {
+                    keys.push(c.pool, affinity::hash(session.as_bytes()));
+                }
+            }
+        }
+        let now = self.now;
+        self.admit(e, i, service, now, max_wait, &keys);
+    }
+
+    fn admit(&mut self, e: usize, i: usize, service: ServiceId, arrived: T, max_wait: Duration, keys: &Keys) {
+        let live = self.edges[e].live.clone();
+        let (now, started) = (self.instant(self.now), self.instant(arrived));
+        let deadline = crate::core::admission::deadline(started, max_wait);
+        let mut woken = Vec::new();
+        let placed = admit::place(&live, service, started, now, deadline, keys, |pool, _| woken.push(pool));
+        for pool in woken {
+            self.start_wake(e, pool);
+        }
+        match placed {
+            Ok(Placed::Admitted(a)) => self.forward(e, i, service, a.pool, a.slot, arrived, 0),
+            Ok(Placed::Hold(pool)) => {
+                let view = live.pool(pool).clone();
+                match view.hold_keyed(now, keys.of(pool)) {
+                    None => self.refuse(Some(pool.index()), "queue_full", 0),
+                    Some(ticket) => {
+                        let id = self.id();
+                        let p = pool.index();
+                        self.held.insert(id, Held { ticket, req: i, edge: e, pool: p, service, arrived, max_wait });
+                        self.held_order[e][p].push_back(id);
+                        self.at(arrived.saturating_add(us(max_wait)), Ev::Deadline(id));
+                        self.poll_held(e, p);
+                    }
+                }
+            }
+            Err(reject) => self.refuse(None, reject.code, 0),
+        }
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn refuse(&mut self, pool: Option<usize>, code: &'static str, held_us: T) {
+        *self.total.refused.entry(code).or_default() += 1;
+        self.total.hold_ms.push(held_us as f64 / 1000.0);
+        if let Some(p) = pool {
+            let f = &mut self.pools[p];
+            f.requests += 1;
+            *f.refused.entry(code).or_default() += 1;
+            f.hold_ms.push(held_us as f64 / 1000.0);
+        }
+    }
+
+    fn fail(&mut self, pool: usize, held_us: T) {
+        self.total.failed += 1;
+        self.total.hold_ms.push(held_us as f64 / 1000.0);
+        let f = &mut self.pools[pool];
+        f.requests += 1;
+        f.failed += 1;
+        f.hold_ms.push(held_us as f64 / 1000.0);
+    }
+
+    /// A request has a slot: send it to its replica. A replica that is not
+    /// running refuses the connection; the edge marks it down and tries
+    /// another replica or pool at once (never holds), as live.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(&mut self, e: usize, i: usize, service: ServiceId, pool: PoolId, slot: Slot, arrived: T, tries: u32) {
+        let p = pool.index();
+        let live = self.edges[e].live.clone();
+        let view = live.pool(pool);
+        let Some(r) = view.replicas.iter().position(|x| Arc::ptr_eq(x, slot.replica())) else {
+            return self.fail(p, self.now - arrived);
+        };
+        if self.gpus[p][r].power != Power::Ready {
+            slot.replica().set_ready(false);
+            drop(slot);
+            self.poll_held(e, p);
+            if tries < 2 {
+                if let Some((pool2, slot2)) = admit::reacquire(&live, service) {
+                    return self.forward(e, i, service, pool2, slot2, arrived, tries + 1);
+                }
+            }
+            return self.fail(p, self.now - arrived);
+        }
+        let id = self.id();
+        let held_us = self.now - arrived;
+        self.jobs
+            .insert(id, Job { req: i, edge: e, pool: p, replica: r, slot: Some(slot), arrived, held_us, ttft_us: 0 });
+        let g = &mut self.gpus[p][r];
+        if g.running < view.max_concurrency {
+            g.running += 1;
+            self.start_job(id);
+        } else {
+            g.waiting.push_back(id);
+        }
+    }
+
+    /// The replica starts on a request now: it ends after the prefill and
+    /// the decode, and the edge sees its answer a round trip after it left.
+    fn start_job(&mut self, id: u64) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        let net = &self.edges[0].live.snapshot.network;
+        let req = &self.trace.requests[job.req];
+        let rates = self.rates[job.pool];
+        let rtt =
+            us(net.rtt.get(self.edges[job.edge].live.snapshot.location.index(), net.pools[job.pool].location.index()));
+        let prefill = if rates.prefill_tps > 0.0 { f64::from(req.prompt_tokens) / rates.prefill_tps } else { 0.0 };
+        let per_token = 1.0 / rates.decode_tps.max(1e-3);
+        let decode = f64::from(req.output_tokens.max(1)) * per_token;
+        job.ttft_us = (self.now - job.arrived) + rtt + ((prefill + per_token) * 1e6) as T;
+        let end = self.now + rtt + ((prefill + decode) * 1e6) as T;
+        self.at(end, Ev::Finish(id));
+    }
+
+    fn finish(&mut self, id: u64) {
+        // Gone: its replica was stopped under it (counted then).
+        let Some(mut job) = self.jobs.remove(&id) else { return };
+        let (p, r) = (job.pool, job.replica);
+        self.total.ok += 1;
+        self.total.hold_ms.push(job.held_us as f64 / 1000.0);
+        self.total.ttft_ms.push(job.ttft_us as f64 / 1000.0);
+        let f = &mut self.pools[p];
+        f.requests += 1;
+        f.ok += 1;
+        f.hold_ms.push(job.held_us as f64 / 1000.0);
+        f.ttft_ms.push(job.ttft_us as f64 / 1000.0);
+        // The slot ends at the edge (its drop hands capacity to held requests).
+        drop(job.slot.take());
+        let g = &mut self.gpus[p][r];
+        g.running = g.running.saturating_sub(1);
+        if let Some(next) = g.waiting.pop_front() {
+            g.running += 1;
+            self.start_job(next);
+        }
+        self.poll_held(job.edge, p);
+    }
+
+    fn deadline(&mut self, id: u64) {
+        let Some(mut h) = self.held.remove(&id) else { return };
+        self.held_order[h.edge][h.pool].retain(|x| *x != id);
+        if let Some(slot) = h.ticket.try_slot() {
+            let pool = PoolId(h.pool as u32);
+            return self.forward(h.edge, h.req, h.service, pool, slot, h.arrived, 0);
+        }
+        let view = h.ticket.view().clone();
+        drop(h.ticket);
+        let reject = admit::wait_timeout(&view, h.max_wait, self.instant(self.now));
+        self.refuse(Some(h.pool), reject.code, self.now - h.arrived);
+    }
+
+    /// Held requests of `pool` at edge `e` that were handed a slot leave
+    /// for their replica, first come first served.
+    fn poll_held(&mut self, e: usize, p: usize) {
+        while let Some(&id) = self.held_order[e][p].front() {
+            let Some(slot) = self.held.get_mut(&id).and_then(|h| h.ticket.try_slot()) else { return };
+            self.held_order[e][p].pop_front();
+            let Some(h) = self.held.remove(&id) else { continue };
+            self.forward(e, h.req, h.service, PoolId(p as u32), slot, h.arrived, 0);
+        }
+    }
+
+    fn start_wake(&mut self, e: usize, pool: PoolId) {
+        let now = self.instant(self.now);
+        let Some(schedule) = wake::begin(self.edges[e].live.pool(pool), now) else { return };
+        self.wakes.insert((e, pool.index()), schedule);
+        self.at(self.now, Ev::WakeTurn { edge: e, pool: pool.index() });
+    }
+
+    /// One turn of an edge's wake loop, as [`wake`]'s: step the schedule,
+    /// call the hook when it says so, probe the pool's replicas fast.
+    fn wake_turn(&mut self, e: usize, p: usize) {
+        let Some(mut schedule) = self.wakes.remove(&(e, p)) else { return };
+        let live = self.edges[e].live.clone();
+        let view = live.pools[p].clone();
+        let now = self.instant(self.now);
+        match schedule.step(now, view.is_warm(), view.state.expected_wake()) {
+            WakeStep::Ready { took } => {
+                view.state.end_wake(Some(took));
+                view.state.set_wake_error(None);
+                view.dispatch(now);
+                return self.poll_held(e, p);
+            }
+            WakeStep::GiveUp { after } => {
+                view.state.end_wake(None);
+                view.state.set_wake_error(Some(format!("no replica became ready within {} s", after.as_secs())));
+                return;
+            }
+            WakeStep::Call { .. } => self.orchestrator_wake(p),
+            WakeStep::Probe => {}
+        }
+        for (r, state) in view.replicas.iter().enumerate() {
+            state.set_ready(self.gpus[p][r].power == Power::Ready);
+        }
+        if view.is_warm() {
+            view.dispatch(now);
+            self.poll_held(e, p);
+        }
+        self.wakes.insert((e, p), schedule);
+        let turn = us(FAST_PROBE.mul_f64(0.75 + self.rng.f64() * 0.5));
+        self.at(self.now + turn, Ev::WakeTurn { edge: e, pool: p });
+    }
+
+    /// The orchestrator gets a wake call: every stopped replica boots.
+    fn orchestrator_wake(&mut self, p: usize) {
+        self.total.wake_calls += 1;
+        self.pools[p].wake_calls += 1;
+        let mut booted = false;
+        for r in 0..self.gpus[p].len() {
+            let g = &mut self.gpus[p][r];
+            if g.power != Power::Off {
+                continue;
+            }
+            booted = true;
+            g.power = Power::Booting;
+            g.on_since = self.now;
+            g.generation += 1;
+            let ev = Ev::Booted { pool: p, replica: r, generation: g.generation };
+            self.at(self.now + self.boot[p], ev);
+        }
+        if booted {
+            self.total.wakes += 1;
+            self.pools[p].wakes += 1;
+        }
+    }
+
+    /// The orchestrator gets a sleep call: every replica stops, and the
+    /// requests still on one (from an edge that is not the home edge) fail.
+    fn orchestrator_sleep(&mut self, p: usize) {
+        self.total.sleeps += 1;
+        self.pools[p].sleeps += 1;
+        for r in 0..self.gpus[p].len() {
+            let g = &mut self.gpus[p][r];
+            if g.power == Power::Off {
+                continue;
+            }
+            g.up += self.now - g.on_since;
+            g.power = Power::Off;
+            g.generation += 1;
+            g.running = 0;
+            g.waiting.clear();
+            let lost: Vec<u64> =
+                self.jobs.iter().filter(|(_, j)| j.pool == p && j.replica == r).map(|(id, _)| *id).collect();
+            for id in lost {
+                if let Some(job) = self.jobs.remove(&id) {
+                    let (edge, held) = (job.edge, job.held_us);
+                    drop(job);
+                    self.fail(p, held);
+                    self.poll_held(edge, p);
+                }
+            }
+            self.probes_after_change(p, r);
+        }
+    }
+
+    /// Every edge's next health probe of a replica whose state changed.
+    fn probes_after_change(&mut self, pool: usize, replica: usize) {
+        let interval = self.interval[pool];
+        for e in 0..self.edges.len() {
+            let phase = self.phase[e][pool][replica];
+            let wait = (phase + interval - self.now % interval) % interval;
+            self.at(self.now + wait, Ev::Probe { edge: e, pool, replica });
+        }
+    }
+
+    fn probe(&mut self, e: usize, p: usize, r: usize) {
+        let view = self.edges[e].live.pools[p].clone();
+        let ready = self.gpus[p][r].power == Power::Ready;
+        if view.replicas[r].set_ready(ready) != ready && ready {
+            view.dispatch(self.instant(self.now));
+            self.poll_held(e, p);
+        }
+    }
+
+    fn scrape(&mut self, e: usize, p: usize) {
+        let view = self.edges[e].live.pools[p].clone();
+        let now = self.instant(self.now);
+        for (r, state) in view.replicas.iter().enumerate() {
+            let g = &self.gpus[p][r];
+            // A stopped replica answers no scrape.
+            if g.power != Power::Ready {
+                continue;
+            }
+            let load = g.running + g.waiting.len() as u32;
+            if load == 0 && state.reported_load() == 0 {
+                continue;
+            }
+            probe::apply_load(&view, state, load, now);
+        }
+        self.poll_held(e, p);
+        let interval = self.network().pools[p].load.as_ref().map_or(1_000_000, |l| us(l.interval).max(1));
+        self.at(self.now + interval, Ev::Scrape { edge: e, pool: p });
+    }
+
+    fn sleeper(&mut self, e: usize) {
+        let live = self.edges[e].live.clone();
+        let due = sleep::due(&live, self.instant(self.now));
+        for pool in due.prewarm {
+            self.start_wake(e, pool);
+        }
+        for call in due.sleeps {
+            if let Some(pid) = live.snapshot.network.pool_id(&call.pool) {
+                self.orchestrator_sleep(pid.index());
+            }
+        }
+        self.at(self.now + us(due.next_check).max(1), Ev::Sleeper { edge: e });
+    }
+}

@@ -124,8 +124,12 @@ async fn probe_loop(view: Arc<PoolView>, replica: Arc<ReplicaState>, check: Heal
         let (f, became_ready) = apply_seen(&replica, &pool, result, fails);
         fails = f;
         if became_ready {
-            // Held requests leave as soon as a replica is seen ready.
-            view.dispatch(clock::now());
+            // Held requests leave as soon as a replica is seen ready; and
+            // a pool that another edge woke starts an idle period here
+            // too, so that its home edge can put it to sleep again.
+            let now = clock::now();
+            view.state.woke(now);
+            view.dispatch(now);
         }
         tokio::time::sleep(jitter(check.interval)).await;
     }

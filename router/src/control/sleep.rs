@@ -10,11 +10,13 @@ use stoke_config::{Hook, IdleTimeout, PoolId};
 use tokio::sync::watch;
 
 use super::hooks::{self, Action};
+use super::load::parse_load;
 use super::probe::jitter;
 use super::wake::{self, Reason};
 use crate::clock;
 use crate::core::idle::{check_interval, is_idle, prewarm_at, sleep_resend_after};
 use crate::metrics as m;
+use crate::net::client as http_client;
 use crate::state::{Live, PoolView, Router};
 
 /// A sleep hook to call.
@@ -28,6 +30,8 @@ pub struct SleepCall {
     pub idle_for: Duration,
     /// The idle window it was put to sleep after.
     pub window: Duration,
+    /// Whether each replica was ready before it left rotation.
+    pub was_ready: Vec<bool>,
 }
 
 /// What the sleeper is to do at one look.
@@ -81,10 +85,23 @@ pub fn due(live: &Live, now: Instant) -> Due {
             view.state.unmark_slept();
             continue;
         }
-        due.sleeps.push(SleepCall { pool: view.state.id.clone(), hook, idle_for, window });
+        due.sleeps.push(SleepCall { pool: view.state.id.clone(), hook, idle_for, window, was_ready });
     }
     due.next_check = check_interval(timeouts);
     due
+}
+
+/// Keep a pool awake after all: a last look at its replicas' own load,
+/// just before the sleep hook, found requests that other edges sent since
+/// the last scrape. Its replicas return to rotation and a new idle period
+/// begins.
+pub fn keep(view: &Arc<PoolView>, call: &SleepCall, now: Instant) {
+    for (r, ready) in view.replicas.iter().zip(&call.was_ready) {
+        r.set_ready(*ready);
+    }
+    view.state.unmark_slept();
+    view.state.touch(now);
+    view.dispatch(now);
 }
 
 /// Whether a cold pool is due for a wake ahead of the busy period its
@@ -112,15 +129,42 @@ pub async fn run(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
         drop(live);
         let next_check = due.next_check;
         for call in due.sleeps {
-            metrics::counter!(m::SLEEPS_TOTAL, "pool" => call.pool.to_string()).increment(1);
-            tracing::info!(pool = %call.pool, idle_s = call.idle_for.as_secs(), "putting idle pool to sleep");
-            tokio::spawn(call_with_resends(router.clone(), call, edge.clone()));
+            tokio::spawn(sleep_unless_busy(router.clone(), call, edge.clone()));
         }
         tokio::select! {
             _ = tokio::time::sleep(jitter(next_check)) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
     }
+}
+
+/// Look at the replicas' own load once more (where the pool reports it):
+/// other edges may have sent requests since the last scrape, and a sleep
+/// now would cut them off. Busy: keep the pool. Quiet: call the hook.
+async fn sleep_unless_busy(router: Arc<Router>, call: SleepCall, edge: Arc<str>) {
+    let live = router.live();
+    let Some(pid) = live.snapshot.network.pool_id(&call.pool) else { return };
+    let view = live.pool(pid).clone();
+    if let Some(load) = live.snapshot.network.pool(pid).load.clone() {
+        let timeout = load.interval.min(Duration::from_secs(2));
+        let looks = view.replicas.iter().map(|r| {
+            let path = load.path.clone();
+            async move {
+                let answer = http_client::get(r.addr, &r.addr_text, &path, timeout).await.ok()?;
+                std::str::from_utf8(&answer.body).ok().and_then(|t| parse_load(t, load.format))
+            }
+        });
+        let busy: u32 = futures_util::future::join_all(looks).await.into_iter().flatten().sum();
+        if busy > 0 {
+            tracing::info!(pool = %call.pool, busy, "idle here, but its replicas report requests: kept awake");
+            keep(&view, &call, clock::now());
+            return;
+        }
+    }
+    drop((view, live));
+    metrics::counter!(m::SLEEPS_TOTAL, "pool" => call.pool.to_string()).increment(1);
+    tracing::info!(pool = %call.pool, idle_s = call.idle_for.as_secs(), window_s = call.window.as_secs_f64(), "putting idle pool to sleep");
+    call_with_resends(router, call, edge).await;
 }
 
 /// Call a sleep hook until it succeeds, resending with backoff while the

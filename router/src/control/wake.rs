@@ -81,6 +81,7 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
         match schedule.step(now, view.is_warm(), view.state.expected_wake()) {
             WakeStep::Ready { took } => {
                 view.state.end_wake(Some(took));
+                view.state.woke(now);
                 view.state.set_wake_error(None);
                 metrics::counter!(m::WAKEUPS_TOTAL, "pool" => pool_id.to_string(), "result" => "ready").increment(1);
                 metrics::histogram!(m::WAKE_DURATION, "pool" => pool_id.to_string()).record(took.as_secs_f64());

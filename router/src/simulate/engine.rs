@@ -568,6 +568,14 @@ impl<'a> Replay<'a> {
         // Gone: its replica was stopped under it (counted then).
         let Some(mut job) = self.jobs.remove(&id) else { return };
         let (p, r) = (job.pool, job.replica);
+        if std::env::var_os("SIMDEBUG").is_some() {
+            eprintln!(
+                "DBG {} {} {}",
+                self.now / 1000,
+                self.edges[job.edge].live.snapshot.edge_location().id,
+                self.network().pools[p].id
+            );
+        }
         self.total.ok += 1;
         self.total.hold_ms.push(job.held_us as f64 / 1000.0);
         self.total.ttft_ms.push(job.ttft_us as f64 / 1000.0);
@@ -628,6 +636,7 @@ impl<'a> Replay<'a> {
         match schedule.step(now, view.is_warm(), view.state.expected_wake()) {
             WakeStep::Ready { took } => {
                 view.state.end_wake(Some(took));
+                view.state.woke(now);
                 view.state.set_wake_error(None);
                 view.dispatch(now);
                 return self.poll_held(e, p);
@@ -654,6 +663,9 @@ impl<'a> Replay<'a> {
 
     /// The orchestrator gets a wake call: every stopped replica boots.
     fn orchestrator_wake(&mut self, p: usize) {
+        if std::env::var_os("SIMDEBUG").is_some() {
+            eprintln!("WAKE {} {}", self.now / 1000, self.network().pools[p].id);
+        }
         self.total.wake_calls += 1;
         self.pools[p].wake_calls += 1;
         let mut booted = false;
@@ -678,6 +690,9 @@ impl<'a> Replay<'a> {
     /// The orchestrator gets a sleep call: every replica stops, and the
     /// requests still on one (from an edge that is not the home edge) fail.
     fn orchestrator_sleep(&mut self, p: usize) {
+        if std::env::var_os("SIMDEBUG").is_some() {
+            eprintln!("SLEEP {} {}", self.now / 1000, self.network().pools[p].id);
+        }
         self.total.sleeps += 1;
         self.pools[p].sleeps += 1;
         for r in 0..self.gpus[p].len() {
@@ -718,6 +733,7 @@ impl<'a> Replay<'a> {
         let view = self.edges[e].live.pools[p].clone();
         let ready = self.gpus[p][r].power == Power::Ready;
         if view.replicas[r].set_ready(ready) != ready && ready {
+            view.state.woke(self.instant(self.now));
             view.dispatch(self.instant(self.now));
             self.poll_held(e, p);
         }
@@ -745,13 +761,33 @@ impl<'a> Replay<'a> {
 
     fn sleeper(&mut self, e: usize) {
         let live = self.edges[e].live.clone();
+        if std::env::var_os("SIMDEBUG2").is_some() && self.now > 145_000_000 && self.now < 160_000_000 {
+            for v in live.pools.iter() {
+                if &*v.state.id == "par-l40s" && live.snapshot.edge_location().id == "par" {
+                    eprintln!(
+                        "ACT {} {:?} slept={} now={:?}",
+                        self.now / 1000,
+                        v.activity(),
+                        v.state.is_slept(),
+                        self.instant(self.now)
+                    );
+                }
+            }
+        }
         let due = sleep::due(&live, self.instant(self.now));
         for pool in due.prewarm {
             self.start_wake(e, pool);
         }
         for call in due.sleeps {
-            if let Some(pid) = live.snapshot.network.pool_id(&call.pool) {
-                self.orchestrator_sleep(pid.index());
+            let Some(pid) = live.snapshot.network.pool_id(&call.pool) else { continue };
+            let p = pid.index();
+            // The last look at the replicas' own load, as live.
+            let busy = live.snapshot.network.pools[p].load.is_some()
+                && self.gpus[p].iter().any(|g| g.power == Power::Ready && (g.running > 0 || !g.waiting.is_empty()));
+            if busy {
+                sleep::keep(live.pool(pid), &call, self.instant(self.now));
+            } else {
+                self.orchestrator_sleep(p);
             }
         }
         self.at(self.now + us(due.next_check).max(1), Ev::Sleeper { edge: e });

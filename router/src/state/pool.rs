@@ -28,6 +28,9 @@ pub struct PoolState {
     /// Milliseconds since `epoch` of the last time a request started or
     /// ended here, or the replicas reported load: the idle clock.
     last_active_ms: AtomicU64,
+    /// Like `last_active_ms`, but for requests and reported load only (a
+    /// wake is not demand): where idle gaps are measured from.
+    last_demand_ms: AtomicU64,
     epoch: Instant,
     /// 0 when not waking; else milliseconds since `epoch` + 1 of the wake's start.
     waking_since_ms: AtomicU64,
@@ -61,6 +64,7 @@ impl PoolState {
             id: id.into(),
             in_flight: AtomicU32::new(0),
             last_active_ms: AtomicU64::new(0),
+            last_demand_ms: AtomicU64::new(0),
             epoch: now,
             waking_since_ms: AtomicU64::new(0),
             expected_wake_us: AtomicU64::new(saturating_micros(wake_time)),
@@ -101,6 +105,15 @@ impl PoolState {
     /// (with its own sleep) begins after it.
     pub fn touch(&self, now: Instant) {
         self.last_active_ms.fetch_max(self.ms(now), Ordering::Relaxed);
+        self.last_demand_ms.fetch_max(self.ms(now), Ordering::Relaxed);
+        self.slept.store(false, Ordering::Relaxed);
+    }
+
+    /// A wake completed at `now`: a new idle period begins, with its own
+    /// sleep, even if no request comes (a wake for demand that went
+    /// elsewhere, a pre-warm whose busy period does not come).
+    pub fn woke(&self, now: Instant) {
+        self.last_active_ms.fetch_max(self.ms(now), Ordering::Relaxed);
         self.slept.store(false, Ordering::Relaxed);
     }
 
@@ -108,7 +121,8 @@ impl PoolState {
     /// its replicas report load again): the gap since the last activity
     /// ends. Gaps shorter than a tenth of a second are not idle time.
     pub fn end_gap(&self, now: Instant) {
-        let gap = now.saturating_duration_since(self.last_active());
+        let last = self.epoch + Duration::from_millis(self.last_demand_ms.load(Ordering::Relaxed));
+        let gap = now.saturating_duration_since(last);
         if gap < Duration::from_millis(100) {
             return;
         }
@@ -299,6 +313,25 @@ mod tests {
         assert!(p.begin_wake(t0 + S));
         p.end_wake(None);
         assert!(!p.routed_away(t0 + 2 * S), "the count started afresh with the wake");
+    }
+
+    #[test]
+    fn a_finished_wake_opens_an_idle_period_of_its_own() {
+        let t0 = Instant::now();
+        let p = PoolState::new("p", S, t0);
+        p.touch(t0 + S);
+        assert!(p.mark_slept(), "slept after the first busy period");
+        // Woken with no request (demand that went elsewhere, a pre-warm):
+        // it must be able to sleep again.
+        assert!(p.begin_wake(t0 + 100 * S));
+        p.end_wake(Some(3 * S));
+        p.woke(t0 + 103 * S);
+        assert_eq!(p.last_active(), t0 + 103 * S);
+        assert!(p.mark_slept(), "a new idle period, with its own sleep");
+        // The wake is not demand: the next request ends a gap measured
+        // from the last request.
+        p.end_gap(t0 + 200 * S);
+        assert_eq!(p.gaps.lock().expect("gaps").window(S, S, 1000 * S).gaps, 1.0);
     }
 
     #[test]

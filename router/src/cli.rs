@@ -252,6 +252,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         default_rates: defaults,
         seed: args.seed,
         progress: !args.json,
+        until: None,
     };
     match simulate::run(&opts, &trace) {
         Ok(mut report) => {

@@ -34,8 +34,8 @@ pub struct DemoOptions {
     pub start_hour: f64,
     /// Address of the status page (port 0: any free port).
     pub status: SocketAddr,
-    /// Idle time after which a pool sleeps.
-    pub idle_timeout: Duration,
+    /// Idle time after which a pool sleeps (`None`: `"auto"`).
+    pub idle_timeout: Option<Duration>,
     /// Whether to send traffic.
     pub traffic: bool,
     /// Write every request sent to this file, as a trace for `stoke simulate`.
@@ -48,7 +48,7 @@ impl Default for DemoOptions {
             day: Duration::from_secs(240),
             start_hour: 6.0,
             status: SocketAddr::from(([127, 0, 0, 1], 0)),
-            idle_timeout: Duration::from_secs(15),
+            idle_timeout: None,
             traffic: true,
             record: None,
         }
@@ -76,7 +76,9 @@ pub struct Demo {
     /// Each edge: location id and plain HTTP address.
     pub edges: Vec<(&'static str, SocketAddr)>,
     world: Arc<World>,
-    recorder: Option<traffic::Recorder>,
+    recorder: traffic::Recorder,
+    record_to: Option<std::path::PathBuf>,
+    config_text: String,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     orchestrator: Orchestrator,
@@ -109,14 +111,20 @@ pub struct Summary {
     pub held: u64,
     /// Milliseconds held, in total.
     pub held_ms: u64,
-    /// Wake hook calls the orchestrator received.
+    /// Times a sleeping pool was started.
     pub wakes: usize,
+    /// Wake hook calls the orchestrator received (with resends, and one
+    /// from each edge that wanted the pool).
+    pub wake_calls: usize,
     /// Sleep hook calls.
     pub sleeps: usize,
     /// GPU-seconds used, and what an always-on fleet would have used.
     pub gpu_seconds: f64,
     /// Always-on equivalent.
     pub always_on_gpu_seconds: f64,
+    /// What the same traffic would have used with a fixed 5-minute idle
+    /// timeout (replayed by `stoke simulate` when the demo stops).
+    pub fixed_gpu_seconds: Option<f64>,
 }
 
 impl std::fmt::Display for Summary {
@@ -136,13 +144,22 @@ impl std::fmt::Display for Summary {
             "  held          {} requests waited for capacity or a wake, {:.2} s on average",
             self.held, avg_held
         )?;
-        writeln!(f, "  wakes         {}", self.wakes)?;
+        writeln!(f, "  wakes         {} ({} wake calls)", self.wakes, self.wake_calls)?;
         writeln!(f, "  sleeps        {}", self.sleeps)?;
         write!(
             f,
             "  GPU-seconds   {:.0} used vs {:.0} for an always-on fleet ({:.0} %)",
             self.gpu_seconds, self.always_on_gpu_seconds, share
-        )
+        )?;
+        if let Some(fixed) = self.fixed_gpu_seconds.filter(|f| *f > 0.0) {
+            write!(
+                f,
+                "\n                vs {:.0} with a fixed 5-minute idle timeout ({:.0} %, replayed)",
+                fixed,
+                self.gpu_seconds * 100.0 / fixed
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -185,10 +202,11 @@ impl Demo {
         });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
-        let recorder = match &opts.record {
-            Some(path) => Some(Arc::new(std::sync::Mutex::new(std::io::BufWriter::new(std::fs::File::create(path)?)))),
-            None => None,
-        };
+        let recorder = traffic::Recorder::default();
+        // A file that cannot be written is said now, not after the run.
+        if let Some(path) = &opts.record {
+            std::fs::File::create(path)?;
+        }
         if opts.traffic {
             for (site, (_, addr)) in SITES.iter().zip(&edges) {
                 let rec = recorder.clone();
@@ -207,6 +225,8 @@ impl Demo {
             edges,
             world,
             recorder,
+            record_to: opts.record.clone(),
+            config_text: text,
             stop,
             tasks,
             orchestrator,
@@ -232,10 +252,12 @@ impl Demo {
             p99_ms: s.latency_ms(0.99),
             held: s.held.load(Ordering::Relaxed),
             held_ms: s.held_ms.load(Ordering::Relaxed),
-            wakes: calls.iter().filter(|c| c.action == "wake").count(),
+            wakes: self.orchestrator.boots(),
+            wake_calls: calls.iter().filter(|c| c.action == "wake").count(),
             sleeps: calls.iter().filter(|c| c.action == "sleep").count(),
             gpu_seconds: self.orchestrator.gpu_seconds(),
             always_on_gpu_seconds: self.orchestrator.always_on_gpu_seconds(),
+            fixed_gpu_seconds: None,
         }
     }
 
@@ -250,13 +272,19 @@ impl Demo {
         let _ = self.stop.send(true);
         // Let requests already sent finish (edges drain them too).
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let summary = self.summary();
-        if let Some(rec) = &self.recorder {
-            if let Ok(mut out) = rec.lock() {
-                use std::io::Write as _;
-                let _ = out.flush();
+        let mut summary = self.summary();
+        let trace = self.recorded();
+        if let Some(path) = &self.record_to {
+            if let Err(e) = write_trace(path, &trace) {
+                eprintln!("stoke demo: cannot write the trace to {}: {e}", path.display());
             }
         }
+        // What a fixed 5-minute idle timeout would have cost on this very
+        // traffic: the demo's own requests replayed through the same
+        // decisions on a virtual clock.
+        let (text, until) = (self.config_text.clone(), summary.ran.as_secs_f64());
+        let replay = tokio::task::spawn_blocking(move || replay_fixed(&text, trace, until)).await;
+        summary.fixed_gpu_seconds = replay.ok().flatten();
         for e in self.edge_handles {
             e.shutdown().await;
         }
@@ -266,6 +294,46 @@ impl Demo {
         self.orchestrator.shutdown().await;
         summary
     }
+}
+
+impl Demo {
+    /// The requests the users sent so far, as a trace.
+    pub fn recorded(&self) -> crate::simulate::Trace {
+        let requests = self.recorder.lock().map(|r| r.clone()).unwrap_or_default();
+        crate::simulate::Trace { requests, source: "stoke demo".into(), format: "jsonl", assign: None }
+    }
+
+    /// The generated config every edge runs.
+    pub fn config_text(&self) -> &str {
+        &self.config_text
+    }
+}
+
+/// Write a trace as JSON lines.
+fn write_trace(path: &std::path::Path, trace: &crate::simulate::Trace) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for r in &trace.requests {
+        crate::simulate::trace::write_line(&mut out, r)?;
+    }
+    out.flush()
+}
+
+/// GPU-seconds of the demo's pools had every scaling pool had a fixed
+/// 5-minute idle timeout, replayed over `until` seconds.
+fn replay_fixed(config: &str, trace: crate::simulate::Trace, until: f64) -> Option<f64> {
+    let opts = crate::simulate::Options {
+        config,
+        config_path: std::path::Path::new("demo.toml"),
+        policies: vec!["fixed:5m".into()],
+        rates: Default::default(),
+        default_rates: world::replica_rates(),
+        seed: 1,
+        progress: false,
+        until: Some(until),
+    };
+    let report = crate::simulate::run(&opts, &trace).ok()?;
+    report.policies.first().map(|p| p.total.gpu_seconds)
 }
 
 impl World {

@@ -49,15 +49,20 @@ impl Clock {
     }
 }
 
+/// Local hour at which a region's demand starts.
+pub const DAY_STARTS: f64 = 8.0;
+/// Local hour by which it is gone.
+pub const DAY_ENDS: f64 = 21.0;
+
 /// Demand at local solar hour `h` as a share of the peak: zero at night,
-/// rising from 6:00, peaking mid-afternoon, gone by 23:00.
+/// rising from 8:00, peaking at midday and early afternoon, gone by 21:00.
 pub fn daylight(h: f64) -> f64 {
     let h = h.rem_euclid(24.0);
-    if !(6.0..23.0).contains(&h) {
+    if !(DAY_STARTS..DAY_ENDS).contains(&h) {
         return NIGHT_FLOOR;
     }
-    let x = std::f64::consts::PI * (h - 6.0) / 17.0;
-    x.sin().powf(1.5).max(NIGHT_FLOOR)
+    let x = std::f64::consts::PI * (h - DAY_STARTS) / (DAY_ENDS - DAY_STARTS);
+    x.sin().powi(2).max(NIGHT_FLOOR)
 }
 
 /// Local solar hour at longitude `lon` when it is `utc` in Greenwich.
@@ -141,9 +146,14 @@ impl Histogram {
     }
 }
 
-/// Where the demo writes each request it sends, as a trace for `stoke
-/// simulate` (JSON lines; `t` from the demo's start).
-pub type Recorder = Arc<Mutex<std::io::BufWriter<std::fs::File>>>;
+/// Requests the demo remembers sending, at most (a day of the default
+/// demo is a few thousand).
+pub const MAX_RECORDED: usize = 1_000_000;
+
+/// Every request the demo's users sent, as a trace for `stoke simulate`
+/// (`t` from the demo's start): replayed at the end for the summary's
+/// comparison, and written out with `--record`.
+pub type Recorder = Arc<Mutex<Vec<crate::simulate::TraceRequest>>>;
 
 /// Send requests to the edge at `addr` (for `site`) until `stop`.
 pub async fn run_site(
@@ -151,7 +161,7 @@ pub async fn run_site(
     addr: SocketAddr,
     clock: Clock,
     stats: Arc<Stats>,
-    record: Option<Recorder>,
+    record: Recorder,
     mut stop: watch::Receiver<bool>,
 ) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -164,7 +174,8 @@ pub async fn run_site(
         // memoryless: drawing anew then is exact).
         let check = clock.hour() / 4;
         let gap = if rate > 0.0 { Duration::from_secs_f64(-(1.0 - rng.f64()).ln() / rate) } else { check };
-        let arrives = gap <= check;
+        // Nobody asks at night: a zero rate sends nothing.
+        let arrives = rate > 0.0 && gap <= check;
         tokio::select! {
             _ = tokio::time::sleep(gap.min(check)) => {}
             _ = stop.wait_for(|s| *s) => return,
@@ -188,7 +199,7 @@ pub async fn run_site(
                 "stream": stream,
             })
             .to_string();
-            if let Some(rec) = &record {
+            {
                 let r = crate::simulate::TraceRequest {
                     t: clock.started.elapsed().as_secs_f64(),
                     edge: site.id.to_owned(),
@@ -198,8 +209,10 @@ pub async fn run_site(
                     output_tokens: max_tokens,
                     session: None,
                 };
-                if let Ok(mut out) = rec.lock() {
-                    let _ = crate::simulate::trace::write_line(&mut *out, &r);
+                if let Ok(mut out) = record.lock() {
+                    if out.len() < MAX_RECORDED {
+                        out.push(r);
+                    }
                 }
             }
             let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
@@ -233,9 +246,9 @@ mod tests {
     #[test]
     fn demand_follows_the_sun() {
         assert_eq!(daylight(3.0), NIGHT_FLOOR);
-        assert_eq!(daylight(23.5), NIGHT_FLOOR);
-        assert!(daylight(14.5) > 0.95, "afternoon peak");
-        assert!(daylight(8.0) < daylight(12.0));
+        assert_eq!(daylight(21.5), NIGHT_FLOOR);
+        assert!(daylight(14.5) > 0.95, "early afternoon peak");
+        assert!(daylight(9.0) < daylight(12.0));
         // 16:00 UTC is afternoon in Frankfurt and 2 a.m. in Sydney.
         assert!(daylight(local_hour(16.0, 8.68)) > 0.8);
         assert_eq!(daylight(local_hour(16.0, 151.21)), NIGHT_FLOOR);

@@ -1,6 +1,7 @@
 //! The demo's network: the ten locations of `config/examples/network.toml`,
-//! GPU pools in seven of them (two always on, five that scale to zero), all
-//! on loopback ports chosen at start.
+//! GPU pools in seven of them (one H100 in Frankfurt always on, the
+//! network's fallback; six pools that scale to zero with their region's
+//! day), all on loopback ports chosen at start.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -48,14 +49,15 @@ pub struct PoolSpec {
     pub wake_time: Option<Duration>,
 }
 
-/// The pools: Frankfurt and Washington carry the base load; the others
-/// wake with their region's day.
+/// The pools: one Frankfurt H100 stays on as the network's fallback (and
+/// carries the night's few requests); every other pool wakes with its
+/// region's day and sleeps through its night.
 pub const POOLS: &[PoolSpec] = &[
     PoolSpec {
         id: "fra-h100",
         location: "fra",
         serves: &["llama-3.1-8b", "llama-3.1-70b"],
-        replicas: 2,
+        replicas: 1,
         wake_time: None,
     },
     PoolSpec {
@@ -63,7 +65,7 @@ pub const POOLS: &[PoolSpec] = &[
         location: "iad",
         serves: &["llama-3.1-8b", "llama-3.1-70b"],
         replicas: 2,
-        wake_time: None,
+        wake_time: Some(Duration::from_secs(5)),
     },
     PoolSpec {
         id: "par-l40s",
@@ -110,9 +112,17 @@ pub struct Ports {
     pub replicas: Vec<Vec<SocketAddr>>,
 }
 
+/// The idle window of the demo's scaling pools: `idle_timeout = "auto"`
+/// within these bounds (a demo hour is 10 s: from 12 minutes to 6 hours
+/// of its day).
+pub const MIN_IDLE: Duration = Duration::from_secs(2);
+/// See [`MIN_IDLE`].
+pub const MAX_IDLE: Duration = Duration::from_secs(60);
+
 /// The config text of the demo network. Every edge listens on a free
-/// port (port 0) with its own admin listener.
-pub fn config(ports: &Ports, idle_timeout: Duration) -> String {
+/// port (port 0) with its own admin listener. Pools that scale have
+/// `idle_timeout` (`None`: `"auto"` within [`MIN_IDLE`]..[`MAX_IDLE`]).
+pub fn config(ports: &Ports, idle_timeout: Option<Duration>) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -139,12 +149,19 @@ pub fn config(ports: &Ports, idle_timeout: Duration) -> String {
         );
         if let Some(wake) = pool.wake_time {
             let orch = ports.orchestrator;
+            let idle = match idle_timeout {
+                Some(d) => format!("idle_timeout = \"{}ms\"", d.as_millis()),
+                None => format!(
+                    "idle_timeout = \"auto\"\nmin_idle = \"{}ms\"\nmax_idle = \"{}ms\"",
+                    MIN_IDLE.as_millis(),
+                    MAX_IDLE.as_millis()
+                ),
+            };
             let _ = writeln!(
                 s,
-                "[pool.scale]\nidle_timeout = \"{}ms\"\nwake_time = \"{}ms\"\n\
+                "[pool.scale]\n{idle}\nwake_time = \"{}ms\"\n\
                  wake = {{ url = \"http://{orch}/pools/{id}/wake\" }}\n\
                  sleep = {{ url = \"http://{orch}/pools/{id}/sleep\" }}",
-                idle_timeout.as_millis(),
                 wake.as_millis(),
                 id = pool.id,
             );
@@ -195,7 +212,7 @@ mod tests {
                 })
                 .collect(),
         };
-        let text = config(&ports, Duration::from_secs(15));
+        let text = config(&ports, None);
         let network =
             stoke_config::load_str(&text, std::path::Path::new("demo.toml")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(network.locations.len(), 10);

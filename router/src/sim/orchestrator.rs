@@ -78,6 +78,8 @@ struct Fleet {
     /// Sleep calls failed so far (see [`OrchestratorOptions::fail_sleeps`]).
     sleeps_failed: std::sync::atomic::AtomicU32,
     calls: Mutex<Vec<Call>>,
+    /// Pools started by a wake call (a call for a pool already running starts nothing).
+    boots: std::sync::atomic::AtomicUsize,
     running: tokio::sync::Mutex<HashMap<String, Vec<Replica>>>,
     /// Replica-seconds each pool has run: finished periods, and the start
     /// of the current one.
@@ -114,6 +116,7 @@ impl Orchestrator {
             started: Instant::now(),
             sleeps_failed: std::sync::atomic::AtomicU32::new(0),
             calls: Mutex::new(Vec::new()),
+            boots: std::sync::atomic::AtomicUsize::new(0),
             running: tokio::sync::Mutex::new(HashMap::new()),
             uptime: Mutex::new(HashMap::new()),
         });
@@ -138,7 +141,12 @@ impl Orchestrator {
         self.fleet.calls.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
-    /// Calls for `pool` and `action`.
+    /// Times a pool that scales was started by a wake call.
+    pub fn boots(&self) -> usize {
+        self.fleet.boots.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The calls for one pool and action.
     pub fn calls_for(&self, pool: &str, action: &str) -> Vec<Call> {
         self.calls().into_iter().filter(|c| c.pool == pool && c.action == action).collect()
     }
@@ -205,6 +213,9 @@ impl Fleet {
         let mut running = self.running.lock().await;
         if running.contains_key(id) {
             return Ok(());
+        }
+        if self.network.pools.iter().any(|p| p.id == id && p.scale.is_some()) {
+            self.boots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let Some(pool) = self.network.pools.iter().find(|p| p.id == id) else {
             return Ok(());

@@ -354,9 +354,10 @@ impl<'a> Replay<'a> {
 
     /// Run to the end: until the last request is answered. `progress`
     /// is told the share of the trace done, now and then.
-    pub fn run(mut self, policy: &str, mut progress: impl FnMut(f64)) -> PolicyReport {
+    pub fn run(mut self, policy: &str, until: Option<f64>, mut progress: impl FnMut(f64)) -> PolicyReport {
         let started = std::time::Instant::now();
         let last_arrival = self.trace.requests.last().map_or(0, |r| (r.t * 1e6) as T);
+        let last_arrival = last_arrival.max(until.map_or(0, |u| (u.max(0.0) * 1e6) as T));
         let mut turns = 0u64;
         while let Some(Reverse((t, _, ev))) = self.events.pop() {
             if t > last_arrival && self.jobs.is_empty() && self.held.is_empty() {

@@ -37,6 +37,9 @@ pub struct Options<'a> {
     pub seed: u64,
     /// Show progress on standard error (when it is a terminal).
     pub progress: bool,
+    /// Replay at least this many seconds (a live run to compare with may
+    /// have gone on after its last request).
+    pub until: Option<f64>,
 }
 
 /// Why a replay failed.
@@ -62,7 +65,7 @@ pub fn run(opts: &Options<'_>, trace: &Trace) -> Result<Report, SimulateError> {
     for (name, policy) in &policies {
         let replay =
             Replay::new(opts.config, opts.config_path, policy, trace, &opts.rates, opts.default_rates, opts.seed)?;
-        let report = replay.run(name, |done| {
+        let report = replay.run(name, opts.until, |done| {
             if show {
                 eprint!("\r{name}: {:>3.0} %", done * 100.0);
             }

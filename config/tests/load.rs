@@ -319,3 +319,42 @@ fn pool_affinity_is_checked() {
         assert!(p.iter().any(|p| p.message.contains(needle)), "{table}: {p:#?}");
     }
 }
+
+#[test]
+fn idle_timeout_may_be_auto_within_bounds() {
+    let with = |scale: &str| {
+        BASE.replacen(
+            "replicas = [\"127.0.0.1:9000\"]",
+            &format!(
+                "replicas = [\"127.0.0.1:9000\"]\n[pool.scale]\nwake = {{ url = \"http://127.0.0.1:7000/w\" }}\n{scale}"
+            ),
+            1,
+        )
+    };
+    let idle = |scale: &str| {
+        let net = load_str(&with(scale), Path::new("t.toml")).unwrap_or_else(|e| panic!("{scale}: {e}"));
+        net.pools[0].scale.as_ref().expect("scale").idle_timeout
+    };
+    use std::time::Duration;
+    use stoke_config::IdleTimeout;
+    assert_eq!(idle(""), IdleTimeout::Fixed(Duration::from_secs(300)));
+    assert_eq!(idle("idle_timeout = \"30s\""), IdleTimeout::Fixed(Duration::from_secs(30)));
+    assert_eq!(
+        idle("idle_timeout = \"auto\""),
+        IdleTimeout::Auto { min: Duration::from_secs(10), max: Duration::from_secs(1800) }
+    );
+    assert_eq!(
+        idle("idle_timeout = \"auto\"\nmin_idle = \"1s\"\nmax_idle = \"10m\""),
+        IdleTimeout::Auto { min: Duration::from_secs(1), max: Duration::from_secs(600) }
+    );
+    for (scale, needle) in [
+        ("idle_timeout = \"5m\"\nmin_idle = \"1s\"", "bound idle_timeout = \"auto\" only"),
+        ("max_idle = \"1h\"", "bound idle_timeout = \"auto\" only"),
+        ("idle_timeout = \"auto\"\nmin_idle = \"2h\"\nmax_idle = \"1h\"", "is longer than max_idle"),
+        ("idle_timeout = \"automatic\"", "is not"),
+        ("idle_timeout = \"auto\"\nmax_idle = \"0s\"", "max_idle"),
+    ] {
+        let p = problems(&with(scale));
+        assert!(p.iter().any(|p| p.message.contains(needle)), "{scale}: {p:#?}");
+    }
+}

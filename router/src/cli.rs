@@ -193,7 +193,13 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo runs ten edges in one process: their routine logs would
     // drown its own output, so it shows warnings only unless RUST_LOG says more.
-    let default_filter = if matches!(cli.command, Command::Demo(_) | Command::Simulate(_)) { "warn" } else { "info" };
+    // Replicas of pools put to sleep go down at every edge, many times a
+    // demo day: that is the demo working, not news for its terminal.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "warn,stoke_router::control::probe=error",
+        Command::Simulate(_) => "warn",
+        _ => "info",
+    };
     logging::init(cli.log_format, default_filter);
     match cli.command {
         Command::Check(args) => check(&args),

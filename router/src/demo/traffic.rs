@@ -18,9 +18,6 @@ use super::world::Site;
 /// Requests per second at an edge at its daily peak, times the site's demand.
 pub const PEAK_RATE: f64 = 4.0;
 
-/// Share of the peak rate at night.
-pub const NIGHT_FLOOR: f64 = 0.0;
-
 /// Requests in flight per edge at most (the generator never piles up).
 pub const MAX_IN_FLIGHT_PER_EDGE: usize = 64;
 
@@ -49,26 +46,7 @@ impl Clock {
     }
 }
 
-/// Local hour at which a region's demand starts.
-pub const DAY_STARTS: f64 = 8.0;
-/// Local hour by which it is gone.
-pub const DAY_ENDS: f64 = 21.0;
-
-/// Demand at local solar hour `h` as a share of the peak: zero at night,
-/// rising from 8:00, peaking at midday and early afternoon, gone by 21:00.
-pub fn daylight(h: f64) -> f64 {
-    let h = h.rem_euclid(24.0);
-    if !(DAY_STARTS..DAY_ENDS).contains(&h) {
-        return NIGHT_FLOOR;
-    }
-    let x = std::f64::consts::PI * (h - DAY_STARTS) / (DAY_ENDS - DAY_STARTS);
-    x.sin().powi(2).max(NIGHT_FLOOR)
-}
-
-/// Local solar hour at longitude `lon` when it is `utc` in Greenwich.
-pub fn local_hour(utc: f64, lon: f64) -> f64 {
-    (utc + lon / 15.0).rem_euclid(24.0)
-}
+pub use crate::simulate::day::{daylight, local_hour, DAY_ENDS, DAY_STARTS, NIGHT_FLOOR};
 
 /// What the users saw.
 #[derive(Debug, Default)]

@@ -794,3 +794,133 @@ impl<'a> Replay<'a> {
         self.at(self.now + us(due.next_check).max(1), Ev::Sleeper { edge: e });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::trace::TraceRequest;
+
+    const RATES: Rates = Rates { prefill_tps: 0.0, decode_tps: 100.0 };
+
+    fn trace(reqs: &[(f64, &str)]) -> Trace {
+        let requests = reqs
+            .iter()
+            .map(|&(t, edge)| TraceRequest {
+                t,
+                edge: edge.into(),
+                model: "m".into(),
+                prompt_tokens: 10,
+                output_tokens: 20,
+                session: None,
+            })
+            .collect();
+        Trace { requests, source: "test".into(), format: "jsonl", assign: None }
+    }
+
+    fn replay(text: &str, policy: &str, t: &Trace) -> PolicyReport {
+        let policy_parsed = Policy::parse(policy).expect("policy");
+        let r = Replay::new(text, std::path::Path::new("t.toml"), &policy_parsed, t, &HashMap::new(), RATES, 7)
+            .expect("replay");
+        r.run(policy, None, |_| {})
+    }
+
+    fn world(scale: &str) -> String {
+        crate::testing::two_pools_text(4, scale)
+    }
+
+    #[test]
+    fn policies_parse() {
+        assert_eq!(Policy::parse("fixed:30s"), Ok(Policy::Fixed(Duration::from_secs(30))));
+        assert_eq!(Policy::parse("always-on"), Ok(Policy::AlwaysOn));
+        assert_eq!(Policy::parse("auto"), Ok(Policy::Auto));
+        assert!(Policy::parse("fixed:0s").is_err());
+        assert!(Policy::parse("fixed:soon").is_err());
+        assert!(Policy::parse("sometimes").is_err());
+    }
+
+    #[test]
+    fn a_cold_pool_wakes_once_and_its_held_requests_are_answered_after_the_boot() {
+        let text = world("idle_timeout = \"1h\"\nwake_time = \"2s\"");
+        let t = trace(&[(0.0, "fra"), (0.05, "fra"), (0.1, "fra"), (10.0, "fra")]);
+        let mut r = replay(&text, "config", &t);
+        let fra = &mut r.pools[0].1;
+        assert_eq!((fra.wakes, fra.requests, fra.ok), (1, 4, 4), "{fra:?}");
+        assert_eq!(r.pools[1].1.wakes, 0, "Paris is not needed");
+        // Held for the boot (2 s) and the fast probe that sees it.
+        let held = fra.hold_ms.max();
+        assert!((2000.0..2200.0).contains(&held), "{held}");
+        assert_eq!(fra.hold_ms.quantile(0.25), 0.0, "the last request finds the pool warm");
+        assert!(r.total.ttft_ms.max() >= held);
+        // Awake from the wake call to the end, not before.
+        let horizon = r.horizon_s;
+        assert!((r.total.gpu_seconds - horizon).abs() < 0.01, "{} vs {horizon}", r.total.gpu_seconds);
+    }
+
+    #[test]
+    fn always_on_never_wakes_and_keeps_every_replica_up() {
+        let text = world("idle_timeout = \"1h\"\nwake_time = \"2s\"");
+        let t = trace(&[(0.0, "fra"), (30.0, "par")]);
+        let mut r = replay(&text, "always-on", &t);
+        assert_eq!((r.total.wakes, r.total.ok), (0, 2));
+        assert!((r.total.gpu_seconds - 2.0 * r.horizon_s).abs() < 0.01);
+        assert_eq!(r.total.hold_ms.max(), 0.0);
+    }
+
+    #[test]
+    fn a_pool_sleeps_after_its_window_and_wakes_for_the_next_request() {
+        let text = world("idle_timeout = \"1h\"\nwake_time = \"2s\"");
+        let t = trace(&[(0.0, "fra"), (100.0, "fra")]);
+        let short = replay(&text, "fixed:10s", &t);
+        let fra = &short.pools[0].1;
+        assert_eq!((fra.wakes, fra.sleeps, fra.ok), (2, 1, 2), "{fra:?}");
+        // Up for the first wake, the request and the 10 s window (and the
+        // sleeper's look), then again from the second wake.
+        assert!(fra.gpu_seconds > 14.0 && fra.gpu_seconds < 20.0, "{}", fra.gpu_seconds);
+        let long = replay(&text, "fixed:5m", &t);
+        assert_eq!((long.pools[0].1.wakes, long.pools[0].1.sleeps), (1, 0));
+        assert!(long.total.gpu_seconds > short.total.gpu_seconds + 80.0);
+    }
+
+    #[test]
+    fn a_wait_longer_than_the_route_allows_is_refused_and_still_wakes_the_pool() {
+        let text = world("idle_timeout = \"1h\"\nwake_time = \"5s\"")
+            .replace("service = \"m\"", "service = \"m\"\nmax_wait = \"1s\"");
+        let t = trace(&[(0.0, "fra"), (20.0, "fra")]);
+        let r = replay(&text, "config", &t);
+        assert_eq!(r.total.refused.get("wait_exceeds_deadline"), Some(&1), "{:?}", r.total.refused);
+        assert_eq!((r.total.ok, r.pools[0].1.wakes), (1, 1));
+    }
+
+    #[test]
+    fn the_same_seed_replays_the_same_way() {
+        let text = world("idle_timeout = \"5s\"\nwake_time = \"1s\"");
+        let reqs: Vec<(f64, &str)> =
+            (0..300).map(|i| (f64::from(i) * 0.37, if i % 3 == 0 { "par" } else { "fra" })).collect();
+        let t = trace(&reqs);
+        let (mut a, mut b) = (replay(&text, "auto", &t), replay(&text, "auto", &t));
+        assert_eq!(a.total.gpu_seconds, b.total.gpu_seconds);
+        assert_eq!(a.total.ttft_ms.quantile(0.99), b.total.ttft_ms.quantile(0.99));
+        assert_eq!(a.total.ok, 300);
+    }
+
+    #[test]
+    fn auto_bridges_short_gaps_and_sleeps_through_long_ones() {
+        // Bursts 3 s apart, with an hour between two busy periods; waking
+        // takes 4 s: bridging the bursts is cheaper than waking for each.
+        let text = world("idle_timeout = \"auto\"\nmin_idle = \"1s\"\nwake_time = \"4s\"");
+        let mut reqs = Vec::new();
+        for period in [0.0, 3600.0] {
+            for i in 0..40 {
+                reqs.push((period + f64::from(i) * 3.0, "fra"));
+            }
+        }
+        let r = replay(&text, "config", &trace(&reqs));
+        let fra = &r.pools[0].1;
+        assert_eq!(fra.ok, 80);
+        assert!(fra.wakes <= 3, "{fra:?}");
+        assert!(fra.sleeps >= 1, "slept through the hour: {fra:?}");
+        assert!(fra.gpu_seconds < 600.0, "{}", fra.gpu_seconds);
+        let (_, w) = &r.windows[0];
+        assert!(w.contains("histogram"), "{w}");
+    }
+}

@@ -3,6 +3,7 @@
 //! costs (GPU-seconds, wakes) with what users get (answers, holds, time to
 //! first token). See [`engine`] for what runs and what is modelled.
 
+pub mod day;
 pub mod engine;
 pub mod report;
 pub mod trace;

@@ -11,7 +11,7 @@
 //!
 //! | key | means | default |
 //! | --- | --- | --- |
-//! | `edges=sun` | an edge drawn in proportion to its local daylight at the row's time (the demo's day curve), so that traffic follows the sun | `sun` |
+//! | `edges=sun` | an edge drawn in proportion to its local daylight at the row's time (the demo's day curve, [`super::day`]), so that traffic follows the sun | `sun` |
 //! | `edges=uniform` | every edge alike | |
 //! | `edges=fra:3+par:1` | fixed weights | |
 //! | `models=zipf:S` | the config's services in file order, the k-th drawn with weight 1/k^S | `zipf:1` |
@@ -27,7 +27,7 @@ use std::path::Path;
 use serde::Deserialize;
 use stoke_config::Network;
 
-use crate::demo::traffic::{daylight, local_hour};
+use super::day::{daylight, local_hour};
 
 /// One request of a trace.
 #[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
@@ -306,8 +306,7 @@ fn azure(text: &str, name: &str, a: &Assign, network: &Network) -> Result<Trace,
             EdgeWeights::Fixed(w) => draw(&mut rng, w.iter().map(|(_, x)| *x)).map(|k| w[k].0.clone()),
             EdgeWeights::Sun(lons) => {
                 let utc = a.utc_hour(t);
-                let site = |id: &str| crate::demo::world::SITES.iter().find(|s| s.id == id).map_or(1.0, |s| s.demand);
-                let w = lons.iter().map(move |(id, lon)| site(id) * daylight(local_hour(utc, *lon)));
+                let w = lons.iter().map(move |(_, lon)| daylight(local_hour(utc, *lon)));
                 draw(&mut rng, w).map(|k| lons[k].0.clone())
             }
         };

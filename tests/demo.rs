@@ -67,7 +67,44 @@ fn stoke_demo_with_a_duration_exits_zero_with_a_summary() {
         .expect("runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for needle in ["status page", "edge syd", "requests", "latency", "wakes", "sleeps", "GPU-seconds"] {
+    for needle in ["status page", "edge syd", "requests", "latency", "wakes", "sleeps", "GPU-seconds", "fixed 5-minute"]
+    {
         assert!(stdout.contains(needle), "{needle} missing:\n{stdout}");
     }
+}
+
+/// The replay is checked against the live system: the demo's own traffic,
+/// replayed by `stoke simulate` under the demo's policy, uses GPU-seconds
+/// and wakes within 10 % of what the live run measured (a wake at least:
+/// a short run has few).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_the_demos_own_traffic_matches_the_live_run() {
+    logs();
+    let opts = DemoOptions { day: Duration::from_secs(120), ..DemoOptions::default() };
+    let demo = Demo::start(opts).await.expect("demo starts");
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    let config = demo.config_text().to_owned();
+    let trace = demo.recorded();
+    let live = demo.stop().await;
+    assert!(live.requests > 50 && live.ok == live.requests, "{live}");
+    assert!(live.wakes >= 2, "a morning or two woke pools: {live}");
+
+    let opts = stoke_router::simulate::Options {
+        config: &config,
+        config_path: std::path::Path::new("demo.toml"),
+        policies: vec!["config".into()],
+        rates: Default::default(),
+        default_rates: stoke_router::demo::world::replica_rates(),
+        seed: 1,
+        progress: false,
+        until: Some(live.ran.as_secs_f64()),
+    };
+    let report = stoke_router::simulate::run(&opts, &trace).expect("replay");
+    let sim = &report.policies[0].total;
+    let gpu = (sim.gpu_seconds - live.gpu_seconds).abs() / live.gpu_seconds;
+    assert!(gpu <= 0.10, "GPU-seconds: replay {:.0}, live {:.0}\n{live}", sim.gpu_seconds, live.gpu_seconds);
+    let wakes = (sim.wakes as f64 - live.wakes as f64).abs();
+    assert!(wakes <= (0.10 * live.wakes as f64).max(1.0), "wakes: replay {}, live {}\n{live}", sim.wakes, live.wakes);
+    assert_eq!(sim.requests, trace.requests.len() as u64);
+    assert_eq!(sim.ok, sim.requests, "{:?}", sim.refused);
 }

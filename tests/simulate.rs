@@ -112,7 +112,8 @@ fn the_table_names_each_policy_and_pool() {
     let file = ConfigFile::new(CONFIG);
     file.write("day.jsonl", trace().as_bytes());
     let t = file.dir.path().join("day.jsonl");
-    let out = simulate(&file, &["--trace", t.to_str().expect("path"), "--policy", "always-on", "--policy", "fixed:30s"]);
+    let out =
+        simulate(&file, &["--trace", t.to_str().expect("path"), "--policy", "always-on", "--policy", "fixed:30s"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     for needle in ["GPU-s", "hold p99", "ttft p99", "always-on", "fixed:30s", "  par-a", "  fra-a", "240 requests"] {
@@ -129,7 +130,8 @@ fn the_azure_csv_is_mapped_to_edges_and_models() {
     }
     file.write("azure.csv", csv.as_bytes());
     let t = file.dir.path().join("azure.csv");
-    let out = simulate(&file, &["--json", "--trace", t.to_str().expect("path"), "--assign", "edges=fra:1+par:3,stretch=2"]);
+    let out =
+        simulate(&file, &["--json", "--trace", t.to_str().expect("path"), "--assign", "edges=fra:1+par:3,stretch=2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["trace"]["format"], "azure-csv");
@@ -143,7 +145,10 @@ fn the_azure_csv_is_mapped_to_edges_and_models() {
 #[test]
 fn bad_input_is_explained() {
     let file = ConfigFile::new(CONFIG);
-    file.write("bad.jsonl", b"{\"t\": 1, \"edge\": \"par\", \"model\": \"m\"}\n{\"t\": 2, \"edge\": \"ber\", \"model\": \"m\"}\n");
+    file.write(
+        "bad.jsonl",
+        b"{\"t\": 1, \"edge\": \"par\", \"model\": \"m\"}\n{\"t\": 2, \"edge\": \"ber\", \"model\": \"m\"}\n",
+    );
     let bad = file.dir.path().join("bad.jsonl");
     let bad = bad.to_str().expect("path");
     for (args, needle) in [
@@ -162,7 +167,8 @@ fn bad_input_is_explained() {
 fn the_demo_network_replays_without_a_config_file() {
     let dir = tempfile::tempdir().expect("dir");
     let t = dir.path().join("t.jsonl");
-    std::fs::write(&t, "{\"t\": 0.5, \"edge\": \"syd\", \"model\": \"llama-3.1-8b\", \"output_tokens\": 20}\n").expect("write");
+    std::fs::write(&t, "{\"t\": 0.5, \"edge\": \"syd\", \"model\": \"llama-3.1-8b\", \"output_tokens\": 20}\n")
+        .expect("write");
     let out = Command::new(STOKE)
         .args(["simulate", "--demo", "--json", "--policy", "config", "--trace"])
         .arg(&t)

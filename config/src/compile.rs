@@ -1051,32 +1051,6 @@ fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hook_urls() {
-        let u = parse_hook_url("http://orchestrator:7000/pools/fra/wake").expect("valid");
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str(), u.tls), ("orchestrator", 7000, "/pools/fra/wake", false));
-        let u = parse_hook_url("https://[::1]/x?y=1").expect("valid");
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str(), u.tls), ("::1", 443, "/x?y=1", true));
-        assert_eq!(parse_hook_url("http://h").map(|u| u.path), Ok("/".to_owned()));
-        for bad in ["ftp://x/", "http://", "http://a:0/", "http://a:b/", "http://u@h/", "http://h/a b"] {
-            assert!(parse_hook_url(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn service_from_forms() {
-        assert_eq!(parse_service_from("body:model"), Ok(ServiceSource::BodyField("model".into())));
-        assert_eq!(parse_service_from("header:X-Model"), Ok(ServiceSource::Header("x-model".into())));
-        for bad in ["model", "body:", "header:", "header:x model", "query:model", ""] {
-            assert!(parse_service_from(bad).is_err(), "{bad}");
-        }
-    }
-}
-
 /// `idle_timeout` (a duration or `"auto"`) with its `min_idle` / `max_idle`.
 fn compile_idle(diags: &mut Diagnostics, s: &RawScale) -> IdleTimeout {
     let auto = matches!(&s.idle_timeout, Some(At { value: None, .. }));
@@ -1105,4 +1079,30 @@ fn compile_idle(diags: &mut Diagnostics, s: &RawScale) -> IdleTimeout {
         );
     }
     IdleTimeout::Auto { min, max: max.max(min) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_urls() {
+        let u = parse_hook_url("http://orchestrator:7000/pools/fra/wake").expect("valid");
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str(), u.tls), ("orchestrator", 7000, "/pools/fra/wake", false));
+        let u = parse_hook_url("https://[::1]/x?y=1").expect("valid");
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str(), u.tls), ("::1", 443, "/x?y=1", true));
+        assert_eq!(parse_hook_url("http://h").map(|u| u.path), Ok("/".to_owned()));
+        for bad in ["ftp://x/", "http://", "http://a:0/", "http://a:b/", "http://u@h/", "http://h/a b"] {
+            assert!(parse_hook_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn service_from_forms() {
+        assert_eq!(parse_service_from("body:model"), Ok(ServiceSource::BodyField("model".into())));
+        assert_eq!(parse_service_from("header:X-Model"), Ok(ServiceSource::Header("x-model".into())));
+        for bad in ["model", "body:", "header:", "header:x model", "query:model", ""] {
+            assert!(parse_service_from(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -241,14 +241,18 @@ fn simulate(args: SimulateArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let trace = match simulate::trace::read(&args.trace, args.assign.as_deref(), &network) {
-        Ok(t) => t,
-        Err(e) => return fail(&e),
-    };
-    let policies = if args.policies.is_empty() {
+    let policies: Vec<String> = if args.policies.is_empty() {
         simulate::DEFAULT_POLICIES.iter().map(|p| p.to_string()).collect()
     } else {
         args.policies
+    };
+    // Say what is wrong with the command line before reading a long trace.
+    if let Some(e) = policies.iter().find_map(|p| simulate::Policy::parse(p).err()) {
+        return fail(&format!("--policy: {e}"));
+    }
+    let trace = match simulate::trace::read(&args.trace, args.assign.as_deref(), &network) {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
     };
     let opts = simulate::Options {
         config: &text,

@@ -133,6 +133,17 @@ pub const MAX_RECORDED: usize = 1_000_000;
 /// comparison, and written out with `--record`.
 pub type Recorder = Arc<Mutex<Vec<crate::simulate::TraceRequest>>>;
 
+/// When the next request of a Poisson process at `rate` per second comes
+/// (`u` uniform in 0..1), if it comes within `check`; `None`: look again
+/// after `check` (the rate may have changed). At a zero rate, never.
+pub fn next_arrival(rate: f64, check: Duration, u: f64) -> Option<Duration> {
+    if rate <= 0.0 {
+        return None;
+    }
+    let gap = Duration::from_secs_f64(-(1.0 - u).ln() / rate);
+    (gap <= check).then_some(gap)
+}
+
 /// Send requests to the edge at `addr` (for `site`) until `stop`.
 pub async fn run_site(
     site: &'static Site,
@@ -151,14 +162,12 @@ pub async fn run_site(
         // a simulated quarter hour before looking at it again (arrivals are
         // memoryless: drawing anew then is exact).
         let check = clock.hour() / 4;
-        let gap = if rate > 0.0 { Duration::from_secs_f64(-(1.0 - rng.f64()).ln() / rate) } else { check };
-        // Nobody asks at night: a zero rate sends nothing.
-        let arrives = rate > 0.0 && gap <= check;
+        let next = next_arrival(rate, check, rng.f64());
         tokio::select! {
-            _ = tokio::time::sleep(gap.min(check)) => {}
+            _ = tokio::time::sleep(next.unwrap_or(check)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if !arrives {
+        if next.is_none() {
             continue;
         }
         let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
@@ -227,9 +236,20 @@ mod tests {
         assert_eq!(daylight(21.5), NIGHT_FLOOR);
         assert!(daylight(14.5) > 0.95, "early afternoon peak");
         assert!(daylight(9.0) < daylight(12.0));
-        // 16:00 UTC is afternoon in Frankfurt and 2 a.m. in Sydney.
-        assert!(daylight(local_hour(16.0, 8.68)) > 0.8);
-        assert_eq!(daylight(local_hour(16.0, 151.21)), NIGHT_FLOOR);
+        // 13:30 UTC is early afternoon in Frankfurt and midnight in Sydney.
+        assert!(daylight(local_hour(13.5, 8.68)) > 0.8);
+        assert_eq!(daylight(local_hour(13.5, 151.21)), NIGHT_FLOOR);
+    }
+
+    #[test]
+    fn nobody_asks_at_night() {
+        let check = Duration::from_millis(2500);
+        for u in [0.0, 0.5, 0.999] {
+            assert_eq!(next_arrival(0.0, check, u), None, "a zero rate sends nothing");
+        }
+        assert_eq!(next_arrival(2.0, check, 0.0), Some(Duration::ZERO));
+        assert!(next_arrival(2.0, check, 0.5).is_some_and(|g| g < Duration::from_millis(400)));
+        assert_eq!(next_arrival(0.001, check, 0.5), None, "not within this look");
     }
 
     #[test]

@@ -39,6 +39,7 @@ location = "par"
 serves = ["m"]
 replicas = ["127.0.0.1:9001", "127.0.0.1:9002"]
 max_concurrency = 4
+load = {}
 [pool.scale]
 idle_timeout = "auto"
 min_idle = "1s"

@@ -595,6 +595,15 @@ fn compile_pool(
         Some(Scale { idle_timeout, wake_time, wake: wake?, sleep })
     });
 
+    if let (Some(IdleTimeout::Auto { .. }), None) = (scale.as_ref().map(|s| s.idle_timeout), &load) {
+        if let Some(at) = raw.scale.as_ref().and_then(|s| s.idle_timeout.as_ref()) {
+            diags.error(
+                at.span.clone(),
+                "idle_timeout = \"auto\" needs load = { … } on the pool: the home edge learns the pool's idle gaps from every edge's requests, and sees the others' only in the load its replicas report".to_owned(),
+            );
+        }
+    }
+
     let affinity = raw.affinity.as_ref().and_then(|a| compile_affinity(diags, a));
 
     let location = location?;

@@ -326,7 +326,7 @@ fn idle_timeout_may_be_auto_within_bounds() {
         BASE.replacen(
             "replicas = [\"127.0.0.1:9000\"]",
             &format!(
-                "replicas = [\"127.0.0.1:9000\"]\n[pool.scale]\nwake = {{ url = \"http://127.0.0.1:7000/w\" }}\n{scale}"
+                "replicas = [\"127.0.0.1:9000\"]\nload = {{}}\n[pool.scale]\nwake = {{ url = \"http://127.0.0.1:7000/w\" }}\n{scale}"
             ),
             1,
         )
@@ -357,4 +357,7 @@ fn idle_timeout_may_be_auto_within_bounds() {
         let p = problems(&with(scale));
         assert!(p.iter().any(|p| p.message.contains(needle)), "{scale}: {p:#?}");
     }
+    // Without the replicas' load, the home edge would not see other edges' gaps.
+    let p = problems(&with("idle_timeout = \"auto\"").replace("load = {}\n", ""));
+    assert!(p.iter().any(|p| p.message.contains("needs load = {")), "{p:#?}");
 }

@@ -58,7 +58,8 @@ pub enum Policy {
     /// The config as written.
     Config,
     /// Every scaling pool with `idle_timeout = "auto"` (its own bounds if
-    /// it has them, else the defaults).
+    /// it has them, else the defaults), and the load scrape that needs
+    /// (the default one, where the pool has none).
     Auto,
 }
 
@@ -98,6 +99,13 @@ impl Policy {
                                 max: stoke_config::defaults::MAX_IDLE,
                             };
                         }
+                        // As the config check demands: the home edge sees
+                        // other edges' load (the default scrape).
+                        pool.load.get_or_insert_with(|| stoke_config::LoadReport {
+                            path: stoke_config::defaults::LOAD_PATH.into(),
+                            format: stoke_config::LoadFormat::Vllm,
+                            interval: stoke_config::defaults::LOAD_INTERVAL,
+                        });
                     }
                 }
             }
@@ -911,7 +919,8 @@ mod tests {
     fn auto_bridges_short_gaps_and_sleeps_through_long_ones() {
         // Bursts 3 s apart, with an hour between two busy periods; waking
         // takes 4 s: bridging the bursts is cheaper than waking for each.
-        let text = world("idle_timeout = \"auto\"\nmin_idle = \"1s\"\nwake_time = \"4s\"");
+        let text = world("idle_timeout = \"auto\"\nmin_idle = \"1s\"\nwake_time = \"4s\"")
+            .replace("max_concurrency = 4\n", "max_concurrency = 4\nload = {}\n");
         let mut reqs = Vec::new();
         for period in [0.0, 3600.0] {
             for i in 0..40 {

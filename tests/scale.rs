@@ -286,6 +286,32 @@ async fn an_idle_pool_gets_one_sleep_call_from_its_home_edge_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_another_edge_wakes_again_is_put_to_sleep_again() {
+    logs();
+    let (orch, file, _) =
+        world("wake_time = \"200ms\"\nidle_timeout = \"600ms\"", &[], SHORT_WAIT_ROUTE, Default::default()).await;
+    let home = edge_from(&file, "fra").await;
+    let other = edge_from(&file, "par").await;
+    let paris = other.bound.http.expect("http");
+    for round in 1..=2 {
+        // Only Paris sends; the home edge sees the pool come up through
+        // its own probes, and must still put it to sleep each time.
+        let r = send(paris, Req::chat("m")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("stoke-pool"), Some("fra-a"));
+        eventually(Duration::from_secs(6), "asleep again", || async {
+            (orch.calls_for("fra-a", "sleep").len() >= round && !orch.is_running("fra-a").await).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(orch.calls_for("fra-a", "wake").len(), 2);
+    assert!(orch.calls_for("fra-a", "sleep").iter().all(|c| c.edge == "fra"));
+    home.shutdown().await;
+    other.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_stream_keeps_the_pool_awake() {
     logs();
     let (orch, file, _) =

@@ -121,14 +121,19 @@ async fn probe_loop(view: Arc<PoolView>, replica: Arc<ReplicaState>, check: Heal
     let mut fails = 0;
     loop {
         let result = probe(&replica, &check).await;
+        let was_down = fails > 0;
         let (f, became_ready) = apply_seen(&replica, &pool, result, fails);
         fails = f;
         if became_ready {
-            // Held requests leave as soon as a replica is seen ready; and
-            // a pool that another edge woke starts an idle period here
-            // too, so that its home edge can put it to sleep again.
+            // Held requests leave as soon as a replica is seen ready. One
+            // that was down (stopped, booting) was woken, maybe by another
+            // edge: the pool starts an idle period here too, so that its
+            // home edge can put it to sleep again. (One that only left
+            // rotation for a sleep that has not happened yet was not.)
             let now = clock::now();
-            view.state.woke(now);
+            if was_down {
+                view.state.woke(now);
+            }
             view.dispatch(now);
         }
         tokio::time::sleep(jitter(check.interval)).await;

@@ -51,6 +51,22 @@ pub struct EdgeProxy {
 }
 
 impl EdgeProxy {
+    /// A retry that found no free replica (the try sent nothing): the
+    /// pool it was on may have gone to sleep under this edge, put there by
+    /// its home edge before this edge's probes saw it. Admit it as a new
+    /// request would be — hold it for a wake, within what is left of the
+    /// route's `max_wait` — rather than answer 502.
+    async fn hold_retry(&self, ctx: &RequestCtx, live: &Arc<Live>) -> Option<(PoolId, Slot)> {
+        let (service, route) = (ctx.service?, ctx.route?);
+        let max_wait = live.snapshot.network.route(route).max_wait;
+        let keys = super::admit::Keys::default();
+        let admitted =
+            super::admit::admit(&self.router, live, service, ctx.started, max_wait, std::future::pending(), &keys)
+                .await
+                .ok()?;
+        Some((admitted.pool, admitted.slot))
+    }
+
     /// A proxy over `router`; every request holds a guard of `drain` while
     /// it runs, so that shutdown can wait for it.
     pub fn new(router: Arc<Router>, drain: Drain, alt_svc: Option<String>) -> Self {
@@ -189,7 +205,11 @@ impl ProxyHttp for EdgeProxy {
             // A retry: the slot of the failed try was released; find another.
             ctx.slot = None;
             let live = ctx.live()?.clone();
-            match policy::retry_slot(&live, ctx.service) {
+            let retry = match policy::retry_slot(&live, ctx.service) {
+                Some(found) => Some(found),
+                None => self.hold_retry(ctx, &live).await,
+            };
+            match retry {
                 Some((pool, slot)) => {
                     ctx.pool = Some(pool);
                     ctx.affinity = chosen(&slot);

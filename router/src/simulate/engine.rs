@@ -540,6 +540,12 @@ impl<'a> Replay<'a> {
                 if let Some((pool2, slot2)) = admit::reacquire(&live, service) {
                     return self.forward(e, i, service, pool2, slot2, arrived, tries + 1);
                 }
+                // Nothing free: the pool went to sleep under this edge.
+                // Admitted again, as live: held for a wake within the
+                // route's max_wait.
+                if let Some(max_wait) = self.max_wait[service.index()] {
+                    return self.admit(e, i, service, arrived, max_wait, &Keys::default());
+                }
             }
             return self.fail(p, self.now - arrived);
         }

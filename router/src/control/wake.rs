@@ -45,17 +45,22 @@ impl Reason {
 /// under way; true if this call started one.
 pub fn start(router: &Arc<Router>, live: &Live, pool: PoolId, reason: Reason) -> bool {
     let view = live.pool(pool);
-    let Some(schedule) = begin(view, clock::now()) else { return false };
+    let Some(schedule) = begin(view, clock::now(), reason) else { return false };
     tracing::info!(pool = %view.state.id, reason = reason.as_str(), "waking pool");
     tokio::spawn(run(router.clone(), view.state.id.clone(), reason, schedule));
     true
 }
 
-/// Begin a wake of `view` at `now` unless it is warm, cannot wake, or a
-/// wake is under way: the schedule the wake loop then follows.
-pub fn begin(view: &PoolView, now: std::time::Instant) -> Option<WakeSchedule> {
+/// Begin a wake of `view` at `now` for `reason` unless it is warm, cannot
+/// wake, or a wake is under way: the schedule the wake loop then follows.
+pub fn begin(view: &PoolView, now: std::time::Instant, reason: Reason) -> Option<WakeSchedule> {
     if view.is_warm() || !view.scales || !view.state.begin_wake(now) {
         return None;
+    }
+    match reason {
+        Reason::Request => view.state.note_wake(true),
+        Reason::Demand => view.state.note_wake(false),
+        Reason::Prewarm => {}
     }
     Some(WakeSchedule::new(now))
 }

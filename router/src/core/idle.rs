@@ -63,11 +63,14 @@ const GAP_DECAY: f64 = 0.995;
 /// Gaps seen before the histogram decides; until then the window is the
 /// break-even one.
 pub const GAPS_TO_DECIDE: f64 = 8.0;
-/// What a wake costs, in seconds of one replica's GPU time per second of
-/// its wake: the boot itself burns GPU time serving nothing, and the
-/// requests that arrive meanwhile wait for it or go far; the second is
-/// weighed like the first.
-pub const WAKE_COST_PER_WAKE_SECOND: f64 = 2.0;
+/// What a wake costs, in seconds of one replica's GPU time: the boot
+/// itself (`wake`, GPU time serving nothing), plus as much again for the
+/// requests that wait for it, in the share `held` of the pool's wakes that
+/// requests waited for (the others came while requests went to a warm
+/// pool farther away, and cost those requests only the longer trip).
+pub fn wake_cost(wake: Duration, held: f64) -> Duration {
+    wake.mul_f64(1.0 + held.clamp(0.0, 1.0))
+}
 
 /// Why [`IdleGaps::window`] picked its window, for `/state` and the status page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,13 +167,13 @@ impl IdleGaps {
         }
     }
 
-    /// The idle window for a pool whose wake takes `wake`, within
-    /// `min..=max`: the one whose expected cost over the observed gaps is
-    /// least, a gap costing its own length if the window bridges it and
-    /// the window plus a wake if not (ski rental, with the gap
-    /// distribution known); the break-even window until enough gaps are seen.
-    pub fn window(&self, wake: Duration, min: Duration, max: Duration) -> Window {
-        let wake_cost = wake.mul_f64(WAKE_COST_PER_WAKE_SECOND);
+    /// The idle window for a pool whose wake costs `wake_cost` (see
+    /// [`wake_cost`]), within `min..=max`: the one whose expected cost over
+    /// the observed gaps is least, a gap costing its own length if the
+    /// window bridges it and the window plus a wake if not (ski rental,
+    /// with the gap distribution known); the break-even window until
+    /// enough gaps are seen.
+    pub fn window(&self, wake_cost: Duration, min: Duration, max: Duration) -> Window {
         if self.total < GAPS_TO_DECIDE {
             return Window {
                 idle: wake_cost.clamp(min, max),
@@ -269,11 +272,18 @@ mod tests {
     }
 
     #[test]
+    fn a_wake_costs_its_boot_and_the_waits_it_causes() {
+        assert_eq!(wake_cost(20 * S, 1.0), 40 * S, "every wake made requests wait");
+        assert_eq!(wake_cost(20 * S, 0.0), 20 * S, "requests always went elsewhere meanwhile");
+        assert_eq!(wake_cost(20 * S, 7.0), 40 * S);
+    }
+
+    #[test]
     fn without_gaps_the_window_is_break_even() {
         let g = IdleGaps::default();
-        let w = g.window(20 * S, S, 1800 * S);
+        let w = g.window(wake_cost(20 * S, 1.0), S, 1800 * S);
         assert_eq!((w.idle, w.reason), (40 * S, WindowReason::BreakEven));
-        assert_eq!(g.window(20 * S, 60 * S, 1800 * S).idle, 60 * S, "within the bounds");
+        assert_eq!(g.window(wake_cost(20 * S, 1.0), 60 * S, 1800 * S).idle, 60 * S, "within the bounds");
     }
 
     fn gaps(list: &[(u64, usize)]) -> IdleGaps {
@@ -292,21 +302,21 @@ mod tests {
         // Many 30 s pauses and some nights: keep the pool through the
         // pauses (a wake costs 40 s), sleep soon after for the nights.
         let g = gaps(&[(30, 40), (8 * 3600, 4)]);
-        let w = g.window(20 * S, S, 1800 * S);
+        let w = g.window(wake_cost(20 * S, 1.0), S, 1800 * S);
         assert_eq!(w.reason, WindowReason::Histogram);
         assert!(w.idle >= 30 * S && w.idle < 40 * S, "{w:?}");
         // Only long gaps: sleep at once (the shortest window allowed).
         let g = gaps(&[(3600, 20)]);
-        assert_eq!(g.window(20 * S, 2 * S, 1800 * S).idle, 2 * S);
+        assert_eq!(g.window(wake_cost(20 * S, 1.0), 2 * S, 1800 * S).idle, 2 * S);
         // Gaps a little longer than a wake costs: cheaper to sleep at once
         // than to bridge them.
         let g = gaps(&[(60, 20)]);
-        assert_eq!(g.window(20 * S, 2 * S, 1800 * S).idle, 2 * S);
+        assert_eq!(g.window(wake_cost(20 * S, 1.0), 2 * S, 1800 * S).idle, 2 * S);
         // Gaps far shorter than a wake: bridge them all.
         let g = gaps(&[(5, 30), (10, 30)]);
-        let w = g.window(20 * S, S, 1800 * S);
+        let w = g.window(wake_cost(20 * S, 1.0), S, 1800 * S);
         assert!(w.idle >= 10 * S && w.idle < 13 * S, "{w:?}");
-        assert!(g.window(20 * S, S, 8 * S).idle <= 8 * S, "never past max");
+        assert!(g.window(wake_cost(20 * S, 1.0), S, 8 * S).idle <= 8 * S, "never past max");
     }
 
     #[test]

@@ -215,6 +215,8 @@ pub struct Replay<'a> {
     rng: fastrand::Rng,
     total: Figures,
     pools: Vec<Figures>,
+    /// Whether each pool scales to zero in the config as written.
+    scaling: Vec<bool>,
 }
 
 /// Why a replay could not start.
@@ -242,6 +244,7 @@ impl<'a> Replay<'a> {
         fastrand::seed(seed);
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut base = stoke_config::load_str(text, path)?;
+        let scaling: Vec<bool> = base.pools.iter().map(|p| p.scale.is_some()).collect();
         policy.apply(&mut base);
         let edge_ids: Vec<String> = base.locations.iter().filter(|l| l.edge).map(|l| l.id.clone()).collect();
         let mut edges = Vec::new();
@@ -328,6 +331,7 @@ impl<'a> Replay<'a> {
             rng,
             total: Figures::default(),
             pools: net.pools.iter().map(|_| Figures::default()).collect(),
+            scaling,
         };
         for i in 0..trace.requests.len() {
             let t = (trace.requests[i].t * 1e6) as T;
@@ -393,6 +397,9 @@ impl<'a> Replay<'a> {
             let s = up as f64 / 1e6;
             self.pools[pool].gpu_seconds = s;
             self.total.gpu_seconds += s;
+            if self.scaling[pool] {
+                self.total.scaling_gpu_seconds += s;
+            }
         }
         let net = &self.edges[0].live.snapshot.network;
         let windows = net
@@ -472,9 +479,9 @@ impl<'a> Replay<'a> {
         let (now, started) = (self.instant(self.now), self.instant(arrived));
         let deadline = crate::core::admission::deadline(started, max_wait);
         let mut woken = Vec::new();
-        let placed = admit::place(&live, service, started, now, deadline, keys, |pool, _| woken.push(pool));
-        for pool in woken {
-            self.start_wake(e, pool);
+        let placed = admit::place(&live, service, started, now, deadline, keys, |pool, why| woken.push((pool, why)));
+        for (pool, why) in woken {
+            self.start_wake(e, pool, why);
         }
         match placed {
             Ok(Placed::Admitted(a)) => self.forward(e, i, service, a.pool, a.slot, arrived, 0),
@@ -634,9 +641,9 @@ impl<'a> Replay<'a> {
         }
     }
 
-    fn start_wake(&mut self, e: usize, pool: PoolId) {
+    fn start_wake(&mut self, e: usize, pool: PoolId, why: wake::Reason) {
         let now = self.instant(self.now);
-        let Some(schedule) = wake::begin(self.edges[e].live.pool(pool), now) else { return };
+        let Some(schedule) = wake::begin(self.edges[e].live.pool(pool), now, why) else { return };
         self.wakes.insert((e, pool.index()), schedule);
         self.at(self.now, Ev::WakeTurn { edge: e, pool: pool.index() });
     }
@@ -791,7 +798,7 @@ impl<'a> Replay<'a> {
         }
         let due = sleep::due(&live, self.instant(self.now));
         for pool in due.prewarm {
-            self.start_wake(e, pool);
+            self.start_wake(e, pool, wake::Reason::Prewarm);
         }
         for call in due.sleeps {
             let Some(pid) = live.snapshot.network.pool_id(&call.pool) else { continue };

@@ -39,6 +39,9 @@ impl Samples {
 pub struct Figures {
     /// Replica time awake, boot included.
     pub gpu_seconds: f64,
+    /// Of that, the pools that scale to zero in the config as written (the
+    /// part an idle policy changes).
+    pub scaling_gpu_seconds: f64,
     /// Times a sleeping pool was started (its replicas booted).
     pub wakes: u64,
     /// Wake hook calls made (with resends and one per edge).
@@ -77,6 +80,7 @@ impl Figures {
     fn json(&mut self) -> Value {
         json!({
             "gpu_seconds": round(self.gpu_seconds, 1),
+            "scaling_gpu_seconds": round(self.scaling_gpu_seconds, 1),
             "wakes": self.wakes,
             "wake_calls": self.wake_calls,
             "sleeps": self.sleeps,

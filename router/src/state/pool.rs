@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use stoke_config::IdleTimeout;
 
 use crate::core::demand::Demand;
-use crate::core::idle::{IdleGaps, Window};
+use crate::core::idle::{wake_cost, IdleGaps, Window};
 
 /// Seed of the mean time a request holds a slot, before any is observed.
 /// Inference requests take seconds; one second errs towards holding less.
@@ -55,6 +55,9 @@ pub struct PoolState {
     window: Mutex<Option<Window>>,
     /// The busy-period start a pre-warm was sent for.
     prewarmed_for: Mutex<Option<Instant>>,
+    /// Share of this edge's wakes of the pool that requests waited for
+    /// (an EWMA, as f64 bits; 1 until a wake is seen).
+    held_share: AtomicU64,
 }
 
 impl PoolState {
@@ -78,6 +81,7 @@ impl PoolState {
             gaps: Mutex::new(IdleGaps::default()),
             window: Mutex::new(None),
             prewarmed_for: Mutex::new(None),
+            held_share: AtomicU64::new(1f64.to_bits()),
         }
     }
 
@@ -136,11 +140,27 @@ impl PoolState {
         match rule {
             IdleTimeout::Fixed(d) => d,
             IdleTimeout::Auto { min, max } => {
-                let w = self.gaps.lock().unwrap_or_else(|e| e.into_inner()).window(self.expected_wake(), min, max);
+                let cost = wake_cost(self.expected_wake(), self.held_share());
+                let w = self.gaps.lock().unwrap_or_else(|e| e.into_inner()).window(cost, min, max);
                 *self.window.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
                 w.idle
             }
         }
+    }
+
+    /// This edge starts a wake of the pool: `held` if a request waits for
+    /// it, not if it is for demand that is being served elsewhere.
+    pub fn note_wake(&self, held: bool) {
+        let sample = if held { 1.0 } else { 0.0 };
+        let _ = self.held_share.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+            let prev = f64::from_bits(bits);
+            Some((prev * (1.0 - EWMA_WEIGHT) + sample * EWMA_WEIGHT).to_bits())
+        });
+    }
+
+    /// Share of this edge's wakes that requests waited for.
+    pub fn held_share(&self) -> f64 {
+        f64::from_bits(self.held_share.load(Ordering::Relaxed))
     }
 
     /// The window `idle_timeout = "auto"` chose last, if it did.
@@ -332,6 +352,10 @@ mod tests {
         // from the last request.
         p.end_gap(t0 + 200 * S);
         assert_eq!(p.gaps.lock().expect("gaps").window(S, S, 1000 * S).gaps, 1.0);
+        // Wakes for demand served elsewhere make the next cheaper.
+        assert_eq!(p.held_share(), 1.0);
+        p.note_wake(false);
+        assert!((p.held_share() - 0.7).abs() < 1e-9);
     }
 
     #[test]

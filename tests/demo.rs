@@ -22,6 +22,13 @@ async fn the_demo_world_serves_through_its_edges() {
     assert_eq!(state["locations"].as_array().map(Vec::len), Some(10));
     assert!(state["pools"].as_array().is_some_and(|p| p.len() >= 5));
     assert!(state["clock"]["utc_hour"].as_f64().is_some());
+    // Scaling pools say how long they stay up when idle, and why.
+    let pools = state["pools"].as_array().expect("pools");
+    let par = pools.iter().find(|p| p["id"] == "par-l40s").expect("par-l40s");
+    assert_eq!(par["idle"]["rule"], "auto", "{par}");
+    assert!(par["idle"]["min_ms"].is_number() && par["idle"]["max_ms"].is_number(), "{par}");
+    let fra = pools.iter().find(|p| p["id"] == "fra-h100").expect("fra-h100");
+    assert!(fra["idle"].is_null(), "always on: {fra}");
 
     // Every edge serves; Sydney has no pool and goes elsewhere.
     for (id, addr) in &demo.edges {

@@ -208,7 +208,7 @@ impl Admin {
 
 /// A scaling pool's idle window: the rule, the window in force and, for
 /// `"auto"`, why it was chosen.
-fn idle_json(st: &crate::state::PoolState, rule: stoke_config::IdleTimeout) -> Value {
+pub fn idle_json(st: &crate::state::PoolState, rule: stoke_config::IdleTimeout) -> Value {
     match rule {
         stoke_config::IdleTimeout::Fixed(d) => json!({"rule": "fixed", "window_ms": d.as_millis() as u64}),
         stoke_config::IdleTimeout::Auto { min, max } => {
@@ -334,5 +334,27 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn state_shows_the_idle_window_and_why() {
+        let text = crate::testing::two_pools_text(
+            1,
+            "idle_timeout = \"auto\"\nmin_idle = \"5s\"\nmax_idle = \"10m\"\nwake_time = \"20s\"",
+        )
+        .replace("max_concurrency = 1\n", "max_concurrency = 1\nload = {}\n");
+        let router = crate::state::Router::new(crate::testing::snapshot(&text));
+        let live = router.live();
+        let pool = |v: &Value| v["pools"].as_array().and_then(|p| p.first()).cloned().expect("a pool");
+        let before = pool(&state_json(&live, 0));
+        assert_eq!(before["idle"]["rule"], "auto");
+        assert!(before["idle"]["window_ms"].is_null(), "not chosen before the sleeper looks: {before}");
+        // The home edge's sleeper looks: with no gaps seen, the break-even
+        // window, a wake's cost (its 20 s boot, and as much for the wait).
+        let _ = crate::control::sleep::due(&live, clock::now());
+        let after = pool(&state_json(&live, 0));
+        assert_eq!(after["idle"]["window_ms"], 40_000, "{after}");
+        assert_eq!(after["idle"]["reason"], "break_even");
+        assert_eq!((after["idle"]["min_ms"].as_u64(), after["idle"]["max_ms"].as_u64()), (Some(5_000), Some(600_000)));
     }
 }

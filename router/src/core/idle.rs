@@ -115,11 +115,14 @@ pub struct IdleGaps {
     total: f64,
     /// Starts of recent busy periods after a long gap, oldest first.
     starts: VecDeque<Instant>,
+    /// The longest of the recent long gaps, seconds (fading), so that only
+    /// the gaps of its order (the nights) start busy periods.
+    longest: f64,
 }
 
 impl Default for IdleGaps {
     fn default() -> Self {
-        IdleGaps { counts: vec![0.0; GAP_BUCKETS].into(), total: 0.0, starts: VecDeque::new() }
+        IdleGaps { counts: vec![0.0; GAP_BUCKETS].into(), total: 0.0, starts: VecDeque::new(), longest: 0.0 }
     }
 }
 
@@ -146,13 +149,17 @@ fn bucket_mid(i: usize) -> f64 {
 
 /// Busy-period starts remembered for the forecast.
 const STARTS_KEPT: usize = 4;
+/// What the longest long gap keeps of itself with every new long gap.
+const LONGEST_FADE: f64 = 0.9;
 /// How far two periods between busy-period starts may differ and still
 /// count as one rhythm.
 const PERIOD_TOLERANCE: f64 = 0.1;
 
 impl IdleGaps {
     /// Record a gap of `gap` that ended at `now` with a request. A gap
-    /// longer than `long` (the window in force) starts a busy period.
+    /// longer than `long` (the window in force) and of the order of the
+    /// longest recent ones (at least half) starts a busy period: the
+    /// night's gap does, a lull in the day does not.
     pub fn observe(&mut self, gap: Duration, now: Instant, long: Duration) {
         for c in self.counts.iter_mut() {
             *c *= GAP_DECAY;
@@ -160,10 +167,14 @@ impl IdleGaps {
         self.total = self.total * GAP_DECAY + 1.0;
         self.counts[bucket(gap)] += 1.0;
         if gap > long {
-            if self.starts.len() == STARTS_KEPT {
-                self.starts.pop_front();
+            let g = gap.as_secs_f64();
+            self.longest = (self.longest * LONGEST_FADE).max(g);
+            if g >= self.longest / 2.0 {
+                if self.starts.len() == STARTS_KEPT {
+                    self.starts.pop_front();
+                }
+                self.starts.push_back(now);
             }
-            self.starts.push_back(now);
         }
     }
 
@@ -333,6 +344,10 @@ mod tests {
                 assert_eq!(g.next_start(), None, "two starts are not yet a rhythm");
             }
         }
+        assert_eq!(g.next_start(), Some(t0 + 3 * day));
+        // A lull in the day, long but far shorter than the nights, is no
+        // busy period's start.
+        g.observe(20 * S, t0 + 3 * day - 100 * S, 10 * S);
         assert_eq!(g.next_start(), Some(t0 + 3 * day));
         assert_eq!(prewarm_at(t0 + 3 * day, 4 * S), t0 + 3 * day - 5 * S);
         // An irregular start breaks the rhythm.

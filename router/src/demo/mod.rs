@@ -416,6 +416,7 @@ impl World {
                     "max_concurrency": pool.max_concurrency,
                     "routed_total": views.iter().map(|v| v.state.routed()).sum::<u64>(),
                     "expected_wake_ms": home.state.expected_wake().as_millis() as u64,
+                    "idle": pool.scale.as_ref().map(|scale| crate::admin::idle_json(&home.state, scale.idle_timeout)),
                     "waking_for_ms": views
                         .iter()
                         .filter_map(|v| v.state.waking_since())

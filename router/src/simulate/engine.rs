@@ -590,14 +590,6 @@ impl<'a> Replay<'a> {
         // Gone: its replica was stopped under it (counted then).
         let Some(mut job) = self.jobs.remove(&id) else { return };
         let (p, r) = (job.pool, job.replica);
-        if std::env::var_os("SIMDEBUG").is_some() {
-            eprintln!(
-                "DBG {} {} {}",
-                self.now / 1000,
-                self.edges[job.edge].live.snapshot.edge_location().id,
-                self.network().pools[p].id
-            );
-        }
         self.total.ok += 1;
         self.total.hold_ms.push(job.held_us as f64 / 1000.0);
         self.total.ttft_ms.push(job.ttft_us as f64 / 1000.0);
@@ -644,6 +636,18 @@ impl<'a> Replay<'a> {
     fn start_wake(&mut self, e: usize, pool: PoolId, why: wake::Reason) {
         let now = self.instant(self.now);
         let Some(schedule) = wake::begin(self.edges[e].live.pool(pool), now, why) else { return };
+        tracing::debug!(
+            target: "stoke::simulate",
+            t = self.now as f64 / 1e6,
+            pool = %self.edges[e].live.pool(pool).state.id,
+            edge = %self.edges[e].live.snapshot.edge_location().id,
+            reason = why.as_str(),
+            "waking pool"
+        );
+        if why == wake::Reason::Prewarm {
+            self.total.prewarms += 1;
+            self.pools[pool.index()].prewarms += 1;
+        }
         self.wakes.insert((e, pool.index()), schedule);
         self.at(self.now, Ev::WakeTurn { edge: e, pool: pool.index() });
     }
@@ -668,7 +672,7 @@ impl<'a> Replay<'a> {
                 view.state.set_wake_error(Some(format!("no replica became ready within {} s", after.as_secs())));
                 return;
             }
-            WakeStep::Call { .. } => self.orchestrator_wake(p),
+            WakeStep::Call { .. } => self.orchestrator_wake(p, e),
             WakeStep::Probe => {}
         }
         for (r, state) in view.replicas.iter().enumerate() {
@@ -684,10 +688,14 @@ impl<'a> Replay<'a> {
     }
 
     /// The orchestrator gets a wake call: every stopped replica boots.
-    fn orchestrator_wake(&mut self, p: usize) {
-        if std::env::var_os("SIMDEBUG").is_some() {
-            eprintln!("WAKE {} {}", self.now / 1000, self.network().pools[p].id);
-        }
+    fn orchestrator_wake(&mut self, p: usize, edge: usize) {
+        tracing::debug!(
+            target: "stoke::simulate",
+            t = self.now as f64 / 1e6,
+            pool = %self.network().pools[p].id,
+            edge = %self.edges[edge].live.snapshot.edge_location().id,
+            "wake call"
+        );
         self.total.wake_calls += 1;
         self.pools[p].wake_calls += 1;
         let mut booted = false;
@@ -712,9 +720,7 @@ impl<'a> Replay<'a> {
     /// The orchestrator gets a sleep call: every replica stops, and the
     /// requests still on one (from an edge that is not the home edge) fail.
     fn orchestrator_sleep(&mut self, p: usize) {
-        if std::env::var_os("SIMDEBUG").is_some() {
-            eprintln!("SLEEP {} {}", self.now / 1000, self.network().pools[p].id);
-        }
+        tracing::debug!(target: "stoke::simulate", t = self.now as f64 / 1e6, pool = %self.network().pools[p].id, "sleep call");
         self.total.sleeps += 1;
         self.pools[p].sleeps += 1;
         for r in 0..self.gpus[p].len() {
@@ -783,19 +789,6 @@ impl<'a> Replay<'a> {
 
     fn sleeper(&mut self, e: usize) {
         let live = self.edges[e].live.clone();
-        if std::env::var_os("SIMDEBUG2").is_some() && self.now > 145_000_000 && self.now < 160_000_000 {
-            for v in live.pools.iter() {
-                if &*v.state.id == "par-l40s" && live.snapshot.edge_location().id == "par" {
-                    eprintln!(
-                        "ACT {} {:?} slept={} now={:?}",
-                        self.now / 1000,
-                        v.activity(),
-                        v.state.is_slept(),
-                        self.instant(self.now)
-                    );
-                }
-            }
-        }
         let due = sleep::due(&live, self.instant(self.now));
         for pool in due.prewarm {
             self.start_wake(e, pool, wake::Reason::Prewarm);

@@ -46,6 +46,8 @@ pub struct Figures {
     pub wakes: u64,
     /// Wake hook calls made (with resends and one per edge).
     pub wake_calls: u64,
+    /// Wakes the home edge started ahead of an expected busy period.
+    pub prewarms: u64,
     /// Sleep hook calls made.
     pub sleeps: u64,
     /// Requests.
@@ -83,6 +85,7 @@ impl Figures {
             "scaling_gpu_seconds": round(self.scaling_gpu_seconds, 1),
             "wakes": self.wakes,
             "wake_calls": self.wake_calls,
+            "prewarms": self.prewarms,
             "sleeps": self.sleeps,
             "requests": self.requests,
             "ok": self.ok,

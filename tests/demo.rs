@@ -100,8 +100,10 @@ async fn a_replay_of_the_demos_own_traffic_matches_the_live_run() {
         config: &config,
         config_path: std::path::Path::new("demo.toml"),
         policies: vec!["config".into()],
-        rates: Default::default(),
-        default_rates: stoke_router::demo::world::replica_rates(),
+        replicas: stoke_router::simulate::ReplicaModel {
+            default_rates: stoke_router::demo::world::replica_rates(),
+            ..Default::default()
+        },
         seed: 1,
         progress: false,
         until: Some(live.ran.as_secs_f64()),

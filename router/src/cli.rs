@@ -80,6 +80,11 @@ struct SimulateArgs {
     /// One pool's rates, POOL=PREFILL/DECODE tokens per second (repeatable).
     #[arg(long = "rate", value_parser = crate::simulate::parse_rate)]
     rates: Vec<(String, crate::simulate::Rates)>,
+    /// Each replica's prefix cache in tokens (an LRU of 16-token blocks, as
+    /// `stoke sim replica`'s): a session's turns find their conversation
+    /// so far cached on the replica that served it last.
+    #[arg(long, default_value_t = crate::sim::cache::DEFAULT_CACHE_TOKENS)]
+    cache_tokens: usize,
     /// Seed of every random draw: the same seed replays the same way.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -258,8 +263,11 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         config: &text,
         config_path: &path,
         policies,
-        rates: args.rates.into_iter().collect(),
-        default_rates: defaults,
+        replicas: simulate::ReplicaModel {
+            rates: args.rates.into_iter().collect(),
+            default_rates: defaults,
+            cache_tokens: args.cache_tokens,
+        },
         seed: args.seed,
         progress: !args.json,
         until: None,

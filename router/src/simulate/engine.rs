@@ -48,6 +48,48 @@ impl Default for Rates {
     }
 }
 
+/// How the replay's GPU replicas work.
+#[derive(Clone, Debug)]
+pub struct ReplicaModel {
+    /// Rates by pool id.
+    pub rates: HashMap<String, Rates>,
+    /// Rates of the other pools.
+    pub default_rates: Rates,
+    /// Each replica's prefix cache, in tokens (the simulated replica's
+    /// model, [`crate::sim::cache`]): a request's cached share needs no prefill.
+    pub cache_tokens: usize,
+}
+
+impl Default for ReplicaModel {
+    fn default() -> Self {
+        ReplicaModel {
+            rates: HashMap::new(),
+            default_rates: Rates::default(),
+            cache_tokens: crate::sim::cache::DEFAULT_CACHE_TOKENS,
+        }
+    }
+}
+
+/// The prompt of trace request `index`, as bytes the prefix cache hashes
+/// (the cache's 4 bytes a token): a session's turns extend one stream, so
+/// that each turn's prompt begins with the one before, as a conversation
+/// does; a request with no session shares nothing.
+pub fn prompt(req: &super::trace::TraceRequest, index: usize) -> Vec<u8> {
+    let seed = match &req.session {
+        Some(s) => affinity::hash(s.as_bytes()),
+        None => affinity::hash(&(index as u64).to_le_bytes()) ^ 0x5eed,
+    };
+    let len = req.prompt_tokens as usize * crate::sim::cache::BYTES_PER_TOKEN;
+    let mut out = Vec::with_capacity(len + 8);
+    let mut i = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(&affinity::hash(&(seed ^ i.rotate_left(32)).to_le_bytes()).to_le_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
 /// The idle policy a replay applies to every pool that scales.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Policy {
@@ -157,6 +199,8 @@ struct Gpu {
     up: T,
     running: u32,
     waiting: VecDeque<u64>,
+    /// Emptied when the replica stops.
+    cache: crate::sim::cache::PrefixCache,
 }
 
 /// A request on a replica.
@@ -201,6 +245,7 @@ pub struct Replay<'a> {
     edge_of: Vec<usize>,
     gpus: Vec<Vec<Gpu>>,
     rates: Vec<Rates>,
+    cache_tokens: usize,
     boot: Vec<T>,
     /// Probe phase of each (edge, pool, replica), and the pool's probe interval.
     phase: Vec<Vec<Vec<T>>>,
@@ -229,14 +274,13 @@ pub enum ReplayError {
 
 impl<'a> Replay<'a> {
     /// Build the network of `text` (loaded as from `path`) under `policy`,
-    /// with pool rates from `rates` (by pool id, else `default_rates`).
+    /// with replicas that work as `model` says.
     pub fn new(
         text: &str,
         path: &std::path::Path,
         policy: &Policy,
         trace: &'a Trace,
-        rates: &HashMap<String, Rates>,
-        default_rates: Rates,
+        model: &ReplicaModel,
         seed: u64,
     ) -> Result<Replay<'a>, ReplayError> {
         let epoch = Instant::now();
@@ -272,6 +316,7 @@ impl<'a> Replay<'a> {
                         up: 0,
                         running: 0,
                         waiting: VecDeque::new(),
+                        cache: crate::sim::cache::PrefixCache::new(model.cache_tokens),
                     })
                     .collect()
             })
@@ -319,7 +364,8 @@ impl<'a> Replay<'a> {
             edges,
             edge_of,
             gpus,
-            rates: net.pools.iter().map(|p| rates.get(&p.id).copied().unwrap_or(default_rates)).collect(),
+            rates: net.pools.iter().map(|p| model.rates.get(&p.id).copied().unwrap_or(model.default_rates)).collect(),
+            cache_tokens: model.cache_tokens,
             boot: net.pools.iter().map(|p| p.scale.as_ref().map_or(0, |s| us(s.wake_time))).collect(),
             phase,
             interval,
@@ -578,7 +624,14 @@ impl<'a> Replay<'a> {
         let rates = self.rates[job.pool];
         let rtt =
             us(net.rtt.get(self.edges[job.edge].live.snapshot.location.index(), net.pools[job.pool].location.index()));
-        let prefill = if rates.prefill_tps > 0.0 { f64::from(req.prompt_tokens) / rates.prefill_tps } else { 0.0 };
+        // Prefill: only the prompt tokens the replica's prefix cache does not hold.
+        let found = self.gpus[job.pool][job.replica].cache.lookup(&prompt(req, job.req));
+        for f in [&mut self.total, &mut self.pools[job.pool]] {
+            f.cache_queried += found.tokens;
+            f.cache_hits += found.cached;
+        }
+        let uncached = (found.tokens - found.cached) as f64;
+        let prefill = if rates.prefill_tps > 0.0 { uncached / rates.prefill_tps } else { 0.0 };
         let per_token = 1.0 / rates.decode_tps.max(1e-3);
         let decode = f64::from(req.output_tokens.max(1)) * per_token;
         job.ttft_us = (self.now - job.arrived) + rtt + ((prefill + per_token) * 1e6) as T;
@@ -730,6 +783,7 @@ impl<'a> Replay<'a> {
             }
             g.up += self.now - g.on_since;
             g.power = Power::Off;
+            g.cache = crate::sim::cache::PrefixCache::new(self.cache_tokens);
             g.generation += 1;
             g.running = 0;
             g.waiting.clear();
@@ -833,13 +887,55 @@ mod tests {
 
     fn replay(text: &str, policy: &str, t: &Trace) -> PolicyReport {
         let policy_parsed = Policy::parse(policy).expect("policy");
-        let r = Replay::new(text, std::path::Path::new("t.toml"), &policy_parsed, t, &HashMap::new(), RATES, 7)
-            .expect("replay");
+        let model = ReplicaModel { default_rates: RATES, ..ReplicaModel::default() };
+        let r = Replay::new(text, std::path::Path::new("t.toml"), &policy_parsed, t, &model, 7).expect("replay");
         r.run(policy, None, |_| {})
     }
 
     fn world(scale: &str) -> String {
         crate::testing::two_pools_text(4, scale)
+    }
+
+    #[test]
+    fn a_sessions_turns_find_their_conversation_cached_where_affinity_sends_them() {
+        let config = |affinity: &str| {
+            format!(
+                "[edge]\nlocation = \"fra\"\nadmin = \"127.0.0.1:0\"\n[[location]]\nid = \"fra\"\nlat = 50.1\nlon = 8.7\n\
+                 [[pool]]\nid = \"fra-gpu\"\nlocation = \"fra\"\nserves = [\"m\"]\n\
+                 replicas = [\"127.0.0.1:9\", \"127.0.0.1:10\", \"127.0.0.1:11\", \"127.0.0.1:12\"]\n{affinity}\n\
+                 [[route]]\nservice = \"m\"\n"
+            )
+        };
+        // Twenty conversations of four turns, each turn's prompt the one
+        // before and 256 tokens more.
+        let mut requests = Vec::new();
+        for turn in 0..4u32 {
+            for s in 0..20u32 {
+                requests.push(TraceRequest {
+                    t: f64::from(turn * 20 + s) * 0.5,
+                    edge: "fra".into(),
+                    model: "m".into(),
+                    prompt_tokens: 256 * (turn + 1),
+                    output_tokens: 10,
+                    session: Some(format!("s{s}")),
+                });
+            }
+        }
+        let t = Trace { requests, source: "test".into(), format: "jsonl", assign: None };
+        let hit_rate = |text: &str| {
+            let r = replay(text, "config", &t);
+            r.total.cache_hits as f64 / r.total.cache_queried as f64
+        };
+        let keyed = hit_rate(&config("[pool.affinity]\nkey = \"header:x-session-id\""));
+        let spread = hit_rate(&config(""));
+        // Turn k finds k−1 of its k parts cached: 1,536 of 2,560 tokens.
+        assert!((keyed - 0.6).abs() < 0.01, "with affinity: {keyed}");
+        assert!(spread < keyed - 0.15, "without: {spread} against {keyed}");
+        // The same conversation with no session shares nothing.
+        assert_eq!(prompt(&t.requests[0], 0)[..64], prompt(&t.requests[20], 20)[..64], "a turn extends the one before");
+        let mut lone = t.requests[0].clone();
+        lone.session = None;
+        assert_ne!(prompt(&lone, 0)[..64], prompt(&lone, 1)[..64]);
     }
 
     #[test]
@@ -1000,9 +1096,9 @@ service = "m"
             })
             .collect();
         let trace = Trace { requests, source: "test".into(), format: "jsonl", assign: None };
-        let rates = Rates { prefill_tps: 0.0, decode_tps: 100.0 };
-        let r = Replay::new(text, std::path::Path::new("t.toml"), &Policy::Config, &trace, &HashMap::new(), rates, 3)
-            .expect("replay");
+        let model =
+            ReplicaModel { default_rates: Rates { prefill_tps: 0.0, decode_tps: 100.0 }, ..ReplicaModel::default() };
+        let r = Replay::new(text, std::path::Path::new("t.toml"), &Policy::Config, &trace, &model, 3).expect("replay");
         r.run("config", Some(until), |_| {})
     }
 

@@ -8,13 +8,12 @@ pub mod engine;
 pub mod report;
 pub mod trace;
 
-use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::Path;
 
 use serde_json::json;
 
-pub use engine::{Policy, Rates, Replay};
+pub use engine::{Policy, Rates, Replay, ReplicaModel};
 pub use report::{Figures, PolicyReport, Report};
 pub use trace::{Trace, TraceRequest};
 
@@ -30,10 +29,8 @@ pub struct Options<'a> {
     pub config_path: &'a Path,
     /// Policies, in the order to report them.
     pub policies: Vec<String>,
-    /// Rates per pool id.
-    pub rates: HashMap<String, Rates>,
-    /// Rates of the other pools.
-    pub default_rates: Rates,
+    /// How the replicas work.
+    pub replicas: ReplicaModel,
     /// Seed of every draw (replica picks, probe phases).
     pub seed: u64,
     /// Show progress on standard error (when it is a terminal).
@@ -64,8 +61,7 @@ pub fn run(opts: &Options<'_>, trace: &Trace) -> Result<Report, SimulateError> {
     let show = opts.progress && std::io::stderr().is_terminal();
     let mut reports = Vec::new();
     for (name, policy) in &policies {
-        let replay =
-            Replay::new(opts.config, opts.config_path, policy, trace, &opts.rates, opts.default_rates, opts.seed)?;
+        let replay = Replay::new(opts.config, opts.config_path, policy, trace, &opts.replicas, opts.seed)?;
         let report = replay.run(name, opts.until, |done| {
             if show {
                 eprint!("\r{name}: {:>3.0} %", done * 100.0);

@@ -62,6 +62,10 @@ pub struct Figures {
     pub hold_ms: Samples,
     /// Time to first token, requests answered by a replica.
     pub ttft_ms: Samples,
+    /// Prompt tokens looked up in the replicas' prefix caches.
+    pub cache_queried: u64,
+    /// Of those, found cached.
+    pub cache_hits: u64,
 }
 
 impl Figures {
@@ -100,6 +104,11 @@ impl Figures {
             "ttft_ms": {
                 "p50": round(self.ttft_ms.quantile(0.5), 1),
                 "p99": round(self.ttft_ms.quantile(0.99), 1),
+            },
+            "prefix_cache": {
+                "queried_tokens": self.cache_queried,
+                "hit_tokens": self.cache_hits,
+                "hit_rate": round(if self.cache_queried == 0 { 0.0 } else { self.cache_hits as f64 / self.cache_queried as f64 }, 3),
             },
         })
     }

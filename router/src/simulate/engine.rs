@@ -283,6 +283,22 @@ impl<'a> Replay<'a> {
         model: &ReplicaModel,
         seed: u64,
     ) -> Result<Replay<'a>, ReplayError> {
+        let built = Self::build(text, path, policy, trace, model, seed);
+        if built.is_err() {
+            // Nothing of the replay is left to read the virtual clock.
+            clock::set_virtual(None);
+        }
+        built
+    }
+
+    fn build(
+        text: &str,
+        path: &std::path::Path,
+        policy: &Policy,
+        trace: &'a Trace,
+        model: &ReplicaModel,
+        seed: u64,
+    ) -> Result<Replay<'a>, ReplayError> {
         let epoch = Instant::now();
         clock::set_virtual(Some(epoch));
         fastrand::seed(seed);
@@ -936,6 +952,18 @@ mod tests {
         let mut lone = t.requests[0].clone();
         lone.session = None;
         assert_ne!(prompt(&lone, 0)[..64], prompt(&lone, 1)[..64]);
+    }
+
+    #[test]
+    fn a_config_that_does_not_load_leaves_the_clock_alone() {
+        let t = trace(&[(0.0, "fra")]);
+        let bad =
+            Replay::new("[edge", std::path::Path::new("t.toml"), &Policy::Config, &t, &ReplicaModel::default(), 1);
+        assert!(bad.is_err());
+        let (a, b) = (clock::now(), clock::now());
+        assert!(b >= a && a.elapsed() < Duration::from_secs(1), "the real clock again");
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(clock::now() > a, "time moves: not a virtual time left behind");
     }
 
     #[test]

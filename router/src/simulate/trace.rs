@@ -114,7 +114,7 @@ pub fn parse(text: &str, name: &str, assign: Option<&str>, network: &Network) ->
         json_lines(text, name)?
     } else if first.starts_with("TIMESTAMP") {
         let spec = Assign::parse(assign.unwrap_or(""), network)?;
-        let mut t = azure(text, name, &spec, network)?;
+        let mut t = azure(text, name, &spec)?;
         t.assign = Some(assign.unwrap_or("edges=sun,models=zipf:1").to_owned());
         t
     } else {
@@ -284,8 +284,7 @@ fn draw(rng: &mut fastrand::Rng, w: impl Iterator<Item = f64> + Clone) -> Option
     last
 }
 
-fn azure(text: &str, name: &str, a: &Assign, network: &Network) -> Result<Trace, TraceError> {
-    let _ = network;
+fn azure(text: &str, name: &str, a: &Assign) -> Result<Trace, TraceError> {
     let mut rng = fastrand::Rng::with_seed(a.seed);
     let mut first: Option<f64> = None;
     let mut requests = Vec::new();

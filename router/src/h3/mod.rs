@@ -399,6 +399,7 @@ async fn handle(
             body_done,
             &mut trace,
             &mut outcome,
+            started,
         )
         .await
     }
@@ -486,6 +487,7 @@ async fn forward(
     mut body_done: bool,
     trace: &mut Trace,
     outcome: &mut Ended,
+    started: Instant,
 ) -> Result<(), Reject> {
     let net = &live.snapshot.network;
     let route = trace.route.map(|r| net.route(r));
@@ -519,7 +521,10 @@ async fn forward(
     }
 
     let mut attempt = H3Attempt { head: &head, body: &mut body, conn };
-    let sent = upstream::send_with_retries(&shared.connector, live, trace.service, slot, pool, &mut attempt).await?;
+    let rehold = route.map(|r| upstream::Rehold { router: &shared.router, started, max_wait: r.max_wait });
+    let sent =
+        upstream::send_with_retries(&shared.connector, live, trace.service, slot, pool, &mut attempt, rehold.as_ref())
+            .await?;
     let Sent { mut session, peer, slot, pool } = sent;
     outcome.pool = Some(pool);
     outcome.replica = Some(slot.replica().addr_text.to_string());
@@ -689,6 +694,7 @@ impl HeldH3<'_> {
             Ok(h) => h,
             Err(reject) => return end_with_error(tx, outcome, reject).await,
         };
+        let rehold = route.map(|r| upstream::Rehold { router: &self.shared.router, started, max_wait: r.max_wait });
         let sent = upstream::send_whole(
             &self.shared.connector,
             self.live,
@@ -697,6 +703,7 @@ impl HeldH3<'_> {
             admitted.pool,
             &head,
             &held.body,
+            rehold.as_ref(),
         );
         let mut sent = match sent.await {
             Ok(sent) => sent,

@@ -210,6 +210,23 @@ fn refused(live: &Live, service: ServiceId, refusal: Refusal) -> Reject {
     }
 }
 
+/// A retry whose try sent nothing found no replica free (the pool it was
+/// on may have gone to sleep under this edge, put there by its home edge
+/// before this edge's probes saw it): admit it as a new request would be —
+/// held for a wake within what is left of `max_wait` from `started` —
+/// rather than answer 502. The client is not watched meanwhile; the wait
+/// is bounded by the deadline.
+pub async fn readmit(
+    router: &Arc<Router>,
+    live: &Arc<Live>,
+    service: ServiceId,
+    started: Instant,
+    max_wait: Duration,
+) -> Option<(PoolId, Slot)> {
+    let admitted = admit(router, live, service, started, max_wait, std::future::pending(), &Keys::default()).await;
+    admitted.ok().map(|a| (a.pool, a.slot))
+}
+
 /// A slot for a retry after a connect failure: the failed replica is
 /// already marked down, so the pick moves on to another replica or the
 /// next pool. Never holds.

@@ -51,20 +51,11 @@ pub struct EdgeProxy {
 }
 
 impl EdgeProxy {
-    /// A retry that found no free replica (the try sent nothing): the
-    /// pool it was on may have gone to sleep under this edge, put there by
-    /// its home edge before this edge's probes saw it. Admit it as a new
-    /// request would be — hold it for a wake, within what is left of the
-    /// route's `max_wait` — rather than answer 502.
+    /// A retry that found no free replica: held for a wake as a new
+    /// request would be ([`super::admit::readmit`]), not answered 502.
     async fn hold_retry(&self, ctx: &RequestCtx, live: &Arc<Live>) -> Option<(PoolId, Slot)> {
-        let (service, route) = (ctx.service?, ctx.route?);
-        let max_wait = live.snapshot.network.route(route).max_wait;
-        let keys = super::admit::Keys::default();
-        let admitted =
-            super::admit::admit(&self.router, live, service, ctx.started, max_wait, std::future::pending(), &keys)
-                .await
-                .ok()?;
-        Some((admitted.pool, admitted.slot))
+        let max_wait = live.snapshot.network.route(ctx.route?).max_wait;
+        super::admit::readmit(&self.router, live, ctx.service?, ctx.started, max_wait).await
     }
 
     /// A proxy over `router`; every request holds a guard of `drain` while
@@ -474,8 +465,21 @@ impl EdgeProxy {
         req.remove_header(&http::header::TRANSFER_ENCODING);
         let _ = req.insert_header(CONTENT_LENGTH, held.body.len());
         ctx.forwarded_at = Some(Instant::now());
-        let sent =
-            upstream::send_whole(&self.connector, live, ctx.service, admitted.slot, admitted.pool, &req, &held.body);
+        let rehold = ctx.route.map(|r| upstream::Rehold {
+            router: &self.router,
+            started: ctx.started,
+            max_wait: live.snapshot.network.route(r).max_wait,
+        });
+        let sent = upstream::send_whole(
+            &self.connector,
+            live,
+            ctx.service,
+            admitted.slot,
+            admitted.pool,
+            &req,
+            &held.body,
+            rehold.as_ref(),
+        );
         let mut sent = match sent.await {
             Ok(sent) => sent,
             Err(reject) => return end_with_error(session, ctx, reject).await,

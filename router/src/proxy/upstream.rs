@@ -4,7 +4,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
@@ -13,9 +14,10 @@ use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
 use stoke_config::{Pool, PoolId, ServiceId};
 
+use super::admit;
 use super::policy::{self, Attempts, Failure};
 use crate::error::Reject;
-use crate::state::{Live, Slot};
+use crate::state::{Live, Router, Slot};
 
 /// Longest a write to a replica may block.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,16 +65,30 @@ pub enum TryError {
 /// Send `head` and the whole `body` on `slot` of `pool`, trying another
 /// replica (or a fresh connection) as the response policy allows, and read
 /// the answer's head.
+#[allow(clippy::too_many_arguments)]
 pub async fn send_whole(
     connector: &Connector,
-    live: &Live,
+    live: &Arc<Live>,
     service: Option<ServiceId>,
     slot: Slot,
     pool: PoolId,
     head: &RequestHeader,
     body: &Bytes,
+    rehold: Option<&Rehold<'_>>,
 ) -> Result<Sent, Reject> {
-    send_with_retries(connector, live, service, slot, pool, &mut Whole { head, body }).await
+    send_with_retries(connector, live, service, slot, pool, &mut Whole { head, body }, rehold).await
+}
+
+/// How a retry that finds no replica free is held for a wake instead of
+/// failing ([`admit::readmit`]): the edge's router, and when the request
+/// started and how long its route lets it wait.
+pub struct Rehold<'a> {
+    /// The edge's router.
+    pub router: &'a Arc<Router>,
+    /// When the request arrived.
+    pub started: Instant,
+    /// Its route's `max_wait`.
+    pub max_wait: Duration,
 }
 
 /// One try of a request to a replica: send it and read the answer's head.
@@ -110,11 +126,12 @@ impl Attempt for Whole<'_> {
 /// while the response policy allows: the one retry loop of every protocol.
 pub async fn send_with_retries(
     connector: &Connector,
-    live: &Live,
+    live: &Arc<Live>,
     service: Option<ServiceId>,
     mut slot: Slot,
     mut pool: PoolId,
     attempt: &mut dyn Attempt,
+    rehold: Option<&Rehold<'_>>,
 ) -> Result<Sent, Reject> {
     let mut attempts = Attempts::default();
     loop {
@@ -139,7 +156,15 @@ pub async fn send_with_retries(
             },
         };
         drop(slot);
-        let retry = if attempts.may_retry(failure, replayable) { policy::retry_slot(live, service) } else { None };
+        let retry = if attempts.may_retry(failure, replayable) {
+            match (policy::retry_slot(live, service), rehold, service) {
+                (Some(found), ..) => Some(found),
+                (None, Some(r), Some(service)) => admit::readmit(r.router, live, service, r.started, r.max_wait).await,
+                (None, ..) => None,
+            }
+        } else {
+            None
+        };
         match retry {
             Some((p, s)) => {
                 pool = p;

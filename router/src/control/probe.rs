@@ -162,7 +162,7 @@ pub fn apply_load(view: &Arc<PoolView>, replica: &ReplicaState, reported: u32, n
     replica.set_reported_load(reported);
     if reported > 0 {
         // Other edges' load after a quiet spell ends an idle gap too.
-        if quiet_before {
+        if quiet_before && view.learns_gaps {
             view.state.end_gap(now);
         }
         view.state.touch(now);

@@ -137,6 +137,10 @@ impl StateStore {
                     max_concurrency: pool.max_concurrency,
                     max_queue: pool.max_queue,
                     scales: pool.scale.is_some(),
+                    learns_gaps: pool
+                        .scale
+                        .as_ref()
+                        .is_some_and(|s| matches!(s.idle_timeout, stoke_config::IdleTimeout::Auto { .. })),
                     affinity: pool.affinity.clone(),
                     replica_ids: pool
                         .replicas

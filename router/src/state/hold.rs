@@ -39,6 +39,8 @@ pub struct PoolView {
     pub max_queue: u32,
     /// Whether the pool scales to zero.
     pub scales: bool,
+    /// Whether its idle gaps are learned (`idle_timeout = "auto"`).
+    pub learns_gaps: bool,
     /// The pool id as a metric label (shared, so labelling allocates nothing).
     pub label: metrics::SharedString,
     /// Prompt-cache affinity, if the pool has it.
@@ -61,6 +63,7 @@ impl PoolView {
             max_concurrency,
             max_queue,
             scales: true,
+            learns_gaps: false,
             affinity: None,
             replica_ids: (0..replicas).map(|i| i as u64).collect(),
         }
@@ -149,7 +152,7 @@ impl PoolView {
             };
             let replica = &self.replicas[i];
             if replica.try_acquire(self.max_concurrency) {
-                if self.state.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+                if self.state.in_flight.fetch_add(1, Ordering::AcqRel) == 0 && self.learns_gaps {
                     self.state.end_gap(now);
                 }
                 self.state.routed.fetch_add(1, Ordering::Relaxed);

@@ -108,8 +108,9 @@ impl PoolState {
     /// Mark activity at `now`: the pool is not idle, and a new idle period
     /// (with its own sleep) begins after it.
     pub fn touch(&self, now: Instant) {
-        self.last_active_ms.fetch_max(self.ms(now), Ordering::Relaxed);
-        self.last_demand_ms.fetch_max(self.ms(now), Ordering::Relaxed);
+        let ms = self.ms(now);
+        self.last_active_ms.fetch_max(ms, Ordering::Relaxed);
+        self.last_demand_ms.fetch_max(ms, Ordering::Relaxed);
         self.slept.store(false, Ordering::Relaxed);
     }
 
@@ -125,11 +126,11 @@ impl PoolState {
     /// its replicas report load again): the gap since the last activity
     /// ends. Gaps shorter than a tenth of a second are not idle time.
     pub fn end_gap(&self, now: Instant) {
-        let last = self.epoch + Duration::from_millis(self.last_demand_ms.load(Ordering::Relaxed));
-        let gap = now.saturating_duration_since(last);
-        if gap < Duration::from_millis(100) {
+        let gap_ms = self.ms(now).saturating_sub(self.last_demand_ms.load(Ordering::Relaxed));
+        if gap_ms < 100 {
             return;
         }
+        let gap = Duration::from_millis(gap_ms);
         let long = self.window.lock().unwrap_or_else(|e| e.into_inner()).map_or(Duration::MAX, |w| w.idle);
         self.gaps.lock().unwrap_or_else(|e| e.into_inner()).observe(gap, now, long);
     }

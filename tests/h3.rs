@@ -557,3 +557,40 @@ async fn a_streamed_http3_body_lost_on_a_stale_connection_is_not_sent_again_cut_
     c.conn.close(quinn::VarInt::from_u32(0x100), b"done");
     edge.shutdown().await;
 }
+
+/// A pool put to sleep behind this edge's back (its home edge elsewhere,
+/// before this edge's next probe): the HTTP/3 request that finds its
+/// replica gone is held for the wake, as on HTTP/1.1, not answered 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http3_request_whose_pool_went_to_sleep_under_it_waits_for_the_wake() {
+    logs();
+    std::env::set_var("STOKE_TEST_ORCH_TOKEN", "orch-secret");
+    let (listener, orch) = orchestrator_listener().await;
+    // Probes a minute apart: only the failed connection tells the edge.
+    let mut pool = pool_probed("fra-a", "fra", &["m"], &[free_addr()], SLOW_PROBES, "");
+    pool.push_str(&format!(
+        "[pool.scale]\nwake = {{ url = \"http://{orch}/pools/fra-a/wake\", token_env = \"STOKE_TEST_ORCH_TOKEN\" }}\n\
+         wake_time = \"300ms\"\nidle_timeout = \"1h\"\n"
+    ));
+    let (file, der) = tls_config(
+        "h3 = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"",
+        &format!("{pool}\n[[route]]\npath_prefix = \"/v1/\"\nservice = \"m\"\nmax_wait = \"10s\"\n"),
+    );
+    let orch = start_orchestrator(listener, &file, OrchestratorOptions::default()).await;
+    let edge = edge_from(&file, "fra").await;
+    let mut c = h3_client(edge.bound.h3.expect("h3"), der).await;
+    let body = chat_body("m", false, 4);
+    let headers = [("content-type", "application/json")];
+    let r = c.request("POST", "/v1/chat/completions", Some(body.as_bytes()), &headers).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // The pool stops; this edge still counts its replica ready.
+    orch.stop_pool("fra-a").await;
+    assert_eq!(pool_state(&edge, "fra-a").await["state"], "warm");
+    let r = c.request("POST", "/v1/chat/completions", Some(body.as_bytes()), &headers).await;
+    assert_eq!(r.status, 200, "held for the wake: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(orch.calls_for("fra-a", "wake").len(), 2, "woken again");
+    c.conn.close(quinn::VarInt::from_u32(0x100), b"done");
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+    orch.shutdown().await;
+}

@@ -227,8 +227,7 @@ struct Held {
 }
 
 struct EdgeSim {
-    /// Kept for the life of the replay, as an edge keeps its router.
-    _router: Arc<Router>,
+    /// The edge's snapshot bound to its state, as its router serves it.
     live: Arc<Live>,
     /// Whether this edge is the home edge of a pool (it runs a sleeper).
     home: bool,
@@ -283,41 +282,30 @@ impl<'a> Replay<'a> {
         model: &ReplicaModel,
         seed: u64,
     ) -> Result<Replay<'a>, ReplayError> {
-        let built = Self::build(text, path, policy, trace, model, seed);
-        if built.is_err() {
-            // Nothing of the replay is left to read the virtual clock.
-            clock::set_virtual(None);
-        }
-        built
-    }
-
-    fn build(
-        text: &str,
-        path: &std::path::Path,
-        policy: &Policy,
-        trace: &'a Trace,
-        model: &ReplicaModel,
-        seed: u64,
-    ) -> Result<Replay<'a>, ReplayError> {
-        let epoch = Instant::now();
-        clock::set_virtual(Some(epoch));
-        fastrand::seed(seed);
-        let mut rng = fastrand::Rng::with_seed(seed);
         let mut base = stoke_config::load_str(text, path)?;
         let scaling: Vec<bool> = base.pools.iter().map(|p| p.scale.is_some()).collect();
         policy.apply(&mut base);
         let edge_ids: Vec<String> = base.locations.iter().filter(|l| l.edge).map(|l| l.id.clone()).collect();
-        let mut edges = Vec::new();
+        let mut snapshots = Vec::new();
         for id in &edge_ids {
             let mut net = stoke_config::load_str(text, path)?;
             policy.apply(&mut net);
-            let snapshot = net.for_edge(Some(id))?;
-            let here = snapshot.location;
-            let home = snapshot.network.pools.iter().any(|p| p.home_edge == here && p.scale.is_some());
-            let router = Router::new(snapshot);
-            let live = router.live();
-            edges.push(EdgeSim { _router: router, live, home });
+            snapshots.push(net.for_edge(Some(id))?);
         }
+        // Nothing fails from here on: the states bound now, and all that
+        // the replay drives, read the virtual clock.
+        let epoch = Instant::now();
+        clock::set_virtual(Some(epoch));
+        fastrand::seed(seed);
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let edges: Vec<EdgeSim> = snapshots
+            .into_iter()
+            .map(|snapshot| {
+                let here = snapshot.location;
+                let home = snapshot.network.pools.iter().any(|p| p.home_edge == here && p.scale.is_some());
+                EdgeSim { live: Router::new(snapshot).live(), home }
+            })
+            .collect();
         let net = &base;
         let gpus = net
             .pools

@@ -174,10 +174,10 @@ pub fn config(ports: &Ports, idle_timeout: Option<Duration>) -> String {
     s
 }
 
-/// The demo's config as `stoke simulate --demo` replays it: the same
-/// network, with placeholder replica addresses (a replay opens no socket).
-pub fn replay_config() -> String {
-    let ports = Ports {
+/// Fixed loopback addresses for the demo's config where nothing listens
+/// on them (a replay, a validity check).
+fn placeholder_ports() -> Ports {
+    Ports {
         orchestrator: SocketAddr::from(([127, 0, 0, 1], 7000)),
         replicas: POOLS
             .iter()
@@ -186,8 +186,13 @@ pub fn replay_config() -> String {
                 (0..p.replicas).map(|j| SocketAddr::from(([127, 0, 0, 1], 9000 + (i * 10 + j) as u16))).collect()
             })
             .collect(),
-    };
-    config(&ports, super::DemoOptions::default().idle_timeout)
+    }
+}
+
+/// The demo's config as `stoke simulate --demo` replays it: the same
+/// network, with placeholder replica addresses (a replay opens no socket).
+pub fn replay_config() -> String {
+    config(&placeholder_ports(), super::DemoOptions::default().idle_timeout)
 }
 
 /// How fast the demo's simulated replicas work: no prefill time, and the
@@ -202,17 +207,7 @@ mod tests {
 
     #[test]
     fn the_demo_config_is_valid() {
-        let ports = Ports {
-            orchestrator: "127.0.0.1:7000".parse().expect("addr"),
-            replicas: POOLS
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    (0..p.replicas).map(|j| SocketAddr::from(([127, 0, 0, 1], 9000 + (i * 10 + j) as u16))).collect()
-                })
-                .collect(),
-        };
-        let text = config(&ports, None);
+        let text = config(&placeholder_ports(), None);
         let network =
             stoke_config::load_str(&text, std::path::Path::new("demo.toml")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(network.locations.len(), 10);

@@ -521,7 +521,7 @@ async fn forward(
     }
 
     let mut attempt = H3Attempt { head: &head, body: &mut body, conn };
-    let rehold = route.map(|r| upstream::Rehold { router: &shared.router, started, max_wait: r.max_wait });
+    let rehold = route.map(|r| crate::proxy::admit::Rehold { router: &shared.router, started, max_wait: r.max_wait });
     let sent =
         upstream::send_with_retries(&shared.connector, live, trace.service, slot, pool, &mut attempt, rehold.as_ref())
             .await?;
@@ -694,7 +694,8 @@ impl HeldH3<'_> {
             Ok(h) => h,
             Err(reject) => return end_with_error(tx, outcome, reject).await,
         };
-        let rehold = route.map(|r| upstream::Rehold { router: &self.shared.router, started, max_wait: r.max_wait });
+        let rehold =
+            route.map(|r| crate::proxy::admit::Rehold { router: &self.shared.router, started, max_wait: r.max_wait });
         let sent = upstream::send_whole(
             &self.shared.connector,
             self.live,

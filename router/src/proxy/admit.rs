@@ -210,20 +210,38 @@ fn refused(live: &Live, service: ServiceId, refusal: Refusal) -> Reject {
     }
 }
 
-/// A retry whose try sent nothing found no replica free (the pool it was
-/// on may have gone to sleep under this edge, put there by its home edge
-/// before this edge's probes saw it): admit it as a new request would be —
-/// held for a wake within what is left of `max_wait` from `started` —
-/// rather than answer 502. The client is not watched meanwhile; the wait
-/// is bounded by the deadline.
-pub async fn readmit(
-    router: &Arc<Router>,
+/// How a retry that finds no replica free is held for a wake instead of
+/// failing: the edge's router, and when the request started and how long
+/// its route lets it wait.
+pub struct Rehold<'a> {
+    /// The edge's router.
+    pub router: &'a Arc<Router>,
+    /// When the request arrived.
+    pub started: Instant,
+    /// Its route's `max_wait`.
+    pub max_wait: Duration,
+}
+
+/// A slot for the next try of a request whose last try sent nothing (the
+/// failed replica is already marked down or its slot released): another
+/// replica or the next pool at once ([`reacquire`]); else, with `rehold`,
+/// the request is admitted as a new one would be — held for a wake within
+/// what is left of its `max_wait` — since the pool it was on may have
+/// gone to sleep under this edge, put there by its home edge before this
+/// edge's probes saw it. The client is not watched meanwhile; the wait is
+/// bounded by the deadline.
+pub async fn retry(
     live: &Arc<Live>,
-    service: ServiceId,
-    started: Instant,
-    max_wait: Duration,
+    service: Option<ServiceId>,
+    rehold: Option<&Rehold<'_>>,
 ) -> Option<(PoolId, Slot)> {
-    let admitted = admit(router, live, service, started, max_wait, std::future::pending(), &Keys::default()).await;
+    let service = service?;
+    if let Some(found) = reacquire(live, service) {
+        return Some(found);
+    }
+    let r = rehold?;
+    let admitted =
+        admit(r.router, live, service, r.started, r.max_wait, std::future::pending(), &Keys::default()).await;
     admitted.ok().map(|a| (a.pool, a.slot))
 }
 

@@ -15,6 +15,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 use stoke_config::{PoolId, RouteId, ServiceId};
 
+use super::admit;
 use super::headers;
 use super::keepalive::{self, HeldStream, KeptAlive, Step};
 use super::policy::{self, Attempts, BodyCount, Failure, Forwarded, Served};
@@ -51,11 +52,11 @@ pub struct EdgeProxy {
 }
 
 impl EdgeProxy {
-    /// A retry that found no free replica: held for a wake as a new
-    /// request would be ([`super::admit::readmit`]), not answered 502.
-    async fn hold_retry(&self, ctx: &RequestCtx, live: &Arc<Live>) -> Option<(PoolId, Slot)> {
+    /// How this request's retries wait for a wake: within its route's
+    /// `max_wait` from its start.
+    fn rehold<'a>(&'a self, ctx: &RequestCtx, live: &Live) -> Option<admit::Rehold<'a>> {
         let max_wait = live.snapshot.network.route(ctx.route?).max_wait;
-        super::admit::readmit(&self.router, live, ctx.service?, ctx.started, max_wait).await
+        Some(admit::Rehold { router: &self.router, started: ctx.started, max_wait })
     }
 
     /// A proxy over `router`; every request holds a guard of `drain` while
@@ -196,11 +197,8 @@ impl ProxyHttp for EdgeProxy {
             // A retry: the slot of the failed try was released; find another.
             ctx.slot = None;
             let live = ctx.live()?.clone();
-            let retry = match policy::retry_slot(&live, ctx.service) {
-                Some(found) => Some(found),
-                None => self.hold_retry(ctx, &live).await,
-            };
-            match retry {
+            let rehold = self.rehold(ctx, &live);
+            match admit::retry(&live, ctx.service, rehold.as_ref()).await {
                 Some((pool, slot)) => {
                     ctx.pool = Some(pool);
                     ctx.affinity = chosen(&slot);
@@ -465,11 +463,7 @@ impl EdgeProxy {
         req.remove_header(&http::header::TRANSFER_ENCODING);
         let _ = req.insert_header(CONTENT_LENGTH, held.body.len());
         ctx.forwarded_at = Some(Instant::now());
-        let rehold = ctx.route.map(|r| upstream::Rehold {
-            router: &self.router,
-            started: ctx.started,
-            max_wait: live.snapshot.network.route(r).max_wait,
-        });
+        let rehold = self.rehold(ctx, live);
         let sent = upstream::send_whole(
             &self.connector,
             live,

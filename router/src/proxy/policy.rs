@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
 use pingora::{Error, ErrorSource, ErrorType};
-use stoke_config::{EdgeSettings, PoolId, ServiceId};
+use stoke_config::{EdgeSettings, PoolId};
 
 use super::headers::{self, new_request_id, valid_request_id};
 use crate::error::{Origin, Reject};
@@ -307,12 +307,6 @@ pub fn mark_down(slot: &Slot, error: &dyn std::fmt::Display) {
     if slot.replica().set_ready(false) {
         tracing::warn!(replica = %slot.replica().addr, %error, "replica refused a connection; marked down");
     }
-}
-
-/// A slot for the next try: another replica, or the next pool (the
-/// failed replica is already marked down or its slot released). Never holds.
-pub fn retry_slot(live: &Live, service: Option<ServiceId>) -> Option<(PoolId, Slot)> {
-    super::admit::reacquire(live, service?)
 }
 
 /// A header value from text that may hold bytes a header cannot

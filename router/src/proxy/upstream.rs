@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
@@ -14,10 +14,10 @@ use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
 use stoke_config::{Pool, PoolId, ServiceId};
 
-use super::admit;
+use super::admit::{self, Rehold};
 use super::policy::{self, Attempts, Failure};
 use crate::error::Reject;
-use crate::state::{Live, Router, Slot};
+use crate::state::{Live, Slot};
 
 /// Longest a write to a replica may block.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -77,18 +77,6 @@ pub async fn send_whole(
     rehold: Option<&Rehold<'_>>,
 ) -> Result<Sent, Reject> {
     send_with_retries(connector, live, service, slot, pool, &mut Whole { head, body }, rehold).await
-}
-
-/// How a retry that finds no replica free is held for a wake instead of
-/// failing ([`admit::readmit`]): the edge's router, and when the request
-/// started and how long its route lets it wait.
-pub struct Rehold<'a> {
-    /// The edge's router.
-    pub router: &'a Arc<Router>,
-    /// When the request arrived.
-    pub started: Instant,
-    /// Its route's `max_wait`.
-    pub max_wait: Duration,
 }
 
 /// One try of a request to a replica: send it and read the answer's head.
@@ -156,15 +144,8 @@ pub async fn send_with_retries(
             },
         };
         drop(slot);
-        let retry = if attempts.may_retry(failure, replayable) {
-            match (policy::retry_slot(live, service), rehold, service) {
-                (Some(found), ..) => Some(found),
-                (None, Some(r), Some(service)) => admit::readmit(r.router, live, service, r.started, r.max_wait).await,
-                (None, ..) => None,
-            }
-        } else {
-            None
-        };
+        let retry =
+            if attempts.may_retry(failure, replayable) { admit::retry(live, service, rehold).await } else { None };
         match retry {
             Some((p, s)) => {
                 pool = p;

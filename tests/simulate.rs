@@ -11,21 +11,12 @@ use support::*;
 
 const STOKE: &str = env!("CARGO_BIN_EXE_stoke");
 
-/// Frankfurt always on; Paris scales to zero.
-const CONFIG: &str = r#"
-[edge]
-admin = "127.0.0.1:0"
+/// The test locations; Frankfurt always on, Paris scales to zero.
+fn config() -> String {
+    format!("[edge]\nadmin = \"127.0.0.1:0\"\n{LOCATIONS}{POOLS}")
+}
 
-[[location]]
-id = "fra"
-lat = 50.11
-lon = 8.68
-
-[[location]]
-id = "par"
-lat = 48.86
-lon = 2.35
-
+const POOLS: &str = r#"
 [[pool]]
 id = "fra-a"
 location = "fra"
@@ -72,7 +63,7 @@ fn simulate(file: &ConfigFile, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn every_policy_is_compared_in_one_run() {
-    let file = ConfigFile::new(CONFIG);
+    let file = ConfigFile::new(&config());
     file.write("day.jsonl", trace().as_bytes());
     let t = file.dir.path().join("day.jsonl");
     let out = simulate(&file, &["--json", "--trace", t.to_str().expect("path")]);
@@ -110,7 +101,7 @@ fn every_policy_is_compared_in_one_run() {
 
 #[test]
 fn the_table_names_each_policy_and_pool() {
-    let file = ConfigFile::new(CONFIG);
+    let file = ConfigFile::new(&config());
     file.write("day.jsonl", trace().as_bytes());
     let t = file.dir.path().join("day.jsonl");
     let out =
@@ -124,7 +115,7 @@ fn the_table_names_each_policy_and_pool() {
 
 #[test]
 fn the_azure_csv_is_mapped_to_edges_and_models() {
-    let file = ConfigFile::new(CONFIG);
+    let file = ConfigFile::new(&config());
     let mut csv = String::from("TIMESTAMP,ContextTokens,GeneratedTokens\n");
     for i in 0..200 {
         csv.push_str(&format!("2023-11-16 12:{:02}:{:02}.1000000,{},{}\n", i / 60, i % 60, 300 + i, 40));
@@ -145,7 +136,7 @@ fn the_azure_csv_is_mapped_to_edges_and_models() {
 
 #[test]
 fn bad_input_is_explained() {
-    let file = ConfigFile::new(CONFIG);
+    let file = ConfigFile::new(&config());
     file.write(
         "bad.jsonl",
         b"{\"t\": 1, \"edge\": \"par\", \"model\": \"m\"}\n{\"t\": 2, \"edge\": \"ber\", \"model\": \"m\"}\n",

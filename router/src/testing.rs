@@ -5,6 +5,24 @@ use std::sync::Arc;
 
 use crate::state::Router;
 
+/// The `[edge]` table (at Frankfurt) and two locations, Frankfurt and
+/// Paris, of the small test networks.
+pub const FRA_PAR: &str = r#"
+[edge]
+location = "fra"
+admin = "127.0.0.1:0"
+
+[[location]]
+id = "fra"
+lat = 50.1
+lon = 8.7
+
+[[location]]
+id = "par"
+lat = 48.9
+lon = 2.4
+"#;
+
 /// Two locations, Frankfurt (this edge) and Paris, each with a pool of
 /// one replica that scales to zero (`[pool.scale]` as given by `scale`),
 /// serving the model `m`; hooks point at a closed port.
@@ -31,21 +49,7 @@ sleep = {{ url = "http://127.0.0.1:9/sleep" }}
         )
     };
     format!(
-        r#"
-[edge]
-location = "fra"
-admin = "127.0.0.1:0"
-
-[[location]]
-id = "fra"
-lat = 50.1
-lon = 8.7
-
-[[location]]
-id = "par"
-lat = 48.9
-lon = 2.4
-{}{}
+        r#"{FRA_PAR}{}{}
 [[route]]
 service = "m"
 "#,

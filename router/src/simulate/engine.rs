@@ -1066,21 +1066,7 @@ mod sleep_tests {
 
     fn config(fra_scale: &str, par_pool: &str) -> String {
         format!(
-            r#"
-[edge]
-location = "fra"
-admin = "127.0.0.1:0"
-
-[[location]]
-id = "fra"
-lat = 50.1
-lon = 8.7
-
-[[location]]
-id = "par"
-lat = 48.9
-lon = 2.4
-
+            r#"{}
 [[pool]]
 id = "fra-gpu"
 location = "fra"
@@ -1095,7 +1081,8 @@ sleep = {{ url = "http://127.0.0.1:9/sleep" }}
 {par_pool}
 [[route]]
 service = "m"
-"#
+"#,
+            crate::testing::FRA_PAR
         )
     }
 

@@ -12,11 +12,11 @@ use stoke_geo::{Coord, RttMatrix, RttModel};
 use crate::decode::At;
 use crate::defaults;
 use crate::diag::Diagnostics;
-use crate::file::{FileConfig, RawAuth, RawEdge, RawHook, RawPool, RawRate, RawRoute, RawScale, RawTls};
+use crate::file::{FileConfig, RawAuth, RawCluster, RawEdge, RawHook, RawPool, RawRate, RawRoute, RawScale, RawTls};
 use crate::routes::{HostPattern, RouteTable};
 use crate::snapshot::{
-    Affinity, AffinityKey, Auth, AuthHeader, EdgeSettings, HealthCheck, Hook, HookUrl, IdleTimeout, LoadFormat,
-    LoadReport, Location, LocationId, Network, Pool, PoolId, RateLimit, Route, Scale, Service, ServiceId,
+    Affinity, AffinityKey, Auth, AuthHeader, ClusterSettings, EdgeSettings, HealthCheck, Hook, HookUrl, IdleTimeout,
+    LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId, RateLimit, Route, Scale, Service, ServiceId,
     ServiceSource, Source, TlsCert,
 };
 
@@ -26,6 +26,7 @@ pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source,
     let (locations, location_index) = compile_locations(diags, &file);
     let rtt = compile_rtt(diags, &file, &locations, &location_index);
     let edge = compile_edge(diags, &file, &location_index);
+    let cluster = file.cluster.as_ref().and_then(|c| compile_cluster(diags, c));
     let tls = compile_tls(diags, &file.tls, base);
     if file.tls.is_empty() {
         if let Some(edge) = &file.edge {
@@ -94,6 +95,7 @@ pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source,
     Some(Network {
         source,
         edge,
+        cluster,
         tls,
         locations,
         rtt,
@@ -105,6 +107,73 @@ pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source,
         pool_index,
         service_index,
     })
+}
+
+fn compile_cluster(diags: &mut Diagnostics, raw: &RawCluster) -> Option<ClusterSettings> {
+    let mut ok = true;
+    let mut nats = Vec::new();
+    if let Some(urls) = &raw.nats {
+        if urls.value.is_empty() {
+            diags.error(
+                urls.span.clone(),
+                "[cluster].nats is empty; give this edge's NATS server, such as [\"nats://127.0.0.1:4222\"]",
+            );
+            ok = false;
+        }
+        for url in &urls.value {
+            let rest =
+                url.value.strip_prefix("nats://").or_else(|| url.value.strip_prefix("tls://")).unwrap_or(&url.value);
+            let host_port = rest.rsplit('@').next().unwrap_or(rest);
+            let port_ok = host_port.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !port_ok || host_port.contains('/') {
+                diags.error(
+                    url.span.clone(),
+                    format!(
+                        "[cluster].nats: \"{}\" is not a NATS server address; expected nats://HOST:PORT",
+                        url.value
+                    ),
+                );
+                ok = false;
+            } else {
+                nats.push(url.value.clone());
+            }
+        }
+    } else {
+        ok = false;
+    }
+    let name = match &raw.name {
+        Some(n)
+            if n.value.is_empty()
+                || n.value.len() > 64
+                || !n.value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) =>
+        {
+            diags.error(
+                n.span.clone(),
+                format!("[cluster].name \"{}\" must be 1 to 64 letters, digits, '-' or '_': it prefixes NATS subjects and bucket names", n.value),
+            );
+            ok = false;
+            String::new()
+        }
+        Some(n) => n.value.clone(),
+        None => defaults::CLUSTER_NAME.to_owned(),
+    };
+    let timeout = match &raw.timeout {
+        Some(t) if t.value.is_zero() || t.value > std::time::Duration::from_secs(10) => {
+            diags.error(
+                t.span.clone(),
+                format!(
+                    "[cluster].timeout = {:?} is out of range; expected 1ms to 10s (it bounds how long a cluster call may delay a decision)",
+                    t.value
+                ),
+            );
+            ok = false;
+            defaults::CLUSTER_TIMEOUT
+        }
+        Some(t) => t.value,
+        None => defaults::CLUSTER_TIMEOUT,
+    };
+    let _ = &raw.span;
+    ok.then_some(ClusterSettings { nats, name, timeout })
 }
 
 fn valid_id(id: &str) -> bool {

@@ -38,6 +38,11 @@ pub const H3_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// `[edge].h3_max_streams`: concurrent requests per HTTP/3 connection.
 pub const H3_MAX_STREAMS: u64 = 100;
 
+/// `[cluster].name`: the prefix of every NATS subject and bucket.
+pub const CLUSTER_NAME: &str = "stoke";
+/// `[cluster].timeout`: the longest any cluster call may delay a decision.
+pub const CLUSTER_TIMEOUT: Duration = Duration::from_millis(250);
+
 /// `[[location]].edge`: a location runs an edge unless it says otherwise.
 pub const LOCATION_EDGE: bool = true;
 

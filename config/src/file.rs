@@ -12,7 +12,8 @@ use crate::decode::{tables, At, TableReader};
 use crate::diag::Diagnostics;
 
 /// Keys accepted at the top level.
-const ROOT_KEYS: &[&str] = &["edge", "tls", "location", "rtt", "pool", "route"];
+const ROOT_KEYS: &[&str] = &["edge", "cluster", "tls", "location", "rtt", "pool", "route"];
+const CLUSTER_KEYS: &[&str] = &["nats", "name", "timeout"];
 const EDGE_KEYS: &[&str] = &[
     "location",
     "http",
@@ -75,6 +76,7 @@ const RATE_KEYS: &[&str] = &["per_key", "per_ip", "burst"];
 #[derive(Debug, Default)]
 pub(crate) struct FileConfig {
     pub edge: Option<RawEdge>,
+    pub cluster: Option<RawCluster>,
     pub tls: Vec<RawTls>,
     pub locations: Vec<RawLocation>,
     pub rtt: Vec<RawRtt>,
@@ -101,6 +103,14 @@ pub(crate) struct RawEdge {
     pub max_headers: Option<At<u64>>,
     pub h3_idle_timeout: Option<At<Duration>>,
     pub h3_max_streams: Option<At<u64>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawCluster {
+    pub span: Range<usize>,
+    pub nats: Option<At<Vec<At<String>>>>,
+    pub name: Option<At<String>>,
+    pub timeout: Option<At<Duration>>,
 }
 
 #[derive(Debug)]
@@ -224,8 +234,19 @@ pub(crate) fn decode(diags: &mut Diagnostics, root: &DeTable<'_>, root_span: Ran
         .table(diags, "edge")
         .map(|(t, span)| decode_edge(&TableReader::new(diags, t, span, "[edge]", EDGE_KEYS), diags));
 
+    let cluster = top.table(diags, "cluster").map(|(t, span)| {
+        let r = TableReader::new(diags, t, span.clone(), "[cluster]", CLUSTER_KEYS);
+        RawCluster {
+            span,
+            nats: r.required_strings(diags, "nats"),
+            name: r.string(diags, "name"),
+            timeout: r.duration(diags, "timeout"),
+        }
+    });
+
     FileConfig {
         edge,
+        cluster,
         tls: tables(diags, root, "tls")
             .into_iter()
             .map(|(t, span)| {

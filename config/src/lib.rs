@@ -29,9 +29,9 @@ use std::path::Path;
 pub use diag::{ConfigError, Problem};
 pub use routes::{HostPattern, RouteTable};
 pub use snapshot::{
-    Affinity, AffinityKey, Auth, AuthHeader, Candidate, EdgeSettings, HealthCheck, Hook, HookUrl, IdleTimeout,
-    LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId, RateLimit, Route, RouteId, Scale, Service,
-    ServiceId, ServiceSource, Snapshot, Source, TlsCert,
+    Affinity, AffinityKey, Auth, AuthHeader, Candidate, ClusterSettings, EdgeSettings, HealthCheck, Hook, HookUrl,
+    IdleTimeout, LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId, RateLimit, Route, RouteId, Scale,
+    Service, ServiceId, ServiceSource, Snapshot, Source, TlsCert,
 };
 
 use diag::Diagnostics;

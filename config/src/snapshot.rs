@@ -55,6 +55,9 @@ pub struct Network {
     pub source: Source,
     /// Settings of the edge process.
     pub edge: EdgeSettings,
+    /// `[cluster]`: the NATS servers the edges share decisions through
+    /// (`None`: every edge decides alone).
+    pub cluster: Option<ClusterSettings>,
     /// Certificates for the TLS and QUIC listeners, in file order.
     pub tls: Vec<TlsCert>,
     /// Every location, edge or not.
@@ -167,6 +170,17 @@ pub struct EdgeSettings {
     pub h3_idle_timeout: Duration,
     /// Concurrent requests per HTTP/3 connection.
     pub h3_max_streams: u32,
+}
+
+/// `[cluster]`: how this edge reaches the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// This edge's NATS server(s): a leaf of the hub cluster.
+    pub nats: Vec<String>,
+    /// Prefix of every subject and bucket.
+    pub name: String,
+    /// Longest any cluster call may delay a decision.
+    pub timeout: Duration,
 }
 
 /// `[[tls]]`: a certificate chain and key, and the host names it serves.

@@ -157,6 +157,9 @@ impl Edge {
             _ => None,
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
+        // The cluster connects in the background: an edge whose NATS server
+        // is down serves alone meanwhile.
+        crate::control::cluster::Cluster::join(&router, shutdown_rx.clone()).await;
         // The admin API outlives the drain, so that /readyz says 503 meanwhile.
         let (admin_stop, admin_rx) = watch::channel(false);
         let (admin_addr, admin_task) = admin.spawn(edge_conf.admin, admin_rx).await?;

@@ -36,6 +36,15 @@ pub const CONNECTIONS_REFUSED_TOTAL: &str = "stoke_connections_refused_total";
 /// was chosen (`owner`, `spilled`, `none`).
 pub const AFFINITY_TOTAL: &str = "stoke_affinity_total";
 
+/// Gauge: 1 while the cluster connection is up.
+pub const CLUSTER_CONNECTED: &str = "stoke_cluster_connected";
+/// Gauge: other edges whose load reports are fresh.
+pub const CLUSTER_PEERS: &str = "stoke_cluster_peers";
+/// Counter: wake claims, by result (`won`, `lost`, `alone`).
+pub const CLUSTER_CLAIMS_TOTAL: &str = "stoke_cluster_claims_total";
+/// Counter: load reports not published (disconnected, or no answer in time).
+pub const CLUSTER_PUBLISHES_DROPPED: &str = "stoke_cluster_publishes_dropped_total";
+
 /// Histogram buckets for latencies: 100 µs to 60 s, roughly ×2.5 apart.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -92,6 +101,13 @@ fn describe() {
     describe_counter!(SLEEPS_TOTAL, "Sleep hook calls, by pool.");
     describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result.");
     describe_gauge!(CONFIG_SNAPSHOT_VERSION, "Version of the live config snapshot.");
+    describe_gauge!(CLUSTER_CONNECTED, "1 while this edge is connected to the cluster's NATS server.");
+    describe_gauge!(CLUSTER_PEERS, "Other edges whose load reports are fresh.");
+    describe_counter!(
+        CLUSTER_CLAIMS_TOTAL,
+        "Wake claims, by result: won (this edge calls the hook), lost, alone (no cluster)."
+    );
+    describe_counter!(CLUSTER_PUBLISHES_DROPPED, "Load reports not published: disconnected, or no answer in time.");
     describe_counter!(CONNECTIONS_REFUSED_TOTAL, "Connections closed at accept because max_connections were open.");
 }
 

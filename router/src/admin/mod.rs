@@ -199,6 +199,7 @@ impl Admin {
         let live = self.router.live();
         let mut v = state_json(&live, self.router.bodies.held());
         v["uptime_s"] = json!(self.started.elapsed().as_secs());
+        v["cluster"] = crate::control::cluster::of(&self.router).map_or(Value::Null, |c| c.state_json());
         if let Some(r) = &self.reloader {
             v["last_reload"] = serde_json::to_value(r.last()).unwrap_or_default();
         }
@@ -248,6 +249,11 @@ pub fn state_json(live: &Live, buffered_body_bytes: u64) -> Value {
                 "warm_capacity": view.free_slots(),
                 "in_flight": st.in_flight(),
                 "queue": view.queue.len(),
+                "elsewhere": {
+                    "in_flight": st.elsewhere().in_flight,
+                    "held": st.elsewhere().held,
+                    "routed_away": st.elsewhere().routed_away,
+                },
                 "max_queue": pool.max_queue,
                 "max_concurrency": pool.max_concurrency,
                 "routed_total": st.routed(),
@@ -262,6 +268,7 @@ pub fn state_json(live: &Live, buffered_body_bytes: u64) -> Value {
                     "ready": r.is_ready(),
                     "in_flight": r.in_flight(),
                     "foreign_load": r.foreign_load(),
+                    "in_flight_elsewhere": r.elsewhere(),
                 })).collect::<Vec<_>>(),
             })
         })

@@ -9,7 +9,9 @@
 //! | [`probe`] | health probes and load scrapes of every replica |
 //! | [`load`] | reading a replica's running and waiting requests from its metrics |
 //! | [`hooks`] | the wake and sleep actuators (webhook or command) |
+//! | [`cluster`] | the other edges, over NATS: shared load, one wake per pool |
 
+pub mod cluster;
 pub mod hooks;
 pub mod load;
 pub mod probe;

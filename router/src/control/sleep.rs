@@ -175,7 +175,13 @@ async fn call_with_resends(router: Arc<Router>, call: SleepCall, edge: Arc<str>)
     loop {
         attempt += 1;
         match hooks::call(&call.hook, Action::Sleep, &call.pool, &edge, "idle").await {
-            Ok(()) => return,
+            Ok(()) => {
+                // The next wake, from any edge, starts with a fresh claim.
+                if let Some(c) = super::cluster::of(&router) {
+                    c.release(&call.pool).await;
+                }
+                return;
+            }
             Err(e) => tracing::warn!(pool = %call.pool, attempt, error = %e, "sleep hook failed; will retry"),
         }
         tokio::time::sleep(sleep_resend_after(attempt)).await;

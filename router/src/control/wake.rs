@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use stoke_config::PoolId;
 
+use super::cluster::{self, Claim};
 use super::hooks::{self, Action};
 use super::probe;
 use crate::clock;
-use crate::core::wake::{WakeSchedule, WakeStep, FAST_PROBE};
+use crate::core::wake::{resend_after, WakeSchedule, WakeStep, FAST_PROBE};
 use crate::metrics as m;
 use crate::state::{Live, PoolView, Router};
 
@@ -66,7 +67,14 @@ pub fn begin(view: &PoolView, now: std::time::Instant, reason: Reason) -> Option
 }
 
 /// The wake loop of one pool, until a replica is ready or it gives up.
+/// In a cluster, each hook call is claimed first: only the edge that holds
+/// the claim calls it, the others probe and try again when the claim runs
+/// out.
 async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedule: WakeSchedule) {
+    let cluster = cluster::of(&router);
+    // Whether this edge called the hook in this wake (then it announces
+    // the ready pool, and releases a claim it gives up).
+    let mut claimed = false;
     loop {
         let live = router.live();
         let Some(pid) = live.snapshot.network.pool_id(&pool_id) else {
@@ -92,6 +100,9 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
                 metrics::histogram!(m::WAKE_DURATION, "pool" => pool_id.to_string()).record(took.as_secs_f64());
                 tracing::info!(pool = %pool_id, took_ms = took.as_millis() as u64, "pool awake");
                 view.dispatch(now);
+                if let (Some(c), true) = (&cluster, claimed) {
+                    c.wake_ready(&pool_id).await;
+                }
                 return;
             }
             WakeStep::GiveUp { after } => {
@@ -103,9 +114,28 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
                 )));
                 metrics::counter!(m::WAKEUPS_TOTAL, "pool" => pool_id.to_string(), "result" => "timeout").increment(1);
                 tracing::warn!(pool = %pool_id, after_s = after.as_secs(), "wake abandoned: no replica became ready");
+                if let (Some(c), true) = (&cluster, claimed) {
+                    c.release(&pool_id).await;
+                }
                 return;
             }
             WakeStep::Call { attempt } => {
+                if let Some(c) = &cluster {
+                    // The claimant renews before its lease runs out: at its
+                    // next resend, which comes a margin earlier.
+                    let lease = resend_after(view.state.expected_wake(), attempt) + cluster::claim::LEASE_MARGIN;
+                    match c.claim_wake(&pool_id, lease).await {
+                        Claim::Won => claimed = true,
+                        Claim::Alone => {}
+                        Claim::Lost { holder, retry_in } => {
+                            tracing::debug!(pool = %pool_id, holder = %holder, retry_ms = retry_in.as_millis() as u64, "another edge wakes the pool");
+                            schedule.defer(clock::now() + retry_in.clamp(FAST_PROBE, MAX_CLAIM_WAIT));
+                            probe_pool(&view, &pool.health, &pool_id).await;
+                            tokio::time::sleep(FAST_PROBE.mul_f64(0.75 + fastrand::f64() * 0.5)).await;
+                            continue;
+                        }
+                    }
+                }
                 let (hook, edge) = (scale.wake.clone(), live.snapshot.edge_location().id.clone());
                 let (id, state) = (pool_id.clone(), view.state.clone());
                 // The call runs beside the fast probes, so a slow hook does
@@ -132,6 +162,10 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
         tokio::time::sleep(FAST_PROBE.mul_f64(0.75 + fastrand::f64() * 0.5)).await;
     }
 }
+
+/// Longest an edge waits before asking again for a claim another edge
+/// holds (a claim's lease can be long when the pool wakes slowly).
+const MAX_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Probe every replica of a pool once, at the same time; dispatch held
 /// requests if one became ready.

@@ -22,18 +22,34 @@ impl Demand {
     /// Record a request routed away at `now`; true if the pool should now
     /// be woken (then the record starts afresh).
     pub fn routed_away(&mut self, now: Instant) -> bool {
-        while self.times.front().is_some_and(|t| now.saturating_duration_since(*t) > DEMAND_WINDOW) {
-            self.times.pop_front();
-        }
+        self.routed_away_with(now, 0)
+    }
+
+    /// [`routed_away`](Self::routed_away), counting `elsewhere` more
+    /// requests that other edges routed away within the window.
+    pub fn routed_away_with(&mut self, now: Instant, elsewhere: usize) -> bool {
+        self.expire(now);
         self.times.push_back(now);
         if self.times.len() > WARM_AFTER {
             self.times.pop_front();
         }
-        if self.times.len() >= WARM_AFTER {
+        if self.times.len() + elsewhere >= WARM_AFTER {
             self.times.clear();
             return true;
         }
         false
+    }
+
+    /// Requests counted within the window at `now`.
+    pub fn count(&mut self, now: Instant) -> usize {
+        self.expire(now);
+        self.times.len()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self.times.front().is_some_and(|t| now.saturating_duration_since(*t) > DEMAND_WINDOW) {
+            self.times.pop_front();
+        }
     }
 
     /// Requests counted now (within the window of the last record).
@@ -80,6 +96,17 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert!(!d.routed_away(t0 + DEMAND_WINDOW + 12 * S));
         assert!(d.routed_away(t0 + DEMAND_WINDOW + 13 * S));
+    }
+
+    #[test]
+    fn demand_at_other_edges_counts_towards_the_wake() {
+        let t0 = Instant::now();
+        let mut d = Demand::default();
+        assert!(!d.routed_away_with(t0, 1), "one here and one elsewhere");
+        assert!(d.routed_away_with(t0 + S, 1), "two here and one elsewhere");
+        assert!(d.is_empty());
+        assert!(!d.routed_away(t0 + 2 * S));
+        assert_eq!(d.count(t0 + DEMAND_WINDOW + 3 * S), 0, "what this edge publishes expires too");
     }
 
     #[test]

@@ -22,8 +22,11 @@ pub struct PoolLoad {
     pub free_slots: u32,
     /// Slots over ready replicas, taken or not.
     pub ready_slots: u32,
-    /// Requests held for the pool now.
+    /// Requests held for the pool now, here.
     pub queued: u32,
+    /// Requests the other edges of the cluster hold for it (they are
+    /// ahead of a request held now, for its ETA).
+    pub held_elsewhere: u32,
     /// Requests it may hold at most.
     pub max_queue: u32,
     /// Whether the pool scales to zero (and so can be woken).
@@ -48,7 +51,8 @@ pub fn status(p: &PoolLoad, now: Instant) -> PoolStatus {
             return PoolStatus::UNAVAILABLE;
         }
         let slots = p.ready_slots.max(1);
-        let wait = p.service_time.as_micros() as u64 * u64::from(p.queued + 1) / u64::from(slots);
+        let ahead = u64::from(p.queued) + u64::from(p.held_elsewhere) + 1;
+        let wait = p.service_time.as_micros() as u64 * ahead / u64::from(slots);
         return PoolStatus { wait_us: Some(wait.min(u64::from(u32::MAX)) as u32), free_slot: false, cold: false };
     }
     if !p.scales || queue_full {
@@ -88,6 +92,7 @@ mod tests {
             free_slots: free,
             ready_slots: ready,
             queued,
+            held_elsewhere: 0,
             max_queue: 8,
             scales: true,
             service_time: 2 * S,
@@ -119,6 +124,10 @@ mod tests {
         assert_eq!(s.wait_us, Some(500_000));
         // A full queue takes nothing more.
         assert_eq!(status(&PoolLoad { queued: 8, ..warm(0, 4, 8) }, now), PoolStatus::UNAVAILABLE);
+        // Requests other edges hold are ahead too, but fill only their own
+        // edges' queues.
+        let s = status(&PoolLoad { held_elsewhere: 12, ..warm(0, 4, 3) }, now);
+        assert_eq!(s.wait_us, Some(8_000_000));
     }
 
     #[test]

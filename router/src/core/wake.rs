@@ -91,6 +91,14 @@ impl WakeSchedule {
         }
         WakeStep::Probe
     }
+
+    /// The call just stepped to was not made: another edge of the cluster
+    /// holds the wake's claim until `retry_at`. Ask again then (it is not
+    /// counted as a call, so the next one is a first call again).
+    pub fn defer(&mut self, retry_at: Instant) {
+        self.calls = self.calls.saturating_sub(1);
+        self.next_call = retry_at;
+    }
 }
 
 #[cfg(test)]
@@ -134,6 +142,17 @@ mod tests {
         // Ten expected wakes (200 s) without a ready replica: given up.
         assert_eq!(w.step(t0 + 200 * S, false, expected), WakeStep::Probe);
         assert_eq!(w.step(t0 + 201 * S, false, expected), WakeStep::GiveUp { after: 201 * S });
+    }
+
+    #[test]
+    fn a_call_another_edge_makes_is_deferred_to_its_claims_end() {
+        let t0 = Instant::now();
+        let mut w = WakeSchedule::new(t0);
+        assert_eq!(w.step(t0, false, 20 * S), WakeStep::Call { attempt: 1 });
+        w.defer(t0 + 3 * S);
+        assert_eq!(w.calls(), 0);
+        assert_eq!(w.step(t0 + 2 * S, false, 20 * S), WakeStep::Probe);
+        assert_eq!(w.step(t0 + 3 * S, false, 20 * S), WakeStep::Call { attempt: 1 }, "the claim ran out");
     }
 
     #[test]

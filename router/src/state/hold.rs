@@ -105,6 +105,7 @@ impl PoolView {
             free_slots: free,
             ready_slots: ready * self.max_concurrency,
             queued: self.queue.len(),
+            held_elsewhere: self.state.elsewhere().held,
             max_queue: self.max_queue,
             scales: self.scales,
             service_time: self.state.service_time(),
@@ -119,12 +120,14 @@ impl PoolView {
         wait::status(&self.load(), now)
     }
 
-    /// What the idle rule needs to know of the pool now.
+    /// What the idle rule needs to know of the pool now: this edge's
+    /// requests and, in a cluster, the other edges'.
     pub fn activity(&self) -> Activity {
+        let elsewhere = self.state.elsewhere();
         Activity {
             warm: self.is_warm(),
-            in_flight: self.state.in_flight(),
-            queued: self.queue.len(),
+            in_flight: self.state.in_flight().saturating_add(elsewhere.in_flight),
+            queued: self.queue.len().saturating_add(elsewhere.held),
             waking: self.state.waking_since().is_some(),
             last_active: self.state.last_active(),
         }

@@ -58,6 +58,35 @@ pub struct PoolState {
     /// Share of this edge's wakes of the pool that requests waited for
     /// (an EWMA, as f64 bits; 1 until a wake is seen).
     held_share: AtomicU64,
+    /// What the other edges of the cluster publish for the pool (fresh
+    /// reports only; zero without a cluster).
+    elsewhere: Elsewhere,
+}
+
+/// A pool's figures summed over the other edges' fresh cluster reports.
+#[derive(Debug, Default)]
+struct Elsewhere {
+    in_flight: AtomicU32,
+    held: AtomicU32,
+    routed_away: AtomicU32,
+}
+
+/// What the other edges of the cluster have for one pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Figures {
+    /// Requests in flight (streams included).
+    pub in_flight: u32,
+    /// Requests held for it.
+    pub held: u32,
+    /// Requests routed away from it while it slept, within the demand window.
+    pub routed_away: u32,
+}
+
+impl Figures {
+    /// Whether any request is in flight or held.
+    pub fn busy(&self) -> bool {
+        self.in_flight > 0 || self.held > 0
+    }
 }
 
 impl PoolState {
@@ -82,6 +111,7 @@ impl PoolState {
             window: Mutex::new(None),
             prewarmed_for: Mutex::new(None),
             held_share: AtomicU64::new(1f64.to_bits()),
+            elsewhere: Elsewhere::default(),
         }
     }
 
@@ -262,10 +292,43 @@ impl PoolState {
     }
 
     /// Record that a request was routed away from this pool at `now`
-    /// because it was cold; true if that demand should wake it
-    /// ([`crate::core::demand`]).
+    /// because it was cold; true if that demand, with what the other edges
+    /// of the cluster routed away, should wake it ([`crate::core::demand`]).
     pub fn routed_away(&self, now: Instant) -> bool {
-        self.demand.lock().unwrap_or_else(|e| e.into_inner()).routed_away(now)
+        let elsewhere = self.elsewhere.routed_away.load(Ordering::Relaxed) as usize;
+        self.demand.lock().unwrap_or_else(|e| e.into_inner()).routed_away_with(now, elsewhere)
+    }
+
+    /// Requests routed away from this pool while it slept, within the
+    /// demand window (what this edge publishes to the cluster).
+    pub fn routed_away_now(&self, now: Instant) -> u32 {
+        self.demand.lock().unwrap_or_else(|e| e.into_inner()).count(now) as u32
+    }
+
+    /// Record what the other edges of the cluster publish for the pool at
+    /// `now`. Requests there are activity here: the home edge does not put
+    /// a pool to sleep under another edge's requests, and a busy period
+    /// that starts elsewhere ends an idle gap (`learns_gaps`).
+    pub fn set_elsewhere(&self, f: Figures, now: Instant, learns_gaps: bool) {
+        let was_busy = self.elsewhere().busy();
+        self.elsewhere.in_flight.store(f.in_flight, Ordering::Relaxed);
+        self.elsewhere.held.store(f.held, Ordering::Relaxed);
+        self.elsewhere.routed_away.store(f.routed_away, Ordering::Relaxed);
+        if f.busy() {
+            if !was_busy && learns_gaps && self.in_flight() == 0 {
+                self.end_gap(now);
+            }
+            self.touch(now);
+        }
+    }
+
+    /// What the other edges of the cluster have for the pool, as last recorded.
+    pub fn elsewhere(&self) -> Figures {
+        Figures {
+            in_flight: self.elsewhere.in_flight.load(Ordering::Relaxed),
+            held: self.elsewhere.held.load(Ordering::Relaxed),
+            routed_away: self.elsewhere.routed_away.load(Ordering::Relaxed),
+        }
     }
 
     /// Mark that the sleep hook was called for this idle period; false if
@@ -357,6 +420,23 @@ mod tests {
         assert_eq!(p.held_share(), 1.0);
         p.note_wake(false);
         assert!((p.held_share() - 0.7).abs() < 1e-9);
+    }
+
+    #[test]
+    fn requests_at_other_edges_are_activity_and_demand_here() {
+        let t0 = Instant::now();
+        let p = PoolState::new("p", S, t0);
+        p.touch(t0);
+        assert!(p.mark_slept());
+        let busy = Figures { in_flight: 2, held: 1, routed_away: 0 };
+        p.set_elsewhere(busy, t0 + 30 * S, true);
+        assert_eq!(p.last_active(), t0 + 30 * S, "the idle clock restarts");
+        assert!(p.mark_slept(), "a new idle period");
+        assert_eq!(p.elsewhere(), busy);
+        // Two requests routed away elsewhere and one here wake the pool.
+        p.set_elsewhere(Figures { routed_away: 2, ..Figures::default() }, t0 + 31 * S, true);
+        assert_eq!(p.last_active(), t0 + 30 * S, "demand for a cold pool is not activity");
+        assert!(p.routed_away(t0 + 32 * S));
     }
 
     #[test]

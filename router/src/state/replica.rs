@@ -22,6 +22,9 @@ pub struct ReplicaState {
     /// Our own in-flight count when that report was taken, to tell our load
     /// from other edges'.
     in_flight_at_report: AtomicU32,
+    /// Requests the other edges of the cluster say they have in flight on
+    /// the replica (fresh reports only; 0 without a cluster).
+    elsewhere: AtomicU32,
 }
 
 impl ReplicaState {
@@ -37,6 +40,7 @@ impl ReplicaState {
             in_flight: AtomicU32::new(0),
             reported_load: AtomicU32::new(0),
             in_flight_at_report: AtomicU32::new(0),
+            elsewhere: AtomicU32::new(0),
         }
     }
 
@@ -65,10 +69,24 @@ impl ReplicaState {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Load other edges put on the replica, as far as its own metrics tell.
+    /// Load other edges put on the replica: what its own metrics tell, or
+    /// what the other edges of the cluster publish, whichever is more.
     #[inline]
     pub fn foreign_load(&self) -> u32 {
-        self.reported_load.load(Ordering::Relaxed).saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed))
+        let reported =
+            self.reported_load.load(Ordering::Relaxed).saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed));
+        reported.max(self.elsewhere.load(Ordering::Relaxed))
+    }
+
+    /// Record what the other edges of the cluster have in flight here.
+    pub fn set_elsewhere(&self, n: u32) {
+        self.elsewhere.store(n, Ordering::Relaxed);
+    }
+
+    /// What the other edges of the cluster have in flight here, as last
+    /// recorded.
+    pub fn elsewhere(&self) -> u32 {
+        self.elsewhere.load(Ordering::Relaxed)
     }
 
     /// The running + waiting count the replica reported last.
@@ -169,5 +187,17 @@ mod tests {
         r.release();
         r.release();
         assert_eq!(r.in_flight(), 0, "never below zero");
+    }
+
+    #[test]
+    fn the_cluster_view_counts_when_it_sees_more_than_the_metrics() {
+        let r = ReplicaState::new("127.0.0.1:1".parse().expect("addr"));
+        r.set_ready(true);
+        r.set_reported_load(1);
+        r.set_elsewhere(3);
+        assert_eq!(r.foreign_load(), 3, "the cluster is fresher than a scrape");
+        assert_eq!(r.free_slots(4), 1);
+        r.set_elsewhere(0);
+        assert_eq!(r.foreign_load(), 1, "and the scrape counts without it");
     }
 }

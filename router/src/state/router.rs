@@ -1,8 +1,9 @@
 //! The edge's routing state: the live snapshot, swapped atomically on
 //! reload, and the pool states it is bound to.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use stoke_config::Snapshot;
@@ -25,6 +26,18 @@ pub struct Router {
     pub limiter: RateLimiter,
     /// Request body bytes held in memory, edge-wide.
     pub bodies: Arc<BodyBudget>,
+    /// The cluster this edge is part of, set once at start. Typed by
+    /// `control::cluster`, which this layer does not depend on.
+    cluster: OnceLock<Extension>,
+}
+
+/// A value a higher layer attaches to the router.
+struct Extension(Arc<dyn Any + Send + Sync>);
+
+impl std::fmt::Debug for Extension {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Extension")
+    }
 }
 
 impl Router {
@@ -41,7 +54,18 @@ impl Router {
             changes,
             limiter: RateLimiter::default(),
             bodies,
+            cluster: OnceLock::new(),
         })
+    }
+
+    /// Attach the cluster handle (once; later calls are ignored).
+    pub fn set_cluster(&self, cluster: Arc<dyn Any + Send + Sync>) {
+        let _ = self.cluster.set(Extension(cluster));
+    }
+
+    /// The cluster handle, if one was attached.
+    pub fn cluster(&self) -> Option<&Arc<dyn Any + Send + Sync>> {
+        self.cluster.get().map(|e| &e.0)
     }
 
     /// Notified with the new version whenever a snapshot goes live.

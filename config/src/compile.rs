@@ -172,8 +172,20 @@ fn compile_cluster(diags: &mut Diagnostics, raw: &RawCluster) -> Option<ClusterS
         Some(t) => t.value,
         None => defaults::CLUSTER_TIMEOUT,
     };
+    let domain = match &raw.domain {
+        Some(d) if d.value.is_empty() || !d.value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) => {
+            diags.error(
+                d.span.clone(),
+                format!("[cluster].domain \"{}\" must be letters, digits, '-' or '_': the JetStream domain of the hub cluster", d.value),
+            );
+            ok = false;
+            None
+        }
+        Some(d) => Some(d.value.clone()),
+        None => None,
+    };
     let _ = &raw.span;
-    ok.then_some(ClusterSettings { nats, name, timeout })
+    ok.then_some(ClusterSettings { nats, name, timeout, domain })
 }
 
 fn valid_id(id: &str) -> bool {

@@ -13,7 +13,7 @@ use crate::diag::Diagnostics;
 
 /// Keys accepted at the top level.
 const ROOT_KEYS: &[&str] = &["edge", "cluster", "tls", "location", "rtt", "pool", "route"];
-const CLUSTER_KEYS: &[&str] = &["nats", "name", "timeout"];
+const CLUSTER_KEYS: &[&str] = &["nats", "name", "timeout", "domain"];
 const EDGE_KEYS: &[&str] = &[
     "location",
     "http",
@@ -111,6 +111,7 @@ pub(crate) struct RawCluster {
     pub nats: Option<At<Vec<At<String>>>>,
     pub name: Option<At<String>>,
     pub timeout: Option<At<Duration>>,
+    pub domain: Option<At<String>>,
 }
 
 #[derive(Debug)]
@@ -241,6 +242,7 @@ pub(crate) fn decode(diags: &mut Diagnostics, root: &DeTable<'_>, root_span: Ran
             nats: r.required_strings(diags, "nats"),
             name: r.string(diags, "name"),
             timeout: r.duration(diags, "timeout"),
+            domain: r.string(diags, "domain"),
         }
     });
 

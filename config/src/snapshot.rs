@@ -181,6 +181,9 @@ pub struct ClusterSettings {
     pub name: String,
     /// Longest any cluster call may delay a decision.
     pub timeout: Duration,
+    /// The JetStream domain of the hub, when this edge's server is a leaf
+    /// without JetStream of its own.
+    pub domain: Option<String>,
 }
 
 /// `[[tls]]`: a certificate chain and key, and the host names it serves.

@@ -73,6 +73,9 @@ pub struct ReplicaStats {
     pub running: AtomicU32,
     /// Requests waiting for a slot.
     pub waiting: AtomicU32,
+    /// Most requests running and waiting at once, ever: above the
+    /// concurrency limit, some edge sent more than the replica takes.
+    pub peak_busy: AtomicU32,
     /// Streams whose client went away before the end.
     pub aborted: AtomicU64,
     /// When `/health` first answered 200 after the replica was last made
@@ -268,6 +271,8 @@ impl Sim {
         let prompt_tokens = (body.len() / 4).max(1) as u64;
 
         let waiting = Gauge::new(self.stats.clone(), |s| &s.waiting);
+        let busy = self.stats.running.load(Ordering::Relaxed) + self.stats.waiting.load(Ordering::Relaxed);
+        self.stats.peak_busy.fetch_max(busy, Ordering::Relaxed);
         let permit = self.slots.clone().acquire_owned().await;
         drop(waiting);
         let Ok(permit) = permit else {

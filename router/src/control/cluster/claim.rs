@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::{self, kv, stream};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -103,28 +103,39 @@ fn key(pool: &str) -> String {
     format!("pool.{}", pool.trim_matches('.'))
 }
 
+/// Open the claim bucket of the cluster `name`, creating it if it is not
+/// there (creating is idempotent: edges starting together all succeed).
+///
+/// The bucket's stream is made directly, as a KV bucket is laid out,
+/// rather than with the client's `create_key_value`: that one reads the
+/// account's info first, in a shape NATS 2.9 does not send.
+pub async fn open_bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, String> {
+    let bucket = format!("{name}-wakes");
+    if let Ok(store) = js.get_key_value(&bucket).await {
+        return Ok(store);
+    }
+    js.create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some("stoke: one wake per pool across all edges".to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age: BUCKET_MAX_AGE,
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        storage: stream::StorageType::File,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("cannot create the KV bucket {bucket}: {e}"))?;
+    js.get_key_value(&bucket).await.map_err(|e| format!("cannot open the KV bucket {bucket}: {e}"))
+}
+
 impl Cluster {
     async fn store(&self) -> Result<&kv::Store, String> {
-        self.kv
-            .get_or_try_init(|| async {
-                let bucket = format!("{}-wakes", self.settings.name);
-                match self.js.get_key_value(&bucket).await {
-                    Ok(store) => Ok(store),
-                    Err(_) => self
-                        .js
-                        .create_key_value(kv::Config {
-                            bucket: bucket.clone(),
-                            description: "stoke: one wake per pool across all edges".to_owned(),
-                            history: 1,
-                            max_age: BUCKET_MAX_AGE,
-                            storage: async_nats::jetstream::stream::StorageType::Memory,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| format!("cannot open or create the KV bucket {bucket}: {e}")),
-                }
-            })
-            .await
+        self.kv.get_or_try_init(|| open_bucket(&self.js, &self.settings.name)).await
     }
 
     /// Claim the wake of `pool` for `lease`: [`Claim::Won`] if this edge is

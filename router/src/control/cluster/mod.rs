@@ -105,7 +105,11 @@ impl Cluster {
                 return None;
             }
         };
-        let js = jetstream::new(client.clone());
+        // Through a leaf node, JetStream is the hub's, reached by its domain.
+        let js = match &settings.domain {
+            Some(domain) => jetstream::with_domain(client.clone(), domain),
+            None => jetstream::new(client.clone()),
+        };
         let cluster = Arc::new(Cluster {
             settings,
             edge,

@@ -1,0 +1,520 @@
+//! The network acting as one over a real `nats-server` (JetStream on, in a
+//! temp dir, on a free port): one wake per pool across ten edges, a claim
+//! whose edge died is taken over, a NATS outage fails nothing and falls
+//! back to one wake per edge, two edges share one pool's capacity, a pool
+//! busy at another edge is not put to sleep, and the production shape (a
+//! hub of three servers, a leaf per location) works the same.
+//!
+//! `nats-server` must be installed (Debian's package; `.ci/run` installs it).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stoke_router::edge::Edge;
+use stoke_router::sim::OrchestratorOptions;
+use support::*;
+
+/// Ten locations, as in production: Europe, the Americas, Asia, Oceania.
+const TEN_LOCATIONS: &str = r#"
+[[location]]
+id = "fra"
+lat = 50.11
+lon = 8.68
+
+[[location]]
+id = "par"
+lat = 48.86
+lon = 2.35
+
+[[location]]
+id = "lon"
+lat = 51.51
+lon = -0.13
+
+[[location]]
+id = "iad"
+lat = 38.95
+lon = -77.45
+
+[[location]]
+id = "nyc"
+lat = 40.71
+lon = -74.01
+
+[[location]]
+id = "sfo"
+lat = 37.77
+lon = -122.42
+
+[[location]]
+id = "gru"
+lat = -23.55
+lon = -46.63
+
+[[location]]
+id = "sin"
+lat = 1.35
+lon = 103.82
+
+[[location]]
+id = "nrt"
+lat = 35.68
+lon = 139.69
+
+[[location]]
+id = "syd"
+lat = -33.87
+lon = 151.21
+"#;
+
+const EDGES: [&str; 10] = ["fra", "par", "lon", "iad", "nyc", "sfo", "gru", "sin", "nrt", "syd"];
+
+/// The route with a `max_wait` long enough for a claim to run out.
+const ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"15s\"\n";
+
+/// Where `nats-server` is.
+fn nats_binary() -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/usr/local/bin"]) {
+        let p = PathBuf::from(dir).join("nats-server");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("nats-server is not installed: apt-get install nats-server (the cluster tests run a real one)");
+}
+
+/// One `nats-server` process, killed when dropped.
+struct Nats {
+    child: Option<Child>,
+    args: Vec<String>,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    /// A single server with JetStream, on a free port outside the ephemeral range.
+    async fn start() -> Nats {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_addr().port();
+        let args = ["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([dir.path().display().to_string()])
+            .collect();
+        Self::run(args, port, dir).await
+    }
+
+    /// A server from a config file's text (written into its own temp dir,
+    /// where `{dir}` points).
+    async fn from_conf(conf: &str, port: u16) -> Nats {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = conf.replace("{dir}", &dir.path().display().to_string());
+        let path = dir.path().join("nats-server.conf");
+        std::fs::write(&path, conf).expect("write conf");
+        Self::run(vec!["-c".to_owned(), path.display().to_string()], port, dir).await
+    }
+
+    async fn run(args: Vec<String>, port: u16, dir: tempfile::TempDir) -> Nats {
+        let mut n = Nats { child: None, args, port, _dir: dir };
+        n.restart().await;
+        n
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Start (again) with the same port and store.
+    async fn restart(&mut self) {
+        let child = Command::new(nats_binary())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        eventually(Duration::from_secs(10), "nats-server accepting", || async {
+            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await;
+    }
+
+    /// Kill it (SIGKILL: an outage, not a goodbye).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `[cluster]` for the server at `url`.
+fn cluster(url: &str) -> String {
+    format!("\n[cluster]\nnats = [\"{url}\"]\nname = \"t\"\ntimeout = \"1s\"\n")
+}
+
+/// Start one edge per location in `edges`, all from `file`.
+async fn edges(file: &ConfigFile, edges: &[&str]) -> Vec<Edge> {
+    let mut out = Vec::new();
+    for e in edges {
+        out.push(edge_from(file, e).await);
+    }
+    out
+}
+
+/// Wait until every edge is connected to the cluster and deciding with it.
+async fn all_connected(edges: &[Edge]) {
+    for e in edges {
+        eventually(Duration::from_secs(15), "the edge joined the cluster", || async {
+            let c = admin_json(e, "/state").await["cluster"].clone();
+            (c["connected"] == true && c["alone"] == false).then_some(())
+        })
+        .await;
+    }
+}
+
+/// Send `per_edge` requests for `model` to every edge at once; every
+/// answer's status and `stoke-wait-ms`.
+async fn burst(edges: &[Edge], per_edge: usize, model: &str) -> Vec<(u16, u64, String)> {
+    let mut tasks = Vec::new();
+    for e in edges {
+        for _ in 0..per_edge {
+            let (addr, model) = (e.bound.http.expect("http"), model.to_owned());
+            tasks.push(tokio::spawn(async move {
+                let r = send(addr, Req::chat(&model)).await;
+                let wait = r.header("stoke-wait-ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+                (r.status.as_u16(), wait, r.text())
+            }));
+        }
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("request task"));
+    }
+    out
+}
+
+fn assert_all_ok(answers: &[(u16, u64, String)]) {
+    for (status, _, text) in answers {
+        assert_eq!(*status, 200, "{text}");
+    }
+}
+
+/// Wake claims each edge won, from `/state`.
+async fn claims_won(edges: &[Edge]) -> u64 {
+    let mut won = 0;
+    for e in edges {
+        won += admin_json(e, "/state").await["cluster"]["claims"]["won"].as_u64().expect("claims.won");
+    }
+    won
+}
+
+async fn shutdown(edges: Vec<Edge>) {
+    for e in edges {
+        e.shutdown().await;
+    }
+}
+
+/// A network of `locations` with one scaled pool `fra-a` (and `extra`),
+/// its orchestrator and the config file.
+async fn world(
+    locations: &str,
+    cluster_conf: &str,
+    scale: &str,
+    extra: &str,
+) -> (stoke_router::sim::Orchestrator, ConfigFile) {
+    let (listener, orch) = orchestrator_listener().await;
+    let rep = free_addr();
+    let text = format!(
+        "{EDGE}{cluster_conf}{locations}{}{extra}{ROUTE}",
+        scaled_pool("fra-a", "fra", &["m"], &[rep], orch, scale)
+    );
+    let file = ConfigFile::new(&text);
+    // Pools without scale settings are the test's own replicas.
+    let opts = OrchestratorOptions { start_always_on: false, ..Default::default() };
+    let orch = start_orchestrator(listener, &file, opts).await;
+    (orch, file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_over_ten_edges_makes_one_wake_call() {
+    logs();
+    let nats = Nats::start().await;
+    let (orch, file) =
+        world(TEN_LOCATIONS, &cluster(&nats.url()), "wake_time = \"1s\"\nidle_timeout = \"1h\"", "").await;
+    let edges = edges(&file, &EDGES).await;
+    all_connected(&edges).await;
+
+    let answers = burst(&edges, 3, "m").await;
+    assert_all_ok(&answers);
+    let calls = orch.calls_for("fra-a", "wake");
+    assert_eq!(calls.len(), 1, "one wake call for the whole network: {calls:?}");
+    assert_eq!(claims_won(&edges).await, 1);
+    assert!(answers.iter().all(|(_, wait, _)| *wait > 0), "every request was held for the one wake");
+    shutdown(edges).await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_edge_died_is_taken_over_when_it_runs_out() {
+    logs();
+    let nats = Nats::start().await;
+    let (orch, file) =
+        world(TEN_LOCATIONS, &cluster(&nats.url()), "wake_time = \"500ms\"\nidle_timeout = \"1h\"", "").await;
+    // An edge claimed the wake and died before calling the hook: its claim
+    // lives 2 s more.
+    let client = async_nats::connect(nats.url()).await.expect("nats client");
+    let js = async_nats::jetstream::new(client);
+    let kv = stoke_router::control::cluster::claim::open_bucket(&js, "t").await.expect("bucket");
+    let until = stoke_router::control::cluster::claim::unix_ms() + 2000;
+    let ghost = format!(r#"{{"edge":"ghost","until_ms":{until},"state":"waking"}}"#);
+    kv.create("pool.fra-a", ghost.into()).await.expect("the dead edge's claim");
+
+    let edges = edges(&file, &EDGES[..3]).await;
+    all_connected(&edges).await;
+    let started = Instant::now();
+    let answers = burst(&edges, 2, "m").await;
+    assert_all_ok(&answers);
+    let calls = orch.calls_for("fra-a", "wake");
+    assert_eq!(calls.len(), 1, "one edge took the claim over: {calls:?}");
+    assert!(EDGES[..3].contains(&calls[0].edge.as_str()), "{calls:?}");
+    let least = answers.iter().map(|(_, w, _)| *w).min().unwrap_or(0);
+    assert!(least >= 1500, "nobody called the hook while the dead edge's claim lived (waited {least} ms)");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    shutdown(edges).await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_fails_nothing_and_one_wake_per_pool_comes_back_with_it() {
+    logs();
+    let mut nats = Nats::start().await;
+    let warm = replica("par-w").await;
+    let extra = pool("par-w", "par", &["w"], &[warm.addr], "");
+    let (orch, file) =
+        world(TEN_LOCATIONS, &cluster(&nats.url()), "wake_time = \"500ms\"\nidle_timeout = \"1h\"", &extra).await;
+    let edges = edges(&file, &EDGES[..3]).await;
+    all_connected(&edges).await;
+
+    // Steady traffic to the warm pool at every edge, across the outage.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut traffic = Vec::new();
+    for e in &edges {
+        let (addr, stop) = (e.bound.http.expect("http"), stop.clone());
+        traffic.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            for _ in 0..2000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let r = send(addr, Req::chat("w")).await;
+                if r.status == 200 {
+                    ok += 1;
+                } else {
+                    failed.push((r.status, r.text()));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nats.kill();
+    for e in &edges {
+        eventually(Duration::from_secs(5), "the edge knows it is alone", || async {
+            (admin_json(e, "/state").await["cluster"]["connected"] == false).then_some(())
+        })
+        .await;
+    }
+    // Alone, each edge wakes the cold pool itself.
+    let answers = burst(&edges, 2, "m").await;
+    assert_all_ok(&answers);
+    let alone = orch.calls_for("fra-a", "wake");
+    assert_eq!(alone.len(), 3, "one wake call per edge without the cluster: {alone:?}");
+
+    // Back: one wake per pool again.
+    nats.restart().await;
+    all_connected(&edges).await;
+    orch.stop_pool("fra-a").await;
+    for e in &edges {
+        eventually(Duration::from_secs(5), "the pool is cold again", || async {
+            (pool_state(e, "fra-a").await["state"] == "cold").then_some(())
+        })
+        .await;
+    }
+    let answers = burst(&edges, 2, "m").await;
+    assert_all_ok(&answers);
+    let calls = orch.calls_for("fra-a", "wake");
+    assert_eq!(calls.len(), 4, "one more wake call for the whole network: {calls:?}");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in traffic {
+        let (ok, failed) = t.await.expect("traffic task");
+        assert!(ok > 10, "traffic went on ({ok} answered)");
+        assert!(failed.is_empty(), "requests failed during the outage: {failed:?}");
+    }
+    shutdown(edges).await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edges_filling_one_pool_stay_within_its_capacity() {
+    logs();
+    let nats = Nats::start().await;
+    // One replica that takes 4 at once, each request about 2 s.
+    let rep = replica_with("fra-a", |o| {
+        o.max_concurrency = 4;
+        o.tokens_per_sec = 20.0;
+    })
+    .await;
+    let text = format!(
+        "{EDGE}{}{TEN_LOCATIONS}{}{ROUTE}",
+        cluster(&nats.url()),
+        pool("fra-a", "fra", &["m"], &[rep.addr], "max_concurrency = 4")
+    );
+    let file = ConfigFile::new(&text);
+    let edges = edges(&file, &["fra", "par"]).await;
+    all_connected(&edges).await;
+
+    let long = || Req::post("/v1/chat/completions", chat_body("m", false, 40));
+    let send_at = |e: &Edge| {
+        let addr = e.bound.http.expect("http");
+        tokio::spawn(async move {
+            let r = send(addr, long()).await;
+            (r.status, r.header("stoke-wait-ms").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0), r.text())
+        })
+    };
+    let first: Vec<_> = (0..4).map(|_| send_at(&edges[0])).collect();
+    // Paris sees Frankfurt's four within a second.
+    eventually(Duration::from_secs(2), "Paris sees the pool full", || async {
+        (pool_state(&edges[1], "fra-a").await["elsewhere"]["in_flight"] == 4).then_some(())
+    })
+    .await;
+    let second: Vec<_> = (0..4).map(|_| send_at(&edges[1])).collect();
+    for t in first {
+        let (status, _, text) = t.await.expect("task");
+        assert_eq!(status, 200, "{text}");
+    }
+    for t in second {
+        let (status, wait, text) = t.await.expect("task");
+        assert_eq!(status, 200, "{text}");
+        assert!(wait > 500, "held until Frankfurt's requests ended (waited {wait} ms)");
+    }
+    let peak = rep.stats.peak_busy.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(peak <= 4, "the replica had {peak} requests at once; it takes 4");
+    shutdown(edges).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_busy_only_at_another_edge_is_not_put_to_sleep() {
+    logs();
+    let nats = Nats::start().await;
+    // No load scrape: only the cluster tells Frankfurt of Paris's request.
+    let (orch, file) =
+        world(TEN_LOCATIONS, &cluster(&nats.url()), "wake_time = \"300ms\"\nidle_timeout = \"1s\"", "").await;
+    let edges = edges(&file, &["fra", "par"]).await;
+    all_connected(&edges).await;
+    let paris = edges[1].bound.http.expect("http");
+
+    // Paris wakes the pool and streams a long answer from it (about 4 s at
+    // the simulator's 200 tokens/s), four idle windows of Frankfurt's.
+    let r = send(paris, Req::chat("m")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(paris, Req::post("/v1/chat/completions", chat_body("m", true, 800))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("[DONE]"), "the stream ran to its end: {}", r.text());
+    let sleeps = orch.calls_for("fra-a", "sleep");
+    assert!(sleeps.is_empty(), "the home edge put the pool to sleep under Paris's stream: {sleeps:?}");
+    // Idle everywhere: it sleeps.
+    eventually(Duration::from_secs(5), "the pool sleeps once idle everywhere", || async {
+        (!orch.calls_for("fra-a", "sleep").is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(orch.calls_for("fra-a", "sleep")[0].edge, "fra", "by its home edge");
+    shutdown(edges).await;
+    orch.shutdown().await;
+}
+
+/// A hub of three servers (JetStream, one cluster) and a leaf per location
+/// without JetStream of its own, each edge talking only to its leaf: the
+/// shape production runs (README, "Running a cluster").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_of_three_with_a_leaf_per_location_makes_one_wake_call() {
+    logs();
+    let ports: Vec<u16> = (0..8).map(|_| free_addr().port()).collect();
+    let (client, route, leaf) = (&ports[0..3], &ports[3..6], &ports[6..8]);
+    let routes = route.iter().map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect::<Vec<_>>().join(", ");
+    let mut hub = Vec::new();
+    for i in 0..3 {
+        let conf = format!(
+            "server_name: hub{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{{dir}}\", domain: hub }}\n\
+             cluster {{ name: hub, listen: 127.0.0.1:{}, routes: [{routes}] }}\n\
+             leafnodes {{ listen: 127.0.0.1:{} }}\n",
+            client[i],
+            route[i],
+            leaf.get(i).copied().unwrap_or_else(|| free_addr().port()),
+        );
+        hub.push(Nats::from_conf(&conf, client[i]).await);
+    }
+    let mut leaves = Vec::new();
+    for (i, loc) in ["fra", "par"].iter().enumerate() {
+        let port = free_addr().port();
+        let remotes = leaf.iter().map(|p| format!("\"nats-leaf://127.0.0.1:{p}\"")).collect::<Vec<_>>().join(", ");
+        let conf = format!(
+            "server_name: leaf-{loc}\nlisten: 127.0.0.1:{port}\nleafnodes {{ remotes: [{{ urls: [{remotes}] }}] }}\n"
+        );
+        leaves.push(Nats::from_conf(&conf, port).await);
+        let _ = i;
+    }
+    // JetStream elects its meta leader across the hub: wait until a KV
+    // bucket can be made through a leaf.
+    let client = async_nats::connect(leaves[0].url()).await.expect("client");
+    let js = async_nats::jetstream::with_domain(client, "hub");
+    eventually(Duration::from_secs(30), "JetStream through the leaf", || async {
+        stoke_router::control::cluster::claim::open_bucket(&js, "t").await.ok().map(|_| ())
+    })
+    .await;
+
+    // One config per edge: the same network, each edge naming its own leaf.
+    let (listener, orch) = orchestrator_listener().await;
+    let rep = free_addr();
+    let body = format!(
+        "{TEN_LOCATIONS}{}{ROUTE}",
+        scaled_pool("fra-a", "fra", &["m"], &[rep], orch, "wake_time = \"500ms\"\nidle_timeout = \"1h\"")
+    );
+    let files: Vec<ConfigFile> = leaves
+        .iter()
+        .map(|l| ConfigFile::new(&format!("{EDGE}{}domain = \"hub\"\n{body}", cluster(&l.url()))))
+        .collect();
+    let orch = start_orchestrator(listener, &files[0], OrchestratorOptions::default()).await;
+    let mut edges = Vec::new();
+    for (file, loc) in files.iter().zip(["fra", "par"]) {
+        edges.push(edge_from(file, loc).await);
+    }
+    all_connected(&edges).await;
+    // The load view crosses the leaves too.
+    eventually(Duration::from_secs(5), "each edge hears the other", || async {
+        let a = admin_json(&edges[0], "/state").await["cluster"]["peers"].as_array().map_or(0, |p| p.len());
+        let b = admin_json(&edges[1], "/state").await["cluster"]["peers"].as_array().map_or(0, |p| p.len());
+        (a == 1 && b == 1).then_some(())
+    })
+    .await;
+    let answers = burst(&edges, 3, "m").await;
+    assert_all_ok(&answers);
+    let calls = orch.calls_for("fra-a", "wake");
+    assert_eq!(calls.len(), 1, "one wake call through the hub: {calls:?}");
+    shutdown(edges).await;
+    orch.shutdown().await;
+    drop((leaves, hub));
+}

@@ -156,3 +156,43 @@ async fn load_spreads_over_replicas() {
     assert_drained(&edge).await;
     edge.shutdown().await;
 }
+
+/// Health probes measure each pool's round trip, and placement ranks by it
+/// once it has samples: a pool in this edge's own location whose replicas
+/// answer 50 ms away loses to a pool a city away that answers at once. A
+/// `[[rtt]]` in the file still wins over a measurement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measured_round_trips_rank_the_pools_unless_the_file_gives_them() {
+    logs();
+    let far = replica("fra-1").await;
+    let near = replica("par-1").await;
+    // 25 ms each way through a userspace proxy.
+    let slow = delay_proxy(far.addr, Duration::from_millis(25)).await;
+    let pools = [pool("fra-a", "fra", &["m"], &[slow], ""), pool("par-b", "par", &["m"], &[near.addr], "")];
+    let text = config(&pools).replace("measure_rtt = false", "measure_rtt = true");
+    let (edge, file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http listener");
+
+    let fra = pool_state(&edge, "fra-a").await;
+    assert_eq!(fra["rtt"]["source"], "measured", "{fra}");
+    assert_eq!(fra["rtt"]["estimate_ms"], 0.0, "same location");
+    let measured = fra["rtt"]["measured_ms"].as_f64().expect("measured_ms");
+    assert!(measured >= 45.0, "the probe's first byte came 50 ms late, measured {measured} ms");
+    assert!(fra["rtt"]["last_connect_ms"].as_f64().is_some());
+    let par = pool_state(&edge, "par-b").await;
+    assert!(par["rtt_ms"].as_f64().expect("rtt_ms") < 10.0, "{par}");
+    let r = send(addr, Req::chat("m")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("stoke-pool"), Some("par-b"), "the pool that answers sooner serves");
+
+    // Given in the file, Paris is 200 ms away: that is believed.
+    file.rewrite(&format!("{text}\n[[rtt]]\nbetween = [\"fra\", \"par\"]\nms = 200\n"));
+    eventually(Duration::from_secs(5), "the given RTT in force", || async {
+        let p = pool_state(&edge, "par-b").await;
+        (p["rtt"]["source"] == "given").then_some(())
+    })
+    .await;
+    let r = send(addr, Req::chat("m")).await;
+    assert_eq!(r.header("stoke-pool"), Some("fra-a"), "{}", r.text());
+    edge.shutdown().await;
+}

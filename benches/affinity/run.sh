@@ -44,6 +44,7 @@ http = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 debug_headers = true
 threads = 1
+measure_rtt = false
 [[location]]
 id = "fra"
 lat = 50.11

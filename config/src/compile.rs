@@ -395,6 +395,7 @@ fn compile_edge(
         h3_idle_timeout: nonzero_duration(diags, &raw.h3_idle_timeout, "h3_idle_timeout", defaults::H3_IDLE_TIMEOUT),
         h3_max_streams: bounded(diags, &raw.h3_max_streams, "h3_max_streams", defaults::H3_MAX_STREAMS, 1, 10_000)
             as u32,
+        measure_rtt: raw.measure_rtt.as_ref().map_or(defaults::MEASURE_RTT, |m| m.value),
     })
 }
 

@@ -43,6 +43,9 @@ pub const CLUSTER_NAME: &str = "stoke";
 /// `[cluster].timeout`: the longest any cluster call may delay a decision.
 pub const CLUSTER_TIMEOUT: Duration = Duration::from_millis(250);
 
+/// `[edge].measure_rtt`: rank pools by the RTTs health probes measure.
+pub const MEASURE_RTT: bool = true;
+
 /// `[[location]].edge`: a location runs an edge unless it says otherwise.
 pub const LOCATION_EDGE: bool = true;
 

@@ -32,6 +32,7 @@ const EDGE_KEYS: &[&str] = &[
     "max_headers",
     "h3_idle_timeout",
     "h3_max_streams",
+    "measure_rtt",
 ];
 const TLS_KEYS: &[&str] = &["hosts", "cert", "key"];
 const LOCATION_KEYS: &[&str] = &["id", "name", "lat", "lon", "edge"];
@@ -103,6 +104,7 @@ pub(crate) struct RawEdge {
     pub max_headers: Option<At<u64>>,
     pub h3_idle_timeout: Option<At<Duration>>,
     pub h3_max_streams: Option<At<u64>>,
+    pub measure_rtt: Option<At<bool>>,
 }
 
 #[derive(Debug)]
@@ -340,6 +342,7 @@ fn decode_edge(r: &TableReader<'_, '_>, diags: &mut Diagnostics) -> RawEdge {
         max_headers: r.unsigned(diags, "max_headers"),
         h3_idle_timeout: r.duration(diags, "h3_idle_timeout"),
         h3_max_streams: r.unsigned(diags, "h3_max_streams"),
+        measure_rtt: r.boolean(diags, "measure_rtt"),
     }
 }
 

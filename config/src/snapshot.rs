@@ -170,6 +170,9 @@ pub struct EdgeSettings {
     pub h3_idle_timeout: Duration,
     /// Concurrent requests per HTTP/3 connection.
     pub h3_max_streams: u32,
+    /// Whether placement ranks pools by the RTTs health probes measure
+    /// (where `[[rtt]]` does not give them) rather than by distance.
+    pub measure_rtt: bool,
 }
 
 /// `[cluster]`: how this edge reaches the others.

@@ -103,6 +103,8 @@ impl RttModel {
 pub struct RttMatrix {
     n: usize,
     micros: Vec<u32>,
+    /// Pairs whose RTT was given ([`set`](Self::set)) rather than estimated.
+    given: Vec<bool>,
 }
 
 impl RttMatrix {
@@ -119,7 +121,7 @@ impl RttMatrix {
                 }
             }
         }
-        RttMatrix { n, micros }
+        RttMatrix { n, micros, given: vec![false; n * n] }
     }
 
     /// Number of locations.
@@ -141,6 +143,14 @@ impl RttMatrix {
         let us = to_micros(rtt);
         self.micros[a * self.n + b] = us;
         self.micros[b * self.n + a] = us;
+        self.given[a * self.n + b] = true;
+        self.given[b * self.n + a] = true;
+    }
+
+    /// Whether the RTT between `a` and `b` was given rather than estimated
+    /// (a given value wins over one measured at run time).
+    pub fn is_given(&self, a: usize, b: usize) -> bool {
+        self.given.get(a * self.n + b).copied().unwrap_or(false)
     }
 
     /// Round trip between locations `a` and `b`, in microseconds.

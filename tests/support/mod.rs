@@ -100,7 +100,9 @@ lat = -33.87
 lon = 151.21
 "#;
 
-/// `[edge]` with a plain listener on a free port and debug headers.
+/// `[edge]` with a plain listener on a free port and debug headers. Every
+/// replica is on loopback, so the tests rank pools by the locations'
+/// distance (`measure_rtt = false`), except where they measure RTTs.
 pub const EDGE: &str = r#"
 [edge]
 http = "127.0.0.1:0"
@@ -108,6 +110,7 @@ admin = "127.0.0.1:0"
 debug_headers = true
 threads = 2
 drain_timeout = "5s"
+measure_rtt = false
 "#;
 
 /// A `[[pool]]` block with fast health probes.
@@ -477,4 +480,41 @@ pub async fn assert_nothing_reached(edge: &Edge, orch: &stoke_router::sim::Orche
     // Anything still in the edge's hands would go out now.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(orch.requests_received(pool).await, 0, "a request whose client left reached the replica");
+}
+
+/// A TCP proxy to `upstream` on a free loopback port that holds every
+/// chunk `one_way` before passing it on, in both directions: a round trip
+/// through it takes twice that longer (this kernel has no netem).
+pub async fn delay_proxy(upstream: SocketAddr, one_way: Duration) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, delay: Duration) {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = to.shutdown().await;
+                    return;
+                }
+                Ok(n) => {
+                    tokio::time::sleep(delay).await;
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((down, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(up) = TcpStream::connect(upstream).await else { return };
+                let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                let ((dr, dw), (ur, uw)) = (down.into_split(), up.into_split());
+                tokio::join!(pipe(dr, uw, one_way), pipe(ur, dw, one_way));
+            });
+        }
+    });
+    addr
 }

@@ -228,6 +228,30 @@ pub fn idle_json(st: &crate::state::PoolState, rule: stoke_config::IdleTimeout) 
     }
 }
 
+/// Where a pool's RTT comes from and what was measured: `given` by
+/// `[[rtt]]`, `measured` by health probes, else `estimated` from distance.
+fn rtt_json(live: &Live, pool: stoke_config::PoolId) -> Value {
+    let net = &live.snapshot.network;
+    let (from, to) = (live.snapshot.location.index(), net.pool(pool).location.index());
+    let measured = live.pool(pool).state.measured_rtt();
+    let source = if net.rtt.is_given(from, to) {
+        "given"
+    } else if measured.is_some() && net.edge.measure_rtt {
+        "measured"
+    } else {
+        "estimated"
+    };
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    json!({
+        "source": source,
+        "estimate_ms": net.rtt.get(from, to).as_secs_f64() * 1000.0,
+        "measured_ms": measured.map(|m| ms(m.smoothed)),
+        "last_connect_ms": measured.map(|m| ms(m.last_connect)),
+        "last_first_byte_ms": measured.map(|m| ms(m.last_first_byte)),
+        "samples": measured.map_or(0, |m| m.samples),
+    })
+}
+
 /// The `/state` document of one edge.
 pub fn state_json(live: &Live, buffered_body_bytes: u64) -> Value {
     let net = &live.snapshot.network;
@@ -236,7 +260,8 @@ pub fn state_json(live: &Live, buffered_body_bytes: u64) -> Value {
         .pools
         .iter()
         .zip(live.pools.iter())
-        .map(|(pool, view)| {
+        .enumerate()
+        .map(|(i, (pool, view))| {
             let st = &view.state;
             let condition = st.condition(view.is_warm(), pool.scale.is_some());
             json!({
@@ -262,7 +287,8 @@ pub fn state_json(live: &Live, buffered_body_bytes: u64) -> Value {
                 "waking_for_ms": st.waking_since().map(|t| now.saturating_duration_since(t).as_millis() as u64),
                 "idle_for_ms": now.saturating_duration_since(st.last_active()).as_millis() as u64,
                 "idle": pool.scale.as_ref().map(|scale| idle_json(st, scale.idle_timeout)),
-                "rtt_ms": net.rtt.get(live.snapshot.location.index(), pool.location.index()).as_secs_f64() * 1000.0,
+                "rtt_ms": live.rtt_us(stoke_config::PoolId(i as u32)) as f64 / 1000.0,
+                "rtt": rtt_json(live, stoke_config::PoolId(i as u32)),
                 "replicas": view.replicas.iter().map(|r| json!({
                     "addr": &*r.addr_text,
                     "ready": r.is_ready(),

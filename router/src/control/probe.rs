@@ -33,12 +33,27 @@ pub enum Probe {
 
 /// Probe a replica once.
 pub async fn probe(replica: &ReplicaState, check: &HealthCheck) -> Probe {
+    probe_timed(replica, check).await.0
+}
+
+/// Probe a replica once; with an answer, also its connect and first-byte
+/// times (the round trip from this edge).
+pub async fn probe_timed(replica: &ReplicaState, check: &HealthCheck) -> (Probe, Option<(Duration, Duration)>) {
     match http_client::get(replica.addr, &replica.addr_text, &check.path, check.timeout).await {
-        Ok(a) if a.status.is_success() => Probe::Healthy,
-        Ok(_) => Probe::Unhealthy,
-        Err(http_client::ClientError::Connect(_)) => Probe::Refused,
-        Err(_) => Probe::Failed,
+        Ok(a) if a.status.is_success() => (Probe::Healthy, Some((a.connect, a.first_byte))),
+        Ok(a) => (Probe::Unhealthy, Some((a.connect, a.first_byte))),
+        Err(http_client::ClientError::Connect(_)) => (Probe::Refused, None),
+        Err(_) => (Probe::Failed, None),
     }
+}
+
+/// Probe `replica` of `view` once and apply the result, measuring the
+/// pool's RTT on the way; true if the measured RTT moved enough that
+/// placement should rank again ([`Live::rerank`]).
+pub async fn probe_and_measure(view: &PoolView, replica: &ReplicaState, check: &HealthCheck) -> (Probe, bool) {
+    let (result, timing) = probe_timed(replica, check).await;
+    let rerank = timing.is_some_and(|(connect, first_byte)| view.state.observe_rtt(connect, first_byte));
+    (result, rerank)
 }
 
 /// Apply a probe result, given the failures in a row so far; returns the
@@ -76,14 +91,15 @@ pub async fn probe_all(live: &Live) {
     let mut set = JoinSet::new();
     for (pool, view) in live.snapshot.network.pools.iter().zip(live.pools.iter()) {
         for replica in view.replicas.iter() {
-            let (replica, check, id) = (replica.clone(), pool.health.clone(), pool.id.clone());
+            let (view, replica, check, id) = (view.clone(), replica.clone(), pool.health.clone(), pool.id.clone());
             set.spawn(async move {
-                let result = probe(&replica, &check).await;
+                let (result, _) = probe_and_measure(&view, &replica, &check).await;
                 apply(&replica, &id, result, 0);
             });
         }
     }
     while set.join_next().await.is_some() {}
+    live.rerank();
     let now = clock::now();
     for view in live.pools.iter() {
         view.dispatch(now);
@@ -98,7 +114,13 @@ pub async fn run(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
         let mut tasks = JoinSet::new();
         for (pool, view) in live.snapshot.network.pools.iter().zip(live.pools.iter()) {
             for replica in view.replicas.iter() {
-                tasks.spawn(probe_loop(view.clone(), replica.clone(), pool.health.clone(), pool.id.clone()));
+                tasks.spawn(probe_loop(
+                    router.clone(),
+                    view.clone(),
+                    replica.clone(),
+                    pool.health.clone(),
+                    pool.id.clone(),
+                ));
                 if let Some(load) = &pool.load {
                     tasks.spawn(scrape_loop(view.clone(), replica.clone(), load.clone()));
                 }
@@ -117,10 +139,19 @@ pub async fn run(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn probe_loop(view: Arc<PoolView>, replica: Arc<ReplicaState>, check: HealthCheck, pool: String) {
+async fn probe_loop(
+    router: Arc<Router>,
+    view: Arc<PoolView>,
+    replica: Arc<ReplicaState>,
+    check: HealthCheck,
+    pool: String,
+) {
     let mut fails = 0;
     loop {
-        let result = probe(&replica, &check).await;
+        let (result, rerank) = probe_and_measure(&view, &replica, &check).await;
+        if rerank {
+            router.live().rerank();
+        }
         let was_down = fails > 0;
         let (f, became_ready) = apply_seen(&replica, &pool, result, fails);
         fails = f;

@@ -171,7 +171,7 @@ const MAX_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// requests if one became ready.
 pub async fn probe_pool(view: &Arc<PoolView>, check: &stoke_config::HealthCheck, pool_id: &str) {
     let probes = view.replicas.iter().map(|r| async move {
-        let result = probe::probe(r, check).await;
+        let (result, _) = probe::probe_and_measure(view, r, check).await;
         probe::apply(r, pool_id, result, 0)
     });
     futures_util::future::join_all(probes).await;

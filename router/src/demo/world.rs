@@ -127,7 +127,8 @@ pub fn config(ports: &Ports, idle_timeout: Option<Duration>) -> String {
     let _ = writeln!(
         s,
         "# The stoke demo network (generated).\n[edge]\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
-         debug_headers = true\nthreads = 1\ndrain_timeout = \"5s\"\n"
+         debug_headers = true\nthreads = 1\ndrain_timeout = \"5s\"\n\
+         # Every replica is on loopback: rank by the locations' distance.\nmeasure_rtt = false\n"
     );
     for site in SITES {
         let _ = writeln!(

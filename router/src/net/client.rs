@@ -34,6 +34,11 @@ pub struct Answer {
     pub status: StatusCode,
     /// Body (at most [`MAX_RESPONSE_BYTES`]).
     pub body: Bytes,
+    /// Time to set up the TCP connection.
+    pub connect: Duration,
+    /// Time from sending the request to the response head: one round trip
+    /// plus the server's time to answer.
+    pub first_byte: Duration,
 }
 
 /// `GET http://{addr}{path}`.
@@ -52,7 +57,9 @@ pub async fn call(
     timeout: Duration,
 ) -> Result<Answer, ClientError> {
     let exchange = async {
+        let started = std::time::Instant::now();
         let stream = TcpStream::connect(addr).await.map_err(ClientError::Connect)?;
+        let connect = started.elapsed();
         let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -70,7 +77,9 @@ pub async fn call(
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = req.body(Full::new(body)).map_err(|e| ClientError::Http(e.to_string()))?;
+        let sent = std::time::Instant::now();
         let resp = sender.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
+        let first_byte = sent.elapsed();
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
             .collect()
@@ -78,7 +87,7 @@ pub async fn call(
             .map_err(|e| ClientError::Http(e.to_string()))?
             .to_bytes();
         conn.abort();
-        Ok(Answer { status, body })
+        Ok(Answer { status, body, connect, first_byte })
     };
     tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(ClientError::Timeout(timeout)))
 }

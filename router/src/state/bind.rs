@@ -162,7 +162,18 @@ impl StateStore {
         let route_keys =
             snapshot.network.routes.iter().map(|r| r.auth.as_ref().map(crate::access::KeySet::new)).collect();
         let any_affinity = snapshot.network.pools.iter().any(|p| p.affinity.is_some());
-        (Live { version, snapshot, pools: views, route_labels, route_keys, any_affinity }, removed, diff)
+        let live = Live {
+            version,
+            snapshot,
+            pools: views,
+            route_labels,
+            route_keys,
+            any_affinity,
+            measured: Default::default(),
+        };
+        // RTTs measured under the last snapshot still hold.
+        live.rerank();
+        (live, removed, diff)
     }
 }
 

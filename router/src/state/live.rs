@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use stoke_config::{PoolId, ServiceId, Snapshot};
+use arc_swap::ArcSwapOption;
+use stoke_config::{Candidate, PoolId, ServiceId, Snapshot};
 
 use crate::core::placement::{place, Placement, PoolStatus};
 
@@ -26,6 +27,9 @@ pub struct Live {
     /// Whether any pool has `[pool.affinity]` (if none has, requests need
     /// no affinity keys).
     pub any_affinity: bool,
+    /// The candidates of each service ranked by measured RTTs, once health
+    /// probes have measured some (`None`: the snapshot's ranking).
+    pub(super) measured: ArcSwapOption<Box<[Box<[Candidate]>]>>,
 }
 
 impl Live {
@@ -44,7 +48,60 @@ impl Live {
     /// Where a request for `service` goes, given the state at `now`.
     #[inline]
     pub fn place(&self, service: ServiceId, now: Instant) -> Placement {
-        place(self.snapshot.candidates(service), |p| self.status(p, now))
+        let measured = self.measured.load();
+        let candidates = match &*measured {
+            Some(ranked) => &ranked[service.index()][..],
+            None => self.snapshot.candidates(service),
+        };
+        place(candidates, |p| self.status(p, now))
+    }
+
+    /// The pools that serve `service` with their RTTs from this edge,
+    /// nearest first, as placement ranks them now.
+    pub fn candidates(&self, service: ServiceId) -> Vec<Candidate> {
+        match &*self.measured.load() {
+            Some(ranked) => ranked[service.index()].to_vec(),
+            None => self.snapshot.candidates(service).to_vec(),
+        }
+    }
+
+    /// The RTT placement uses for `pool`: measured by health probes unless
+    /// `[[rtt]]` gives it, else the snapshot's estimate.
+    pub fn rtt_us(&self, pool: PoolId) -> u32 {
+        let net = &self.snapshot.network;
+        let (from, to) = (self.snapshot.location.index(), net.pool(pool).location.index());
+        match self.pool(pool).state.rtt() {
+            Some(m) if net.edge.measure_rtt && !net.rtt.is_given(from, to) => {
+                u32::try_from(m.as_micros()).unwrap_or(u32::MAX)
+            }
+            _ => net.rtt.micros(from, to),
+        }
+    }
+
+    /// Rank every service's pools again by the RTTs measured so far
+    /// (called when one moved enough to matter; rare, so it may allocate).
+    pub fn rerank(&self) {
+        if !self.snapshot.network.edge.measure_rtt || !self.pools.iter().any(|v| v.state.rtt().is_some()) {
+            return;
+        }
+        let ranked: Box<[Box<[Candidate]>]> = (0..self.snapshot.candidates.len())
+            .map(|s| {
+                let mut c: Vec<Candidate> = self
+                    .snapshot
+                    .candidates(ServiceId(s as u32))
+                    .iter()
+                    .map(|c| Candidate { pool: c.pool, rtt_us: self.rtt_us(c.pool) })
+                    .collect();
+                c.sort_by_key(|c| c.rtt_us);
+                c.into_boxed_slice()
+            })
+            .collect();
+        for view in self.pools.iter() {
+            if let Some(m) = view.state.rtt() {
+                view.state.mark_ranked(m.as_micros() as u64);
+            }
+        }
+        self.measured.store(Some(Arc::new(ranked)));
     }
 
     /// Take a slot on a replica of `pool` (power of two choices); `None` if
@@ -81,5 +138,23 @@ mod tests {
         assert!(live.pools[0].state.begin_wake(now));
         assert_eq!(live.status(PoolId(0), now + Duration::from_secs(15)).wait_us, Some(5_000_000));
         assert_eq!(live.place(m, now).decision, Decision::Forward { pool: PoolId(1) });
+    }
+
+    #[test]
+    fn measured_rtts_rank_the_pools_unless_the_file_gives_them() {
+        let router = crate::testing::two_pools(1, "idle_timeout = \"5m\"\nwake_time = \"20s\"");
+        let live = router.live();
+        let m = live.snapshot.network.service_id("m").expect("service");
+        let now = live.pools[0].state.last_active();
+        for v in live.pools.iter() {
+            v.replicas[0].set_ready(true);
+        }
+        assert_eq!(live.place(m, now).decision, Decision::Forward { pool: PoolId(0) }, "Frankfurt is here");
+        // Frankfurt's replicas answer in 40 ms, Paris's in 2 ms.
+        live.pools[0].state.observe_rtt(Duration::ZERO, Duration::from_millis(40));
+        live.pools[1].state.observe_rtt(Duration::ZERO, Duration::from_millis(2));
+        live.rerank();
+        assert_eq!(live.place(m, now).decision, Decision::Forward { pool: PoolId(1) }, "Paris is nearer in fact");
+        assert_eq!(live.candidates(m)[0], Candidate { pool: PoolId(1), rtt_us: 2000 });
     }
 }

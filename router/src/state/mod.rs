@@ -27,6 +27,6 @@ pub use bind::{diff, Diff, StateStore};
 pub use budget::{BodyBudget, Held};
 pub use hold::{HoldQueue, PoolView, Slot, Ticket};
 pub use live::Live;
-pub use pool::{Figures, PoolState, EWMA_WEIGHT, SERVICE_TIME_SEED};
+pub use pool::{Figures, MeasuredRtt, PoolState, EWMA_WEIGHT, SERVICE_TIME_SEED};
 pub use replica::ReplicaState;
 pub use router::Router;

@@ -61,6 +61,38 @@ pub struct PoolState {
     /// What the other edges of the cluster publish for the pool (fresh
     /// reports only; zero without a cluster).
     elsewhere: Elsewhere,
+    /// Round trip from this edge, measured by health probes.
+    rtt: Rtt,
+}
+
+/// The round trip to a pool as its health probes measure it: the time to a
+/// probe's first byte, smoothed, and the value placement ranks by.
+#[derive(Debug, Default)]
+struct Rtt {
+    /// Smoothed, microseconds; 0 before the first sample.
+    smoothed_us: AtomicU64,
+    /// The last probe's connect and first-byte times, microseconds.
+    last_connect_us: AtomicU64,
+    last_first_byte_us: AtomicU64,
+    samples: AtomicU64,
+    /// The smoothed value when placement last ranked by it.
+    ranked_us: AtomicU64,
+}
+
+/// Weight of a new sample in the smoothed RTT.
+pub const RTT_WEIGHT: f64 = 0.2;
+
+/// What `/state` shows of a pool's measured RTT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MeasuredRtt {
+    /// Smoothed time to a probe's first byte.
+    pub smoothed: Duration,
+    /// The last probe's connect time.
+    pub last_connect: Duration,
+    /// The last probe's time to first byte.
+    pub last_first_byte: Duration,
+    /// Probes that answered.
+    pub samples: u64,
 }
 
 /// A pool's figures summed over the other edges' fresh cluster reports.
@@ -112,6 +144,7 @@ impl PoolState {
             prewarmed_for: Mutex::new(None),
             held_share: AtomicU64::new(1f64.to_bits()),
             elsewhere: Elsewhere::default(),
+            rtt: Rtt::default(),
         }
     }
 
@@ -322,6 +355,51 @@ impl PoolState {
         }
     }
 
+    /// Take in a health probe's connect and first-byte times; true if the
+    /// smoothed RTT moved far enough from the one placement ranks by (a
+    /// tenth, and half a millisecond) that the ranking should be redone.
+    pub fn observe_rtt(&self, connect: Duration, first_byte: Duration) -> bool {
+        let sample = saturating_micros(first_byte).max(1);
+        self.rtt.last_connect_us.store(saturating_micros(connect), Ordering::Relaxed);
+        self.rtt.last_first_byte_us.store(sample, Ordering::Relaxed);
+        let first = self.rtt.samples.fetch_add(1, Ordering::Relaxed) == 0;
+        let mut now = sample;
+        let _ = self.rtt.smoothed_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |prev| {
+            now = if first || prev == 0 {
+                sample
+            } else {
+                (prev as f64 * (1.0 - RTT_WEIGHT) + sample as f64 * RTT_WEIGHT) as u64
+            };
+            Some(now)
+        });
+        let ranked = self.rtt.ranked_us.load(Ordering::Relaxed);
+        ranked == 0 || (now.abs_diff(ranked) > 500 && now.abs_diff(ranked) * 10 > ranked)
+    }
+
+    /// The smoothed RTT, once a probe has measured one.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.rtt.smoothed_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// The measured RTT as `/state` shows it.
+    pub fn measured_rtt(&self) -> Option<MeasuredRtt> {
+        let smoothed = self.rtt()?;
+        Some(MeasuredRtt {
+            smoothed,
+            last_connect: Duration::from_micros(self.rtt.last_connect_us.load(Ordering::Relaxed)),
+            last_first_byte: Duration::from_micros(self.rtt.last_first_byte_us.load(Ordering::Relaxed)),
+            samples: self.rtt.samples.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Placement now ranks by `rtt` (microseconds).
+    pub(super) fn mark_ranked(&self, rtt_us: u64) {
+        self.rtt.ranked_us.store(rtt_us.max(1), Ordering::Relaxed);
+    }
+
     /// What the other edges of the cluster have for the pool, as last recorded.
     pub fn elsewhere(&self) -> Figures {
         Figures {
@@ -437,6 +515,24 @@ mod tests {
         p.set_elsewhere(Figures { routed_away: 2, ..Figures::default() }, t0 + 31 * S, true);
         assert_eq!(p.last_active(), t0 + 30 * S, "demand for a cold pool is not activity");
         assert!(p.routed_away(t0 + 32 * S));
+    }
+
+    #[test]
+    fn the_measured_rtt_is_smoothed_and_asks_for_a_new_ranking_when_it_moves() {
+        let p = PoolState::new("p", S, Instant::now());
+        let ms = Duration::from_millis;
+        assert_eq!(p.rtt(), None);
+        assert!(p.observe_rtt(ms(1), ms(40)), "the first sample ranks");
+        assert_eq!(p.rtt(), Some(ms(40)));
+        p.mark_ranked(40_000);
+        assert!(!p.observe_rtt(ms(1), ms(42)), "a small move does not re-rank");
+        assert_eq!(p.rtt(), Some(Duration::from_micros(40_400)));
+        for _ in 0..5 {
+            p.observe_rtt(ms(1), ms(10));
+        }
+        assert!(p.observe_rtt(ms(1), ms(10)), "a large one does");
+        let m = p.measured_rtt().expect("measured");
+        assert_eq!((m.last_connect, m.last_first_byte, m.samples), (ms(1), ms(10), 8));
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub const LOOK_EVERY: Duration = Duration::from_millis(50);
 pub const FRESH: Duration = Duration::from_secs(1);
 
 /// One edge's report.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// The edge's location id.
     pub edge: String,
@@ -39,6 +39,9 @@ pub struct Report {
     /// zero).
     #[serde(default)]
     pub pools: BTreeMap<String, PoolReport>,
+    /// The edge's measured round trip to each pool, milliseconds.
+    #[serde(default)]
+    pub rtt_ms: BTreeMap<String, f64>,
 }
 
 /// One pool in an edge's report.
@@ -86,7 +89,12 @@ pub fn report(live: &Live, edge: &str, now: Instant) -> Report {
             pools.insert(view.state.id.to_string(), p);
         }
     }
-    Report { edge: edge.to_owned(), pools }
+    let rtt_ms = live
+        .pools
+        .iter()
+        .filter_map(|v| Some((v.state.id.to_string(), v.state.rtt()?.as_secs_f64() * 1000.0)))
+        .collect();
+    Report { edge: edge.to_owned(), pools, rtt_ms }
 }
 
 /// Whether `now` differs from `last` enough to publish before the next
@@ -257,7 +265,7 @@ mod tests {
                 (id.to_string(), PoolReport { in_flight: *in_flight, held: *held, routed_away: 0, replicas })
             })
             .collect();
-        Received { at, report: Report { edge: edge.to_owned(), pools } }
+        Received { at, report: Report { edge: edge.to_owned(), pools, rtt_ms: BTreeMap::new() } }
     }
 
     #[test]

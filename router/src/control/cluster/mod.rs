@@ -196,7 +196,7 @@ impl Cluster {
             "nats": self.settings.nats,
             "connected": self.is_connected(),
             "alone": !self.is_up(),
-            "peers": peers.iter().map(|(edge, age)| serde_json::json!({"edge": &**edge, "age_ms": age.as_millis() as u64})).collect::<Vec<_>>(),
+            "peers": peers,
             "claims": {
                 "won": s.claims_won.load(Ordering::Relaxed),
                 "lost": s.claims_lost.load(Ordering::Relaxed),
@@ -207,16 +207,23 @@ impl Cluster {
         })
     }
 
-    /// Edges whose last report is fresh at `now`, with its age.
-    pub fn fresh_peers(&self, now: Instant) -> Vec<(Arc<str>, Duration)> {
+    /// Edges whose last report is fresh at `now`: their id, the report's
+    /// age and the RTTs they measured to each pool.
+    pub fn fresh_peers(&self, now: Instant) -> Vec<serde_json::Value> {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<_> = peers
-            .iter()
-            .map(|(edge, r)| (edge.clone(), now.saturating_duration_since(r.at)))
-            .filter(|(_, age)| *age <= load::FRESH)
-            .collect();
-        out.sort();
-        out
+        let mut fresh: Vec<_> =
+            peers.iter().filter(|(_, r)| now.saturating_duration_since(r.at) <= load::FRESH).collect();
+        fresh.sort_by(|a, b| a.0.cmp(b.0));
+        fresh
+            .into_iter()
+            .map(|(edge, r)| {
+                serde_json::json!({
+                    "edge": &**edge,
+                    "age_ms": now.saturating_duration_since(r.at).as_millis() as u64,
+                    "rtt_ms": r.report.rtt_ms,
+                })
+            })
+            .collect()
     }
 
     fn subject(&self, kind: &str, tail: &str) -> String {

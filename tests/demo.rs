@@ -22,6 +22,13 @@ async fn the_demo_world_serves_through_its_edges() {
     assert_eq!(state["locations"].as_array().map(Vec::len), Some(10));
     assert!(state["pools"].as_array().is_some_and(|p| p.len() >= 5));
     assert!(state["clock"]["utc_hour"].as_f64().is_some());
+    // The edges run as one cluster on a local nats-server (installed by
+    // the README's setup line and by CI).
+    assert_eq!(state["cluster"]["clustered"], true, "{}", state["cluster"]);
+    eventually(Duration::from_secs(10), "every edge joined the cluster", || async {
+        (demo.state()["cluster"]["connected"] == 10).then_some(())
+    })
+    .await;
     // Scaling pools say how long they stay up when idle, and why.
     let pools = state["pools"].as_array().expect("pools");
     let par = pools.iter().find(|p| p["id"] == "par-l40s").expect("par-l40s");
@@ -74,10 +81,27 @@ fn stoke_demo_with_a_duration_exits_zero_with_a_summary() {
         .expect("runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for needle in ["status page", "edge syd", "requests", "latency", "wakes", "sleeps", "GPU-seconds", "fixed 5-minute"]
-    {
+    for needle in [
+        "status page",
+        "edge syd",
+        "cluster       nats://",
+        "requests",
+        "latency",
+        "wakes",
+        "sleeps",
+        "GPU-seconds",
+        "fixed 5-minute",
+    ] {
         assert!(stdout.contains(needle), "{needle} missing:\n{stdout}");
     }
+    // Without the cluster, as before it.
+    let out = Command::new(env!("CARGO_BIN_EXE_stoke"))
+        .args(["demo", "--duration", "2s", "--day", "30s", "--status", "127.0.0.1:0", "--no-cluster"])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("every edge decides alone (--no-cluster)"), "{stdout}");
 }
 
 /// The replay is checked against the live system: the demo's own traffic,

@@ -126,6 +126,10 @@ struct DemoArgs {
     /// a trace that `stoke simulate --demo --trace FILE` replays.
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
+    /// Run every edge alone, without the local NATS server the demo
+    /// otherwise starts (when `nats-server` is installed).
+    #[arg(long)]
+    no_cluster: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -451,8 +455,13 @@ fn demo(args: DemoArgs) -> ExitCode {
         }
     };
     // The demo's own log is its summary and status page; edges log warnings only.
-    let opts =
-        crate::demo::DemoOptions { day: args.day, status: args.status, record: args.record, ..Default::default() };
+    let opts = crate::demo::DemoOptions {
+        day: args.day,
+        status: args.status,
+        record: args.record,
+        cluster: !args.no_cluster,
+        ..Default::default()
+    };
     let result = rt.block_on(async move {
         match crate::demo::run(opts.clone(), args.duration).await {
             // The status port is taken: any free one will do.

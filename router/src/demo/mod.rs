@@ -3,6 +3,7 @@
 //! users whose demand follows the sun over a day compressed into minutes —
 //! with one status page for the whole network.
 
+pub mod nats;
 pub mod traffic;
 pub mod world;
 
@@ -40,6 +41,9 @@ pub struct DemoOptions {
     pub traffic: bool,
     /// Write every request sent to this file, as a trace for `stoke simulate`.
     pub record: Option<std::path::PathBuf>,
+    /// Run the edges as one cluster on a local `nats-server` when it is
+    /// installed (`false`: every edge alone, as `--no-cluster`).
+    pub cluster: bool,
 }
 
 impl Default for DemoOptions {
@@ -51,6 +55,7 @@ impl Default for DemoOptions {
             idle_timeout: None,
             traffic: true,
             record: None,
+            cluster: true,
         }
     }
 }
@@ -84,11 +89,15 @@ pub struct Demo {
     orchestrator: Orchestrator,
     edge_handles: Vec<Edge>,
     _config: tempfile_lite::TempFile,
+    /// The cluster's server, stopped after the edges.
+    _nats: Option<nats::NatsServer>,
 }
 
 /// What the status page reads.
 struct World {
     routers: Vec<(&'static str, Arc<crate::state::Router>)>,
+    /// The cluster's NATS URL, or why the edges run alone.
+    cluster: Result<String, String>,
     clock: Clock,
     stats: Arc<Stats>,
     started: Instant,
@@ -176,7 +185,18 @@ impl Demo {
                 .map(|p| (0..p.replicas).map(|_| crate::sim::ports::replica_addr()).collect())
                 .collect::<Result<_, _>>()?,
         };
-        let text = world::config(&ports, opts.idle_timeout);
+        let mut text = world::config(&ports, opts.idle_timeout);
+        let nats = if opts.cluster { nats::NatsServer::start() } else { Err("--no-cluster".to_owned()) };
+        let cluster = match &nats {
+            Ok(n) => {
+                text.push_str(&format!(
+                    "\n# The edges act as one network through a local NATS server.\n[cluster]\nnats = [\"{}\"]\nname = \"stoke-demo\"\n",
+                    n.url
+                ));
+                Ok(n.url.clone())
+            }
+            Err(why) => Err(why.clone()),
+        };
         let config = tempfile_lite::TempFile::new("stoke-demo", &text)?;
         let network = stoke_config::load(config.path())?;
         let orchestrator = Orchestrator::start_on(orch_listener, network, OrchestratorOptions::default()).await?;
@@ -196,6 +216,7 @@ impl Demo {
         let stats = Arc::new(Stats::default());
         let world = Arc::new(World {
             routers: SITES.iter().zip(&edge_handles).map(|(s, e)| (s.id, e.router.clone())).collect(),
+            cluster,
             clock,
             stats: stats.clone(),
             started: Instant::now(),
@@ -232,6 +253,7 @@ impl Demo {
             orchestrator,
             edge_handles,
             _config: config,
+            _nats: nats.ok(),
         })
     }
 
@@ -428,8 +450,23 @@ impl World {
         let s = &self.stats;
         let requests = s.requests.load(Ordering::Relaxed);
         let ok = s.ok.load(Ordering::Relaxed);
+        let cluster = match &self.cluster {
+            Ok(url) => {
+                let members: Vec<_> = self.routers.iter().filter_map(|(_, r)| crate::control::cluster::of(r)).collect();
+                let won: u64 = members.iter().map(|c| c.state_json()["claims"]["won"].as_u64().unwrap_or(0)).sum();
+                json!({
+                    "clustered": true,
+                    "nats": url,
+                    "edges": self.routers.len(),
+                    "connected": members.iter().filter(|c| c.is_up()).count(),
+                    "claims_won": won,
+                })
+            }
+            Err(why) => json!({"clustered": false, "why": why}),
+        };
         json!({
             "mode": "demo",
+            "cluster": cluster,
             "edges": SITES.iter().map(|s| s.id).collect::<Vec<_>>(),
             "version": first.version,
             "clock": {"utc_hour": self.clock.utc_hour()},
@@ -457,6 +494,10 @@ pub async fn run(opts: DemoOptions, duration: Option<Duration>) -> Result<Summar
     println!("stoke demo: ten edges, {} GPU pools, a day every {} s", POOLS.len(), demo.world.clock.day.as_secs());
     println!("  status page   {}", demo.status_url);
     println!("  config        {}", demo.config_path().display());
+    match &demo.world.cluster {
+        Ok(url) => println!("  cluster       {url} (one wake per pool across the edges)"),
+        Err(why) => println!("  cluster       none, every edge decides alone ({why})"),
+    }
     for (id, addr) in &demo.edges {
         println!("  edge {id:<4}     http://{addr}/v1/chat/completions");
     }

@@ -361,3 +361,32 @@ fn idle_timeout_may_be_auto_within_bounds() {
     let p = problems(&with("idle_timeout = \"auto\"").replace("load = {}\n", ""));
     assert!(p.iter().any(|p| p.message.contains("needs load = {")), "{p:#?}");
 }
+
+#[test]
+fn cluster_settings_load_with_defaults_and_bad_ones_are_named() {
+    let net = load_str(&format!("{BASE}\n[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\n"), Path::new("t.toml"))
+        .expect("loads");
+    let c = net.cluster.expect("[cluster]");
+    assert_eq!(c.nats, ["nats://127.0.0.1:4222"]);
+    assert_eq!((c.name.as_str(), c.timeout, c.domain), ("stoke", std::time::Duration::from_millis(250), None));
+    assert!(load_str(BASE, Path::new("t.toml")).expect("loads").cluster.is_none(), "alone without it");
+
+    let text = format!(
+        "{BASE}\n[cluster]\nnats = [\"nats://127.0.0.1\", \"http://x/y:1\"]\nname = \"a.b\"\ntimeout = \"30s\"\ndomain = \"hub one\"\nport = 1\n"
+    );
+    let p = problems(&text);
+    let line = BASE.lines().count() + 2;
+    assert_problem(&p, line + 1, "is not a NATS server address");
+    assert_problem(&p, line + 2, "prefixes NATS subjects");
+    assert_problem(&p, line + 3, "out of range");
+    assert_problem(&p, line + 4, "JetStream domain");
+    assert_problem(&p, line + 5, "port");
+    assert_problem(&problems(&format!("{BASE}\n[cluster]\nname = \"x\"\n")), line, "nats");
+}
+
+#[test]
+fn measured_rtts_are_on_unless_turned_off() {
+    assert!(load_str(BASE, Path::new("t.toml")).expect("loads").edge.measure_rtt);
+    let off = BASE.replace("[edge]\n", "[edge]\nmeasure_rtt = false\n");
+    assert!(!load_str(&off, Path::new("t.toml")).expect("loads").edge.measure_rtt);
+}

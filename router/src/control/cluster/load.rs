@@ -257,7 +257,10 @@ pub async fn receive(router: Arc<Router>, cluster: Arc<Cluster>, mut shutdown: w
 mod tests {
     use super::*;
 
-    fn received(edge: &str, at: Instant, pools: &[(&str, u32, u32, &[(&str, u32)])]) -> Received {
+    /// A pool in a report: id, in flight, held, and in flight per replica.
+    type Row<'a> = (&'a str, u32, u32, &'a [(&'a str, u32)]);
+
+    fn received(edge: &str, at: Instant, pools: &[Row<'_>]) -> Received {
         let pools = pools
             .iter()
             .map(|(id, in_flight, held, replicas)| {
@@ -309,16 +312,10 @@ mod tests {
         let mine = report(&live, "fra", now);
         assert!(mine.pools.is_empty(), "nothing to report");
         // Paris fills the replica: Frankfurt sees no free slot.
-        let (pools, replicas) = {
-            let r = [received("par", now, &[(&view.state.id, cap, 0, &[(&addr, cap)])])];
-            let (p, r2) = sum(r.iter(), now);
-            (
-                p.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<HashMap<_, _>>(),
-                r2.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<HashMap<_, _>>(),
-            )
-        };
+        let paris = [received("par", now, &[(&view.state.id, cap, 0, &[(&addr, cap)])])];
+        let (pools, replicas) = sum(paris.iter(), now);
         view.state.set_elsewhere(pools[&*view.state.id], now, false);
-        view.replicas[0].set_elsewhere(replicas[&addr]);
+        view.replicas[0].set_elsewhere(replicas[addr.as_str()]);
         assert_eq!(view.free_slots(), 0);
         assert!(view.acquire(now).is_none(), "the pool is full with Paris's requests");
         assert_eq!(view.activity().in_flight, cap, "and busy for the sleeper");

@@ -22,7 +22,7 @@ pub mod load;
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,14 @@ use crate::state::Router;
 
 pub use claim::Claim;
 
+/// How long an edge whose cluster call failed decides alone before it
+/// tries the cluster again, if its connection did not drop meanwhile.
+pub const RETRY_ALONE: Duration = Duration::from_secs(10);
+
+/// How often the client pings its server: a dead connection is noticed
+/// within a few of these.
+const PING_EVERY: Duration = Duration::from_secs(2);
+
 /// This edge's membership of the cluster.
 pub struct Cluster {
     settings: ClusterSettings,
@@ -45,8 +53,9 @@ pub struct Cluster {
     js: jetstream::Context,
     kv: OnceCell<jetstream::kv::Store>,
     /// A call timed out or failed: decide alone until the connection
-    /// comes back.
-    alone: AtomicBool,
+    /// comes back, or [`RETRY_ALONE`] has passed (a leaf whose link to the
+    /// hub broke keeps its own connection up).
+    alone_since: Mutex<Option<Instant>>,
     /// The latest report of each other edge, with when it arrived.
     peers: Mutex<HashMap<Arc<str>, load::Received>>,
     stats: Stats,
@@ -88,6 +97,7 @@ impl Cluster {
             .name(format!("stoke {edge}"))
             .retry_on_initial_connect()
             .max_reconnects(None)
+            .ping_interval(PING_EVERY)
             .connection_timeout(settings.timeout.max(Duration::from_secs(1)))
             .request_timeout(Some(settings.timeout))
             // Come back quickly: an edge alone makes one wake call per edge.
@@ -116,7 +126,7 @@ impl Cluster {
             client,
             js,
             kv: OnceCell::new(),
-            alone: AtomicBool::new(false),
+            alone_since: Mutex::new(None),
             peers: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         });
@@ -142,7 +152,8 @@ impl Cluster {
     /// Whether cluster calls are made now: connected, and no call has
     /// failed since the connection was made.
     pub fn is_up(&self) -> bool {
-        !self.alone.load(Ordering::Acquire) && self.is_connected()
+        let alone = self.alone_since.lock().unwrap_or_else(|e| e.into_inner());
+        alone.is_none_or(|since| since.elapsed() >= RETRY_ALONE) && self.is_connected()
     }
 
     /// Whether the NATS connection is up.
@@ -153,9 +164,11 @@ impl Cluster {
     /// A cluster call failed or timed out: decide alone until the
     /// connection is made again.
     fn go_alone(&self, why: &str) {
-        if !self.alone.swap(true, Ordering::AcqRel) {
+        let mut alone = self.alone_since.lock().unwrap_or_else(|e| e.into_inner());
+        if alone.is_none() {
             tracing::warn!(why, "cluster call failed; this edge decides alone until NATS reconnects");
         }
+        *alone = Some(Instant::now());
     }
 
     async fn watch_events(
@@ -172,7 +185,7 @@ impl Cluster {
             let Some(event) = event else { return };
             match event {
                 async_nats::Event::Connected => {
-                    self.alone.store(false, Ordering::Release);
+                    *self.alone_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     metrics::gauge!(m::CLUSTER_CONNECTED).set(1.0);
                     tracing::info!(name = %self.settings.name, "connected to the cluster");
                 }

@@ -131,6 +131,7 @@ impl Edge {
         .with_page(Arc::new(|| crate::admin::status::PAGE.to_owned()));
         // Know which replicas are up before the first request arrives.
         probe::probe_all(&router.live()).await;
+        router.rerank();
 
         let mut endpoints = Vec::new();
         let mut bound = Bound { http: None, https: None, h3: None, admin: edge_conf.admin };

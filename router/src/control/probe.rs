@@ -99,7 +99,6 @@ pub async fn probe_all(live: &Live) {
         }
     }
     while set.join_next().await.is_some() {}
-    live.rerank();
     let now = clock::now();
     for view in live.pools.iter() {
         view.dispatch(now);
@@ -150,7 +149,7 @@ async fn probe_loop(
     loop {
         let (result, rerank) = probe_and_measure(&view, &replica, &check).await;
         if rerank {
-            router.live().rerank();
+            router.rerank();
         }
         let was_down = fails > 0;
         let (f, became_ready) = apply_seen(&replica, &pool, result, fails);

@@ -162,17 +162,9 @@ impl StateStore {
         let route_keys =
             snapshot.network.routes.iter().map(|r| r.auth.as_ref().map(crate::access::KeySet::new)).collect();
         let any_affinity = snapshot.network.pools.iter().any(|p| p.affinity.is_some());
-        let live = Live {
-            version,
-            snapshot,
-            pools: views,
-            route_labels,
-            route_keys,
-            any_affinity,
-            measured: Default::default(),
-        };
+        let mut live = Live { version, snapshot, pools: views, route_labels, route_keys, any_affinity, ranked: None };
         // RTTs measured under the last snapshot still hold.
-        live.rerank();
+        live.ranked = live.ranking();
         (live, removed, diff)
     }
 }

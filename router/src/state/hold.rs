@@ -105,7 +105,7 @@ impl PoolView {
             free_slots: free,
             ready_slots: ready * self.max_concurrency,
             queued: self.queue.len(),
-            held_elsewhere: self.state.elsewhere().held,
+            held_elsewhere: self.state.held_elsewhere(),
             max_queue: self.max_queue,
             scales: self.scales,
             service_time: self.state.service_time(),

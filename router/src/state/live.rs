@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwapOption;
 use stoke_config::{Candidate, PoolId, ServiceId, Snapshot};
 
 use crate::core::placement::{place, Placement, PoolStatus};
@@ -21,16 +20,21 @@ pub struct Live {
     /// Pools by [`PoolId`].
     pub pools: Box<[Arc<PoolView>]>,
     /// Route names as metric labels, by route index.
-    pub route_labels: Box<[metrics::SharedString]>,
+    pub route_labels: Arc<[metrics::SharedString]>,
     /// API keys of routes with `auth`, by route index.
-    pub route_keys: Box<[Option<crate::access::KeySet>]>,
+    pub route_keys: Arc<[Option<crate::access::KeySet>]>,
     /// Whether any pool has `[pool.affinity]` (if none has, requests need
     /// no affinity keys).
     pub any_affinity: bool,
     /// The candidates of each service ranked by measured RTTs, once health
-    /// probes have measured some (`None`: the snapshot's ranking).
-    pub(super) measured: ArcSwapOption<Box<[Box<[Candidate]>]>>,
+    /// probes have measured some (`None`: the snapshot's ranking). A new
+    /// ranking comes in a new `Live` ([`super::Router::rerank`]), so the
+    /// request path reads a plain field.
+    pub(super) ranked: Option<Ranking>,
 }
+
+/// Each service's candidates, by service index.
+pub(super) type Ranking = Box<[Box<[Candidate]>]>;
 
 impl Live {
     /// A pool's view.
@@ -48,20 +52,16 @@ impl Live {
     /// Where a request for `service` goes, given the state at `now`.
     #[inline]
     pub fn place(&self, service: ServiceId, now: Instant) -> Placement {
-        let measured = self.measured.load();
-        let candidates = match &*measured {
-            Some(ranked) => &ranked[service.index()][..],
-            None => self.snapshot.candidates(service),
-        };
-        place(candidates, |p| self.status(p, now))
+        place(self.candidates(service), |p| self.status(p, now))
     }
 
     /// The pools that serve `service` with their RTTs from this edge,
-    /// nearest first, as placement ranks them now.
-    pub fn candidates(&self, service: ServiceId) -> Vec<Candidate> {
-        match &*self.measured.load() {
-            Some(ranked) => ranked[service.index()].to_vec(),
-            None => self.snapshot.candidates(service).to_vec(),
+    /// nearest first, as placement ranks them.
+    #[inline]
+    pub fn candidates(&self, service: ServiceId) -> &[Candidate] {
+        match &self.ranked {
+            Some(ranked) => &ranked[service.index()],
+            None => self.snapshot.candidates(service),
         }
     }
 
@@ -78,13 +78,14 @@ impl Live {
         }
     }
 
-    /// Rank every service's pools again by the RTTs measured so far
-    /// (called when one moved enough to matter; rare, so it may allocate).
-    pub fn rerank(&self) {
+    /// Every service's pools ranked by the RTTs measured so far; `None`
+    /// if none is measured or measuring is off. Rare (when an RTT moved
+    /// enough to matter), so it may allocate.
+    pub(super) fn ranking(&self) -> Option<Ranking> {
         if !self.snapshot.network.edge.measure_rtt || !self.pools.iter().any(|v| v.state.rtt().is_some()) {
-            return;
+            return None;
         }
-        let ranked: Box<[Box<[Candidate]>]> = (0..self.snapshot.candidates.len())
+        let ranked: Ranking = (0..self.snapshot.candidates.len())
             .map(|s| {
                 let mut c: Vec<Candidate> = self
                     .snapshot
@@ -101,7 +102,21 @@ impl Live {
                 view.state.mark_ranked(m.as_micros() as u64);
             }
         }
-        self.measured.store(Some(Arc::new(ranked)));
+        Some(ranked)
+    }
+
+    /// This snapshot and state with a new ranking, if there is one.
+    pub(super) fn reranked(&self) -> Option<Live> {
+        let ranked = self.ranking()?;
+        Some(Live {
+            version: self.version,
+            snapshot: self.snapshot.clone(),
+            pools: self.pools.clone(),
+            route_labels: self.route_labels.clone(),
+            route_keys: self.route_keys.clone(),
+            any_affinity: self.any_affinity,
+            ranked: Some(ranked),
+        })
     }
 
     /// Take a slot on a replica of `pool` (power of two choices); `None` if
@@ -153,7 +168,10 @@ mod tests {
         // Frankfurt's replicas answer in 40 ms, Paris's in 2 ms.
         live.pools[0].state.observe_rtt(Duration::ZERO, Duration::from_millis(40));
         live.pools[1].state.observe_rtt(Duration::ZERO, Duration::from_millis(2));
-        live.rerank();
+        router.rerank();
+        let stale = live;
+        let live = router.live();
+        assert_eq!(stale.place(m, now).decision, Decision::Forward { pool: PoolId(0) }, "a request keeps its ranking");
         assert_eq!(live.place(m, now).decision, Decision::Forward { pool: PoolId(1) }, "Paris is nearer in fact");
         assert_eq!(live.candidates(m)[0], Candidate { pool: PoolId(1), rtt_us: 2000 });
     }

@@ -400,6 +400,12 @@ impl PoolState {
         self.rtt.ranked_us.store(rtt_us.max(1), Ordering::Relaxed);
     }
 
+    /// Requests the other edges of the cluster hold for the pool.
+    #[inline]
+    pub fn held_elsewhere(&self) -> u32 {
+        self.elsewhere.held.load(Ordering::Relaxed)
+    }
+
     /// What the other edges of the cluster have for the pool, as last recorded.
     pub fn elsewhere(&self) -> Figures {
         Figures {

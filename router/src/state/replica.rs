@@ -25,6 +25,9 @@ pub struct ReplicaState {
     /// Requests the other edges of the cluster say they have in flight on
     /// the replica (fresh reports only; 0 without a cluster).
     elsewhere: AtomicU32,
+    /// Load other edges put here, from the two sources above: worked out
+    /// when either changes, so that the request path reads one number.
+    foreign: AtomicU32,
 }
 
 impl ReplicaState {
@@ -41,6 +44,7 @@ impl ReplicaState {
             reported_load: AtomicU32::new(0),
             in_flight_at_report: AtomicU32::new(0),
             elsewhere: AtomicU32::new(0),
+            foreign: AtomicU32::new(0),
         }
     }
 
@@ -73,14 +77,19 @@ impl ReplicaState {
     /// what the other edges of the cluster publish, whichever is more.
     #[inline]
     pub fn foreign_load(&self) -> u32 {
-        let reported =
-            self.reported_load.load(Ordering::Relaxed).saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed));
-        reported.max(self.elsewhere.load(Ordering::Relaxed))
+        self.foreign.load(Ordering::Relaxed)
     }
 
     /// Record what the other edges of the cluster have in flight here.
     pub fn set_elsewhere(&self, n: u32) {
         self.elsewhere.store(n, Ordering::Relaxed);
+        self.update_foreign();
+    }
+
+    fn update_foreign(&self) {
+        let reported =
+            self.reported_load.load(Ordering::Relaxed).saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed));
+        self.foreign.store(reported.max(self.elsewhere.load(Ordering::Relaxed)), Ordering::Relaxed);
     }
 
     /// What the other edges of the cluster have in flight here, as last
@@ -98,6 +107,7 @@ impl ReplicaState {
     pub fn set_reported_load(&self, load: u32) {
         self.in_flight_at_report.store(self.in_flight(), Ordering::Relaxed);
         self.reported_load.store(load, Ordering::Relaxed);
+        self.update_foreign();
     }
 
     /// Requests the replica is busy with, ours and others'.

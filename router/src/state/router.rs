@@ -68,6 +68,16 @@ impl Router {
         self.cluster.get().map(|e| &e.0)
     }
 
+    /// Rank the pools again by the RTTs the probes measured: the live
+    /// snapshot and state, with the new ranking, replace the old unless a
+    /// reload replaced them first (that one ranked itself). Requests under
+    /// way keep the ranking they started with.
+    pub fn rerank(&self) {
+        let old = self.live();
+        let Some(new) = old.reranked() else { return };
+        let _ = self.live.compare_and_swap(&old, Arc::new(new));
+    }
+
     /// Notified with the new version whenever a snapshot goes live.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()

@@ -107,11 +107,12 @@ fn stoke_demo_with_a_duration_exits_zero_with_a_summary() {
 /// The replay is checked against the live system: the demo's own traffic,
 /// replayed by `stoke simulate` under the demo's policy, uses GPU-seconds
 /// and wakes within 10 % of what the live run measured (a wake at least:
-/// a short run has few).
+/// a short run has few). The replay models edges that decide alone, so the
+/// live run is one too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_of_the_demos_own_traffic_matches_the_live_run() {
     logs();
-    let opts = DemoOptions { day: Duration::from_secs(120), ..DemoOptions::default() };
+    let opts = DemoOptions { day: Duration::from_secs(120), cluster: false, ..DemoOptions::default() };
     let demo = Demo::start(opts).await.expect("demo starts");
     tokio::time::sleep(Duration::from_secs(45)).await;
     let config = demo.config_text().to_owned();

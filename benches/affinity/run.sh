@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prompt-cache affinity, side by side on the same simulated replicas (a
 # prefix cache each, prefill for uncached tokens only), one target at a time
-# with fresh replicas: stoke with affinity through two edges, stoke without
+# with fresh replicas: stoke with affinity through two edges (alone, and as
+# a cluster on a local nats-server sharing their load), stoke without
 # affinity, and vLLM's router (cache_aware and power_of_two). Loopback only.
 #
 #   benches/affinity/run.sh            # needs target/release/stoke and target/py (openai, vllm-router)
@@ -68,10 +69,16 @@ service_from = "body:model"
 TOML
 }
 
-run_stoke() {  # $1: name, $2: affinity table
+run_stoke() {  # $1: name, $2: affinity table, $3: "cluster" to share load over NATS
   start_replicas
   local cfg="$OUT/$1.toml"
   stoke_config "$2" > "$cfg"
+  if [ "${3:-}" = cluster ]; then
+    local sd; sd=$(mktemp -d)
+    nats-server -a 127.0.0.1 -p 19195 -js -sd "$sd" >/dev/null 2>&1 & PIDS+=($!)
+    for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/19195) 2>/dev/null && break; sleep 0.1; done
+    printf '\n[cluster]\nnats = ["nats://127.0.0.1:19195"]\nname = "affinity"\n' >> "$cfg"
+  fi
   # Two edges with fixed ports, so the load can alternate between them.
   sed 's/http = "127.0.0.1:0"/http = "127.0.0.1:19180"/' "$cfg" > "$cfg.fra"
   sed 's/http = "127.0.0.1:0"/http = "127.0.0.1:19181"/' "$cfg" > "$cfg.par"
@@ -94,6 +101,7 @@ run_router() {  # $1: policy
 
 : > "$OUT/results.jsonl"
 run_stoke "stoke affinity (2 edges)" $'[pool.affinity]\nkey = "prefix"'
+run_stoke "stoke affinity (2 edges, cluster)" $'[pool.affinity]\nkey = "prefix"' cluster
 run_stoke "stoke p2c (2 edges)" ""
 run_router cache_aware
 run_router power_of_two

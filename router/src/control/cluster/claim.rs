@@ -28,8 +28,11 @@ use super::Cluster;
 use crate::metrics as m;
 use crate::state::Router;
 
-/// How long a claim stays marked ready after the pool woke.
-pub const READY_HOLD: Duration = Duration::from_secs(5);
+/// How long a claim stays marked ready after the pool woke: long enough
+/// for an edge that saw the pool cold a moment ago to see it ready (its
+/// probes run every 75 ms while it waits), short enough that a pool put to
+/// sleep meanwhile is woken again without waiting for the mark.
+pub const READY_HOLD: Duration = Duration::from_secs(1);
 
 /// Added to the claimant's resend interval for its lease, so that it
 /// renews before the others may take over.

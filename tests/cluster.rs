@@ -518,3 +518,34 @@ async fn a_hub_of_three_with_a_leaf_per_location_makes_one_wake_call() {
     orch.shutdown().await;
     drop((leaves, hub));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_starts_and_serves_while_nats_is_down_and_joins_it_later() {
+    logs();
+    let mut nats = Nats::start().await;
+    nats.kill();
+    let warm = replica("fra-w").await;
+    let text = format!(
+        "{EDGE}{}{TEN_LOCATIONS}{}{ROUTE}",
+        cluster(&nats.url()),
+        pool("fra-w", "fra", &["w"], &[warm.addr], "")
+    );
+    let file = ConfigFile::new(&text);
+    let started = Instant::now();
+    let edges = edges(&file, &["fra", "par"]).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "the edges did not wait for NATS");
+    for e in &edges {
+        let r = send(e.bound.http.expect("http"), Req::chat("w")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let c = admin_json(e, "/state").await["cluster"].clone();
+        assert_eq!((c["connected"].clone(), c["alone"].clone()), (false.into(), true.into()), "{c}");
+    }
+    nats.restart().await;
+    all_connected(&edges).await;
+    eventually(Duration::from_secs(5), "the edges hear each other", || async {
+        let peers = admin_json(&edges[0], "/state").await["cluster"]["peers"].as_array().map_or(0, |p| p.len());
+        (peers == 1).then_some(())
+    })
+    .await;
+    shutdown(edges).await;
+}

@@ -18,61 +18,6 @@ use stoke_router::edge::Edge;
 use stoke_router::sim::OrchestratorOptions;
 use support::*;
 
-/// Ten locations, as in production: Europe, the Americas, Asia, Oceania.
-const TEN_LOCATIONS: &str = r#"
-[[location]]
-id = "fra"
-lat = 50.11
-lon = 8.68
-
-[[location]]
-id = "par"
-lat = 48.86
-lon = 2.35
-
-[[location]]
-id = "lon"
-lat = 51.51
-lon = -0.13
-
-[[location]]
-id = "iad"
-lat = 38.95
-lon = -77.45
-
-[[location]]
-id = "nyc"
-lat = 40.71
-lon = -74.01
-
-[[location]]
-id = "sfo"
-lat = 37.77
-lon = -122.42
-
-[[location]]
-id = "gru"
-lat = -23.55
-lon = -46.63
-
-[[location]]
-id = "sin"
-lat = 1.35
-lon = 103.82
-
-[[location]]
-id = "nrt"
-lat = 35.68
-lon = 139.69
-
-[[location]]
-id = "syd"
-lat = -33.87
-lon = 151.21
-"#;
-
-const EDGES: [&str; 10] = ["fra", "par", "lon", "iad", "nyc", "sfo", "gru", "sin", "nrt", "syd"];
-
 /// The route with a `max_wait` long enough for a claim to run out.
 const ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"15s\"\n";
 
@@ -253,7 +198,7 @@ async fn a_burst_over_ten_edges_makes_one_wake_call() {
     let nats = Nats::start().await;
     let (orch, file) =
         world(TEN_LOCATIONS, &cluster(&nats.url()), "wake_time = \"1s\"\nidle_timeout = \"1h\"", "").await;
-    let edges = edges(&file, &EDGES).await;
+    let edges = edges(&file, &TEN_EDGES).await;
     all_connected(&edges).await;
 
     let answers = burst(&edges, 3, "m").await;
@@ -281,14 +226,14 @@ async fn a_claim_whose_edge_died_is_taken_over_when_it_runs_out() {
     let ghost = format!(r#"{{"edge":"ghost","until_ms":{until},"state":"waking"}}"#);
     kv.create("pool.fra-a", ghost.into()).await.expect("the dead edge's claim");
 
-    let edges = edges(&file, &EDGES[..3]).await;
+    let edges = edges(&file, &TEN_EDGES[..3]).await;
     all_connected(&edges).await;
     let started = Instant::now();
     let answers = burst(&edges, 2, "m").await;
     assert_all_ok(&answers);
     let calls = orch.calls_for("fra-a", "wake");
     assert_eq!(calls.len(), 1, "one edge took the claim over: {calls:?}");
-    assert!(EDGES[..3].contains(&calls[0].edge.as_str()), "{calls:?}");
+    assert!(TEN_EDGES[..3].contains(&calls[0].edge.as_str()), "{calls:?}");
     let least = answers.iter().map(|(_, w, _)| *w).min().unwrap_or(0);
     assert!(least >= 1500, "nobody called the hook while the dead edge's claim lived (waited {least} ms)");
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -304,7 +249,7 @@ async fn a_nats_outage_fails_nothing_and_one_wake_per_pool_comes_back_with_it() 
     let extra = pool("par-w", "par", &["w"], &[warm.addr], "");
     let (orch, file) =
         world(TEN_LOCATIONS, &cluster(&nats.url()), "wake_time = \"500ms\"\nidle_timeout = \"1h\"", &extra).await;
-    let edges = edges(&file, &EDGES[..3]).await;
+    let edges = edges(&file, &TEN_EDGES[..3]).await;
     all_connected(&edges).await;
 
     // Steady traffic to the warm pool at every edge, across the outage.

@@ -20,71 +20,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// The ten locations of `config/examples/network.toml`.
-const NETWORK_LOCATIONS: &str = r#"
-[[location]]
-id = "fra"
-name = "Frankfurt"
-lat = 50.11
-lon = 8.68
-
-[[location]]
-id = "par"
-name = "Paris"
-lat = 48.86
-lon = 2.35
-
-[[location]]
-id = "lon"
-name = "London"
-lat = 51.51
-lon = -0.13
-
-[[location]]
-id = "iad"
-name = "Washington DC"
-lat = 38.91
-lon = -77.04
-
-[[location]]
-id = "nyc"
-name = "New York"
-lat = 40.71
-lon = -74.01
-
-[[location]]
-id = "sfo"
-name = "San Francisco"
-lat = 37.77
-lon = -122.42
-
-[[location]]
-id = "gru"
-name = "São Paulo"
-lat = -23.55
-lon = -46.63
-
-[[location]]
-id = "sin"
-name = "Singapore"
-lat = 1.35
-lon = 103.82
-
-[[location]]
-id = "nrt"
-name = "Tokyo"
-lat = 35.68
-lon = 139.69
-
-[[location]]
-id = "syd"
-name = "Sydney"
-lat = -33.87
-lon = 151.21
-"#;
-
-const LOCATION_IDS: [&str; 10] = ["fra", "par", "lon", "iad", "nyc", "sfo", "gru", "sin", "nrt", "syd"];
-
 /// OpenAI style: the model comes from the body.
 const ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"2s\"\n";
 
@@ -129,7 +64,7 @@ async fn the_status_page_draws_every_location_and_pool_in_chromium() {
         ),
         pool("sfo-a100", "sfo", &["qwen2.5-coder-32b"], &[free_addr()], ""),
     ];
-    let file = ConfigFile::new(&format!("{EDGE}{NETWORK_LOCATIONS}{}{ROUTE}", pools.concat()));
+    let file = ConfigFile::new(&format!("{EDGE}{TEN_LOCATIONS}{}{ROUTE}", pools.concat()));
     let edge = edge_from(&file, "lon").await;
     let admin = edge.bound.admin;
     let http = edge.bound.http.expect("plain listener");
@@ -164,7 +99,7 @@ async fn the_status_page_draws_every_location_and_pool_in_chromium() {
     let locs = elements_with_class(&dom, "loc");
     let mut drawn: Vec<String> = locs.iter().filter_map(|t| attr(t, "data-id")).collect();
     drawn.sort();
-    let mut expected: Vec<String> = LOCATION_IDS.iter().map(|s| s.to_string()).collect();
+    let mut expected: Vec<String> = TEN_EDGES.iter().map(|s| s.to_string()).collect();
     expected.sort();
     assert_eq!(drawn, expected, "one .loc marker per location");
     let pool_markers = elements_with_class(&dom, "pool");
@@ -387,7 +322,7 @@ async fn the_demo_status_page_draws_the_whole_network_in_chromium() {
     let pools = demo.state()["pools"].as_array().map_or(0, Vec::len);
     let dom = browse(&chromium, &["--dump-dom"], &demo.status_url).await;
     let locations = elements_with_class(&dom, "loc");
-    for id in LOCATION_IDS {
+    for id in TEN_EDGES {
         assert!(
             locations.iter().any(|tag| attr(tag, "data-id").as_deref() == Some(id)),
             "location {id} not drawn on the demo page"

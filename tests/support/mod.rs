@@ -100,6 +100,73 @@ lat = -33.87
 lon = 151.21
 "#;
 
+/// The ten locations of `config/examples/network.toml`, named, from
+/// Frankfurt to Sydney.
+pub const TEN_LOCATIONS: &str = r#"
+[[location]]
+id = "fra"
+name = "Frankfurt"
+lat = 50.11
+lon = 8.68
+
+[[location]]
+id = "par"
+name = "Paris"
+lat = 48.86
+lon = 2.35
+
+[[location]]
+id = "lon"
+name = "London"
+lat = 51.51
+lon = -0.13
+
+[[location]]
+id = "iad"
+name = "Washington DC"
+lat = 38.91
+lon = -77.04
+
+[[location]]
+id = "nyc"
+name = "New York"
+lat = 40.71
+lon = -74.01
+
+[[location]]
+id = "sfo"
+name = "San Francisco"
+lat = 37.77
+lon = -122.42
+
+[[location]]
+id = "gru"
+name = "São Paulo"
+lat = -23.55
+lon = -46.63
+
+[[location]]
+id = "sin"
+name = "Singapore"
+lat = 1.35
+lon = 103.82
+
+[[location]]
+id = "nrt"
+name = "Tokyo"
+lat = 35.68
+lon = 139.69
+
+[[location]]
+id = "syd"
+name = "Sydney"
+lat = -33.87
+lon = 151.21
+"#;
+
+/// Their ids, in that order; every one runs an edge.
+pub const TEN_EDGES: [&str; 10] = ["fra", "par", "lon", "iad", "nyc", "sfo", "gru", "sin", "nrt", "syd"];
+
 /// `[edge]` with a plain listener on a free port and debug headers. Every
 /// replica is on loopback, so the tests rank pools by the locations'
 /// distance (`measure_rtt = false`), except where they measure RTTs.

@@ -246,18 +246,7 @@ impl Cluster {
 /// `shutdown`.
 pub async fn receive_ready(router: Arc<Router>, cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
     let prefix = cluster.subject("ready", "");
-    let mut sub = loop {
-        match cluster.client.subscribe(format!("{prefix}>")).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to ready pools; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
-                }
-            }
-        }
-    };
+    let Some(mut sub) = cluster.subscribe(format!("{prefix}>"), &mut shutdown).await else { return };
     loop {
         let msg = tokio::select! {
             m = sub.next() => m,

@@ -212,19 +212,7 @@ pub async fn publish(router: Arc<Router>, cluster: Arc<Cluster>, mut shutdown: w
 pub async fn receive(router: Arc<Router>, cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The subscription is made once; the client renews it on reconnect.
-    let mut sub = loop {
-        match cluster.client.subscribe(cluster.subject("load", "*")).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to load reports; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
-                }
-            }
-        }
-    };
+    let Some(mut sub) = cluster.subscribe(cluster.subject("load", "*"), &mut shutdown).await else { return };
     loop {
         tokio::select! {
             msg = sub.next() => {

@@ -239,6 +239,23 @@ impl Cluster {
             .collect()
     }
 
+    /// Subscribe to `subject`, retrying every second until it works or
+    /// `shutdown` (`None`). Made once: the client renews it on reconnect.
+    async fn subscribe(&self, subject: String, shutdown: &mut watch::Receiver<bool>) -> Option<async_nats::Subscriber> {
+        loop {
+            match self.client.subscribe(subject.clone()).await {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    tracing::warn!(subject, error = %e, "cannot subscribe; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.wait_for(|s| *s) => return None,
+                    }
+                }
+            }
+        }
+    }
+
     fn subject(&self, kind: &str, tail: &str) -> String {
         format!("{}.{kind}.{tail}", self.settings.name)
     }

@@ -21,15 +21,10 @@ use support::*;
 /// The route with a `max_wait` long enough for a claim to run out.
 const ROUTE: &str = "\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"15s\"\n";
 
-/// Where `nats-server` is.
+/// Where `nats-server` is (the demo looks for it the same way).
 fn nats_binary() -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/usr/local/bin"]) {
-        let p = PathBuf::from(dir).join("nats-server");
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("nats-server is not installed: apt-get install nats-server (the cluster tests run a real one)");
+    stoke_router::demo::nats::binary()
+        .expect("nats-server is not installed: apt-get install nats-server (the cluster tests run a real one)")
 }
 
 /// One `nats-server` process, killed when dropped.

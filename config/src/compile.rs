@@ -142,11 +142,7 @@ fn compile_cluster(diags: &mut Diagnostics, raw: &RawCluster) -> Option<ClusterS
         ok = false;
     }
     let name = match &raw.name {
-        Some(n)
-            if n.value.is_empty()
-                || n.value.len() > 64
-                || !n.value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) =>
-        {
+        Some(n) if n.value.len() > 64 || !subject_token(&n.value) => {
             diags.error(
                 n.span.clone(),
                 format!("[cluster].name \"{}\" must be 1 to 64 letters, digits, '-' or '_': it prefixes NATS subjects and bucket names", n.value),
@@ -173,7 +169,7 @@ fn compile_cluster(diags: &mut Diagnostics, raw: &RawCluster) -> Option<ClusterS
         None => defaults::CLUSTER_TIMEOUT,
     };
     let domain = match &raw.domain {
-        Some(d) if d.value.is_empty() || !d.value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) => {
+        Some(d) if !subject_token(&d.value) => {
             diags.error(
                 d.span.clone(),
                 format!("[cluster].domain \"{}\" must be letters, digits, '-' or '_': the JetStream domain of the hub cluster", d.value),
@@ -186,6 +182,12 @@ fn compile_cluster(diags: &mut Diagnostics, raw: &RawCluster) -> Option<ClusterS
     };
     let _ = &raw.span;
     ok.then_some(ClusterSettings { nats, name, timeout, domain })
+}
+
+/// Letters, digits, `-` and `_`, at least one: safe in a NATS subject, a
+/// bucket name and a JetStream domain.
+fn subject_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
 }
 
 fn valid_id(id: &str) -> bool {

@@ -120,47 +120,63 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
                 return;
             }
             WakeStep::Call { attempt } => {
-                if let Some(c) = &cluster {
-                    // The claimant renews before its lease runs out: at its
-                    // next resend, which comes a margin earlier.
-                    let lease = resend_after(view.state.expected_wake(), attempt) + cluster::claim::LEASE_MARGIN;
-                    match c.claim_wake(&pool_id, lease).await {
-                        Claim::Won => claimed = true,
-                        Claim::Alone => {}
-                        Claim::Lost { holder, retry_in } => {
-                            tracing::debug!(pool = %pool_id, holder = %holder, retry_ms = retry_in.as_millis() as u64, "another edge wakes the pool");
-                            schedule.defer(clock::now() + retry_in.clamp(FAST_PROBE, MAX_CLAIM_WAIT));
-                            probe_pool(&view, &pool.health, &pool_id).await;
-                            tokio::time::sleep(FAST_PROBE.mul_f64(0.75 + fastrand::f64() * 0.5)).await;
-                            continue;
+                let call = match &cluster {
+                    None => true,
+                    Some(c) => {
+                        // The claimant renews before its lease runs out: at
+                        // its next resend, which comes a margin earlier.
+                        let lease = resend_after(view.state.expected_wake(), attempt) + cluster::claim::LEASE_MARGIN;
+                        match c.claim_wake(&pool_id, lease).await {
+                            Claim::Won => {
+                                claimed = true;
+                                true
+                            }
+                            Claim::Alone => true,
+                            Claim::Lost { holder, retry_in } => {
+                                tracing::debug!(pool = %pool_id, holder = %holder, retry_ms = retry_in.as_millis() as u64, "another edge wakes the pool");
+                                schedule.defer(clock::now() + retry_in.clamp(FAST_PROBE, MAX_CLAIM_WAIT));
+                                false
+                            }
                         }
                     }
+                };
+                if call {
+                    call_hook(&live, &view, scale, &pool_id, reason, attempt);
                 }
-                let (hook, edge) = (scale.wake.clone(), live.snapshot.edge_location().id.clone());
-                let (id, state) = (pool_id.clone(), view.state.clone());
-                // The call runs beside the fast probes, so a slow hook does
-                // not delay noticing a replica that is already up.
-                tokio::spawn(async move {
-                    match hooks::call(&hook, Action::Wake, &id, &edge, reason.as_str()).await {
-                        Ok(()) => {
-                            state.set_wake_error(None);
-                            metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "called")
-                                .increment(1);
-                        }
-                        Err(e) => {
-                            state.set_wake_error(Some(format!("wake hook call {attempt} failed: {e}")));
-                            metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "hook_error")
-                                .increment(1);
-                            tracing::warn!(pool = %id, attempt, error = %e, "wake hook failed");
-                        }
-                    }
-                });
             }
             WakeStep::Probe => {}
         }
         probe_pool(&view, &pool.health, &pool_id).await;
         tokio::time::sleep(FAST_PROBE.mul_f64(0.75 + fastrand::f64() * 0.5)).await;
     }
+}
+
+/// Call the wake hook of `view` (the `attempt`-th call). It runs beside
+/// the fast probes, so a slow hook does not delay noticing a replica that
+/// is already up.
+fn call_hook(
+    live: &Live,
+    view: &PoolView,
+    scale: &stoke_config::Scale,
+    pool_id: &Arc<str>,
+    reason: Reason,
+    attempt: u32,
+) {
+    let (hook, edge) = (scale.wake.clone(), live.snapshot.edge_location().id.clone());
+    let (id, state) = (pool_id.clone(), view.state.clone());
+    tokio::spawn(async move {
+        match hooks::call(&hook, Action::Wake, &id, &edge, reason.as_str()).await {
+            Ok(()) => {
+                state.set_wake_error(None);
+                metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "called").increment(1);
+            }
+            Err(e) => {
+                state.set_wake_error(Some(format!("wake hook call {attempt} failed: {e}")));
+                metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "hook_error").increment(1);
+                tracing::warn!(pool = %id, attempt, error = %e, "wake hook failed");
+            }
+        }
+    });
 }
 
 /// Longest an edge waits before asking again for a claim another edge

@@ -210,8 +210,11 @@ impl Cluster {
             let store = self.store().await?;
             let key = key(pool);
             let entry = store.entry(key.as_str()).await.map_err(|e| e.to_string())?;
+            // Only a claim that is still ours: another edge may have taken
+            // it over after our lease ran out.
             if let Some(e) = entry {
-                if matches!(step(Some((&e.value[..], e.revision)), &self.edge, u64::MAX), Step::TakeOver(_)) {
+                let ours = serde_json::from_slice::<ClaimValue>(&e.value).is_ok_and(|v| *v.edge == *self.edge);
+                if ours {
                     let value = self.claim_value(unix_ms() + READY_HOLD.as_millis() as u64, "ready")?;
                     store.update(key.as_str(), value, e.revision).await.map_err(|e| e.to_string())?;
                 }

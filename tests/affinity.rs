@@ -75,7 +75,8 @@ async fn a_hot_key_spills_under_load_and_returns_when_it_drops() {
     // The owner, while idle.
     let owner = send(addr, req(1)).await.header("stoke-replica").expect("replica").to_owned();
     // A long stream holds the owner: the next request with the key is over
-    // the load bound there (1.25 × mean + 1) and goes to another replica.
+    // the load bound there (max_load × mean + 1, with the default 1.1) and
+    // goes to another replica.
     let long = open(addr, &req(200)).await;
     assert_eq!(long.headers().get("stoke-replica").and_then(|v| v.to_str().ok()), Some(owner.as_str()));
     let spilled = send(addr, req(1)).await;

@@ -66,6 +66,7 @@ async def main():
     ap.add_argument("--concurrency", type=int, default=12)
     ap.add_argument("--model", default="m")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--sample-every", type=float, default=0.05, help="seconds between load samples")
     args = ap.parse_args()
 
     rng = random.Random(args.seed)
@@ -82,7 +83,7 @@ async def main():
     limits = httpx.Limits(max_connections=args.concurrency * 2)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         before = await scrape(client, args.replica)
-        spread, stop = [], asyncio.Event()
+        spread, steady, stop = [], [], asyncio.Event()
 
         async def sample():
             while not stop.is_set():
@@ -92,7 +93,12 @@ async def main():
                 mean = sum(loads) / len(loads)
                 if mean >= 1:
                     spread.append(max(loads) / mean)
-                await asyncio.sleep(0.1)
+                    # Steady: every worker still has sessions to send, so
+                    # the offered load is the full concurrency (the drain
+                    # at the end, with a few stragglers, is not).
+                    if not queue.empty():
+                        steady.append(max(loads) / mean)
+                await asyncio.sleep(args.sample_every)
 
         queue = asyncio.Queue()
         for s in sessions:
@@ -148,6 +154,7 @@ async def main():
     h = sum(counters(a, "vllm:prefix_cache_hits_total") - counters(b, "vllm:prefix_cache_hits_total") for a, b in zip(after, before))
     ttfts.sort()
     spread.sort()
+    steady.sort()
 
     def pct(xs, p):
         return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
@@ -156,7 +163,8 @@ async def main():
         "requests": done, "errors": errors, "seconds": round(took, 2), "req_per_s": round(done / took, 2),
         "hit_rate": round(h / q, 4) if q else None,
         "ttft_ms": {"p50": pct(ttfts, 0.5), "p99": pct(ttfts, 0.99)},
-        "load_max_over_mean": {"p50": pct(spread, 0.5), "p95": pct(spread, 0.95)},
+        "load_max_over_mean": {"p50": pct(spread, 0.5), "p95": pct(spread, 0.95), "samples": len(spread)},
+        "load_steady": {"p50": pct(steady, 0.5), "p95": pct(steady, 0.95), "samples": len(steady)},
     }))
 
 

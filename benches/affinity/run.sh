@@ -69,7 +69,10 @@ service_from = "body:model"
 TOML
 }
 
-run_stoke() {  # $1: name, $2: affinity table, $3: "cluster" to share load over NATS
+selected() { [[ "$1" =~ ${ONLY:-.} ]]; }  # ONLY=REGEX runs the targets whose name matches
+
+run_stoke() {  # $1: name, $2: affinity table, $3: "cluster" to share load over NATS, "one" for a single edge
+  selected "$1" || return 0
   start_replicas
   local cfg="$OUT/$1.toml"
   stoke_config "$2" > "$cfg"
@@ -86,11 +89,13 @@ run_stoke() {  # $1: name, $2: affinity table, $3: "cluster" to share load over 
   "$STOKE" serve --config "$cfg.par" --location par 2>/dev/null & PIDS+=($!)
   wait_http http://127.0.0.1:19180/v1/models; wait_http http://127.0.0.1:19181/v1/models
   local reps=(); for u in "${REP_URLS[@]}"; do reps+=(--replica "$u"); done
-  echo "{\"target\":\"$1\",\"result\":$("$PY" benches/affinity/load.py --target http://127.0.0.1:19180 --target http://127.0.0.1:19181 "${reps[@]}" $LOAD_ARGS)}" | tee -a "$OUT/results.jsonl"
+  local second=19181; [ "${3:-}" = one ] && second=19180
+  echo "{\"target\":\"$1\",\"result\":$("$PY" benches/affinity/load.py --target http://127.0.0.1:19180 --target http://127.0.0.1:$second "${reps[@]}" $LOAD_ARGS)}" | tee -a "$OUT/results.jsonl"
   cleanup
 }
 
 run_router() {  # $1: policy
+  selected "vllm-router $1" || return 0
   start_replicas
   "$ROUTER" --host 127.0.0.1 --port 19190 --worker-urls "${REP_URLS[@]}" --policy "$1" --log-level error >/dev/null 2>&1 & PIDS+=($!)
   for _ in $(seq 200); do curl -fs http://127.0.0.1:19190/health >/dev/null 2>&1 && break; sleep 0.1; done
@@ -102,6 +107,8 @@ run_router() {  # $1: policy
 : > "$OUT/results.jsonl"
 run_stoke "stoke affinity (2 edges)" $'[pool.affinity]\nkey = "prefix"'
 run_stoke "stoke affinity (2 edges, cluster)" $'[pool.affinity]\nkey = "prefix"' cluster
+for ml in ${MAX_LOADS-1.25}; do run_stoke "stoke affinity max_load $ml (2 edges, cluster)" $'[pool.affinity]\nkey = "prefix"\nmax_load = '"$ml" cluster; done
+run_stoke "stoke affinity (1 edge)" $'[pool.affinity]\nkey = "prefix"' one
 run_stoke "stoke p2c (2 edges)" ""
 run_router cache_aware
 run_router power_of_two
@@ -109,11 +116,12 @@ run_router power_of_two
 "$PY" - "$OUT/results.jsonl" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print("| target | requests | errors | req/s | cache hit rate | TTFT p50 ms | TTFT p99 ms | load max/mean p50 | p95 |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| target | requests | errors | req/s | cache hit rate | TTFT p50 ms | TTFT p99 ms | load max/mean p50 | p95 | steady p50 | steady p95 |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for r in rows:
     x = r["result"]
     f = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
     print(f"| {r['target']} | {x['requests']} | {x['errors']} | {f(x['req_per_s'])} | {f(x['hit_rate'])} | "
-          f"{f(x['ttft_ms']['p50'])} | {f(x['ttft_ms']['p99'])} | {f(x['load_max_over_mean']['p50'])} | {f(x['load_max_over_mean']['p95'])} |")
+          f"{f(x['ttft_ms']['p50'])} | {f(x['ttft_ms']['p99'])} | {f(x['load_max_over_mean']['p50'])} | {f(x['load_max_over_mean']['p95'])} | "
+          f"{f(x['load_steady']['p50'])} | {f(x['load_steady']['p95'])} |")
 PYEOF

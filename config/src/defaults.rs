@@ -30,7 +30,7 @@ pub const MAX_BUFFERED_BODIES: u64 = 256 << 20;
 pub const AFFINITY_PREFIX_BYTES: u64 = 4096;
 /// `[pool.affinity].max_load`: the key's replica is passed over above this
 /// × the pool's mean load + 1.
-pub const AFFINITY_MAX_LOAD: f64 = 1.25;
+pub const AFFINITY_MAX_LOAD: f64 = 1.1;
 /// `[edge].max_headers`: request header fields (431 beyond).
 pub const MAX_HEADERS: u64 = 100;
 /// `[edge].h3_idle_timeout`: an HTTP/3 connection with no traffic is closed after this.

@@ -302,7 +302,7 @@ fn pool_affinity_is_checked() {
     };
     let net = load_str(&with("key = \"prefix\""), Path::new("t.toml")).expect("loads");
     let a = net.pools[0].affinity.as_ref().expect("affinity");
-    assert_eq!((a.key.clone(), a.prefix_bytes, a.max_load), (stoke_config::AffinityKey::Prefix, 4096, 1.25));
+    assert_eq!((a.key.clone(), a.prefix_bytes, a.max_load), (stoke_config::AffinityKey::Prefix, 4096, 1.1));
     let net = load_str(&with("key = \"header:X-Session-Id\"\nmax_load = 2"), Path::new("t.toml")).expect("loads");
     assert_eq!(
         net.pools[0].affinity.as_ref().map(|a| a.key.clone()),

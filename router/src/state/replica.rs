@@ -22,11 +22,15 @@ pub struct ReplicaState {
     /// Our own in-flight count when that report was taken, to tell our load
     /// from other edges'.
     in_flight_at_report: AtomicU32,
+    /// What the cluster said the other edges had in flight here when that
+    /// report was taken: the rest of the report is load no edge accounts
+    /// for (clients that bypass the edges).
+    elsewhere_at_report: AtomicU32,
     /// Requests the other edges of the cluster say they have in flight on
     /// the replica (fresh reports only; 0 without a cluster).
     elsewhere: AtomicU32,
-    /// Load other edges put here, from the two sources above: worked out
-    /// when either changes, so that the request path reads one number.
+    /// Load others put here, from the sources above: worked out when one
+    /// changes, so that the request path reads one number.
     foreign: AtomicU32,
 }
 
@@ -43,6 +47,7 @@ impl ReplicaState {
             in_flight: AtomicU32::new(0),
             reported_load: AtomicU32::new(0),
             in_flight_at_report: AtomicU32::new(0),
+            elsewhere_at_report: AtomicU32::new(0),
             elsewhere: AtomicU32::new(0),
             foreign: AtomicU32::new(0),
         }
@@ -73,8 +78,11 @@ impl ReplicaState {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Load other edges put on the replica: what its own metrics tell, or
-    /// what the other edges of the cluster publish, whichever is more.
+    /// Load others put on the replica: what the other edges of the cluster
+    /// publish (fresh within milliseconds), plus what the replica's own
+    /// metrics reported beyond this edge's and the cluster's counts at the
+    /// time (as old as the last scrape). Without a cluster it is what the
+    /// metrics reported beyond ours.
     #[inline]
     pub fn foreign_load(&self) -> u32 {
         self.foreign.load(Ordering::Relaxed)
@@ -87,9 +95,20 @@ impl ReplicaState {
     }
 
     fn update_foreign(&self) {
-        let reported =
-            self.reported_load.load(Ordering::Relaxed).saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed));
-        self.foreign.store(reported.max(self.elsewhere.load(Ordering::Relaxed)), Ordering::Relaxed);
+        // A scrape is up to an interval old: the other edges' share of it
+        // may have finished since, so that share comes from the cluster's
+        // fresher count instead. And the cluster hears of a request a few
+        // milliseconds after the replica does: when its count rose since
+        // the scrape, the scrape's unaccounted requests are taken to be
+        // those, not counted twice.
+        let (now, then) = (self.elsewhere.load(Ordering::Relaxed), self.elsewhere_at_report.load(Ordering::Relaxed));
+        let unaccounted = self
+            .reported_load
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed))
+            .saturating_sub(then)
+            .saturating_sub(now.saturating_sub(then));
+        self.foreign.store(now.saturating_add(unaccounted), Ordering::Relaxed);
     }
 
     /// What the other edges of the cluster have in flight here, as last
@@ -106,6 +125,7 @@ impl ReplicaState {
     /// Record the running + waiting count the replica reported.
     pub fn set_reported_load(&self, load: u32) {
         self.in_flight_at_report.store(self.in_flight(), Ordering::Relaxed);
+        self.elsewhere_at_report.store(self.elsewhere(), Ordering::Relaxed);
         self.reported_load.store(load, Ordering::Relaxed);
         self.update_foreign();
     }
@@ -209,5 +229,36 @@ mod tests {
         assert_eq!(r.free_slots(4), 1);
         r.set_elsewhere(0);
         assert_eq!(r.foreign_load(), 1, "and the scrape counts without it");
+    }
+
+    #[test]
+    fn a_scrape_counts_only_the_load_that_no_edge_of_the_cluster_accounts_for() {
+        let r = ReplicaState::new("127.0.0.1:1".parse().expect("addr"));
+        r.set_ready(true);
+        assert!(r.try_acquire(8));
+        // Another edge has 3 here; the replica reports them, ours, and one
+        // request from a client that bypasses the edges.
+        r.set_elsewhere(3);
+        r.set_reported_load(5);
+        assert_eq!(r.foreign_load(), 4);
+        // The other edge's requests finish before the next scrape: the
+        // cluster says so at once, and the stale scrape does not keep them.
+        r.set_elsewhere(0);
+        assert_eq!(r.foreign_load(), 1, "only the bypassing client's request is left");
+        r.release();
+    }
+
+    #[test]
+    fn a_request_the_scrape_saw_before_the_cluster_did_is_counted_once() {
+        let r = ReplicaState::new("127.0.0.1:1".parse().expect("addr"));
+        r.set_ready(true);
+        // The replica already counts another edge's new request; that
+        // edge's report has not come yet.
+        r.set_reported_load(1);
+        assert_eq!(r.foreign_load(), 1);
+        r.set_elsewhere(1);
+        assert_eq!(r.foreign_load(), 1, "the report names the same request");
+        r.set_elsewhere(2);
+        assert_eq!(r.foreign_load(), 2);
     }
 }

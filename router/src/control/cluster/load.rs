@@ -24,8 +24,11 @@ use crate::state::{Figures, Live, Router};
 /// How often an edge publishes its report.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 
-/// How often it looks for a large change to publish at once.
-pub const LOOK_EVERY: Duration = Duration::from_millis(50);
+/// How often it looks for a large change to publish at once. A cached
+/// prompt's request lives a few tens of milliseconds, so a replica's load
+/// must reach the other edges within a few: looking costs a pass over the
+/// pools' counters, and a report is only built when they moved.
+pub const LOOK_EVERY: Duration = Duration::from_millis(5);
 
 /// Reports older than this are ignored.
 pub const FRESH: Duration = Duration::from_secs(1);
@@ -98,15 +101,40 @@ pub fn report(live: &Live, edge: &str, now: Instant) -> Report {
 }
 
 /// Whether `now` differs from `last` enough to publish before the next
-/// tick: a pool became busy or idle, or moved by an eighth of its slots.
+/// tick: a pool became busy or idle, or moved by an eighth of its slots;
+/// or, in a pool with affinity, any replica's count moved. Affinity's load
+/// bound compares one replica with the pool's mean at a few requests each,
+/// so a request the other edges do not see yet is a hot spot.
 pub fn large_change(live: &Live, last: &Report, now: &Report) -> bool {
     live.pools.iter().any(|view| {
         let (a, b) = (last.pools.get(&*view.state.id), now.pools.get(&*view.state.id));
+        if view.affinity.is_some() {
+            return a.map(|p| &p.replicas) != b.map(|p| &p.replicas);
+        }
         let busy = |p: Option<&PoolReport>| p.map_or(0, |p| p.in_flight + p.held);
         let (a, b) = (busy(a), busy(b));
         let step = (view.replicas.len() as u32 * view.max_concurrency / 8).max(2);
         (a == 0) != (b == 0) || a.abs_diff(b) >= step
     })
+}
+
+/// A cheap digest of what a report would say about load (not RTTs), read
+/// from the counters without building it: the publisher builds a report
+/// only when this moved or one is due.
+pub fn fingerprint(live: &Live) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut add = |x: u64| {
+        h ^= x;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    for view in live.pools.iter() {
+        add(u64::from(view.state.in_flight()));
+        add(u64::from(view.queue.len()));
+        for r in view.replicas.iter() {
+            add(u64::from(r.in_flight()));
+        }
+    }
+    h
 }
 
 /// The other edges' figures at `now`: per pool, and per replica address.
@@ -159,6 +187,7 @@ pub fn apply(cluster: &Cluster, live: &Live, now: Instant) {
 pub async fn publish(router: Arc<Router>, cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
     let mut last = Report::default();
     let mut last_at: Option<Instant> = None;
+    let mut last_print = 0u64;
     let mut tick = tokio::time::interval(LOOK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -168,8 +197,13 @@ pub async fn publish(router: Arc<Router>, cluster: Arc<Cluster>, mut shutdown: w
         }
         let live = router.live();
         let now = clock::now();
-        let report = report(&live, &cluster.edge, now);
         let due = last_at.is_none_or(|t| now.saturating_duration_since(t) >= PUBLISH_EVERY);
+        let print = fingerprint(&live);
+        if !due && print == last_print {
+            continue;
+        }
+        last_print = print;
+        let report = report(&live, &cluster.edge, now);
         if !due && !large_change(&live, &last, &report) {
             continue;
         }
@@ -315,5 +349,45 @@ mod tests {
         assert_eq!(mine.pools[&*view.state.id].replicas[&addr], 1);
         assert!(large_change(&live, &Report::default(), &mine), "idle to busy is published at once");
         drop(slot);
+    }
+
+    /// A pool of four replicas that take 16 each, with or without affinity.
+    fn four_replicas(affinity: &str) -> Arc<Router> {
+        let text = format!(
+            r#"{}
+[[pool]]
+id = "fra-gpu"
+location = "fra"
+serves = ["m"]
+replicas = ["127.0.0.1:9", "127.0.0.1:10", "127.0.0.1:11", "127.0.0.1:12"]
+max_concurrency = 16
+{affinity}
+[[route]]
+service = "m"
+"#,
+            crate::testing::FRA_PAR
+        );
+        Router::new(crate::testing::snapshot(&text))
+    }
+
+    #[test]
+    fn one_more_request_on_a_replica_is_published_at_once_where_affinity_bounds_load() {
+        for (affinity, at_once) in [("[pool.affinity]\nkey = \"prefix\"", true), ("", false)] {
+            let router = four_replicas(affinity);
+            let live = router.live();
+            let view = live.pools[0].clone();
+            for r in view.replicas.iter() {
+                r.set_ready(true);
+            }
+            let now = view.state.last_active();
+            let first = view.acquire(now).expect("a slot");
+            let before = report(&live, "fra", now);
+            let print = fingerprint(&live);
+            let second = view.acquire(now).expect("a slot");
+            assert_ne!(fingerprint(&live), print, "the counters moved");
+            let after = report(&live, "fra", now);
+            assert_eq!(large_change(&live, &before, &after), at_once, "affinity: {affinity:?}");
+            drop((first, second));
+        }
     }
 }

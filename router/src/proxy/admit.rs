@@ -392,4 +392,62 @@ mod tests {
         assert_eq!(clock::now(), started, "at once");
         assert!(live.pools[0].state.waking_since().is_some(), "the wake it needs still starts");
     }
+
+    /// Where [`place`] put a request: admitted or held, and for which pool.
+    fn outcome(placed: Result<Placed, Reject>) -> Result<(bool, PoolId), u16> {
+        match placed {
+            Ok(Placed::Admitted(a)) => Ok((true, a.pool)),
+            Ok(Placed::Hold(pool)) => Ok((false, pool)),
+            Err(r) => Err(r.status),
+        }
+    }
+
+    #[test]
+    fn affinity_never_changes_which_pool_serves() {
+        // Affinity only orders the replicas of the pool that placement
+        // chose: a conversation whose cache is in the near pool is placed as
+        // any request when that pool is warm, full or cold.
+        let text = crate::testing::two_pools_text(1, "idle_timeout = \"5m\"\nwake_time = \"20s\"").replace(
+            "sleep = { url = \"http://127.0.0.1:9/sleep\" }",
+            "sleep = { url = \"http://127.0.0.1:9/sleep\" }\n[pool.affinity]\nkey = \"header:x-session-id\"",
+        );
+        let (near, far) = (PoolId(0), PoolId(1));
+        let mut keyed = Keys::default();
+        keyed.push(near, 7);
+        keyed.push(far, 7);
+        type Setup = fn(&Live) -> Option<Slot>;
+        let states: [(&str, Setup); 3] = [
+            ("near warm", |live| {
+                live.pools[0].replicas[0].set_ready(true);
+                None
+            }),
+            ("near full, far warm", |live| {
+                live.pools[0].replicas[0].set_ready(true);
+                live.pools[1].replicas[0].set_ready(true);
+                live.acquire(PoolId(0), clock::now())
+            }),
+            ("near cold, far warm", |live| {
+                live.pools[1].replicas[0].set_ready(true);
+                None
+            }),
+        ];
+        for (what, setup) in states {
+            let mut seen = Vec::new();
+            for keys in [&NO_KEYS, &keyed] {
+                let router = Router::new(crate::testing::snapshot(&text));
+                let live = router.live();
+                assert!(live.pools.iter().all(|v| v.affinity.is_some()), "both pools have affinity");
+                let service = live.snapshot.network.service_id("m").expect("service");
+                let _busy = setup(&live);
+                let now = clock::now();
+                seen.push(outcome(place(&live, service, now, now, now + 30 * S, keys, |_, _| {})));
+            }
+            assert_eq!(seen[0], seen[1], "{what}: with and without a key");
+            let expected = match what {
+                "near warm" => Ok((true, near)),
+                _ => Ok((true, far)),
+            };
+            assert_eq!(seen[1], expected, "{what}");
+        }
+    }
 }

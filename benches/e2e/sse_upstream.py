@@ -6,12 +6,14 @@ GET /<anything>?n=TOKENS&ms=DELAY  -> text/event-stream, chunked,
     "t" is the wall-clock time the event was written (sse_bench.py measures each
     event's delivery delay from it).
 GET /health -> 200 "ok" at once (for stoke's health probe).
-Defaults n=32, ms=5. Listens on 127.0.0.1:${PORT:-8085} only.
+Defaults n=32, ms=5. Listens on 127.0.0.1:${PORT:-8085} only, listen backlog
+${BACKLOG:-1024} (streams.sh raises it; the kernel caps it at net.core.somaxconn).
 """
 import asyncio, os, time
 from urllib.parse import urlsplit, parse_qs
 
 HOST, PORT = "127.0.0.1", int(os.environ.get("PORT", "8085"))
+BACKLOG = int(os.environ.get("BACKLOG", "1024"))
 
 async def handle(reader, writer):
     try:
@@ -44,7 +46,7 @@ async def handle(reader, writer):
         writer.close()
 
 async def main():
-    srv = await asyncio.start_server(handle, HOST, PORT, backlog=1024)
+    srv = await asyncio.start_server(handle, HOST, PORT, backlog=BACKLOG)
     async with srv:
         await srv.serve_forever()
 

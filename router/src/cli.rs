@@ -210,14 +210,16 @@ pub fn main() -> ExitCode {
         _ => "info",
     };
     logging::init(cli.log_format, default_filter);
-    match cli.command {
+    let code = match cli.command {
         Command::Check(args) => check(&args),
         Command::Serve(args) => serve(&args),
         Command::Demo(args) => demo(args),
         Command::Sim(SimCommand::Replica(args)) => sim_replica(args),
         Command::Sim(SimCommand::Orchestrator(args)) => sim_orchestrator(args),
         Command::Simulate(args) => simulate(args),
-    }
+    };
+    logging::flush();
+    code
 }
 
 fn simulate(args: SimulateArgs) -> ExitCode {

@@ -45,6 +45,9 @@ pub const CLUSTER_CLAIMS_TOTAL: &str = "stoke_cluster_claims_total";
 /// Counter: load reports not published (disconnected, or no answer in time).
 pub const CLUSTER_PUBLISHES_DROPPED: &str = "stoke_cluster_publishes_dropped_total";
 
+/// Counter: log lines dropped because the log writer fell behind.
+pub const LOG_LINES_DROPPED: &str = "stoke_log_lines_dropped_total";
+
 /// Histogram buckets for latencies: 100 µs to 60 s, roughly ×2.5 apart.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -109,6 +112,7 @@ fn describe() {
     );
     describe_counter!(CLUSTER_PUBLISHES_DROPPED, "Load reports not published: disconnected, or no answer in time.");
     describe_counter!(CONNECTIONS_REFUSED_TOTAL, "Connections closed at accept because max_connections were open.");
+    describe_counter!(LOG_LINES_DROPPED, "Log lines dropped because the log writer fell behind (16k lines queued).");
 }
 
 /// Status codes as static strings, so that labelling a request allocates nothing for them.

@@ -12,8 +12,13 @@
 #                        deterministic to about ±0.5 %;
 #                        prints instructions per request and the top functions
 #   --syscalls N         count the proxy's system calls over N requests (`perf trace -s`, h2load --h1 -c64 -n N)
-#   --target NAME        stoke (default), or haproxy / nginx for the same measurement of a peer
+#   --target NAME        stoke (default), or haproxy / nginx for the same measurement of a peer, or
+#                        engine-proxy / engine-loop: the two minimal forwarders on pingora of
+#                        stoke-benches (src/engine.rs), pingora-proxy's ProxyHttp against a loop of
+#                        stoke's own on pingora-core (build: cargo build --profile perf -p stoke-benches --bins)
 #   --stoke BIN          stoke binary (default target/perf/stoke)
+#   --access-log         stoke with its access log on (RUST_LOG=info, to a file), as it runs by
+#                        default; without it the bench runs stoke with RUST_LOG=warn
 #   --tls                profile the HTTPS listener instead (h2load -c64 -m10 over TLS for --perf)
 #   --rate R             --perf under scenario 5's load instead: h3load --h1 -c8 --rate R (open loop)
 # Env: BENCH_WORK (default /tmp/stoke-e2e): output goes to $BENCH_WORK/profile/DATE/
@@ -21,7 +26,7 @@ set -euo pipefail
 
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$DIR/../.." && pwd)"
-MODE=perf SECS=10 REQS=200000 TARGET=stoke TLS=0 RATE="" STOKE_BIN="$ROOT/target/perf/stoke"
+MODE=perf SECS=10 REQS=200000 TARGET=stoke TLS=0 LOG=warn RATE="" STOKE_BIN="$ROOT/target/perf/stoke"
 while [ $# -gt 0 ]; do
   case "$1" in
     --perf) MODE=perf; SECS="$2"; shift 2;;
@@ -30,6 +35,7 @@ while [ $# -gt 0 ]; do
     --target) TARGET="$2"; shift 2;;
     --stoke) STOKE_BIN="$2"; shift 2;;
     --tls) TLS=1; shift;;
+    --access-log) LOG=info; shift;;
     --rate) RATE="$2"; shift 2;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0;;
     *) echo "unknown argument $1 (see -h)" >&2; exit 2;;
@@ -37,7 +43,8 @@ while [ $# -gt 0 ]; do
 done
 [ "$SECS" -ge 1 ] && [ "$SECS" -le 120 ] || { echo "--perf SECS must be 1..120" >&2; exit 2; }
 [ "$REQS" -ge 1000 ] && [ "$REQS" -le 10000000 ] || { echo "--callgrind N must be 1000..10000000" >&2; exit 2; }
-case "$TARGET" in stoke|haproxy|nginx) ;; *) echo "--target: stoke, haproxy or nginx" >&2; exit 2;; esac
+case "$TARGET" in stoke|haproxy|nginx|engine-proxy|engine-loop) ;;
+  *) echo "--target: stoke, haproxy, nginx, engine-proxy or engine-loop" >&2; exit 2;; esac
 need=(nginx wrk h2load taskset curl python3)
 [ "$MODE" = perf ] && need+=(perf)
 [ "$MODE" = syscalls ] && need+=(perf)
@@ -47,6 +54,8 @@ for t in "${need[@]}"; do
   command -v "$t" >/dev/null || { echo "missing $t (Debian: apt-get install -y nginx haproxy wrk nghttp2-client linux-perf valgrind)" >&2; exit 1; }
 done
 [ "$TARGET" != stoke ] || [ -x "$STOKE_BIN" ] || { echo "no $STOKE_BIN: cargo build --profile perf -p stoke-router --bin stoke" >&2; exit 1; }
+ENGINE_BIN="$(dirname "$STOKE_BIN")/$TARGET"
+case "$TARGET" in engine-*) [ -x "$ENGINE_BIN" ] || { echo "no $ENGINE_BIN: cargo build --profile perf -p stoke-benches --bins" >&2; exit 1; };; esac
 
 WORK="${BENCH_WORK:-/tmp/stoke-e2e}"
 OUT="$WORK/profile/$(date +%Y%m%d-%H%M%S)-$TARGET-$MODE"
@@ -72,8 +81,11 @@ wait_200 http://127.0.0.1:8080/; wait_200 http://127.0.0.1:8085/health
 PREFIX=()
 [ "$MODE" = callgrind ] && PREFIX=(valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out")
 case "$TARGET" in
-  stoke)   start stoke 1 env RUST_LOG=warn "${PREFIX[@]}" "$STOKE_BIN" serve --config "$DIR/stoke.toml"
+  stoke)   start stoke 1 env RUST_LOG="$LOG" "${PREFIX[@]}" "$STOKE_BIN" serve --config "$DIR/stoke.toml"
            H1=127.0.0.1:8084 TLSA=127.0.0.1:8444;;
+  engine-*) # plain HTTP/1.1 only, on stoke's port, to the same nginx upstream
+           start "$TARGET" 1 "${PREFIX[@]}" "$ENGINE_BIN" 127.0.0.1:8084 127.0.0.1:8080
+           H1=127.0.0.1:8084 TLSA="";;
   haproxy) start haproxy 1 "${PREFIX[@]}" haproxy -db -f "$RUN/haproxy.cfg"; H1=127.0.0.1:8082 TLSA=127.0.0.1:8442;;
   nginx)   # one process (no master) so that the profiler sees the worker
            sed -i 's/^master_process on;/master_process off;/' "$RUN/nginx.conf"
@@ -81,6 +93,7 @@ case "$TARGET" in
 esac
 PID="${PIDS[-1]}"
 wait_200 "http://$H1/"
+[ "$TLS" = 0 ] || [ -n "$TLSA" ] || { echo "--tls: $TARGET has no TLS listener" >&2; exit 2; }
 if [ "$TLS" = 1 ]; then URL="https://${TLSA/127.0.0.1/localhost}/"; else URL="http://$H1/"; fi
 echo "== $TARGET (pid $PID) $MODE, $URL; output in $OUT"
 

@@ -76,12 +76,21 @@ def perf(path):
     show(items, "perf cpu-clock samples of the proxy process, self time")
 
 
+# An allocator's entry points (mimalloc's, which Rust's `GlobalAlloc` for
+# `MiMalloc` calls, and libc's): calls into them from outside the allocator
+# are the allocations.
+ALLOCS = re.compile(r"^(mi_(malloc|zalloc|calloc)(_aligned)?|malloc|calloc|__libc_(malloc|calloc))$")
+REALLOCS = re.compile(r"^(mi_realloc(_aligned)?|realloc|__libc_realloc)$")
+
+
 def callgrind(path, reqs):
     """Self cost per function from a callgrind.out file (the line after a
-    `calls=` line is the inclusive cost of that call, not self cost)."""
+    `calls=` line is the inclusive cost of that call, not self cost), and
+    the calls into the allocator."""
     names, objs = {}, {}
     self_cost = defaultdict(int)
     fn, ob, total, after_call = None, "", 0, False
+    callee, allocs, reallocs = "", 0, 0
 
     def name(table, ref):
         m = re.match(r"\((\d+)\)(?:\s+(.*))?$", ref)
@@ -101,11 +110,17 @@ def callgrind(path, reqs):
             ob = name(objs, line[3:])
         elif line.startswith(("cfn=", "cob=", "cfi=", "cfl=")):
             if line.startswith("cfn="):
-                name(names, line[4:])
+                callee = name(names, line[4:])
             elif line.startswith("cob="):
                 name(objs, line[4:])
         elif line.startswith("calls="):
             after_call = True
+            if fn is not None and group("", fn[1]) != "malloc":
+                n = int(line[6:].split()[0])
+                if ALLOCS.match(callee):
+                    allocs += n
+                elif REALLOCS.match(callee):
+                    reallocs += n
         elif line and (line[0].isdigit() or line[0] in "+-*") and fn is not None:
             parts = line.split()
             if len(parts) >= 2:
@@ -121,6 +136,7 @@ def callgrind(path, reqs):
         sys.exit("no costs found")
     print(f"instructions (user space) since the counters were reset: {total:,}; "
           f"per request: {total / reqs:,.0f} over {reqs:,} requests")
+    print(f"allocations per request: {allocs / reqs:.1f} (and {reallocs / reqs:.1f} reallocations)")
     items = [(100.0 * c / total, o, f) for (o, f), c in self_cost.items()]
     show(items, "callgrind instructions, self")
 

@@ -3,6 +3,8 @@
 //! ([`ready_router`]), so that the benches measure stoke's code at the scale
 //! of a real network without sockets.
 
+pub mod engine;
+
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;

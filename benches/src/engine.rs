@@ -1,0 +1,128 @@
+//! Two minimal HTTP/1.1 and h2c forwarders on pingora 0.9, identical but for
+//! the forwarding itself, so that one callgrind run can tell what a
+//! forwarding loop of stoke's own on pingora-core would cost against
+//! pingora-proxy's `ProxyHttp` machinery (`benches/e2e/engine.sh`):
+//!
+//! - `engine-proxy`: pingora-proxy with a `ProxyHttp` that only names the
+//!   upstream peer, as stoke's `EdgeProxy` does today with its phases;
+//! - `engine-loop`: an `HttpServerApp` that reads the request head, takes an
+//!   upstream session from pingora's `Connector` (its connection pool),
+//!   forwards the head and the body, and streams the answer back, as
+//!   stoke's HTTP/3 path does.
+//!
+//! Both bind one plain listener (HTTP/1.1 and h2c by prior knowledge) with
+//! stoke's listener settings, run on one tokio worker, and forward every
+//! request to one upstream address over pooled HTTP/1.1 connections.
+
+use std::net::SocketAddr;
+use std::os::fd::IntoRawFd;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use pingora::apps::{HttpServerOptions, ServerApp};
+use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
+use pingora::server::Fds;
+use pingora::services::listening::Service as ListeningService;
+use pingora::services::Service as _;
+use pingora::upstreams::peer::{HttpPeer, Peer};
+
+/// Idle upstream connections kept (stoke's `UPSTREAM_KEEPALIVE_POOL`).
+pub const UPSTREAM_POOL: usize = 1024;
+
+/// The listener and upstream of a prototype, from its command line:
+/// `LISTEN UPSTREAM` (both `IP:PORT`).
+pub struct Args {
+    /// Where to accept connections.
+    pub listen: SocketAddr,
+    /// Where to forward every request.
+    pub upstream: SocketAddr,
+}
+
+impl Args {
+    /// Parse `LISTEN UPSTREAM` from the process arguments.
+    pub fn from_env() -> Result<Self, String> {
+        let mut args = std::env::args().skip(1);
+        let usage = "usage: engine-{proxy,loop} LISTEN UPSTREAM   (e.g. 127.0.0.1:8086 127.0.0.1:8080)";
+        let listen = args.next().ok_or(usage)?.parse().map_err(|e| format!("LISTEN: {e}"))?;
+        let upstream = args.next().ok_or(usage)?.parse().map_err(|e| format!("UPSTREAM: {e}"))?;
+        Ok(Args { listen, upstream })
+    }
+}
+
+/// The upstream peer of every request: plain HTTP/1.1, as stoke's replicas.
+pub fn peer(upstream: SocketAddr) -> HttpPeer {
+    HttpPeer::new(upstream, false, String::new())
+}
+
+/// An [`HttpPeer`] whose pooled connections are taken without asking the
+/// kernel who is at the other end. pingora's `Peer::matches_fd` calls
+/// `getpeername` on every connection it takes from its pool (one system
+/// call per request, a fifth of a small request's): it guards against two
+/// peers whose 64-bit reuse hashes collide. A pooled socket stays open
+/// while pooled, so its descriptor cannot meanwhile name another socket;
+/// the reuse hash (address, TLS, SNI and options) is the whole identity.
+#[derive(Clone)]
+pub struct Pooled(pub HttpPeer);
+
+impl std::fmt::Display for Pooled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Peer for Pooled {
+    fn address(&self) -> &pingora::protocols::l4::socket::SocketAddr {
+        self.0.address()
+    }
+    fn tls(&self) -> bool {
+        self.0.tls()
+    }
+    fn sni(&self) -> &str {
+        self.0.sni()
+    }
+    fn reuse_hash(&self) -> u64 {
+        self.0.reuse_hash()
+    }
+    fn get_proxy(&self) -> Option<&pingora::upstreams::peer::Proxy> {
+        self.0.get_proxy()
+    }
+    fn get_peer_options(&self) -> Option<&pingora::upstreams::peer::PeerOptions> {
+        self.0.get_peer_options()
+    }
+    fn get_mut_peer_options(&mut self) -> Option<&mut pingora::upstreams::peer::PeerOptions> {
+        self.0.get_mut_peer_options()
+    }
+    fn matches_fd<V: std::os::fd::AsRawFd>(&self, _fd: V) -> bool {
+        true
+    }
+}
+
+/// The server options both prototypes share with stoke's plain listener.
+pub fn server_options() -> HttpServerOptions {
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    options
+}
+
+/// Serve `app` on `listen` on a runtime of one worker until the process is
+/// killed, with stoke's listener settings (no L4 read buffer, an inherited
+/// socket handed to pingora's accept loop).
+pub fn run<A: ServerApp + Send + Sync + 'static>(app: A, listen: SocketAddr) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async move {
+        let socket = std::net::TcpListener::bind(listen)?;
+        // pingora's accept loop takes the socket over as a tokio listener.
+        socket.set_nonblocking(true)?;
+        let addr = socket.local_addr()?.to_string();
+        let mut service = ListeningService::new("engine".to_owned(), app);
+        service.add_listener(
+            ListenerConfig::tcp(addr.clone()).l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
+        );
+        let mut fds = Fds::new();
+        fds.add(addr.clone(), socket.into_raw_fd());
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        eprintln!("listening on {addr}");
+        service.start_service(Some(Arc::new(Mutex::new(fds))), shutdown, 1).await;
+        Ok(())
+    })
+}

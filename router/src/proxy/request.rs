@@ -24,6 +24,7 @@ use crate::clock;
 use crate::core::affinity::{self, Chosen, KeySource};
 use crate::core::placement::Decision;
 use crate::error::Reject;
+use crate::logging;
 use crate::metrics as m;
 use crate::state::{Live, Router};
 
@@ -368,26 +369,170 @@ pub fn record(live: Option<&Live>, o: &Outcome<'_>) {
             .increment(1);
     }
     if tracing::enabled!(target: "stoke::access", tracing::Level::INFO) {
-        let net = live.map(|l| &l.snapshot.network);
-        let route = net.zip(o.trace.route).map(|(n, r)| n.route(r).name.as_str()).unwrap_or("-");
-        let service = net.zip(o.trace.service).map(|(n, s)| n.service(s).name.as_str()).unwrap_or("-");
-        let pool = net.zip(o.pool).map(|(n, p)| n.pool(p).id.as_str()).unwrap_or("-");
-        tracing::info!(
-            target: "stoke::access",
-            request_id = %o.request_id,
-            protocol = o.protocol,
-            method = %o.method,
-            path = %o.path,
-            route,
-            service,
-            pool,
-            replica = o.replica.unwrap_or("-"),
-            status = o.status,
-            bytes = o.bytes,
-            duration_ms = o.elapsed.as_secs_f64() * 1000.0,
-            wait_ms = o.waited.as_millis() as u64,
-            affinity = o.affinity.map_or("-", Chosen::as_str),
-            error = o.error.map(|e| e.to_string()).unwrap_or_default(),
-        );
+        access_line(live, o);
+    }
+}
+
+/// The target of access-log lines.
+const ACCESS: &str = "stoke::access";
+
+/// Write `o`'s access-log line: by hand in the log's format
+/// ([`logging::Fields`]), or through `tracing` where it colours its lines.
+fn access_line(live: Option<&Live>, o: &Outcome<'_>) {
+    match logging::by_hand() {
+        Some(format) => access_fields(logging::Fields::new(format, ACCESS), live, o).send(),
+        None => access_event(live, o),
+    }
+}
+
+/// The names of the route, service and pool of `o`, `-` where none.
+fn names<'l>(live: Option<&'l Live>, o: &Outcome<'_>) -> [&'l str; 3] {
+    let net = live.map(|l| &l.snapshot.network);
+    [
+        net.zip(o.trace.route).map(|(n, r)| n.route(r).name.as_str()).unwrap_or("-"),
+        net.zip(o.trace.service).map(|(n, s)| n.service(s).name.as_str()).unwrap_or("-"),
+        net.zip(o.pool).map(|(n, p)| n.pool(p).id.as_str()).unwrap_or("-"),
+    ]
+}
+
+/// The access-log line of `o` written by hand: the same fields, in the
+/// same order and layout, as [`access_event`].
+fn access_fields(mut f: logging::Fields, live: Option<&Live>, o: &Outcome<'_>) -> logging::Fields {
+    let [route, service, pool] = names(live, o);
+    f.plain("request_id", o.request_id)
+        .str("protocol", o.protocol)
+        .plain("method", o.method)
+        .plain("path", o.path)
+        .str("route", route)
+        .str("service", service)
+        .str("pool", pool)
+        .str("replica", o.replica.unwrap_or("-"))
+        .u64("status", u64::from(o.status))
+        .u64("bytes", o.bytes as u64)
+        .f64("duration_ms", o.elapsed.as_secs_f64() * 1000.0)
+        .u64("wait_ms", o.waited.as_millis() as u64)
+        .str("affinity", o.affinity.map_or("-", Chosen::as_str))
+        .str("error", &o.error.map(|e| e.to_string()).unwrap_or_default());
+    f
+}
+
+/// The access-log line of `o` as a `tracing` event.
+fn access_event(live: Option<&Live>, o: &Outcome<'_>) {
+    let [route, service, pool] = names(live, o);
+    tracing::info!(
+        target: ACCESS,
+        request_id = %o.request_id,
+        protocol = o.protocol,
+        method = %o.method,
+        path = %o.path,
+        route,
+        service,
+        pool,
+        replica = o.replica.unwrap_or("-"),
+        status = o.status,
+        bytes = o.bytes,
+        duration_ms = o.elapsed.as_secs_f64() * 1000.0,
+        wait_ms = o.waited.as_millis() as u64,
+        affinity = o.affinity.map_or("-", Chosen::as_str),
+        error = o.error.map(|e| e.to_string()).unwrap_or_default(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::logging::{Fields, LogFormat};
+
+    /// What a `tracing` subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Written(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Written {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `o`'s line as `tracing_subscriber` writes it, installed as
+    /// `logging::init` installs it (no colours).
+    fn through_tracing(format: LogFormat, live: &Live, o: &Outcome<'_>) -> String {
+        let out = Written::default();
+        let sink = out.clone();
+        let builder = tracing_subscriber::fmt().with_writer(move || sink.clone()).with_ansi(false);
+        match format {
+            LogFormat::Text => tracing::subscriber::with_default(builder.finish(), || access_event(Some(live), o)),
+            LogFormat::Json => tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), || {
+                access_event(Some(live), o)
+            }),
+        }
+        let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
+        text
+    }
+
+    /// The line with its timestamp cut out.
+    fn untimed(format: LogFormat, line: &str) -> String {
+        match format {
+            LogFormat::Text => line.split_once(' ').map(|(_, rest)| rest.to_owned()).expect("a timestamp"),
+            LogFormat::Json => {
+                let mut v: serde_json::Value = serde_json::from_str(line).expect("json");
+                let t = v.as_object_mut().expect("object").remove("timestamp").expect("a timestamp");
+                assert!(t.as_str().is_some_and(|t| t.ends_with('Z') && t.len() == 27), "{t}");
+                // Compare the text, so that the order of the keys counts.
+                line.replace(&format!("\"timestamp\":{t},"), "")
+            }
+        }
+    }
+
+    #[test]
+    fn the_access_line_written_by_hand_is_the_line_tracing_writes() {
+        let router = crate::testing::two_pools(4, "");
+        let live = router.live();
+        let route = live.snapshot.network.routes.iter().position(|_| true).map(|i| RouteId(i as u32));
+        let error = Reject::bad_gateway("replica \"a\" said\nno");
+        let ok = Outcome {
+            request_id: "4bf92f3577b34da6",
+            protocol: "HTTP/1.1",
+            method: "POST",
+            path: "/v1/chat/completions?x=%22y%22",
+            trace: Trace { route, service: Some(ServiceId(0)), max_body: None },
+            pool: Some(PoolId(1)),
+            replica: Some("127.0.0.1:9001"),
+            status: 200,
+            bytes: 1234,
+            elapsed: Duration::from_micros(12_345),
+            waited: Duration::from_millis(300),
+            error: None,
+            affinity: Some(Chosen::Spilled),
+        };
+        let refused = Outcome {
+            request_id: "id with \"quotes\" and ü",
+            protocol: "HTTP/2",
+            path: "/",
+            trace: Trace::default(),
+            pool: None,
+            replica: Some("ü\\tab\u{1b}[31m"),
+            status: 502,
+            bytes: 0,
+            elapsed: Duration::from_secs(2),
+            waited: Duration::ZERO,
+            error: Some(&error),
+            affinity: None,
+            ..ok
+        };
+        for format in [LogFormat::Text, LogFormat::Json] {
+            for o in [&ok, &refused] {
+                let by_tracing = through_tracing(format, &live, o);
+                let line = access_fields(Fields::new(format, ACCESS), Some(&live), o).into_line();
+                let by_hand = String::from_utf8(line).expect("utf-8");
+                assert!(by_hand.ends_with('\n') && by_hand.matches('\n').count() == 1, "{by_hand}");
+                assert_eq!(untimed(format, &by_hand), untimed(format, &by_tracing), "{format:?}");
+            }
+        }
     }
 }

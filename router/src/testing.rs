@@ -1,7 +1,7 @@
 //! Helpers for unit tests: a small network compiled from text, bound to
 //! state, with no sockets.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::state::Router;
 
@@ -62,4 +62,25 @@ service = "m"
 pub fn snapshot(text: &str) -> stoke_config::Snapshot {
     let net = stoke_config::load_str(text, std::path::Path::new("test.toml")).expect("test config loads");
     net.for_edge(None).expect("edge location")
+}
+
+/// A writer whose output a test reads (`text`), for log tests.
+#[derive(Clone, Default)]
+pub struct Written(Arc<Mutex<Vec<u8>>>);
+
+impl Written {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().expect("lock").clone()).expect("utf-8")
+    }
+}
+
+impl std::io::Write for Written {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -440,24 +440,9 @@ fn access_event(live: Option<&Live>, o: &Outcome<'_>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
     use crate::logging::{Fields, LogFormat};
-
-    /// What a `tracing` subscriber wrote.
-    #[derive(Clone, Default)]
-    struct Written(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Written {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testing::Written;
 
     /// `o`'s line as `tracing_subscriber` writes it, installed as
     /// `logging::init` installs it (no colours).
@@ -471,8 +456,7 @@ mod tests {
                 access_event(Some(live), o)
             }),
         }
-        let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
-        text
+        out.text()
     }
 
     /// The line with its timestamp cut out.

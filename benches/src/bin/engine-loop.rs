@@ -18,16 +18,17 @@ use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerAp
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{Stream, ALPN};
+use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::Peer as _;
 use stoke_benches::engine;
+use stoke_router::proxy::listener::speaks_h2;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The HTTP/2 connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How long a new connection may stay silent.
+const HEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Keep-alive timeout of a downstream HTTP/1.1 connection, in seconds.
 const KEEPALIVE_SECS: u64 = 60;
@@ -135,13 +136,8 @@ struct Connections {
 #[async_trait]
 impl ServerApp for Connections {
     async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let h2 = if stream.get_ssl_digest().is_some() {
-            matches!(stream.selected_alpn_proto(), Some(ALPN::H2))
-        } else {
-            let mut preface = [0u8; H2_PREFACE.len()];
-            stream.try_peek(&mut preface).await.ok()? && preface == H2_PREFACE
-        };
-        if h2 {
+        // stoke's own test: ALPN, or the h2c preface.
+        if speaks_h2(&mut stream, HEADER_WAIT).await? {
             // pingora's blanket `ServerApp` sees the same preface again and
             // runs its HTTP/2 accept loop.
             return self.h2.process_new(stream, shutdown).await;
@@ -152,22 +148,10 @@ impl ServerApp for Connections {
 }
 
 fn main() -> ExitCode {
-    let args = match engine::Args::from_env() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    let connector = Connector::new(Some(ConnectorOptions::new(engine::UPSTREAM_POOL)));
-    let forward = Arc::new(Forward { upstream: args.upstream, connector });
-    let h2 = Arc::new(Streams { forward: forward.clone(), options: engine::server_options() });
-    let app = Connections { forward, h2 };
-    match engine::run(app, args.listen) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("engine-loop: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    engine::main("engine-loop", |args| {
+        let connector = Connector::new(Some(ConnectorOptions::new(engine::UPSTREAM_POOL)));
+        let forward = Arc::new(Forward { upstream: args.upstream, connector });
+        let h2 = Arc::new(Streams { forward: forward.clone(), options: engine::server_options() });
+        Connections { forward, h2 }
+    })
 }

@@ -56,18 +56,10 @@ impl ServerApp for Connections {
             tracing::debug!(max, "connection refused: max_connections reached");
             return None;
         };
-        let h2 = if stream.get_ssl_digest().is_some() {
-            matches!(stream.selected_alpn_proto(), Some(ALPN::H2))
-        } else {
-            // The plain listener speaks h2c by prior knowledge too. A client
-            // that says nothing for the header timeout, or closes before
-            // its first bytes, is let go here.
-            let wait = self.router.live().snapshot.network.edge.client_header_timeout;
-            let mut preface = [0u8; H2_PREFACE.len()];
-            let peeked = tokio::time::timeout(wait, stream.try_peek(&mut preface)).await.ok()?.ok()?;
-            peeked && preface == H2_PREFACE
-        };
-        if h2 {
+        // A client that says nothing for the header timeout, or closes
+        // before its first bytes, is let go here.
+        let wait = self.router.live().snapshot.network.edge.client_header_timeout;
+        if speaks_h2(&mut stream, wait).await? {
             // pingora's HTTP/2 accept loop (it sees the same preface again)
             // spawns a task per stream.
             return self.proxy.process_new(stream, shutdown).await;
@@ -99,6 +91,18 @@ impl ServerApp for Connections {
     async fn cleanup(&self) {
         self.proxy.http_cleanup().await;
     }
+}
+
+/// Whether `stream` speaks HTTP/2: by ALPN over TLS, by the h2c preface
+/// (prior knowledge) on a plain connection, which is peeked at, not read.
+/// `None` if the client sends nothing for `wait` or closes first.
+pub async fn speaks_h2(stream: &mut Stream, wait: std::time::Duration) -> Option<bool> {
+    if stream.get_ssl_digest().is_some() {
+        return Some(matches!(stream.selected_alpn_proto(), Some(ALPN::H2)));
+    }
+    let mut preface = [0u8; H2_PREFACE.len()];
+    let peeked = tokio::time::timeout(wait, stream.try_peek(&mut preface)).await.ok()?.ok()?;
+    Some(peeked && preface == H2_PREFACE)
 }
 
 /// One connection counted against `max_connections` (TCP and QUIC share

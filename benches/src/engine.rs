@@ -104,6 +104,25 @@ pub fn server_options() -> HttpServerOptions {
     options
 }
 
+/// A prototype's `main`: `name LISTEN UPSTREAM`, the app built by `app`
+/// for those arguments and served until the process is killed.
+pub fn main<A: ServerApp + Send + Sync + 'static>(name: &str, app: impl FnOnce(&Args) -> A) -> std::process::ExitCode {
+    let args = match Args::from_env() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(app(&args), args.listen) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Serve `app` on `listen` on a runtime of one worker until the process is
 /// killed, with stoke's listener settings (no L4 read buffer, an inherited
 /// socket handed to pingora's accept loop).

@@ -30,21 +30,11 @@ impl ProxyHttp for Fixed {
 }
 
 fn main() -> ExitCode {
-    let args = match engine::Args::from_env() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    let conf = ServerConf { threads: 1, upstream_keepalive_pool_size: engine::UPSTREAM_POOL, ..ServerConf::default() };
-    let mut proxy = pingora::proxy::http_proxy(&Arc::new(conf), Fixed { upstream: args.upstream });
-    proxy.server_options = Some(engine::server_options());
-    match engine::run(proxy, args.listen) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("engine-proxy: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    engine::main("engine-proxy", |args| {
+        let conf =
+            ServerConf { threads: 1, upstream_keepalive_pool_size: engine::UPSTREAM_POOL, ..ServerConf::default() };
+        let mut proxy = pingora::proxy::http_proxy(&Arc::new(conf), Fixed { upstream: args.upstream });
+        proxy.server_options = Some(engine::server_options());
+        proxy
+    })
 }

@@ -120,6 +120,8 @@ struct Exchange {
     forwarded: bool,
     /// The answer ended as it should.
     complete: bool,
+    /// The request has been accounted for.
+    recorded: bool,
 }
 
 impl Exchange {
@@ -133,8 +135,9 @@ impl Exchange {
 
 /// How streaming a replica's answer body to the client ended.
 enum Streamed {
-    /// The whole body went.
-    Done,
+    /// The replica's whole body was read; its last part (if any) is still
+    /// to go to the client.
+    Done(Option<Bytes>),
     /// The client left or stopped reading.
     ClientGone(&'static str),
     /// The replica failed mid-answer.
@@ -175,6 +178,7 @@ impl Engine {
             affinity: None,
             forwarded: false,
             complete: false,
+            recorded: false,
         };
         match self.exchange(client, &mut x).await {
             Ok(()) => {}
@@ -194,25 +198,7 @@ impl Engine {
                 }
             }
         }
-        let error = x.error.as_ref().map(|e| e as &dyn std::fmt::Display);
-        request::record(
-            Some(&x.live),
-            &Outcome {
-                request_id: &x.request_id,
-                protocol: client.protocol(),
-                method: client.method(),
-                path: client.path(),
-                trace: x.trace,
-                pool: x.pool,
-                replica: x.replica.as_deref(),
-                status: x.status,
-                bytes: x.bytes,
-                elapsed: x.started.elapsed(),
-                waited: x.waited,
-                error,
-                affinity: x.affinity,
-            },
-        );
+        record(client, &mut x);
         x.complete
     }
 
@@ -275,10 +261,11 @@ impl Engine {
             return Err(Reject::client_gone());
         }
         match stream_answer(client, &mut session, x).await {
-            Streamed::Done => {
-                client.finish().await;
+            Streamed::Done(last) => {
                 release(&self.connector, session, &peer).await;
-                x.complete = true;
+                drop(slot);
+                x.complete = finish(client, x, last).await;
+                return Ok(());
             }
             Streamed::ClientGone(why) => {
                 session.shutdown().await;
@@ -387,10 +374,11 @@ impl Engine {
             return end_with_error(client, x, keepalive::replica_refused(status)).await;
         }
         match stream_answer(client, &mut session, x).await {
-            Streamed::Done => {
-                client.finish().await;
+            Streamed::Done(last) => {
                 release(&self.connector, session, &peer).await;
-                x.complete = true;
+                drop(slot);
+                x.complete = finish(client, x, last).await;
+                return Ok(());
             }
             Streamed::ClientGone(why) => {
                 session.shutdown().await;
@@ -404,6 +392,46 @@ impl Engine {
         drop(slot);
         Ok(())
     }
+}
+
+/// Account for the request: metrics and the access log, once.
+fn record<C: Client>(client: &C, x: &mut Exchange) {
+    if std::mem::replace(&mut x.recorded, true) {
+        return;
+    }
+    let error = x.error.as_ref().map(|e| e as &dyn std::fmt::Display);
+    request::record(
+        Some(&x.live),
+        &Outcome {
+            request_id: &x.request_id,
+            protocol: client.protocol(),
+            method: client.method(),
+            path: client.path(),
+            trace: x.trace,
+            pool: x.pool,
+            replica: x.replica.as_deref(),
+            status: x.status,
+            bytes: x.bytes,
+            elapsed: x.started.elapsed(),
+            waited: x.waited,
+            error,
+            affinity: x.affinity,
+        },
+    );
+}
+
+/// The end of an answer whose replica is done with it (its slot freed):
+/// the request is accounted for, then its last bytes go, so that whoever
+/// has the whole answer sees it counted. Whether the answer went whole.
+async fn finish<C: Client>(client: &mut C, x: &mut Exchange, last: Option<Bytes>) -> bool {
+    record(client, x);
+    if let Some(last) = last {
+        if !client.send_body(last).await {
+            return false;
+        }
+    }
+    client.finish().await;
+    true
 }
 
 /// End a held stream with an SSE error event for `reject`.
@@ -427,12 +455,15 @@ async fn stream_answer<C: Client>(client: &mut C, session: &mut HttpSession, x: 
         match chunk {
             Ok(Some(b)) => {
                 x.bytes += b.len();
+                if session.response_done() {
+                    return Streamed::Done(Some(b));
+                }
                 // Writes are not raced: not every protocol's is cancel-safe.
                 if !client.send_body(b).await {
                     return Streamed::ClientGone("client stopped reading");
                 }
             }
-            Ok(None) => return Streamed::Done,
+            Ok(None) => return Streamed::Done(None),
             Err(e) => return Streamed::ReplicaFailed(e),
         }
     }

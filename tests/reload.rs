@@ -64,6 +64,15 @@ async fn a_hundred_reloads_under_load_lose_no_request() {
         }));
     }
     for i in 0..100 {
+        // Every reload lands under load: at least one request is answered
+        // between two reloads (however fast reloads are on this machine).
+        let before = ok.load(Ordering::Relaxed);
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while ok.load(Ordering::Relaxed) == before && failed.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        assert!(waited.await.is_ok(), "no request was answered for 10 s before reload {i}");
         file.rewrite(&variants[i % 2]);
         let r = reload(&edge, None).await;
         assert_eq!(r.status, 200, "{}", r.text());

@@ -4,7 +4,7 @@
 //! pingora-proxy's `ProxyHttp` machinery (`benches/e2e/engine.sh`):
 //!
 //! - `engine-proxy`: pingora-proxy with a `ProxyHttp` that only names the
-//!   upstream peer, as stoke's `EdgeProxy` does today with its phases;
+//!   upstream peer, as stoke's phases did before its own engine;
 //! - `engine-loop`: an `HttpServerApp` that reads the request head, takes an
 //!   upstream session from pingora's `Connector` (its connection pool),
 //!   forwards the head and the body, and streams the answer back, as

@@ -1,12 +1,12 @@
 //! HTTP/3 on the public endpoint: a QUIC listener (quinn) speaking HTTP/3
 //! (h3), with the same certificates as the HTTPS listener (SNI, ALPN `h3`).
 //!
-//! Every request goes through the routing core ([`request::decide`]: route,
-//! access control, service from header or body, placement, holding, waking)
-//! exactly as HTTP/1.1 and HTTP/2 requests do, and is forwarded to the
-//! chosen replica over pooled HTTP/1.1 connections (pingora's connector),
-//! bodies streamed both ways. Only the translation between HTTP/3 streams
-//! and HTTP/1.1 upstream sessions lives here.
+//! Every request goes through the forwarding engine ([`Engine`]) exactly
+//! as HTTP/1.1 and HTTP/2 requests do: the routing core (route, access
+//! control, service from header or body, placement, holding, waking), then
+//! the chosen replica over pooled HTTP/1.1 connections (pingora's
+//! connector), bodies streamed both ways. Only the translation between
+//! HTTP/3 streams and the engine's [`Client`] lives here.
 //!
 //! A client that closes its connection, resets its request body or stops
 //! reading the response (STOP_SENDING) ends the upstream request and frees

@@ -252,33 +252,43 @@ impl Engine {
         // The body is done with: what it kept for a retry goes now, not
         // when the answer ends.
         drop(body);
-        let Sent { mut session, peer, slot, pool } = sent?;
-        x.serve_on(&slot, pool);
-        let resp = self.answer_head(&session, client.over_tls(), x, &slot)?;
+        let mut sent = sent?;
+        x.serve_on(&sent.slot, sent.pool);
+        let resp = self.answer_head(&sent.session, client.over_tls(), x, &sent.slot)?;
         x.status = resp.status.as_u16();
         if !client.send_head(resp).await {
-            session.shutdown().await;
+            sent.session.shutdown().await;
             return Err(Reject::client_gone());
         }
+        if let Some(e) = self.deliver(client, x, sent).await {
+            client.abort().await;
+            x.error = Some(format!("replica failed mid-response: {}", e.etype().as_str()));
+        }
+        Ok(())
+    }
+
+    /// Stream the replica's answer body to the client and end the answer,
+    /// the upstream connection back to its pool. A failure of the replica
+    /// mid-answer is returned, for the caller to tell the client.
+    async fn deliver<C: Client>(&self, client: &mut C, x: &mut Exchange, sent: Sent) -> Option<pingora::BError> {
+        let Sent { mut session, peer, slot, .. } = sent;
         match stream_answer(client, &mut session, x).await {
             Streamed::Done(last) => {
                 release(&self.connector, session, &peer).await;
                 drop(slot);
                 x.complete = finish(client, x, last).await;
-                return Ok(());
+                None
             }
             Streamed::ClientGone(why) => {
                 session.shutdown().await;
                 x.error = Some(why.into());
+                None
             }
             Streamed::ReplicaFailed(e) => {
                 session.shutdown().await;
-                client.abort().await;
-                x.error = Some(format!("replica failed mid-response: {}", e.etype().as_str()));
+                Some(e)
             }
         }
-        drop(slot);
-        Ok(())
     }
 
     /// The answer's head for the client, made from the replica's:
@@ -363,34 +373,20 @@ impl Engine {
             &held.body,
             rehold.as_ref(),
         );
-        let Sent { mut session, peer, slot, pool } = match sent.await {
+        let mut sent = match sent.await {
             Ok(sent) => sent,
             Err(reject) => return end_with_error(client, x, reject).await,
         };
-        x.serve_on(&slot, pool);
-        let status = session.response_header().map_or(502, |h| h.status.as_u16());
+        x.serve_on(&sent.slot, sent.pool);
+        let status = sent.session.response_header().map_or(502, |h| h.status.as_u16());
         if status != 200 {
-            session.shutdown().await;
+            sent.session.shutdown().await;
             return end_with_error(client, x, keepalive::replica_refused(status)).await;
         }
-        match stream_answer(client, &mut session, x).await {
-            Streamed::Done(last) => {
-                release(&self.connector, session, &peer).await;
-                drop(slot);
-                x.complete = finish(client, x, last).await;
-                return Ok(());
-            }
-            Streamed::ClientGone(why) => {
-                session.shutdown().await;
-                x.error = Some(why.into());
-            }
-            Streamed::ReplicaFailed(e) => {
-                session.shutdown().await;
-                return end_with_error(client, x, keepalive::replica_failed(&e)).await;
-            }
+        match self.deliver(client, x, sent).await {
+            Some(e) => end_with_error(client, x, keepalive::replica_failed(&e)).await,
+            None => Ok(()),
         }
-        drop(slot);
-        Ok(())
     }
 }
 

@@ -525,7 +525,7 @@ async fn an_http3_stream_held_for_a_wake_says_it_is_held() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_streamed_http3_body_lost_on_a_stale_connection_is_not_sent_again_cut_short() {
+async fn a_streamed_http3_body_lost_on_a_stale_connection_is_sent_again_from_the_retry_buffer() {
     logs();
     let (upstream, lost) = one_answer_per_connection().await;
     let (file, der) = tls_config(
@@ -543,8 +543,9 @@ async fn a_streamed_http3_body_lost_on_a_stale_connection_is_not_sent_again_cut_
     // ends (nothing tells the client when).
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A body without a length, sent in two parts: it streams upstream on
-    // the pooled connection, which the replica drops. What went is gone, so
-    // the request may not go again (it would arrive cut short).
+    // the pooled connection, which the replica drops. What went upstream is
+    // kept (it is under the retry buffer), so the request goes again, whole,
+    // on a new connection.
     let req = http::Request::post(format!("{}/upload", c.base)).body(()).expect("request");
     let mut s = c.send.send_request(req).await.expect("send");
     s.send_data(Bytes::from_static(b"first part, ")).await.expect("part 1");
@@ -552,7 +553,7 @@ async fn a_streamed_http3_body_lost_on_a_stale_connection_is_not_sent_again_cut_
     s.send_data(Bytes::from_static(b"second part")).await.expect("part 2");
     s.finish().await.expect("finish");
     let resp = s.recv_response().await.expect("response");
-    assert_eq!(resp.status(), 502, "a streamed body was sent again after part of it was gone");
+    assert_eq!(resp.status(), 200, "a streamed body under the retry buffer was not sent again");
     assert!(lost.load(Ordering::Relaxed) >= 1);
     c.conn.close(quinn::VarInt::from_u32(0x100), b"done");
     edge.shutdown().await;

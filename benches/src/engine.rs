@@ -4,7 +4,7 @@
 //! pingora-proxy's `ProxyHttp` machinery (`benches/e2e/engine.sh`):
 //!
 //! - `engine-proxy`: pingora-proxy with a `ProxyHttp` that only names the
-//!   upstream peer, as stoke's `EdgeProxy` does today with its phases;
+//!   upstream peer, as stoke's phases did before its own engine;
 //! - `engine-loop`: an `HttpServerApp` that reads the request head, takes an
 //!   upstream session from pingora's `Connector` (its connection pool),
 //!   forwards the head and the body, and streams the answer back, as
@@ -24,7 +24,7 @@ use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFF
 use pingora::server::Fds;
 use pingora::services::listening::Service as ListeningService;
 use pingora::services::Service as _;
-use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::upstreams::peer::HttpPeer;
 
 /// Idle upstream connections kept (stoke's `UPSTREAM_KEEPALIVE_POOL`).
 pub const UPSTREAM_POOL: usize = 1024;
@@ -52,49 +52,6 @@ impl Args {
 /// The upstream peer of every request: plain HTTP/1.1, as stoke's replicas.
 pub fn peer(upstream: SocketAddr) -> HttpPeer {
     HttpPeer::new(upstream, false, String::new())
-}
-
-/// An [`HttpPeer`] whose pooled connections are taken without asking the
-/// kernel who is at the other end. pingora's `Peer::matches_fd` calls
-/// `getpeername` on every connection it takes from its pool (one system
-/// call per request, a fifth of a small request's): it guards against two
-/// peers whose 64-bit reuse hashes collide. A pooled socket stays open
-/// while pooled, so its descriptor cannot meanwhile name another socket;
-/// the reuse hash (address, TLS, SNI and options) is the whole identity.
-#[derive(Clone)]
-pub struct Pooled(pub HttpPeer);
-
-impl std::fmt::Display for Pooled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl Peer for Pooled {
-    fn address(&self) -> &pingora::protocols::l4::socket::SocketAddr {
-        self.0.address()
-    }
-    fn tls(&self) -> bool {
-        self.0.tls()
-    }
-    fn sni(&self) -> &str {
-        self.0.sni()
-    }
-    fn reuse_hash(&self) -> u64 {
-        self.0.reuse_hash()
-    }
-    fn get_proxy(&self) -> Option<&pingora::upstreams::peer::Proxy> {
-        self.0.get_proxy()
-    }
-    fn get_peer_options(&self) -> Option<&pingora::upstreams::peer::PeerOptions> {
-        self.0.get_peer_options()
-    }
-    fn get_mut_peer_options(&mut self) -> Option<&mut pingora::upstreams::peer::PeerOptions> {
-        self.0.get_mut_peer_options()
-    }
-    fn matches_fd<V: std::os::fd::AsRawFd>(&self, _fd: V) -> bool {
-        true
-    }
 }
 
 /// The server options both prototypes share with stoke's plain listener.

@@ -108,10 +108,6 @@ impl Edge {
         // timer instead, which forgets a timer when it is dropped.
         pingora::time::fast_timeout::set_fast_timeout_to_tokio_threshold(Some(FAST_TIMER_LIMIT));
         let edge_conf = snapshot.network.edge.clone();
-        let threads = match edge_conf.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
         let certs = if snapshot.network.tls.is_empty() {
             None
         } else {
@@ -170,7 +166,8 @@ impl Edge {
         let alt_svc = bound.h3.map(|a| crate::h3::alt_svc(a.port()));
         // TCP and QUIC connections count against one max_connections.
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let app = listener::app(router.clone(), threads, drain.clone(), alt_svc.clone(), connections.clone());
+        let engine = Arc::new(crate::proxy::engine::Engine::new(router.clone(), drain.clone(), alt_svc));
+        let app = listener::app(engine.clone(), connections.clone());
         let listeners = tokio::spawn(listener::serve(app, endpoints, shutdown_rx.clone()));
         let mut background = vec![
             tokio::spawn(probe::run(router.clone(), shutdown_rx.clone())),
@@ -178,14 +175,7 @@ impl Edge {
             admin_task,
         ];
         if let Some(endpoint) = &quic {
-            background.push(tokio::spawn(crate::h3::serve(
-                endpoint.clone(),
-                router.clone(),
-                drain.clone(),
-                alt_svc,
-                connections,
-                shutdown_rx.clone(),
-            )));
+            background.push(tokio::spawn(crate::h3::serve(endpoint.clone(), engine, connections, shutdown_rx.clone())));
         }
         if let Some(r) = &reloader {
             match FileWatch::start(r.clone()) {

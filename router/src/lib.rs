@@ -1,9 +1,10 @@
 //! stoke-router: the edge of a global inference network.
 //!
-//! The request path, from the outside in: [`proxy::listener`] accepts and
-//! hands connections to pingora, whose phases [`proxy::phases`] translates
-//! into calls to the routing core ([`proxy::request`]); HTTP/3 ([`h3`])
-//! calls the same core. Every decision — placement and the wait model,
+//! The request path, from the outside in: [`proxy::listener`] accepts
+//! connections on pingora-core and hands every request, HTTP/1.1 and
+//! HTTP/2 through [`proxy::session`] and HTTP/3 through [`h3`], to the one
+//! forwarding engine ([`proxy::engine`]), which calls the routing core
+//! ([`proxy::request`]) and forwards, streams, retries and accounts. Every decision — placement and the wait model,
 //! admission, wake schedule, idle rule, replica pick — is pure code in
 //! [`core`], over the live state of [`state`]; the async shells of
 //! [`control`] (wakes, sleeps, probes) and [`proxy::admit`] read the clock

@@ -23,6 +23,7 @@ use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::Peer as _;
 use stoke_benches::engine;
 use stoke_router::proxy::listener::speaks_h2;
+use stoke_router::proxy::upstream::Replica;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -41,7 +42,7 @@ struct Forward {
 impl Forward {
     /// Forward one request; `Err` if the session cannot be reused.
     async fn forward(&self, session: &mut ServerSession) -> pingora::Result<()> {
-        let peer = engine::Pooled(engine::peer(self.upstream));
+        let peer = Replica(engine::peer(self.upstream));
         let (mut up, _reused) = match self.connector.get_http_session(&peer).await {
             Ok(s) => s,
             Err(e) => {

@@ -1,12 +1,12 @@
 //! HTTP/3 on the public endpoint: a QUIC listener (quinn) speaking HTTP/3
 //! (h3), with the same certificates as the HTTPS listener (SNI, ALPN `h3`).
 //!
-//! Every request goes through the routing core ([`request::decide`]: route,
-//! access control, service from header or body, placement, holding, waking)
-//! exactly as HTTP/1.1 and HTTP/2 requests do, and is forwarded to the
-//! chosen replica over pooled HTTP/1.1 connections (pingora's connector),
-//! bodies streamed both ways. Only the translation between HTTP/3 streams
-//! and HTTP/1.1 upstream sessions lives here.
+//! Every request goes through the forwarding engine ([`Engine`]) exactly
+//! as HTTP/1.1 and HTTP/2 requests do: the routing core (route, access
+//! control, service from header or body, placement, holding, waking), then
+//! the chosen replica over pooled HTTP/1.1 connections (pingora's
+//! connector), bodies streamed both ways. Only the translation between
+//! HTTP/3 streams and the engine's [`Client`] lives here.
 //!
 //! A client that closes its connection, resets its request body or stops
 //! reading the response (STOP_SENDING) ends the upstream request and frees
@@ -21,22 +21,19 @@ use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
 use h3::error::Code;
 use h3::server::RequestStream;
-use http::{HeaderMap, HeaderValue, Response};
-use pingora::connectors::http::Connector;
-use pingora::http::RequestHeader;
-use pingora::protocols::http::client::HttpSession;
-use pingora::upstreams::peer::Peer as _;
+use http::{HeaderMap, Response};
+use pingora::http::{RequestHeader, ResponseHeader};
+use stoke_config::Route;
 use tokio::sync::watch;
 
 use crate::drain::Drain;
 use crate::error::Reject;
+use crate::proxy::engine::{Client, Engine, Framing};
 use crate::proxy::headers;
-use crate::proxy::keepalive::{self, HeldStream, KeptAlive, Step};
 use crate::proxy::listener::Counted;
-use crate::proxy::policy::{self, BodyCount, Forwarded, Served};
-use crate::proxy::request::{self, Downstream, Outcome, Trace, Verdict};
-use crate::proxy::upstream::{self, Sent, TryError};
-use crate::state::{Held, Live, Router};
+use crate::proxy::policy::{self, Answer, Forwarded};
+use crate::proxy::request::Downstream;
+use crate::state::Held;
 use crate::tls::{self, CertResolver};
 
 pub mod quic;
@@ -109,11 +106,7 @@ pub fn bind(
 
 /// Shared by every HTTP/3 connection of an edge.
 struct Shared {
-    router: Arc<Router>,
-    connector: Connector,
-    drain: Drain,
-    /// `Alt-Svc` on every answer (HTTP/3 is HTTPS).
-    alt_svc: Option<HeaderValue>,
+    engine: Arc<Engine>,
     /// Client connections open, TCP and QUIC, against `max_connections`.
     connections: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -123,22 +116,18 @@ struct Shared {
 /// caller's drain is over (it aborts this task).
 pub async fn serve(
     endpoint: quinn::Endpoint,
-    router: Arc<Router>,
-    drain: Drain,
-    alt_svc: Option<String>,
+    engine: Arc<Engine>,
     connections: Arc<std::sync::atomic::AtomicUsize>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let options = pingora::connectors::ConnectorOptions::new(crate::proxy::listener::UPSTREAM_KEEPALIVE_POOL);
-    let alt_svc = alt_svc.and_then(|v| HeaderValue::from_str(&v).ok());
-    let shared = Arc::new(Shared { router, connector: Connector::new(Some(options)), drain, alt_svc, connections });
+    let shared = Arc::new(Shared { engine, connections });
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
             _ = shutdown.wait_for(|s| *s) => break,
         };
         let Some(incoming) = incoming else { break };
-        let max = shared.router.live().snapshot.network.edge.max_connections;
+        let max = shared.engine.router().live().snapshot.network.edge.max_connections;
         let Some(counted) = Counted::take(&shared.connections, max) else {
             metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL).increment(1);
             tracing::debug!(max, "QUIC connection refused: max_connections reached");
@@ -159,7 +148,7 @@ pub async fn serve(
 }
 
 async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let edge = shared.router.live().snapshot.network.edge.clone();
+    let edge = shared.engine.router().live().snapshot.network.edge.clone();
     // The field section size HTTP/3 advertises (and enforces itself) is
     // twice the edge's header limit, plus QPACK's 32 bytes of overhead per
     // field: a request somewhat over the limit still arrives, so that the
@@ -239,10 +228,11 @@ fn is_normal_close(e: &h3::error::ConnectionError) -> bool {
         || matches!(e, E::Remote { 0: I::ApplicationClose { error_code: 0 } | I::Timeout, .. })
 }
 
-/// An HTTP/3 request as the routing core sees it.
-struct H3Downstream<'a> {
+/// An HTTP/3 request as the routing core and the engine see it.
+struct H3Client<'a> {
     req: &'a http::Request<()>,
-    rx: &'a mut RecvHalf,
+    tx: SendHalf,
+    rx: RecvHalf,
     conn: &'a quinn::Connection,
     /// Body bytes read ahead (to find the service, or to see if any come).
     read_ahead: BytesMut,
@@ -256,7 +246,7 @@ struct H3Downstream<'a> {
     stopped: &'a mut quic::Stopped,
 }
 
-impl H3Downstream<'_> {
+impl H3Client<'_> {
     /// Read the rest of the body into `read_ahead`, at most `limit` bytes.
     async fn read_all(&mut self, limit: u64) -> Result<(), Reject> {
         while !self.body_done {
@@ -278,7 +268,7 @@ impl H3Downstream<'_> {
 }
 
 #[async_trait]
-impl Downstream for H3Downstream<'_> {
+impl Downstream for H3Client<'_> {
     fn host(&self) -> &str {
         self.req
             .uri()
@@ -341,7 +331,8 @@ impl Downstream for H3Downstream<'_> {
     }
 }
 
-/// One HTTP/3 request, from headers to the last byte of the answer.
+/// One HTTP/3 request, from headers to the last byte of the answer,
+/// through the forwarding engine.
 async fn handle(
     req: http::Request<()>,
     stream: RequestStream<quic::BidiStream<Bytes>, Bytes>,
@@ -349,459 +340,124 @@ async fn handle(
     mut stopped: quic::Stopped,
     shared: Arc<Shared>,
 ) {
-    let _in_progress = shared.drain.guard();
-    let started = Instant::now();
-    let (mut tx, mut rx) = stream.split();
-    let request_id = policy::request_id(req.headers().get(headers::REQUEST_ID).map(|v| v.as_bytes()));
-    let live = shared.router.live();
-    let mut trace = Trace::default();
-    let mut outcome =
-        Ended { status: 0, bytes: 0, pool: None, replica: None, waited: Duration::ZERO, error: None, affinity: None };
-
-    let result = async {
-        let bytes = policy::head_size(
-            req.uri().path_and_query().map_or("", |p| p.as_str()),
-            req.uri().authority().map(|a| a.as_str()),
-            req.headers(),
-        );
-        policy::check_head(&live.snapshot.network.edge, req.headers().len(), bytes)?;
-        let mut down = H3Downstream {
-            req: &req,
-            rx: &mut rx,
-            conn: &conn,
-            stopped: &mut stopped,
-            read_ahead: BytesMut::new(),
-            body_done: false,
-            watch_limit: HELD_READ_AHEAD,
-            held: shared.router.bodies.account(),
-        };
-        let routed = match request::decide(&shared.router, &live, &mut down, started, &mut trace).await? {
-            Verdict::Forward(routed) => routed,
-            Verdict::Answer(json) => return Err(Reject::answer(json)),
-            Verdict::HoldStream(held) => {
-                let stream = HeldH3 { req: &req, conn: &conn, shared: &shared, live: &live, request_id: &request_id };
-                return stream.serve(&mut tx, held, started, &trace, &mut outcome).await;
-            }
-        };
-        let (read_ahead, body_done, _held) = (down.read_ahead, down.body_done, down.held);
-        outcome.pool = Some(routed.admitted.pool);
-        outcome.waited = routed.admitted.waited;
-        forward(
-            &req,
-            &mut tx,
-            &mut rx,
-            &conn,
-            &shared,
-            &live,
-            &request_id,
-            routed,
-            read_ahead,
-            body_done,
-            &mut trace,
-            &mut outcome,
-            started,
-        )
-        .await
-    }
-    .await;
-    if let Err(reject) = result {
-        outcome.status = reject.status;
-        if !reject.is_client_gone() {
-            respond(&mut tx, &live, &request_id, &reject, shared.alt_svc.as_ref()).await;
-        }
-        if reject.status >= 400 {
-            outcome.error = Some(reject.to_string());
-        }
-    }
-    let error = outcome.error.as_ref().map(|e| e as &dyn std::fmt::Display);
-    request::record(
-        Some(&live),
-        &Outcome {
-            request_id: &request_id,
-            protocol: "HTTP/3",
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            trace,
-            pool: outcome.pool,
-            replica: outcome.replica.as_deref(),
-            status: outcome.status,
-            bytes: outcome.bytes,
-            elapsed: started.elapsed(),
-            waited: outcome.waited,
-            error,
-            affinity: outcome.affinity,
-        },
-    );
-}
-
-/// What a request came to, for the log.
-struct Ended {
-    status: u16,
-    bytes: usize,
-    pool: Option<stoke_config::PoolId>,
-    replica: Option<String>,
-    waited: Duration,
-    error: Option<String>,
-    affinity: Option<crate::core::affinity::Chosen>,
-}
-
-/// The request body as it goes upstream.
-struct Body<'a> {
-    /// Bytes the edge already holds: the whole body (read to find the
-    /// model), or what arrived ahead of streaming.
-    held: Option<Bytes>,
-    /// Whether more is to come from the client.
-    streamed: bool,
-    rx: &'a mut RecvHalf,
-    count: BodyCount,
-    /// Whether bytes read from the client went upstream (and are gone).
-    sent_from_client: bool,
-}
-
-impl Body<'_> {
-    /// Whether a try that failed can send the body again: only while every
-    /// byte sent so far is one the edge still holds.
-    fn replayable(&self) -> bool {
-        !self.sent_from_client
-    }
-
-    /// A failure on the replica's side, as the retry policy sees it.
-    fn failed(&self, error: pingora::BError) -> TryError {
-        TryError::Upstream { error, replayable: self.replayable() }
-    }
-}
-
-/// Send the request to its replica, retrying elsewhere (or on a fresh
-/// connection) while the policy allows, and stream the answer back.
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    req: &http::Request<()>,
-    tx: &mut SendHalf,
-    rx: &mut RecvHalf,
-    conn: &quinn::Connection,
-    shared: &Shared,
-    live: &Arc<Live>,
-    request_id: &str,
-    routed: request::Routed,
-    mut read_ahead: BytesMut,
-    mut body_done: bool,
-    trace: &mut Trace,
-    outcome: &mut Ended,
-    started: Instant,
-) -> Result<(), Reject> {
-    let net = &live.snapshot.network;
-    let route = trace.route.map(|r| net.route(r));
-    let slot = routed.admitted.slot;
-    let pool = routed.admitted.pool;
-    // The body the route read to find the service goes as it is; otherwise
-    // see whether a body comes at all (HTTP/3 gives no sign on the headers).
-    let whole_body = routed.body;
-    let has_length = req.headers().contains_key(http::header::CONTENT_LENGTH);
-    if whole_body.is_none() && !has_length && !body_done {
-        match tokio::time::timeout(BODY_PEEK, rx.recv_data()).await {
-            Ok(Ok(None)) => body_done = true,
-            Ok(Ok(Some(mut b))) => read_ahead.extend_from_slice(&b.copy_to_bytes(b.remaining())),
-            Ok(Err(_)) => return Err(Reject::client_gone()),
-            Err(_) => {}
-        }
-    }
-    let streamed = whole_body.is_none() && !(body_done && read_ahead.is_empty());
-    let head = upstream_head(req, conn, request_id, route, whole_body.as_ref().map(Bytes::len), has_length, streamed)?;
-    let held = whole_body.or_else(|| (!read_ahead.is_empty()).then(|| read_ahead.freeze()));
-    let mut body = Body {
-        held,
-        // A body that arrived whole with the request needs no streaming.
-        streamed: streamed && !body_done,
+    let (tx, rx) = stream.split();
+    let mut client = H3Client {
+        req: &req,
+        tx,
         rx,
-        count: BodyCount::new(trace.max_body.unwrap_or(u64::MAX)),
-        sent_from_client: false,
+        conn: &conn,
+        stopped: &mut stopped,
+        read_ahead: BytesMut::new(),
+        body_done: false,
+        watch_limit: HELD_READ_AHEAD,
+        held: shared.engine.router().bodies.account(),
     };
-    if let Some(held) = &body.held {
-        body.count.add(held.len())?;
-    }
-
-    let mut attempt = H3Attempt { head: &head, body: &mut body, conn };
-    let rehold = route.map(|r| crate::proxy::admit::Rehold { router: &shared.router, started, max_wait: r.max_wait });
-    let sent =
-        upstream::send_with_retries(&shared.connector, live, trace.service, slot, pool, &mut attempt, rehold.as_ref())
-            .await?;
-    let Sent { mut session, peer, slot, pool } = sent;
-    outcome.pool = Some(pool);
-    outcome.replica = Some(slot.replica().addr_text.to_string());
-    outcome.affinity = slot.has_affinity().then(|| slot.chosen());
-    let Some(upstream_head) = session.response_header() else {
-        return Err(Reject::bad_gateway("the replica sent no response head"));
-    };
-    let mut resp = Response::builder().status(upstream_head.status);
-    if let Some(h) = resp.headers_mut() {
-        copy_headers(&upstream_head.headers, h);
-        h.insert(headers::REQUEST_ID, policy::value(request_id));
-        if let Some(alt) = policy::alt_svc(true, shared.alt_svc.as_ref()) {
-            h.insert(http::header::ALT_SVC, alt.clone());
-        }
-        let served = Served { pool: Some(pool), replica: Some(&slot.replica().addr_text), waited: outcome.waited };
-        let _ = policy::debug_headers(live, served, |name, value| {
-            h.insert(name, value);
-            Ok::<_, ()>(())
-        });
-    }
-    outcome.status = upstream_head.status.as_u16();
-    let resp = resp.body(()).map_err(|e| Reject::bad_gateway(e.to_string()))?;
-    if tx.send_response(resp).await.is_err() {
-        session.shutdown().await;
-        return Err(Reject::client_gone());
-    }
-
-    // The answer's body, streamed; a client that stops reading ends it.
-    match stream_answer(tx, &mut session, conn, outcome).await {
-        Streamed::Done => {
-            let _ = tx.finish().await;
-            release(shared, session, &peer).await;
-        }
-        Streamed::ClientGone(why) => {
-            session.shutdown().await;
-            outcome.error = Some(why.into());
-        }
-        Streamed::ReplicaFailed(e) => {
-            // The replica failed mid-answer: the client sees the stream reset.
-            session.shutdown().await;
-            tx.stop_stream(Code::H3_INTERNAL_ERROR);
-            outcome.error = Some(format!("replica failed mid-response: {}", e.etype().as_str()));
-        }
-    }
-    drop(slot);
-    Ok(())
+    shared.engine.serve(&mut client).await;
 }
 
-/// One try of an HTTP/3 request at a replica.
-struct H3Attempt<'r, 'b> {
-    head: &'r RequestHeader,
-    body: &'r mut Body<'b>,
-    conn: &'r quinn::Connection,
-}
-
-impl upstream::Attempt for H3Attempt<'_, '_> {
-    fn attempt<'a>(
-        &'a mut self,
-        session: &'a mut HttpSession,
-        peer: &'a pingora::upstreams::peer::HttpPeer,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), TryError>> + Send + 'a>> {
-        Box::pin(send(session, self.head, self.body, self.conn, peer))
+impl Client for H3Client<'_> {
+    fn protocol(&self) -> &'static str {
+        "HTTP/3"
     }
-}
 
-/// One try: the request head and body to the replica, then its answer's
-/// head (skipping 1xx), watching for the client leaving.
-async fn send(
-    session: &mut HttpSession,
-    head: &RequestHeader,
-    body: &mut Body<'_>,
-    conn: &quinn::Connection,
-    peer: &pingora::upstreams::peer::HttpPeer,
-) -> Result<(), TryError> {
-    session.set_read_timeout(peer.options.read_timeout);
-    session.set_write_timeout(peer.options.write_timeout);
-    session.write_request_header(Box::new(head.clone())).await.map_err(|e| body.failed(e))?;
-    if let Some(held) = &body.held {
-        session.write_request_body(held.clone(), !body.streamed).await.map_err(|e| body.failed(e))?;
+    fn over_tls(&self) -> bool {
+        true
     }
-    while body.streamed {
-        match body.rx.recv_data().await {
-            Ok(Some(mut chunk)) => {
-                body.count.add(chunk.remaining()).map_err(TryError::Answer)?;
-                body.sent_from_client = true;
-                session
-                    .write_request_body(chunk.copy_to_bytes(chunk.remaining()), false)
-                    .await
-                    .map_err(|e| body.failed(e))?;
+
+    fn head_size(&self) -> (usize, usize) {
+        let bytes = policy::head_size(
+            self.req.uri().path_and_query().map_or("", |p| p.as_str()),
+            self.req.uri().authority().map(|a| a.as_str()),
+            self.req.headers(),
+        );
+        (self.req.headers().len(), bytes)
+    }
+
+    async fn body_start(&mut self) -> Result<(Option<Bytes>, bool), Reject> {
+        // HTTP/3 gives no sign on the headers that a body comes: without a
+        // length, wait a moment for its first bytes or its end.
+        let has_length = self.req.headers().contains_key(http::header::CONTENT_LENGTH);
+        if !has_length && !self.body_done && self.read_ahead.is_empty() {
+            match tokio::time::timeout(BODY_PEEK, self.rx.recv_data()).await {
+                Ok(Ok(None)) => self.body_done = true,
+                Ok(Ok(Some(mut b))) => self.read_ahead.extend_from_slice(&b.copy_to_bytes(b.remaining())),
+                Ok(Err(_)) => return Err(Reject::client_gone()),
+                Err(_) => {}
             }
+        }
+        let held = (!self.read_ahead.is_empty()).then(|| self.read_ahead.split().freeze());
+        Ok((held, !self.body_done))
+    }
+
+    async fn body_chunk(&mut self) -> Result<Option<Bytes>, Reject> {
+        match self.rx.recv_data().await {
+            Ok(Some(mut chunk)) => Ok(Some(chunk.copy_to_bytes(chunk.remaining()))),
             Ok(None) => {
-                body.streamed = false;
+                self.body_done = true;
+                Ok(None)
             }
             // The client reset its upload: abandon the upstream request.
-            Err(_) => return Err(TryError::Answer(Reject::client_gone())),
+            Err(_) => Err(Reject::client_gone()),
         }
     }
-    session.finish_request_body().await.map_err(|e| body.failed(e))?;
-    let forwarded_at = Instant::now();
-    loop {
-        tokio::select! {
-            r = session.read_response_header() => r.map_err(|e| body.failed(e))?,
-            _ = conn.closed() => return Err(TryError::Answer(Reject::client_gone())),
-        }
-        if !session.response_header().is_some_and(|h| h.status.is_informational()) {
-            break;
-        }
+
+    fn upstream_head(&self, request_id: &str, route: Option<&Route>, body: Framing) -> Result<RequestHeader, Reject> {
+        upstream_head(self.req, self.conn, request_id, route, body)
     }
-    request::upstream_ttfb().record(forwarded_at.elapsed().as_secs_f64());
-    Ok(())
-}
 
-/// A streaming request held with keep-alive comments ([`keepalive`]).
-struct HeldH3<'a> {
-    req: &'a http::Request<()>,
-    conn: &'a quinn::Connection,
-    shared: &'a Shared,
-    live: &'a Arc<Live>,
-    request_id: &'a str,
-}
-
-impl HeldH3<'_> {
-    /// The SSE head now, a comment every interval, then the replica's
-    /// stream, or an error event if the hold or the replica fails. Errs
-    /// only before the head is sent.
-    async fn serve(
-        self,
-        tx: &mut SendHalf,
-        held: HeldStream,
-        started: Instant,
-        trace: &Trace,
-        outcome: &mut Ended,
-    ) -> Result<(), Reject> {
-        let mut resp = Response::builder().status(200);
+    async fn send_head(&mut self, head: ResponseHeader) -> bool {
+        let mut resp = Response::builder().status(head.status);
         if let Some(h) = resp.headers_mut() {
-            let alt = policy::alt_svc(true, self.shared.alt_svc.as_ref());
-            h.extend(keepalive::head(self.request_id, self.live, alt));
+            copy_headers(&head.headers, h);
         }
-        let resp = resp.body(()).map_err(|e| Reject::bad_gateway(e.to_string()))?;
-        if tx.send_response(resp).await.is_err() {
-            return Err(Reject::client_gone());
-        }
-        outcome.status = 200;
-        let mut kept = KeptAlive::new(&self.shared.router, self.live, &held, started);
-        let admitted = loop {
-            match kept.next().await {
-                Step::Say(line) => {
-                    if tx.send_data(line).await.is_err() {
-                        // The client left: dropping the hold frees its place.
-                        outcome.error = Some("client gone while held".into());
-                        return Ok(());
-                    }
-                }
-                Step::Done(admitted) => break admitted,
-            }
-        };
-        drop(kept);
-        let admitted = match admitted {
-            Ok(a) => a,
-            Err(reject) => return end_with_error(tx, outcome, reject).await,
-        };
-        outcome.pool = Some(admitted.pool);
-        outcome.waited = admitted.waited;
-        let route = trace.route.map(|r| self.live.snapshot.network.route(r));
-        let head = match upstream_head(self.req, self.conn, self.request_id, route, Some(held.body.len()), true, false)
-        {
-            Ok(h) => h,
-            Err(reject) => return end_with_error(tx, outcome, reject).await,
-        };
-        let rehold =
-            route.map(|r| crate::proxy::admit::Rehold { router: &self.shared.router, started, max_wait: r.max_wait });
-        let sent = upstream::send_whole(
-            &self.shared.connector,
-            self.live,
-            trace.service,
-            admitted.slot,
-            admitted.pool,
-            &head,
-            &held.body,
-            rehold.as_ref(),
-        );
-        let mut sent = match sent.await {
-            Ok(sent) => sent,
-            Err(reject) => return end_with_error(tx, outcome, reject).await,
-        };
-        outcome.pool = Some(sent.pool);
-        outcome.replica = Some(sent.slot.replica().addr_text.to_string());
-        outcome.affinity = sent.slot.has_affinity().then(|| sent.slot.chosen());
-        let status = sent.session.response_header().map_or(502, |h| h.status.as_u16());
-        if status != 200 {
-            sent.session.shutdown().await;
-            return end_with_error(tx, outcome, keepalive::replica_refused(status)).await;
-        }
-        match stream_answer(tx, &mut sent.session, self.conn, outcome).await {
-            Streamed::Done => {
-                let _ = tx.finish().await;
-                release(self.shared, sent.session, &sent.peer).await;
-            }
-            Streamed::ClientGone(why) => {
-                sent.session.shutdown().await;
-                outcome.error = Some(why.into());
-            }
-            Streamed::ReplicaFailed(e) => {
-                sent.session.shutdown().await;
-                return end_with_error(tx, outcome, keepalive::replica_failed(&e)).await;
-            }
-        }
-        drop(sent.slot);
-        Ok(())
+        let Ok(resp) = resp.body(()) else { return false };
+        self.tx.send_response(resp).await.is_ok()
     }
-}
 
-/// How streaming a replica's answer body to the client ended.
-enum Streamed {
-    /// The whole body went.
-    Done,
-    /// The client left or stopped reading.
-    ClientGone(&'static str),
-    /// The replica failed mid-answer.
-    ReplicaFailed(pingora::BError),
-}
+    async fn send_body(&mut self, chunk: Bytes) -> bool {
+        // send_data is not cancel-safe: the engine never races it.
+        self.tx.send_data(chunk).await.is_ok()
+    }
 
-/// Stream the answer body from `session` to the client, counting bytes.
-async fn stream_answer(
-    tx: &mut SendHalf,
-    session: &mut HttpSession,
-    conn: &quinn::Connection,
-    outcome: &mut Ended,
-) -> Streamed {
-    loop {
-        let chunk = tokio::select! {
-            r = session.read_response_body() => r,
-            _ = conn.closed() => return Streamed::ClientGone("client gone mid-response"),
-        };
-        match chunk {
-            Ok(Some(b)) => {
-                outcome.bytes += b.len();
-                // send_data is not cancel-safe: never raced.
-                if tx.send_data(b).await.is_err() {
-                    return Streamed::ClientGone("client stopped reading");
-                }
-            }
-            Ok(None) => return Streamed::Done,
-            Err(e) => return Streamed::ReplicaFailed(e),
+    async fn finish(&mut self) {
+        let _ = self.tx.finish().await;
+    }
+
+    async fn abort(&mut self) {
+        // The client sees the stream reset.
+        self.tx.stop_stream(Code::H3_INTERNAL_ERROR);
+    }
+
+    async fn closed(&mut self) {
+        self.conn.closed().await;
+    }
+
+    async fn answer(&mut self, answer: Answer) {
+        let mut resp = Response::builder().status(answer.status);
+        if let Some(h) = resp.headers_mut() {
+            h.extend(answer.headers);
+        }
+        let Ok(resp) = resp.body(()) else { return };
+        if self.tx.send_response(resp).await.is_ok() && self.tx.send_data(answer.body).await.is_ok() {
+            let _ = self.tx.finish().await;
         }
     }
-}
-
-/// Give an upstream session that read its whole answer back to the pool.
-async fn release(shared: &Shared, mut session: HttpSession, peer: &pingora::upstreams::peer::HttpPeer) {
-    if session.response_done() {
-        shared.connector.release_http_session(session, peer, peer.idle_timeout()).await;
-    } else {
-        session.shutdown().await;
-    }
-}
-
-/// End a held stream with an SSE error event for `reject`.
-async fn end_with_error(tx: &mut SendHalf, outcome: &mut Ended, reject: Reject) -> Result<(), Reject> {
-    if tx.send_data(keepalive::error_event(&reject)).await.is_ok() {
-        let _ = tx.finish().await;
-    }
-    outcome.error = Some(reject.to_string());
-    Ok(())
 }
 
 /// The HTTP/1.1 request head for the replica.
-#[allow(clippy::too_many_arguments)]
 fn upstream_head(
     req: &http::Request<()>,
     conn: &quinn::Connection,
     request_id: &str,
-    route: Option<&stoke_config::Route>,
-    whole_body: Option<usize>,
-    has_length: bool,
-    streamed: bool,
+    route: Option<&Route>,
+    body: Framing,
 ) -> Result<RequestHeader, Reject> {
+    let whole_body = match body {
+        Framing::Whole(len) => Some(len),
+        Framing::Streamed | Framing::Empty => None,
+    };
+    let streamed = body == Framing::Streamed;
+    let has_length = req.headers().contains_key(http::header::CONTENT_LENGTH);
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let path =
         route.and_then(|r| headers::forward_path(pq, &r.path_prefix, r.strip_prefix)).unwrap_or_else(|| pq.to_owned());
@@ -849,19 +505,6 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
         if !CONNECTION_SPECIFIC.contains(&name.as_str()) && !hop.contains(name) {
             to.append(name.clone(), value.clone());
         }
-    }
-}
-
-/// Send the edge's own answer for `reject`.
-async fn respond(tx: &mut SendHalf, live: &Live, request_id: &str, reject: &Reject, alt_svc: Option<&HeaderValue>) {
-    let answer = policy::answer(reject, request_id, Some(live), policy::alt_svc(true, alt_svc));
-    let mut resp = Response::builder().status(answer.status);
-    if let Some(h) = resp.headers_mut() {
-        h.extend(answer.headers);
-    }
-    let Ok(resp) = resp.body(()) else { return };
-    if tx.send_response(resp).await.is_ok() && tx.send_data(answer.body).await.is_ok() {
-        let _ = tx.finish().await;
     }
 }
 

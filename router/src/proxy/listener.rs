@@ -10,47 +10,43 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use pingora::apps::{HttpServerApp, HttpServerOptions, ServerApp};
+use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
-use pingora::proxy::HttpProxy;
-use pingora::server::configuration::ServerConf;
 use pingora::server::Fds;
 use pingora::server::ShutdownWatch;
 use pingora::services::listening::Service as ListeningService;
 use pingora::services::Service as _;
 use tokio::sync::watch;
 
-use super::phases::EdgeProxy;
-use crate::state::Router;
+use super::engine::Engine;
+use super::session::Http;
 use crate::tls::CertResolver;
-
-/// The pingora proxy application every public listener shares.
-pub type App = HttpProxy<EdgeProxy>;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4), which an h2c client
 /// sends first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Once per connection: caps the connections served at once, hands HTTP/2
-/// connections to pingora's HTTP/2 accept loop, and runs the HTTP/1.1
-/// keep-alive loop itself. pingora's own loop (its `ServerApp` for an
-/// `HttpServerApp`) moves each session into a boxed future of its own
-/// before the proxy boxes it again; here it is moved once per request
-/// (`benches/README.md`, the forwarding engine), and the loop knows whether
-/// a session starts a connection or reuses one.
+/// connections to pingora's HTTP/2 accept loop (a task per stream, each
+/// through [`Streams`]), and runs the HTTP/1.1 keep-alive loop itself, each
+/// request through the forwarding engine. pingora's own loop (its
+/// `ServerApp` for an `HttpServerApp`) moves each session into a boxed
+/// future of its own; here the session stays where it is
+/// (`benches/README.md`, the forwarding engine).
 pub struct Connections {
-    proxy: Arc<App>,
-    router: Arc<Router>,
+    engine: Arc<Engine>,
+    h2: Arc<Streams>,
     active: Arc<AtomicUsize>,
 }
 
 #[async_trait]
 impl ServerApp for Connections {
     async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let max = self.router.live().snapshot.network.edge.max_connections;
+        let router = self.engine.router();
+        let max = router.live().snapshot.network.edge.max_connections;
         let Some(_counted) = Counted::take(&self.active, max) else {
             metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL).increment(1);
             tracing::debug!(max, "connection refused: max_connections reached");
@@ -58,38 +54,104 @@ impl ServerApp for Connections {
         };
         // A client that says nothing for the header timeout, or closes
         // before its first bytes, is let go here.
-        let wait = self.router.live().snapshot.network.edge.client_header_timeout;
+        let wait = router.live().snapshot.network.edge.client_header_timeout;
         if speaks_h2(&mut stream, wait).await? {
             // pingora's HTTP/2 accept loop (it sees the same preface again)
             // spawns a task per stream.
-            return self.proxy.process_new(stream, shutdown).await;
+            return self.h2.process_new(stream, shutdown).await;
         }
         let mut session = ServerSession::new_http1(stream);
-        session.set_keepalive_reuses_remaining(self.proxy.server_options().and_then(|o| o.keepalive_request_limit));
+        let mut stopping = shutdown.clone();
         let mut reused = false;
         loop {
             if *shutdown.borrow() {
                 // Stop a connection of a server that is stopping from being reused.
                 session.set_keepalive(None);
             } else {
-                let edge = &self.router.live().snapshot.network.edge;
+                let edge = &router.live().snapshot.network.edge;
                 // pingora bounds each read of a request header by the
                 // keep-alive timeout: a new connection gets the header
                 // timeout, a reused one the keep-alive timeout.
                 let wait = if reused { edge.keepalive_timeout } else { edge.client_header_timeout };
                 session.set_keepalive(Some(wait.as_secs().max(1)));
             }
-            let (stream, settings) = self.proxy.process_new_http(session, shutdown).await?.consume();
+            let read = tokio::select! {
+                biased;
+                read = session.read_request() => read,
+                // A connection waiting for its next request ends with the server.
+                _ = stopping.wait_for(|s| *s), if reused => return None,
+            };
+            if !accept_head(&mut session, read).await {
+                return None;
+            }
+            let held = router.bodies.account();
+            if !self.engine.serve(&mut Http::new(&mut session, held)).await {
+                session.shutdown().await;
+                return None;
+            }
+            let (stream, pipelined) = session.finish().await.ok()??.into_parts();
             session = ServerSession::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
+            if let Some(prefix) = pipelined {
+                session.set_pipelined_prefix(prefix);
             }
             reused = true;
         }
     }
+}
 
-    async fn cleanup(&self) {
-        self.proxy.http_cleanup().await;
+/// Whether a request head was read (`read`) that the engine can take; a
+/// malformed one is answered 400, `CONNECT` 405.
+async fn accept_head(session: &mut ServerSession, read: pingora::Result<bool>) -> bool {
+    match read {
+        Ok(true) => {}
+        Ok(false) => return false,
+        Err(e) => {
+            if matches!(e.etype(), pingora::ErrorType::InvalidHTTPHeader) {
+                tracing::debug!(error = %e, "malformed request head");
+                let _ = session.respond_error(400).await;
+            }
+            session.shutdown().await;
+            return false;
+        }
+    }
+    if session.req_header().method == http::Method::CONNECT {
+        let _ = session.respond_error(405).await;
+        session.shutdown().await;
+        return false;
+    }
+    true
+}
+
+/// The HTTP/2 streams of a connection, each in a task of its own from
+/// pingora's HTTP/2 accept loop, each through the forwarding engine.
+pub struct Streams {
+    engine: Arc<Engine>,
+    /// h2c on: pingora's accept loop looks for the preface itself.
+    options: HttpServerOptions,
+}
+
+#[async_trait]
+impl HttpServerApp for Streams {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let read = session.read_request().await;
+        if !accept_head(&mut session, read).await {
+            return None;
+        }
+        let held = self.engine.router().bodies.account();
+        if !self.engine.serve(&mut Http::new(&mut session, held)).await {
+            session.shutdown().await;
+            return None;
+        }
+        let _ = session.finish().await;
+        None
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        Some(&self.options)
     }
 }
 
@@ -137,29 +199,15 @@ pub const L4_READ_BUFFER: usize = 0;
 /// Backlog of the public listeners.
 pub const BACKLOG: i32 = 1024;
 
-/// Build the application over `router`; requests hold `drain` guards.
-pub fn app(
-    router: Arc<Router>,
-    threads: usize,
-    drain: crate::drain::Drain,
-    alt_svc: Option<String>,
-    connections: Arc<AtomicUsize>,
-) -> Connections {
-    let conf = ServerConf {
-        threads: threads.max(1),
-        // Idle upstream connections kept per worker. pingora's default (128)
-        // is below the concurrency of one busy pool: beyond it every request
-        // would pay a new connection.
-        upstream_keepalive_pool_size: UPSTREAM_KEEPALIVE_POOL,
-        ..ServerConf::default()
-    };
-    let mut proxy = pingora::proxy::http_proxy(&Arc::new(conf), EdgeProxy::new(router.clone(), drain, alt_svc));
+/// The connections of every public TCP listener, served by `engine`;
+/// `connections` counts them (TCP and QUIC) against `max_connections`.
+pub fn app(engine: Arc<Engine>, connections: Arc<AtomicUsize>) -> Connections {
     let mut options = HttpServerOptions::default();
     // The plain listener speaks HTTP/1.1 and h2c (prior knowledge); on TLS
     // connections pingora ignores this and follows ALPN.
     options.h2c = true;
-    proxy.server_options = Some(options);
-    Connections { proxy: Arc::new(proxy), router, active: connections }
+    let h2 = Arc::new(Streams { engine: engine.clone(), options });
+    Connections { engine, h2, active: connections }
 }
 
 /// Bind `addr` (port 0: any free port) with `SO_REUSEADDR`.

@@ -1,7 +1,9 @@
-//! The request path of HTTP/1.1 and HTTP/2, and what every protocol shares.
+//! The request path: the forwarding engine every protocol shares, and its
+//! adapters.
 //!
 //! | module | does |
 //! | --- | --- |
+//! | [`engine`] | the forwarding engine: one exchange from request head to the answer's last byte, for every protocol |
 //! | [`request`] | one request through the routing core, whatever the protocol: route, access, service, admission; metrics and the access log |
 //! | [`admit`] | the admission shell: place, take a slot or hold, start wakes, wait |
 //! | [`policy`] | the one response policy: ids, limits, forwarded and debug headers, the edge's own answers, upstream failures, retries |
@@ -9,17 +11,18 @@
 //! | [`keepalive`] | held streams that say they are held (`hold_keepalive`) |
 //! | [`body`] | finding the model in a JSON body |
 //! | [`upstream`] | how replicas are reached |
-//! | [`phases`] | the HTTP/1.1 and HTTP/2 adapter: pingora's proxy phases |
-//! | [`listener`] | the TCP listeners, TLS and connection limits |
+//! | [`session`] | the HTTP/1.1 and HTTP/2 adapter: a pingora-core `ServerSession` |
+//! | [`listener`] | the TCP listeners, TLS, connection limits and the keep-alive loop |
 //!
-//! HTTP/3 has its own adapter in [`crate::h3`], over the same modules.
+//! HTTP/3 has its own adapter in [`crate::h3`], over the same engine.
 
 pub mod admit;
 pub mod body;
+pub mod engine;
 pub mod headers;
 pub mod keepalive;
 pub mod listener;
-pub mod phases;
 pub mod policy;
 pub mod request;
+pub mod session;
 pub mod upstream;

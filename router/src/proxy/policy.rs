@@ -3,8 +3,9 @@
 //! makes itself (status, JSON body, `Retry-After`, `WWW-Authenticate`,
 //! `Alt-Svc`), the mapping of upstream failures to answers, and the retry
 //! budget after a failed connection. The protocol adapters
-//! ([`super::phases`] for HTTP/1.1 and HTTP/2, [`crate::h3`] for HTTP/3)
-//! translate these into their own types and hold no policy of their own.
+//! ([`super::session`] for HTTP/1.1 and HTTP/2, [`crate::h3`] for HTTP/3)
+//! and the engine ([`super::engine`]) translate these into their own types
+//! and hold no policy of their own.
 
 use std::net::IpAddr;
 use std::time::Duration;

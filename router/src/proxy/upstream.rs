@@ -12,6 +12,7 @@ use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::{Peer, PeerOptions, Proxy};
 use stoke_config::{Pool, PoolId, ServiceId};
 
 use super::admit::{self, Rehold};
@@ -26,13 +27,57 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The pingora peer for a replica of `pool`.
-pub fn peer(addr: SocketAddr, pool: &Pool) -> HttpPeer {
+pub fn peer(addr: SocketAddr, pool: &Pool) -> Replica {
     let mut peer = HttpPeer::new(addr, false, String::new());
     peer.options.connection_timeout = Some(pool.connect_timeout);
     peer.options.read_timeout = Some(pool.read_timeout);
     peer.options.write_timeout = Some(WRITE_TIMEOUT);
     peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
-    peer
+    Replica(peer)
+}
+
+/// A replica as pingora's connector sees it: an [`HttpPeer`] whose pooled
+/// connections are taken without asking the kernel who is at the other
+/// end. pingora's `Peer::matches_fd` calls `getpeername` on every
+/// connection it takes from its pool (one system call per request, a fifth
+/// of a small request's) to guard against two peers whose 64-bit reuse
+/// hashes collide. A pooled socket stays open while pooled, so its
+/// descriptor cannot meanwhile name another socket, and the reuse hash
+/// (address, TLS, SNI and options) is the whole identity of a replica.
+#[derive(Clone)]
+pub struct Replica(pub HttpPeer);
+
+impl std::fmt::Display for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Peer for Replica {
+    fn address(&self) -> &pingora::protocols::l4::socket::SocketAddr {
+        self.0.address()
+    }
+    fn tls(&self) -> bool {
+        self.0.tls()
+    }
+    fn sni(&self) -> &str {
+        self.0.sni()
+    }
+    fn reuse_hash(&self) -> u64 {
+        self.0.reuse_hash()
+    }
+    fn get_proxy(&self) -> Option<&Proxy> {
+        self.0.get_proxy()
+    }
+    fn get_peer_options(&self) -> Option<&PeerOptions> {
+        self.0.get_peer_options()
+    }
+    fn get_mut_peer_options(&mut self) -> Option<&mut PeerOptions> {
+        self.0.get_mut_peer_options()
+    }
+    fn matches_fd<V: std::os::fd::AsRawFd>(&self, _fd: V) -> bool {
+        true
+    }
 }
 
 /// A request whose head and whole body went to a replica, and whose
@@ -41,7 +86,7 @@ pub struct Sent {
     /// The upstream session, its answer's head read.
     pub session: HttpSession,
     /// The replica it is on.
-    pub peer: HttpPeer,
+    pub peer: Replica,
     /// The slot it holds (another than the first if a try failed).
     pub slot: Slot,
     /// The pool of that slot.
@@ -85,7 +130,7 @@ pub trait Attempt: Send {
     fn attempt<'a>(
         &'a mut self,
         session: &'a mut HttpSession,
-        peer: &'a HttpPeer,
+        peer: &'a Replica,
     ) -> Pin<Box<dyn Future<Output = Result<(), TryError>> + Send + 'a>>;
 }
 
@@ -99,7 +144,7 @@ impl Attempt for Whole<'_> {
     fn attempt<'a>(
         &'a mut self,
         session: &'a mut HttpSession,
-        peer: &'a HttpPeer,
+        peer: &'a Replica,
     ) -> Pin<Box<dyn Future<Output = Result<(), TryError>> + Send + 'a>> {
         Box::pin(async move {
             try_once(session, self.head, self.body, peer)
@@ -163,10 +208,10 @@ async fn try_once(
     session: &mut HttpSession,
     head: &RequestHeader,
     body: &Bytes,
-    peer: &HttpPeer,
+    peer: &Replica,
 ) -> pingora::Result<()> {
-    session.set_read_timeout(peer.options.read_timeout);
-    session.set_write_timeout(peer.options.write_timeout);
+    session.set_read_timeout(peer.0.options.read_timeout);
+    session.set_write_timeout(peer.0.options.write_timeout);
     session.write_request_header(Box::new(head.clone())).await?;
     session.write_request_body(body.clone(), true).await?;
     session.finish_request_body().await?;

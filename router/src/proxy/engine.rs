@@ -1,0 +1,577 @@
+//! The forwarding engine: one exchange, from the request's head to the last
+//! byte of its answer, for every downstream protocol. It runs the routing
+//! core ([`request::decide`]), holds streams that say they are held
+//! ([`keepalive`]), sends the request to its replica over pingora's pooled
+//! upstream connections with the one retry loop ([`upstream`]), streams the
+//! answer back, answers failures with the response policy ([`policy`]) and
+//! accounts for the request on every ending ([`request::record`]).
+//!
+//! A protocol adapter ([`Client`]) gives it the request and takes the
+//! answer: [`super::session`] for HTTP/1.1 and HTTP/2 (pingora-core's
+//! `ServerSession`), [`crate::h3`] for HTTP/3. The adapters hold no policy.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use stoke_config::{PoolId, Route};
+
+use super::admit::Rehold;
+use super::headers;
+use super::keepalive::{self, HeldStream, KeptAlive, Step};
+use super::policy::{self, Answer, BodyCount, Served};
+use super::request::{self, Downstream, Outcome, Trace, Verdict};
+use super::upstream::{self, Attempt, Sent, TryError};
+use crate::core::affinity::Chosen;
+use crate::drain::Drain;
+use crate::error::Reject;
+use crate::state::{Live, Router, Slot};
+
+/// Bytes of a streamed request body kept to send it again on a retry: a
+/// try that fails after more than this went upstream cannot be repeated.
+pub const RETRY_BUFFER: usize = 64 * 1024;
+
+/// How the request body goes to the replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// The edge holds all of it: this many bytes (`Content-Length`).
+    Whole(usize),
+    /// It streams from the client: its own `Content-Length`, or chunked.
+    Streamed,
+}
+
+/// The client's side of one exchange, as the engine drives it. Besides
+/// what the routing core reads ([`Downstream`]), it frames the request for
+/// the replica and writes the answer in its protocol.
+pub trait Client: Downstream {
+    /// The protocol, for the log (`HTTP/1.1`, `HTTP/2`, `HTTP/3`).
+    fn protocol(&self) -> &'static str;
+
+    /// Whether the client's connection is TLS.
+    fn over_tls(&self) -> bool;
+
+    /// The request head's field count and size, against the edge's limits.
+    fn head_size(&self) -> (usize, usize);
+
+    /// Before the body streams: bytes of it read ahead (to be sent first)
+    /// and whether more comes from the client.
+    fn body_start(&mut self) -> impl Future<Output = Result<(Option<Bytes>, bool), Reject>> + Send;
+
+    /// The next part of the request body, `None` at its end.
+    fn body_chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, Reject>> + Send;
+
+    /// The head for the replica: hop-by-hop fields gone, forwarded fields
+    /// set, the path rewritten for `route`, framed as `body` says.
+    fn upstream_head(&self, request_id: &str, route: Option<&Route>, body: Framing) -> Result<RequestHeader, Reject>;
+
+    /// Write the answer's head; `false` if the client is gone.
+    fn send_head(&mut self, head: ResponseHeader) -> impl Future<Output = bool> + Send;
+
+    /// Write a part of the answer's body; `false` if the client is gone.
+    fn send_body(&mut self, chunk: Bytes) -> impl Future<Output = bool> + Send;
+
+    /// End the answer.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// The replica failed mid-answer: end the answer so that the client
+    /// sees it cut short (a reset stream, a closed connection).
+    fn abort(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Resolves when the client goes away while the answer is awaited or
+    /// streams. Cancel-safe.
+    fn closed(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Write the edge's own answer (and read what is left of an unread body).
+    fn answer(&mut self, answer: Answer) -> impl Future<Output = ()> + Send;
+}
+
+/// The engine one edge runs for every protocol.
+pub struct Engine {
+    router: Arc<Router>,
+    /// Upstream connections, pooled per worker thread.
+    connector: Connector,
+    drain: Drain,
+    /// `Alt-Svc` for answers over TLS, when HTTP/3 is served.
+    alt_svc: Option<HeaderValue>,
+}
+
+/// How a request ended, for the log and the connection.
+struct Exchange {
+    live: Arc<Live>,
+    started: Instant,
+    request_id: String,
+    trace: Trace,
+    status: u16,
+    bytes: usize,
+    pool: Option<PoolId>,
+    replica: Option<Arc<str>>,
+    waited: Duration,
+    error: Option<String>,
+    affinity: Option<Chosen>,
+    /// The request reached a replica (its connection then is not reused
+    /// after a failure).
+    forwarded: bool,
+    /// The answer ended as it should.
+    complete: bool,
+    /// The request has been accounted for.
+    recorded: bool,
+}
+
+impl Exchange {
+    /// The slot a request now holds, for the log.
+    fn serve_on(&mut self, slot: &Slot, pool: PoolId) {
+        self.pool = Some(pool);
+        self.replica = Some(slot.replica().addr_text.clone());
+        self.affinity = chosen(slot);
+    }
+}
+
+/// How streaming a replica's answer body to the client ended.
+enum Streamed {
+    /// The replica's whole body was read; its last part (if any) is still
+    /// to go to the client.
+    Done(Option<Bytes>),
+    /// The client left or stopped reading.
+    ClientGone(&'static str),
+    /// The replica failed mid-answer.
+    ReplicaFailed(pingora::BError),
+}
+
+impl Engine {
+    /// The engine over `router`; every exchange holds a guard of `drain`
+    /// while it runs, so that shutdown can wait for it.
+    pub fn new(router: Arc<Router>, drain: Drain, alt_svc: Option<String>) -> Self {
+        let alt_svc = alt_svc.and_then(|v| HeaderValue::from_str(&v).ok());
+        let options = pingora::connectors::ConnectorOptions::new(super::listener::UPSTREAM_KEEPALIVE_POOL);
+        Engine { router, connector: Connector::new(Some(options)), drain, alt_svc }
+    }
+
+    /// The routing state the engine serves from.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Serve one exchange on `client`. Returns whether its connection may
+    /// carry another request: the answer was whole and no failure on the
+    /// replica's side ended it.
+    pub async fn serve<C: Client>(&self, client: &mut C) -> bool {
+        let _in_progress = self.drain.guard();
+        let live = self.router.live();
+        let mut x = Exchange {
+            request_id: policy::request_id(client.header(headers::REQUEST_ID)),
+            live,
+            started: Instant::now(),
+            trace: Trace::default(),
+            status: 0,
+            bytes: 0,
+            pool: None,
+            replica: None,
+            waited: Duration::ZERO,
+            error: None,
+            affinity: None,
+            forwarded: false,
+            complete: false,
+            recorded: false,
+        };
+        match self.exchange(client, &mut x).await {
+            Ok(()) => {}
+            Err(reject) if reject.is_client_gone() => {
+                x.status = 0;
+                x.error = Some(reject.to_string());
+            }
+            Err(reject) => {
+                x.status = reject.status;
+                let alt = policy::alt_svc(client.over_tls(), self.alt_svc.as_ref());
+                let answer = policy::answer(&reject, &x.request_id, Some(&x.live), alt);
+                x.bytes += answer.body.len();
+                client.answer(answer).await;
+                x.complete = !x.forwarded;
+                if reject.status >= 400 {
+                    x.error = Some(reject.to_string());
+                }
+            }
+        }
+        record(client, &mut x);
+        x.complete
+    }
+
+    /// Decide, then forward, hold or refuse.
+    async fn exchange<C: Client>(&self, client: &mut C, x: &mut Exchange) -> Result<(), Reject> {
+        let (fields, bytes) = client.head_size();
+        policy::check_head(&x.live.snapshot.network.edge, fields, bytes)?;
+        let live = x.live.clone();
+        let routed = match request::decide(&self.router, &live, client, x.started, &mut x.trace).await? {
+            Verdict::Forward(routed) => routed,
+            Verdict::Answer(json) => return Err(Reject::answer(json)),
+            Verdict::HoldStream(held) => return self.hold_stream(client, x, held).await,
+        };
+        let (slot, pool) = (routed.admitted.slot, routed.admitted.pool);
+        x.waited = routed.admitted.waited;
+        x.serve_on(&slot, pool);
+        let (held, streamed) = match routed.body {
+            Some(body) => (Some(body), false),
+            None => client.body_start().await?,
+        };
+        let framing = match (&held, streamed) {
+            (_, true) => Framing::Streamed,
+            (Some(body), false) => Framing::Whole(body.len()),
+            (None, false) => Framing::Empty,
+        };
+        let route = x.trace.route.map(|r| live.snapshot.network.route(r));
+        let head = client.upstream_head(&x.request_id, route, framing)?;
+        let mut body = Body {
+            held,
+            streamed,
+            count: BodyCount::new(x.trace.max_body.unwrap_or(u64::MAX)),
+            sent: Vec::new(),
+            sent_bytes: 0,
+        };
+        if let Some(held) = &body.held {
+            body.count.add(held.len())?;
+        }
+        x.forwarded = true;
+        let rehold = route.map(|r| Rehold { router: &self.router, started: x.started, max_wait: r.max_wait });
+        let mut attempt = Try { head: &head, body: &mut body, client };
+        let sent = upstream::send_with_retries(
+            &self.connector,
+            &live,
+            x.trace.service,
+            slot,
+            pool,
+            &mut attempt,
+            rehold.as_ref(),
+        )
+        .await;
+        // The body is done with: what it kept for a retry goes now, not
+        // when the answer ends.
+        drop(body);
+        let mut sent = sent?;
+        x.serve_on(&sent.slot, sent.pool);
+        let resp = self.answer_head(&sent.session, client.over_tls(), x, &sent.slot)?;
+        x.status = resp.status.as_u16();
+        if !client.send_head(resp).await {
+            sent.session.shutdown().await;
+            return Err(Reject::client_gone());
+        }
+        if let Some(e) = self.deliver(client, x, sent).await {
+            client.abort().await;
+            x.error = Some(format!("replica failed mid-response: {}", e.etype().as_str()));
+        }
+        Ok(())
+    }
+
+    /// Stream the replica's answer body to the client and end the answer,
+    /// the upstream connection back to its pool. A failure of the replica
+    /// mid-answer is returned, for the caller to tell the client.
+    async fn deliver<C: Client>(&self, client: &mut C, x: &mut Exchange, sent: Sent) -> Option<pingora::BError> {
+        let Sent { mut session, peer, slot, .. } = sent;
+        match stream_answer(client, &mut session, x).await {
+            Streamed::Done(last) => {
+                release(&self.connector, session, &peer).await;
+                drop(slot);
+                x.complete = finish(client, x, last).await;
+                None
+            }
+            Streamed::ClientGone(why) => {
+                session.shutdown().await;
+                x.error = Some(why.into());
+                None
+            }
+            Streamed::ReplicaFailed(e) => {
+                session.shutdown().await;
+                Some(e)
+            }
+        }
+    }
+
+    /// The answer's head for the client, made from the replica's:
+    /// hop-by-hop fields gone, the request id, `Alt-Svc` and the debug
+    /// headers set.
+    fn answer_head(
+        &self,
+        session: &HttpSession,
+        tls: bool,
+        x: &Exchange,
+        slot: &Slot,
+    ) -> Result<ResponseHeader, Reject> {
+        let Some(from) = session.response_header() else {
+            return Err(Reject::bad_gateway("the replica sent no response head"));
+        };
+        let mut resp = from.clone();
+        for name in headers::hop_by_hop(&resp.headers, false) {
+            resp.remove_header(&name);
+        }
+        let bad = |e: pingora::BError| Reject::bad_gateway(format!("cannot forward this answer: {e}"));
+        if let Some(alt) = policy::alt_svc(tls, self.alt_svc.as_ref()) {
+            resp.insert_header(http::header::ALT_SVC, alt.clone()).map_err(bad)?;
+        }
+        resp.insert_header(headers::REQUEST_ID, policy::value(&x.request_id)).map_err(bad)?;
+        let served = Served { pool: x.pool, replica: Some(&slot.replica().addr_text), waited: x.waited };
+        policy::debug_headers(&x.live, served, |name, value| resp.insert_header(name, value)).map_err(bad)?;
+        Ok(resp)
+    }
+
+    /// A streaming request held with keep-alive comments: the SSE head
+    /// now, a comment every interval, then the replica's stream on the same
+    /// answer, or an error event if the hold or the replica fails. Errs
+    /// only before the head is sent.
+    async fn hold_stream<C: Client>(&self, client: &mut C, x: &mut Exchange, held: HeldStream) -> Result<(), Reject> {
+        let live = x.live.clone();
+        let alt = policy::alt_svc(client.over_tls(), self.alt_svc.as_ref());
+        let fields = keepalive::head(&x.request_id, &live, alt);
+        let mut resp = ResponseHeader::build(200, Some(fields.len()))
+            .map_err(|e| Reject::bad_gateway(format!("cannot answer: {e}")))?;
+        for (name, value) in fields {
+            let _ = resp.insert_header(name, value);
+        }
+        if !client.send_head(resp).await {
+            return Err(Reject::client_gone());
+        }
+        x.status = 200;
+        let mut kept = KeptAlive::new(&self.router, &live, &held, x.started);
+        let admitted = loop {
+            match kept.next().await {
+                Step::Say(line) => {
+                    x.bytes += line.len();
+                    if !client.send_body(line).await {
+                        // The client left: dropping the hold frees its place.
+                        x.error = Some("client gone while held".into());
+                        return Ok(());
+                    }
+                }
+                Step::Done(admitted) => break admitted,
+            }
+        };
+        drop(kept);
+        let admitted = match admitted {
+            Ok(a) => a,
+            Err(reject) => return end_with_error(client, x, reject).await,
+        };
+        x.pool = Some(admitted.pool);
+        x.waited = admitted.waited;
+        let route = x.trace.route.map(|r| live.snapshot.network.route(r));
+        let head = match client.upstream_head(&x.request_id, route, Framing::Whole(held.body.len())) {
+            Ok(h) => h,
+            Err(reject) => return end_with_error(client, x, reject).await,
+        };
+        x.forwarded = true;
+        let rehold = route.map(|r| Rehold { router: &self.router, started: x.started, max_wait: r.max_wait });
+        let sent = upstream::send_whole(
+            &self.connector,
+            &live,
+            x.trace.service,
+            admitted.slot,
+            admitted.pool,
+            &head,
+            &held.body,
+            rehold.as_ref(),
+        );
+        let mut sent = match sent.await {
+            Ok(sent) => sent,
+            Err(reject) => return end_with_error(client, x, reject).await,
+        };
+        x.serve_on(&sent.slot, sent.pool);
+        let status = sent.session.response_header().map_or(502, |h| h.status.as_u16());
+        if status != 200 {
+            sent.session.shutdown().await;
+            return end_with_error(client, x, keepalive::replica_refused(status)).await;
+        }
+        match self.deliver(client, x, sent).await {
+            Some(e) => end_with_error(client, x, keepalive::replica_failed(&e)).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Account for the request: metrics and the access log, once.
+fn record<C: Client>(client: &C, x: &mut Exchange) {
+    if std::mem::replace(&mut x.recorded, true) {
+        return;
+    }
+    let error = x.error.as_ref().map(|e| e as &dyn std::fmt::Display);
+    request::record(
+        Some(&x.live),
+        &Outcome {
+            request_id: &x.request_id,
+            protocol: client.protocol(),
+            method: client.method(),
+            path: client.path(),
+            trace: x.trace,
+            pool: x.pool,
+            replica: x.replica.as_deref(),
+            status: x.status,
+            bytes: x.bytes,
+            elapsed: x.started.elapsed(),
+            waited: x.waited,
+            error,
+            affinity: x.affinity,
+        },
+    );
+}
+
+/// The end of an answer whose replica is done with it (its slot freed):
+/// the request is accounted for, then its last bytes go, so that whoever
+/// has the whole answer sees it counted. Whether the answer went whole.
+async fn finish<C: Client>(client: &mut C, x: &mut Exchange, last: Option<Bytes>) -> bool {
+    record(client, x);
+    if let Some(last) = last {
+        if !client.send_body(last).await {
+            return false;
+        }
+    }
+    client.finish().await;
+    true
+}
+
+/// End a held stream with an SSE error event for `reject`.
+async fn end_with_error<C: Client>(client: &mut C, x: &mut Exchange, reject: Reject) -> Result<(), Reject> {
+    let event = keepalive::error_event(&reject);
+    x.bytes += event.len();
+    if client.send_body(event).await {
+        client.finish().await;
+    }
+    x.error = Some(reject.to_string());
+    Ok(())
+}
+
+/// Stream the answer body from `session` to the client, counting bytes.
+async fn stream_answer<C: Client>(client: &mut C, session: &mut HttpSession, x: &mut Exchange) -> Streamed {
+    loop {
+        let chunk = tokio::select! {
+            r = session.read_response_body() => r,
+            _ = client.closed() => return Streamed::ClientGone("client gone mid-response"),
+        };
+        match chunk {
+            Ok(Some(b)) => {
+                x.bytes += b.len();
+                if session.response_done() {
+                    return Streamed::Done(Some(b));
+                }
+                // Writes are not raced: not every protocol's is cancel-safe.
+                if !client.send_body(b).await {
+                    return Streamed::ClientGone("client stopped reading");
+                }
+            }
+            Ok(None) => return Streamed::Done(None),
+            Err(e) => return Streamed::ReplicaFailed(e),
+        }
+    }
+}
+
+/// Give an upstream session that read its whole answer back to the pool.
+async fn release(connector: &Connector, mut session: HttpSession, peer: &upstream::Replica) {
+    if session.response_done() {
+        let idle = peer.0.options.idle_timeout;
+        connector.release_http_session(session, peer, idle).await;
+    } else {
+        session.shutdown().await;
+    }
+}
+
+/// How a slot's replica was chosen, on a pool with affinity.
+fn chosen(slot: &Slot) -> Option<Chosen> {
+    slot.has_affinity().then(|| slot.chosen())
+}
+
+/// The request body as it goes upstream.
+struct Body {
+    /// Bytes the edge holds: the whole body (read to find the model), or
+    /// what arrived ahead of streaming.
+    held: Option<Bytes>,
+    /// Whether more is to come from the client.
+    streamed: bool,
+    count: BodyCount,
+    /// What went upstream from the client, kept to send it again on a
+    /// retry while it is at most [`RETRY_BUFFER`].
+    sent: Vec<Bytes>,
+    /// How much went upstream from the client (beyond `held`).
+    sent_bytes: usize,
+}
+
+impl Body {
+    /// Whether a try that failed can send the body again: only while every
+    /// byte sent so far is one the edge still holds.
+    fn replayable(&self) -> bool {
+        self.sent_bytes <= RETRY_BUFFER
+    }
+
+    /// A failure on the replica's side, as the retry policy sees it.
+    fn failed(&self, error: pingora::BError) -> TryError {
+        TryError::Upstream { error, replayable: self.replayable() }
+    }
+}
+
+/// One try of a request at a replica.
+struct Try<'r, C> {
+    head: &'r RequestHeader,
+    body: &'r mut Body,
+    client: &'r mut C,
+}
+
+impl<C: Client> Attempt for Try<'_, C> {
+    fn attempt<'a>(
+        &'a mut self,
+        session: &'a mut HttpSession,
+        peer: &'a upstream::Replica,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), TryError>> + Send + 'a>> {
+        Box::pin(send(session, self.head, self.body, &mut *self.client, peer))
+    }
+}
+
+/// One try: the request head and body to the replica, then its answer's
+/// head (skipping 1xx), watching for the client leaving.
+async fn send<C: Client>(
+    session: &mut HttpSession,
+    head: &RequestHeader,
+    body: &mut Body,
+    client: &mut C,
+    peer: &upstream::Replica,
+) -> Result<(), TryError> {
+    session.set_read_timeout(peer.0.options.read_timeout);
+    session.set_write_timeout(peer.0.options.write_timeout);
+    session.write_request_header(Box::new(head.clone())).await.map_err(|e| body.failed(e))?;
+    let replay = !body.sent.is_empty();
+    if let Some(held) = &body.held {
+        let end = !body.streamed && !replay;
+        session.write_request_body(held.clone(), end).await.map_err(|e| body.failed(e))?;
+    }
+    for chunk in &body.sent {
+        session.write_request_body(chunk.clone(), false).await.map_err(|e| body.failed(e))?;
+    }
+    while body.streamed {
+        match client.body_chunk().await {
+            Ok(Some(chunk)) => {
+                body.count.add(chunk.len()).map_err(TryError::Answer)?;
+                body.sent_bytes += chunk.len();
+                if body.sent_bytes <= RETRY_BUFFER {
+                    body.sent.push(chunk.clone());
+                } else {
+                    body.sent = Vec::new();
+                }
+                session.write_request_body(chunk, false).await.map_err(|e| body.failed(e))?;
+            }
+            Ok(None) => body.streamed = false,
+            Err(reject) => return Err(TryError::Answer(reject)),
+        }
+    }
+    session.finish_request_body().await.map_err(|e| body.failed(e))?;
+    let forwarded_at = Instant::now();
+    loop {
+        tokio::select! {
+            r = session.read_response_header() => r.map_err(|e| body.failed(e))?,
+            _ = client.closed() => return Err(TryError::Answer(Reject::client_gone())),
+        }
+        if !session.response_header().is_some_and(|h| h.status.is_informational()) {
+            break;
+        }
+    }
+    request::upstream_ttfb().record(forwarded_at.elapsed().as_secs_f64());
+    Ok(())
+}

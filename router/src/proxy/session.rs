@@ -1,0 +1,342 @@
+//! The HTTP/1.1 and HTTP/2 adapter: a pingora-core `ServerSession` as the
+//! forwarding engine's [`Client`]. It translates between the session and
+//! the engine, and holds no policy.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::ServerSession;
+use stoke_config::Route;
+
+use super::engine::{Client, Framing, RETRY_BUFFER};
+use super::headers;
+use super::policy::{self, Answer, Forwarded};
+use super::request::Downstream;
+use crate::error::Reject;
+use crate::state::Held;
+
+/// The most a body buffer starts with, whatever length the request declares.
+const INITIAL_BODY_BUFFER: u64 = 16 * 1024;
+
+/// How often the socket of a held HTTP/1.1 request whose body is unread
+/// is looked at for the client's leaving.
+const GONE_POLL: Duration = Duration::from_millis(100);
+
+/// Linux TCP states (`include/net/tcp_states.h`): the peer sent FIN, and
+/// the connection was reset or closed.
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_CLOSE: u8 = 7;
+
+/// How long a lingering close reads the rest of an unread request body.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How much of an unread request body a lingering close reads at most.
+const LINGER_BYTES: usize = 16 << 20;
+
+/// One request on a pingora session, HTTP/1.1 or HTTP/2.
+pub struct Http<'a> {
+    session: &'a mut ServerSession,
+    /// `Expect: 100-continue` was answered here.
+    continued: bool,
+    /// What a body read here holds of the edge's body budget.
+    held: Held,
+}
+
+impl<'a> Http<'a> {
+    /// The request whose head `session` has read; a body read to find its
+    /// service is counted against `held`.
+    pub fn new(session: &'a mut ServerSession, held: Held) -> Self {
+        Http { session, continued: false, held }
+    }
+
+    fn req(&self) -> &RequestHeader {
+        self.session.req_header()
+    }
+
+    /// Answer `Expect: 100-continue` before the body is read.
+    async fn continue_body(&mut self) -> Result<(), Reject> {
+        if self.continued || !self.expects_continue() {
+            return Ok(());
+        }
+        self.session
+            .write_continue_response()
+            .await
+            .map_err(|e| Reject::client(400, "client_gone", format!("could not answer Expect: {e}")))?;
+        self.continued = true;
+        Ok(())
+    }
+
+    fn expects_continue(&self) -> bool {
+        self.session.get_header(EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    }
+
+    /// A lingering close (RFC 9112, section 9.6): after an answer that left
+    /// the request body unread, read and drop what the client is still
+    /// sending, for a bounded time and size, before the connection closes.
+    /// Closing a socket with unread data makes the kernel reset the
+    /// connection, and a client still busy sending its body would then see
+    /// a broken pipe instead of the answer. HTTP/2 needs none of this: the
+    /// stream is reset, not the connection. A client waiting on
+    /// `Expect: 100-continue` sends nothing more.
+    async fn linger(&mut self) {
+        if self.session.is_http2() || (self.session.get_header(EXPECT).is_some() && !self.continued) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + LINGER_TIME;
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match tokio::time::timeout_at(deadline, self.session.read_request_body()).await {
+                Ok(Ok(Some(chunk))) => read += chunk.len(),
+                _ => break,
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Downstream for Http<'_> {
+    fn host(&self) -> &str {
+        request_host(self.req()).unwrap_or("")
+    }
+
+    fn path(&self) -> &str {
+        self.req().uri.path()
+    }
+
+    fn method(&self) -> &str {
+        self.req().method.as_str()
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.session.get_header(name).map(|v| v.as_bytes())
+    }
+
+    fn client_ip(&self) -> Option<std::net::IpAddr> {
+        self.session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+    }
+
+    async fn read_body(&mut self, limit: u64) -> Result<Bytes, Reject> {
+        let too_large = |n: u64| policy::read_too_large(n, limit);
+        let length = match self.session.get_header(CONTENT_LENGTH) {
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| Reject::client(400, "invalid_content_length", "Content-Length is not a number"))?,
+            ),
+            None => None,
+        };
+        if let Some(n) = length {
+            if n > limit {
+                return Err(too_large(n));
+            }
+        }
+        self.continue_body().await?;
+        // Grown as data arrives: a declared length is not allocated up front.
+        let mut buf = BytesMut::with_capacity(length.unwrap_or(0).min(limit).min(INITIAL_BODY_BUFFER) as usize);
+        loop {
+            match self.session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    let n = (buf.len() + chunk.len()) as u64;
+                    if n > limit {
+                        return Err(too_large(n));
+                    }
+                    if length.is_none() && n > RETRY_BUFFER as u64 {
+                        return Err(Reject::client(
+                            411,
+                            "length_required",
+                            format!("a body sent without Content-Length may be at most {RETRY_BUFFER} bytes when the route takes the model from it; send Content-Length"),
+                        ));
+                    }
+                    self.held.grow(chunk.len()).map_err(policy::bodies_exhausted)?;
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Reject::client(
+                        400,
+                        "body_read_failed",
+                        format!("reading the request body failed: {e}"),
+                    ))
+                }
+            }
+        }
+        Ok(buf.freeze())
+    }
+
+    async fn gone(&mut self) {
+        // HTTP/2: a reset stream or a closed connection shows whether or not
+        // the body was read. HTTP/1.1 with its body read: the connection's
+        // end (or a reset) is the next thing it reads.
+        if self.session.is_http2() || self.session.is_body_done() {
+            let _ = self.session.read_body_or_idle(true).await;
+            return;
+        }
+        // HTTP/1.1 with its body still unread: reading would take the body
+        // from the replica, so the socket's state is polled instead — a FIN
+        // from the client (CLOSE_WAIT) or a reset (CLOSE) shows there with
+        // the body still unread.
+        loop {
+            tokio::time::sleep(GONE_POLL).await;
+            let state = self.session.digest().and_then(|d| d.socket_digest.as_ref()).and_then(|s| s.tcp_info());
+            match state {
+                Some(info) if info.tcpi_state == TCP_CLOSE_WAIT || info.tcpi_state == TCP_CLOSE => return,
+                Some(_) => {}
+                // No TCP state to read (not a TCP socket): not watched.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+}
+
+impl Client for Http<'_> {
+    fn protocol(&self) -> &'static str {
+        if self.session.is_http2() {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        }
+    }
+
+    fn over_tls(&self) -> bool {
+        self.session.digest().is_some_and(|d| d.ssl_digest.is_some())
+    }
+
+    fn head_size(&self) -> (usize, usize) {
+        let req = self.req();
+        let bytes = policy::head_size(
+            req.uri.path_and_query().map_or("", |p| p.as_str()),
+            req.uri.authority().map(|a| a.as_str()),
+            &req.headers,
+        );
+        (req.headers.len(), bytes)
+    }
+
+    async fn body_start(&mut self) -> Result<(Option<Bytes>, bool), Reject> {
+        if self.session.is_body_done() {
+            return Ok((None, false));
+        }
+        // The edge says "continue" itself once it forwards the request.
+        self.continue_body().await?;
+        Ok((None, true))
+    }
+
+    async fn body_chunk(&mut self) -> Result<Option<Bytes>, Reject> {
+        self.session.read_request_body().await.map_err(|e| {
+            if policy::client_gone(&e) {
+                Reject::client_gone()
+            } else {
+                Reject::client(400, "body_read_failed", format!("reading the request body failed: {e}"))
+            }
+        })
+    }
+
+    fn upstream_head(&self, request_id: &str, route: Option<&Route>, body: Framing) -> Result<RequestHeader, Reject> {
+        let bad = |e: pingora::BError| Reject::client(400, "bad_request", format!("cannot forward this request: {e}"));
+        let from = self.req();
+        let mut req = from.clone();
+        req.set_version(http::Version::HTTP_11);
+        for name in headers::hop_by_hop(&req.headers, true) {
+            req.remove_header(&name);
+        }
+        // The edge answers `Expect: 100-continue` itself.
+        req.remove_header(&EXPECT);
+        // HTTP/2 carries the host as the authority; HTTP/1.1 wants `Host`.
+        if !req.headers.contains_key(HOST) {
+            if let Some(authority) = from.uri.authority() {
+                req.insert_header(HOST, authority.as_str()).map_err(bad)?;
+            }
+        }
+        match body {
+            Framing::Whole(len) => {
+                req.remove_header(&TRANSFER_ENCODING);
+                req.insert_header(CONTENT_LENGTH, len).map_err(bad)?;
+            }
+            Framing::Streamed => {
+                // A chunked body goes chunked (never with a length beside
+                // it); a body with a length keeps it; an HTTP/2 body without
+                // one goes chunked.
+                if req.headers.contains_key(TRANSFER_ENCODING) || !req.headers.contains_key(CONTENT_LENGTH) {
+                    req.remove_header(&CONTENT_LENGTH);
+                    req.insert_header(TRANSFER_ENCODING, "chunked").map_err(bad)?;
+                }
+            }
+            Framing::Empty => {
+                req.remove_header(&TRANSFER_ENCODING);
+            }
+        }
+        let forwarded =
+            Forwarded { host: request_host(from), client: self.client_ip(), tls: self.over_tls(), request_id };
+        forwarded.apply(|name, value| req.insert_header(name, value)).map_err(bad)?;
+        if let Some(route) = route {
+            let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            if let Some(path) = headers::forward_path(pq, &route.path_prefix, route.strip_prefix) {
+                let uri = http::Uri::builder()
+                    .path_and_query(path)
+                    .build()
+                    .map_err(|e| Reject::client(400, "bad_request", format!("cannot rewrite the path: {e}")))?;
+                req.set_uri(uri);
+            }
+        }
+        Ok(req)
+    }
+
+    async fn send_head(&mut self, mut head: ResponseHeader) -> bool {
+        if !self.session.is_http2() {
+            // An answer framed by the replica's closing its connection goes
+            // chunked, so that the client's connection can be reused.
+            let no_body = self.req().method == http::Method::HEAD
+                || matches!(head.status.as_u16(), 204 | 304)
+                || head.status.is_informational();
+            if !no_body && !head.headers.contains_key(TRANSFER_ENCODING) && !head.headers.contains_key(CONTENT_LENGTH) {
+                head.set_version(http::Version::HTTP_11);
+                if head.insert_header(TRANSFER_ENCODING, "chunked").is_err() {
+                    return false;
+                }
+            }
+        }
+        self.session.write_response_header(Box::new(head)).await.is_ok()
+    }
+
+    async fn send_body(&mut self, chunk: Bytes) -> bool {
+        self.session.write_response_body(chunk, false).await.is_ok()
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.session.finish_body().await;
+    }
+
+    async fn abort(&mut self) {
+        // HTTP/1.1: the connection closes before the answer's end; HTTP/2:
+        // the stream is reset.
+        self.session.set_keepalive(None);
+        self.session.shutdown().await;
+    }
+
+    async fn closed(&mut self) {
+        let _ = self.session.read_body_or_idle(true).await;
+    }
+
+    async fn answer(&mut self, answer: Answer) {
+        let Ok(mut resp) = ResponseHeader::build(answer.status, Some(answer.headers.len())) else { return };
+        for (name, value) in answer.headers {
+            let _ = resp.insert_header(name, value);
+        }
+        let unread = !self.session.is_body_done();
+        if unread {
+            // The unread body stays on the connection: it cannot be reused.
+            self.session.set_keepalive(None);
+        }
+        if self.session.write_response_header(Box::new(resp)).await.is_ok()
+            && self.session.write_response_body(answer.body, true).await.is_ok()
+            && unread
+        {
+            self.linger().await;
+        }
+    }
+}
+
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers.get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.authority().map(|a| a.as_str()))
+}

@@ -172,6 +172,7 @@ impl Edge {
         let mut background = vec![
             tokio::spawn(probe::run(router.clone(), shutdown_rx.clone())),
             tokio::spawn(sleep::run(router.clone(), shutdown_rx.clone())),
+            tokio::spawn(crate::proxy::idle::run(engine.idle().clone(), shutdown_rx.clone())),
             admin_task,
         ];
         if let Some(endpoint) = &quic {

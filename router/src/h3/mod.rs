@@ -4,8 +4,8 @@
 //! Every request goes through the forwarding engine ([`Engine`]) exactly
 //! as HTTP/1.1 and HTTP/2 requests do: the routing core (route, access
 //! control, service from header or body, placement, holding, waking), then
-//! the chosen replica over pooled HTTP/1.1 connections (pingora's
-//! connector), bodies streamed both ways. Only the translation between
+//! the chosen replica over the edge's idle HTTP/1.1 connections
+//! ([`crate::proxy::idle`]), bodies streamed both ways. Only the translation between
 //! HTTP/3 streams and the engine's [`Client`] lives here.
 //!
 //! A client that closes its connection, resets its request body or stops

@@ -26,15 +26,30 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<HttpBody>, Infallible>> + Send + 'static,
 {
-    serve_http_counted(listener, shutdown, handler, None).await;
+    serve(listener, shutdown, handler, None, false).await;
 }
 
-/// [`serve_http`], counting accepted connections in `counter`.
+/// Serve `handler` on `listener`, counting accepted connections in
+/// `counter`, until `shutdown` turns true; then close every connection at
+/// once (as a crashed process would) and return once all are closed.
 pub async fn serve_http_counted<F, Fut>(
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+    handler: F,
+    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<HttpBody>, Infallible>> + Send + 'static,
+{
+    serve(listener, shutdown, handler, counter, true).await;
+}
+
+async fn serve<F, Fut>(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
     handler: F,
     counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    abort: bool,
 ) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<HttpBody>, Infallible>> + Send + 'static,
@@ -61,6 +76,9 @@ pub async fn serve_http_counted<F, Fut>(
         });
     }
     drop(listener);
+    if abort {
+        conns.shutdown().await;
+    }
     while conns.join_next().await.is_some() {}
 }
 

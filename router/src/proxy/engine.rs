@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderValue;
-use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use stoke_config::{PoolId, Route};
 
 use super::admit::Rehold;
 use super::headers;
+use super::idle::IdlePool;
 use super::keepalive::{self, HeldStream, KeptAlive, Step};
 use super::policy::{self, Answer, BodyCount, Served};
 use super::request::{self, Downstream, Outcome, Trace, Verdict};
@@ -95,8 +95,8 @@ pub trait Client: Downstream {
 /// The engine one edge runs for every protocol.
 pub struct Engine {
     router: Arc<Router>,
-    /// Upstream connections, pooled per worker thread.
-    connector: Connector,
+    /// Idle upstream connections.
+    idle: Arc<IdlePool>,
     drain: Drain,
     /// `Alt-Svc` for answers over TLS, when HTTP/3 is served.
     alt_svc: Option<HeaderValue>,
@@ -149,8 +149,13 @@ impl Engine {
     /// while it runs, so that shutdown can wait for it.
     pub fn new(router: Arc<Router>, drain: Drain, alt_svc: Option<String>) -> Self {
         let alt_svc = alt_svc.and_then(|v| HeaderValue::from_str(&v).ok());
-        let options = pingora::connectors::ConnectorOptions::new(super::listener::UPSTREAM_KEEPALIVE_POOL);
-        Engine { router, connector: Connector::new(Some(options)), drain, alt_svc }
+        let idle = Arc::new(IdlePool::new(super::listener::UPSTREAM_KEEPALIVE_POOL));
+        Engine { router, idle, drain, alt_svc }
+    }
+
+    /// The idle upstream connections, for their sweep ([`super::idle::run`]).
+    pub fn idle(&self) -> &Arc<IdlePool> {
+        &self.idle
     }
 
     /// The routing state the engine serves from.
@@ -239,16 +244,9 @@ impl Engine {
         x.forwarded = true;
         let rehold = route.map(|r| Rehold { router: &self.router, started: x.started, max_wait: r.max_wait });
         let mut attempt = Try { head: &head, body: &mut body, client };
-        let sent = upstream::send_with_retries(
-            &self.connector,
-            &live,
-            x.trace.service,
-            slot,
-            pool,
-            &mut attempt,
-            rehold.as_ref(),
-        )
-        .await;
+        let sent =
+            upstream::send_with_retries(&self.idle, &live, x.trace.service, slot, pool, &mut attempt, rehold.as_ref())
+                .await;
         // The body is done with: what it kept for a retry goes now, not
         // when the answer ends.
         drop(body);
@@ -274,7 +272,7 @@ impl Engine {
         let Sent { mut session, peer, slot, .. } = sent;
         match stream_answer(client, &mut session, x).await {
             Streamed::Done(last) => {
-                release(&self.connector, session, &peer).await;
+                release(&self.idle, session, &peer).await;
                 drop(slot);
                 x.complete = finish(client, x, last).await;
                 None
@@ -364,7 +362,7 @@ impl Engine {
         x.forwarded = true;
         let rehold = route.map(|r| Rehold { router: &self.router, started: x.started, max_wait: r.max_wait });
         let sent = upstream::send_whole(
-            &self.connector,
+            &self.idle,
             &live,
             x.trace.service,
             admitted.slot,
@@ -466,10 +464,9 @@ async fn stream_answer<C: Client>(client: &mut C, session: &mut HttpSession, x: 
 }
 
 /// Give an upstream session that read its whole answer back to the pool.
-async fn release(connector: &Connector, mut session: HttpSession, peer: &upstream::Replica) {
+async fn release(idle: &IdlePool, mut session: HttpSession, peer: &upstream::Replica) {
     if session.response_done() {
-        let idle = peer.0.options.idle_timeout;
-        connector.release_http_session(session, peer, idle).await;
+        idle.release(session, peer).await;
     } else {
         session.shutdown().await;
     }

@@ -186,7 +186,7 @@ impl Drop for Counted {
     }
 }
 
-/// Idle upstream connections kept per worker thread.
+/// Idle upstream connections kept, over all replicas.
 pub const UPSTREAM_KEEPALIVE_POOL: usize = 1024;
 
 /// The read buffer pingora puts in front of each accepted connection:

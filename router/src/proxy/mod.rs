@@ -11,6 +11,7 @@
 //! | [`keepalive`] | held streams that say they are held (`hold_keepalive`) |
 //! | [`body`] | finding the model in a JSON body |
 //! | [`upstream`] | how replicas are reached |
+//! | [`idle`] | idle upstream connections, kept between requests |
 //! | [`session`] | the HTTP/1.1 and HTTP/2 adapter: a pingora-core `ServerSession` |
 //! | [`listener`] | the TCP listeners, TLS, connection limits and the keep-alive loop |
 //!
@@ -20,6 +21,7 @@ pub mod admit;
 pub mod body;
 pub mod engine;
 pub mod headers;
+pub mod idle;
 pub mod keepalive;
 pub mod listener;
 pub mod policy;

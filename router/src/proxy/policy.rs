@@ -223,7 +223,7 @@ pub fn answer(reject: &Reject, request_id: &str, live: Option<&Live>, alt_svc: O
 }
 
 /// What the client is told when forwarding failed with `e` (pingora's
-/// upstream connector serves every protocol).
+/// upstream connections serve every protocol).
 pub fn upstream_failure(e: &Error) -> Reject {
     match e.etype() {
         ErrorType::HTTPStatus(502) => Reject::bad_gateway(e.to_string()),

@@ -1,5 +1,5 @@
-//! How replicas are reached: pooled HTTP/1.1 connections with the pool's
-//! timeouts, and sending a request whose body the edge holds whole.
+//! How replicas are reached: HTTP/1.1 connections with the pool's
+//! timeouts, kept between requests ([`super::idle`]), and sending a request whose body the edge holds whole.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
@@ -16,6 +15,7 @@ use pingora::upstreams::peer::{Peer, PeerOptions, Proxy};
 use stoke_config::{Pool, PoolId, ServiceId};
 
 use super::admit::{self, Rehold};
+use super::idle::IdlePool;
 use super::policy::{self, Attempts, Failure};
 use crate::error::Reject;
 use crate::state::{Live, Slot};
@@ -36,14 +36,15 @@ pub fn peer(addr: SocketAddr, pool: &Pool) -> Replica {
     Replica(peer)
 }
 
-/// A replica as pingora's connector sees it: an [`HttpPeer`] whose pooled
-/// connections are taken without asking the kernel who is at the other
-/// end. pingora's `Peer::matches_fd` calls `getpeername` on every
-/// connection it takes from its pool (one system call per request, a fifth
-/// of a small request's) to guard against two peers whose 64-bit reuse
-/// hashes collide. A pooled socket stays open while pooled, so its
-/// descriptor cannot meanwhile name another socket, and the reuse hash
-/// (address, TLS, SNI and options) is the whole identity of a replica.
+/// A replica as pingora-core's connectors see it: an [`HttpPeer`] with
+/// the pool's timeouts. The edge's own pool ([`super::idle`]) keys idle
+/// connections by its reuse hash (address, TLS, SNI and options), the
+/// whole identity of a replica. Where pingora's own pool is used (the
+/// engine-loop prototype in the benches), a pooled connection is taken
+/// without `getpeername`: pingora's `Peer::matches_fd` asks the kernel who
+/// is at the other end (one system call per request) to guard against
+/// colliding hashes, and a pooled socket's descriptor cannot meanwhile
+/// name another socket.
 #[derive(Clone)]
 pub struct Replica(pub HttpPeer);
 
@@ -112,7 +113,7 @@ pub enum TryError {
 /// the answer's head.
 #[allow(clippy::too_many_arguments)]
 pub async fn send_whole(
-    connector: &Connector,
+    idle: &IdlePool,
     live: &Arc<Live>,
     service: Option<ServiceId>,
     slot: Slot,
@@ -121,7 +122,7 @@ pub async fn send_whole(
     body: &Bytes,
     rehold: Option<&Rehold<'_>>,
 ) -> Result<Sent, Reject> {
-    send_with_retries(connector, live, service, slot, pool, &mut Whole { head, body }, rehold).await
+    send_with_retries(idle, live, service, slot, pool, &mut Whole { head, body }, rehold).await
 }
 
 /// One try of a request to a replica: send it and read the answer's head.
@@ -158,7 +159,7 @@ impl Attempt for Whole<'_> {
 /// of `pool`, and further ones on another replica or a fresh connection
 /// while the response policy allows: the one retry loop of every protocol.
 pub async fn send_with_retries(
-    connector: &Connector,
+    idle: &IdlePool,
     live: &Arc<Live>,
     service: Option<ServiceId>,
     mut slot: Slot,
@@ -170,7 +171,7 @@ pub async fn send_with_retries(
     loop {
         attempts.start();
         let peer = self::peer(slot.replica().addr, live.snapshot.network.pool(pool));
-        let (failure, e, replayable) = match connector.get_http_session(&peer).await {
+        let (failure, e, replayable) = match idle.session(&peer).await {
             Err(e) => {
                 policy::mark_down(&slot, &e);
                 (Failure::Connect, e, true)

@@ -241,8 +241,11 @@ impl Fleet {
         Ok(())
     }
 
+    /// Stop a pool's replicas; it shows as running until they are gone
+    /// with all their connections.
     async fn stop_pool(&self, id: &str) {
-        let replicas = self.running.lock().await.remove(id);
+        let mut running = self.running.lock().await;
+        let replicas = running.remove(id);
         if replicas.is_some() {
             if let Ok(mut up) = self.uptime.lock() {
                 let e = up.entry(id.to_owned()).or_default();
@@ -254,6 +257,7 @@ impl Fleet {
         for r in replicas.into_iter().flatten() {
             r.kill().await;
         }
+        drop(running);
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<HttpBody> {

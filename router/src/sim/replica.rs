@@ -161,10 +161,9 @@ impl Replica {
     }
 
     /// Stop listening and drop every connection at once (as a crashed
-    /// process would).
+    /// process would); returns once all are closed.
     pub async fn kill(self) {
         let _ = self.shutdown.send(true);
-        self.task.abort();
         let _ = self.task.await;
     }
 }

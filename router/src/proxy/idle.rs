@@ -181,8 +181,8 @@ mod tests {
     /// the connections it accepts and, if `close_after_one`, closes each
     /// connection after its first answer.
     async fn replica(close_after_one: bool) -> (Replica, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
@@ -228,14 +228,14 @@ mod tests {
 
     /// One request whose answer was read whole, its session still held.
     async fn exchange_open(pool: &IdlePool, peer: &Replica) -> (HttpSession, bool) {
-        let (mut session, reused) = pool.session(peer).await.unwrap();
-        let mut head = RequestHeader::build("GET", b"/", None).unwrap();
-        head.insert_header("host", "replica").unwrap();
-        session.write_request_header(Box::new(head)).await.unwrap();
-        session.finish_request_body().await.unwrap();
-        session.read_response_header().await.unwrap();
+        let (mut session, reused) = pool.session(peer).await.expect("session");
+        let mut head = RequestHeader::build("GET", b"/", None).expect("head");
+        head.insert_header("host", "replica").expect("host");
+        session.write_request_header(Box::new(head)).await.expect("request head");
+        session.finish_request_body().await.expect("request end");
+        session.read_response_header().await.expect("answer head");
         let mut body = Vec::new();
-        while let Some(chunk) = session.read_response_body().await.unwrap() {
+        while let Some(chunk) = session.read_response_body().await.expect("answer body") {
             body.extend_from_slice(&chunk);
         }
         assert_eq!(body, b"ok");
@@ -251,7 +251,7 @@ mod tests {
             // Each on a task of its own, as requests are: whichever worker
             // runs it takes the connection the last one gave back.
             let (p, r) = (pool.clone(), peer.clone());
-            let reused = tokio::spawn(async move { exchange(&p, &r).await }).await.unwrap();
+            let reused = tokio::spawn(async move { exchange(&p, &r).await }).await.expect("request task");
             assert_eq!(reused, i > 0, "request {i}");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -285,7 +285,7 @@ mod tests {
         loop {
             let dead = {
                 let mut idle = pool.idle.lock();
-                !usable(&mut idle.by_replica.get_mut(&peer.reuse_hash()).unwrap()[0].stream)
+                !usable(&mut idle.by_replica.get_mut(&peer.reuse_hash()).expect("parked")[0].stream)
             };
             if dead {
                 break;

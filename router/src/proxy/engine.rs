@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use stoke_config::{PoolId, Route};
@@ -302,17 +302,27 @@ impl Engine {
         let Some(from) = session.response_header() else {
             return Err(Reject::bad_gateway("the replica sent no response head"));
         };
-        let mut resp = from.clone();
-        for name in headers::hop_by_hop(&resp.headers, false) {
-            resp.remove_header(&name);
+        // Edited as one `HeaderMap`, without pingora's case map (as the
+        // request's head is: `Client::upstream_head`).
+        let mut parts = from.as_owned_parts();
+        let h = &mut parts.headers;
+        for name in headers::hop_by_hop(h, false) {
+            h.remove(&name);
         }
-        let bad = |e: pingora::BError| Reject::bad_gateway(format!("cannot forward this answer: {e}"));
         if let Some(alt) = policy::alt_svc(tls, self.alt_svc.as_ref()) {
-            resp.insert_header(http::header::ALT_SVC, alt.clone()).map_err(bad)?;
+            h.insert(http::header::ALT_SVC, alt.clone());
         }
-        resp.insert_header(headers::REQUEST_ID, policy::value(&x.request_id)).map_err(bad)?;
+        h.insert(HeaderName::from_static(headers::REQUEST_ID), policy::value(&x.request_id));
         let served = Served { pool: x.pool, replica: Some(&slot.replica().addr_text), waited: x.waited };
-        policy::debug_headers(&x.live, served, |name, value| resp.insert_header(name, value)).map_err(bad)?;
+        policy::debug_headers(&x.live, served, |name, value| {
+            h.insert(HeaderName::from_static(name), value);
+            Ok::<_, Reject>(())
+        })?;
+        let mut resp = ResponseHeader::from(parts);
+        if from.get_reason_phrase() != from.status.canonical_reason() {
+            resp.set_reason_phrase(from.get_reason_phrase())
+                .map_err(|e| Reject::bad_gateway(format!("cannot forward this answer: {e}")))?;
+        }
         Ok(resp)
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
+use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
 use stoke_config::Route;
@@ -233,51 +234,73 @@ impl Client for Http<'_> {
     }
 
     fn upstream_head(&self, request_id: &str, route: Option<&Route>, body: Framing) -> Result<RequestHeader, Reject> {
-        let bad = |e: pingora::BError| Reject::client(400, "bad_request", format!("cannot forward this request: {e}"));
+        let bad = |what: &str| Reject::client(400, "bad_request", format!("cannot forward this request: {what}"));
         let from = self.req();
-        let mut req = from.clone();
-        req.set_version(http::Version::HTTP_11);
-        for name in headers::hop_by_hop(&req.headers, true) {
-            req.remove_header(&name);
+        // The head for the replica is edited as one `HeaderMap`, without
+        // pingora's map of the client's spelling of each name: names go
+        // upstream in lowercase (as HTTP/2 sends them), and each edit is
+        // one map operation with a constant name, not a name parsed and
+        // stored twice.
+        let mut parts = from.as_owned_parts();
+        parts.version = http::Version::HTTP_11;
+        let h = &mut parts.headers;
+        for name in headers::hop_by_hop(h, true) {
+            h.remove(&name);
         }
         // The edge answers `Expect: 100-continue` itself.
-        req.remove_header(&EXPECT);
+        h.remove(EXPECT);
         // HTTP/2 carries the host as the authority; HTTP/1.1 wants `Host`.
-        if !req.headers.contains_key(HOST) {
+        if !h.contains_key(HOST) {
             if let Some(authority) = from.uri.authority() {
-                req.insert_header(HOST, authority.as_str()).map_err(bad)?;
+                h.insert(HOST, HeaderValue::from_str(authority.as_str()).map_err(|_| bad("invalid authority"))?);
             }
         }
         match body {
             Framing::Whole(len) => {
-                req.remove_header(&TRANSFER_ENCODING);
-                req.insert_header(CONTENT_LENGTH, len).map_err(bad)?;
+                h.remove(TRANSFER_ENCODING);
+                h.insert(CONTENT_LENGTH, HeaderValue::from(len));
             }
             Framing::Streamed => {
                 // A chunked body goes chunked (never with a length beside
                 // it); a body with a length keeps it; an HTTP/2 body without
                 // one goes chunked.
-                if req.headers.contains_key(TRANSFER_ENCODING) || !req.headers.contains_key(CONTENT_LENGTH) {
-                    req.remove_header(&CONTENT_LENGTH);
-                    req.insert_header(TRANSFER_ENCODING, "chunked").map_err(bad)?;
+                if h.contains_key(TRANSFER_ENCODING) || !h.contains_key(CONTENT_LENGTH) {
+                    h.remove(CONTENT_LENGTH);
+                    h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
                 }
             }
             Framing::Empty => {
-                req.remove_header(&TRANSFER_ENCODING);
+                h.remove(TRANSFER_ENCODING);
             }
         }
         let forwarded =
             Forwarded { host: request_host(from), client: self.client_ip(), tls: self.over_tls(), request_id };
-        forwarded.apply(|name, value| req.insert_header(name, value)).map_err(bad)?;
-        if let Some(route) = route {
-            let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-            if let Some(path) = headers::forward_path(pq, &route.path_prefix, route.strip_prefix) {
+        forwarded.apply(|name, value| {
+            h.insert(HeaderName::from_static(name), value);
+            Ok::<_, Reject>(())
+        })?;
+        let rewritten = match route {
+            Some(route) => {
+                let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                headers::forward_path(pq, &route.path_prefix, route.strip_prefix)
+            }
+            None => None,
+        };
+        let mut req = RequestHeader::from(parts);
+        match rewritten {
+            Some(path) => {
                 let uri = http::Uri::builder()
                     .path_and_query(path)
                     .build()
                     .map_err(|e| Reject::client(400, "bad_request", format!("cannot rewrite the path: {e}")))?;
                 req.set_uri(uri);
             }
+            // A target the URI does not reproduce (absolute-form, or not
+            // UTF-8) goes as the client sent it.
+            None if from.raw_path() != req.raw_path() => {
+                req.set_raw_path(from.raw_path()).map_err(|_| bad("invalid target"))?;
+            }
+            None => {}
         }
         Ok(req)
     }

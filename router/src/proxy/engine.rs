@@ -243,7 +243,7 @@ impl Engine {
         }
         x.forwarded = true;
         let rehold = route.map(|r| Rehold { router: &self.router, started: x.started, max_wait: r.max_wait });
-        let mut attempt = Try { head: &head, body: &mut body, client };
+        let mut attempt = Try { head: Some(head), request_id: &x.request_id, route, framing, body: &mut body, client };
         let sent =
             upstream::send_with_retries(&self.idle, &live, x.trace.service, slot, pool, &mut attempt, rehold.as_ref())
                 .await;
@@ -517,7 +517,12 @@ impl Body {
 
 /// One try of a request at a replica.
 struct Try<'r, C> {
-    head: &'r RequestHeader,
+    /// The head for the first try (pingora's session keeps the one it
+    /// writes); a later try builds it again, as the first was built.
+    head: Option<RequestHeader>,
+    request_id: &'r str,
+    route: Option<&'r Route>,
+    framing: Framing,
     body: &'r mut Body,
     client: &'r mut C,
 }
@@ -528,7 +533,15 @@ impl<C: Client> Attempt for Try<'_, C> {
         session: &'a mut HttpSession,
         peer: &'a upstream::Replica,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), TryError>> + Send + 'a>> {
-        Box::pin(send(session, self.head, self.body, &mut *self.client, peer))
+        Box::pin(async move {
+            let head = match self.head.take() {
+                Some(head) => head,
+                None => {
+                    self.client.upstream_head(self.request_id, self.route, self.framing).map_err(TryError::Answer)?
+                }
+            };
+            send(session, head, self.body, &mut *self.client, peer).await
+        })
     }
 }
 
@@ -536,14 +549,14 @@ impl<C: Client> Attempt for Try<'_, C> {
 /// head (skipping 1xx), watching for the client leaving.
 async fn send<C: Client>(
     session: &mut HttpSession,
-    head: &RequestHeader,
+    head: RequestHeader,
     body: &mut Body,
     client: &mut C,
     peer: &upstream::Replica,
 ) -> Result<(), TryError> {
     session.set_read_timeout(peer.0.options.read_timeout);
     session.set_write_timeout(peer.0.options.write_timeout);
-    session.write_request_header(Box::new(head.clone())).await.map_err(|e| body.failed(e))?;
+    session.write_request_header(Box::new(head)).await.map_err(|e| body.failed(e))?;
     let replay = !body.sent.is_empty();
     if let Some(held) = &body.held {
         let end = !body.streamed && !replay;

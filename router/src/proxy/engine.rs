@@ -215,7 +215,9 @@ impl Engine {
         let routed = match request::decide(&self.router, &live, client, x.started, &mut x.trace).await? {
             Verdict::Forward(routed) => routed,
             Verdict::Answer(json) => return Err(Reject::answer(json)),
-            Verdict::HoldStream(held) => return self.hold_stream(client, x, held).await,
+            // Boxed, as rare paths are, so that every exchange's future
+            // (and so every open stream) does not carry their room.
+            Verdict::HoldStream(held) => return Box::pin(self.hold_stream(client, x, held)).await,
         };
         let (slot, pool) = (routed.admitted.slot, routed.admitted.pool);
         x.waited = routed.admitted.waited;

@@ -72,7 +72,9 @@ impl IdlePool {
                 return Ok((HttpSession::H1(Http1Session::new_with_options(stream, peer)), true));
             }
         }
-        let stream = self.transport.new_stream(peer).await?;
+        // Boxed: connecting (TCP, maybe TLS) is a large future, and a
+        // request that reuses a connection should not carry its room.
+        let stream = Box::pin(self.transport.new_stream(peer)).await?;
         Ok((HttpSession::H1(Http1Session::new_with_options(stream, peer)), false))
     }
 

@@ -190,8 +190,11 @@ pub async fn send_with_retries(
             },
         };
         drop(slot);
-        let retry =
-            if attempts.may_retry(failure, replayable) { admit::retry(live, service, rehold).await } else { None };
+        let retry = if attempts.may_retry(failure, replayable) {
+            Box::pin(admit::retry(live, service, rehold)).await
+        } else {
+            None
+        };
         match retry {
             Some((p, s)) => {
                 pool = p;

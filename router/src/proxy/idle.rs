@@ -164,8 +164,8 @@ pub async fn run(pool: Arc<IdlePool>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => break,
         }
     }
-    let all = std::mem::take(&mut pool.idle.lock().by_replica);
-    pool.idle.lock().count = 0;
+    // Taken under the lock, closed outside it.
+    let all = std::mem::take(&mut *pool.idle.lock());
     drop(all);
 }
 

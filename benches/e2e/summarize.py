@@ -56,9 +56,10 @@ def last_json(txt):
     return None
 
 
-def parse(path):
-    txt = open(path).read()
-    r = {"err": 0, "cpu": "", "foreign": 0.0, "cpu0": None, "cpu1": None}
+def cpu_fields(txt):
+    """The 'cpu:' line a bench script appends after a run: its text and its
+    foreign, cpu0 and cpu1 percentages."""
+    r = {"cpu": "", "foreign": 0.0, "cpu0": None, "cpu1": None}
     m = re.search(r"^cpu: (.*)$", txt, re.M)
     if m:
         r["cpu"] = m.group(1).strip()
@@ -66,6 +67,12 @@ def parse(path):
             f = re.search(rf"{k}=(\d+)%", r["cpu"])
             r[k] = float(f.group(1)) if f else None
         r["foreign"] = r["foreign"] or 0.0
+    return r
+
+
+def parse(path):
+    txt = open(path).read()
+    r = {"err": 0, **cpu_fields(txt)}
     base = os.path.basename(path)
     if re.match(r"(h1|tls)-", base):  # wrk
         m = re.search(r"Requests/sec:\s+([\d.]+)", txt)

@@ -12,31 +12,22 @@ Rounds are kept or dropped whole, as in ../summarize.py: a round is dropped, for
 alike, when a target's run in it had foreign CPU (other processes on the box, ../cpuacct.py)
 above MAX_FOREIGN % (env, default 5). If no round is left, all are kept and the table says so.
 """
-import os, re, statistics, sys
+import os, re, sys
 from collections import defaultdict
+
+# The run.sh summarizer beside this directory: its parsing and formatting helpers.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from summarize import cpu_fields, fmt, med, to_ms  # noqa: E402
 
 MAX_FOREIGN = float(os.environ.get("MAX_FOREIGN", "5"))
 REF = "haproxy"
-UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 METRICS = [("rps", "req/s"), ("p50", "p50 ms"), ("p99", "p99 ms")]
-
-
-def to_ms(v):
-    m = re.match(r"([\d.]+)(us|ms|s)$", v)
-    return float(m.group(1)) * UNIT[m.group(2)] if m else None
 
 
 def parse(path):
     """wrk --latency output, then the 'cpu:' line openai.sh appends."""
     txt = open(path).read()
-    r = {"err": 0, "cpu": "", "foreign": 0.0, "cpu0": None, "cpu1": None}
-    m = re.search(r"^cpu: (.*)$", txt, re.M)
-    if m:
-        r["cpu"] = m.group(1).strip()
-        for k in ("foreign", "cpu0", "cpu1"):
-            f = re.search(rf"{k}=(\d+)%", r["cpu"])
-            r[k] = float(f.group(1)) if f else None
-        r["foreign"] = r["foreign"] or 0.0
+    r = {"err": 0, **cpu_fields(txt)}
     m = re.search(r"^upstream: open=(\d+) new=(-?\d+)", txt, re.M)
     r["up_open"], r["up_new"] = (int(m.group(1)), int(m.group(2))) if m else (None, None)
     m = re.search(r"Requests/sec:\s+([\d.]+)", txt)
@@ -55,19 +46,10 @@ def parse(path):
     return r
 
 
-def fmt(v, f="{:.3f}"):
-    return "-" if v is None else f.format(v)
-
-
 def one(path):
     r = parse(path)
     return (f"rps={fmt(r['rps'], '{:.0f}')} p50={fmt(r['p50'])} p99={fmt(r['p99'])} "
             f"err={r['err']} up_open={fmt(r['up_open'], '{}')} up_new={fmt(r['up_new'], '{}')} {r['cpu']}")
-
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def table(d):

@@ -270,22 +270,30 @@ impl Engine {
     /// Stream the replica's answer body to the client and end the answer,
     /// the upstream connection back to its pool. A failure of the replica
     /// mid-answer is returned, for the caller to tell the client.
-    async fn deliver<C: Client>(&self, client: &mut C, x: &mut Exchange, sent: Sent) -> Option<pingora::BError> {
-        let Sent { mut session, peer, slot, .. } = sent;
-        match stream_answer(client, &mut session, x).await {
+    ///
+    /// This future is what an open stream holds, so it holds little: `sent`
+    /// is used in place (an `async fn` keeps its arguments for its whole
+    /// life, and a copy moved out of them would be a second), and giving
+    /// the connection back does not await.
+    async fn deliver<C: Client>(&self, client: &mut C, x: &mut Exchange, mut sent: Sent) -> Option<pingora::BError> {
+        match stream_answer(client, &mut sent.session, x).await {
             Streamed::Done(last) => {
-                release(&self.idle, session, &peer).await;
-                drop(slot);
+                // A connection whose answer is not known to be whole is
+                // closed, dropped with `sent`.
+                if sent.session.response_done() {
+                    self.idle.release(sent.session, &sent.peer);
+                }
+                drop(sent.slot);
                 x.complete = finish(client, x, last).await;
                 None
             }
             Streamed::ClientGone(why) => {
-                session.shutdown().await;
+                sent.session.shutdown().await;
                 x.error = Some(why.into());
                 None
             }
             Streamed::ReplicaFailed(e) => {
-                session.shutdown().await;
+                sent.session.shutdown().await;
                 Some(e)
             }
         }
@@ -472,15 +480,6 @@ async fn stream_answer<C: Client>(client: &mut C, session: &mut HttpSession, x: 
             Ok(None) => return Streamed::Done(None),
             Err(e) => return Streamed::ReplicaFailed(e),
         }
-    }
-}
-
-/// Give an upstream session that read its whole answer back to the pool.
-async fn release(idle: &IdlePool, mut session: HttpSession, peer: &upstream::Replica) {
-    if session.response_done() {
-        idle.release(session, peer).await;
-    } else {
-        session.shutdown().await;
     }
 }
 

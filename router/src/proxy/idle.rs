@@ -81,10 +81,15 @@ impl IdlePool {
     /// Keep the connection of `session`, whose answer was read whole, for
     /// the next request to `peer`; close it if it cannot be reused or the
     /// pool is full.
-    pub async fn release(&self, session: HttpSession, peer: &Replica) {
+    ///
+    /// Not `async`: an exchange's future would carry the session's room
+    /// (and pingora's `reuse` future's) for as long as its answer streams.
+    /// pingora's `reuse` awaits only to shut a connection down that it will
+    /// not give back; such a connection is closed here by dropping it.
+    pub fn release(&self, session: HttpSession, peer: &Replica) {
         let HttpSession::H1(mut session) = session else { return };
         session.respect_keepalive();
-        let Some(stream) = session.reuse().await else { return };
+        let Some(Some(stream)) = session.reuse().now_or_never() else { return };
         let until = Instant::now() + peer.0.options.idle_timeout.unwrap_or(POOL_IDLE_TIMEOUT);
         let parked = Parked { stream, until };
         let refused = {
@@ -224,7 +229,7 @@ mod tests {
     /// session given back. Returns whether the connection was reused.
     async fn exchange(pool: &IdlePool, peer: &Replica) -> bool {
         let (session, reused) = exchange_open(pool, peer).await;
-        pool.release(session, peer).await;
+        pool.release(session, peer);
         reused
     }
 
@@ -329,8 +334,8 @@ mod tests {
         let pool = IdlePool::new(1);
         // Two requests at once take two connections; one is kept after.
         let ((s1, _), (s2, _)) = tokio::join!(exchange_open(&pool, &peer), exchange_open(&pool, &peer));
-        pool.release(s1, &peer).await;
-        pool.release(s2, &peer).await;
+        pool.release(s1, &peer);
+        pool.release(s2, &peer);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(pool.len(), 1);
         assert!(exchange(&pool, &peer).await);

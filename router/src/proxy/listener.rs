@@ -1,28 +1,35 @@
-//! The public TCP listeners. Sockets are bound here (so that port 0 works
-//! and the real address is known) and handed to pingora's own accept loop
-//! as inherited file descriptors, so that connections get pingora's buffers,
-//! socket digests and TLS handshake exactly as in a stock pingora server.
+//! The public TCP listeners and their accept loop. Sockets are bound here
+//! (so that port 0 works and the real address is known); each accepted
+//! connection is pingora-core's TCP stream, with its socket digest, a write
+//! buffer of one segment ([`super::transport`]) and pingora's TLS handshake
+//! (rustls, certificates by SNI, ALPN), then one task that serves it.
+//!
+//! The loop is stoke's, not pingora's listening service: pingora's runs
+//! each connection in a task sized for its TLS handshake (about 9 KB, held
+//! for the connection's life) and boxes the application's future in a
+//! second allocation. Here the handshake is boxed and freed once done, and
+//! the connection's future is the task itself: an open HTTP/1.1 stream
+//! holds one allocation for it (`benches/README.md`, memory per open
+//! stream).
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::IntoRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
 use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
-use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
+use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::listener::Listener;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
-use pingora::server::Fds;
 use pingora::server::ShutdownWatch;
-use pingora::services::listening::Service as ListeningService;
-use pingora::services::Service as _;
 use tokio::sync::watch;
 
 use super::engine::Engine;
 use super::session::Http;
+use super::transport::Buffered;
 use crate::tls::CertResolver;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4), which an h2c client
@@ -42,23 +49,25 @@ pub struct Connections {
     active: Arc<AtomicUsize>,
 }
 
-#[async_trait]
-impl ServerApp for Connections {
-    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+impl Connections {
+    /// Serve one connection until it closes or is not to be reused.
+    async fn serve(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
         let router = self.engine.router();
         let max = router.live().snapshot.network.edge.max_connections;
         let Some(_counted) = Counted::take(&self.active, max) else {
             metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL).increment(1);
             tracing::debug!(max, "connection refused: max_connections reached");
-            return None;
+            return;
         };
         // A client that says nothing for the header timeout, or closes
         // before its first bytes, is let go here.
         let wait = router.live().snapshot.network.edge.client_header_timeout;
-        if speaks_h2(&mut stream, wait).await? {
+        let Some(h2) = speaks_h2(&mut stream, wait).await else { return };
+        if h2 {
             // pingora's HTTP/2 accept loop (it sees the same preface again)
-            // spawns a task per stream.
-            return self.h2.process_new(stream, shutdown).await;
+            // spawns a task per stream; it never hands the connection back.
+            let _ = self.h2.process_new(stream, shutdown).await;
+            return;
         }
         let mut session = ServerSession::new_http1(stream);
         let mut stopping = shutdown.clone();
@@ -79,17 +88,18 @@ impl ServerApp for Connections {
                 biased;
                 read = session.read_request() => read,
                 // A connection waiting for its next request ends with the server.
-                _ = stopping.wait_for(|s| *s), if reused => return None,
+                _ = stopping.wait_for(|s| *s), if reused => return,
             };
             if !accept_head(&mut session, read).await {
-                return None;
+                return;
             }
             let held = router.bodies.account();
             if !self.engine.serve(&mut Http::new(&mut session, held)).await {
                 session.shutdown().await;
-                return None;
+                return;
             }
-            let (stream, pipelined) = session.finish().await.ok()??.into_parts();
+            let Ok(Some(next)) = session.finish().await else { return };
+            let (stream, pipelined) = next.into_parts();
             session = ServerSession::new_http1(stream);
             if let Some(prefix) = pipelined {
                 session.set_pipelined_prefix(prefix);
@@ -189,12 +199,9 @@ impl Drop for Counted {
 /// Idle upstream connections kept, over all replicas.
 pub const UPSTREAM_KEEPALIVE_POOL: usize = 1024;
 
-/// The read buffer pingora puts in front of each accepted connection:
-/// none. Its default (64 KiB, zeroed when allocated) was a third of what an
-/// open stream cost, and buffers nothing the protocol layers above do not
-/// buffer again: the HTTP/1 session reads its header into a buffer of its
-/// own, rustls and h2 read records and frames into theirs.
-pub const L4_READ_BUFFER: usize = 0;
+/// How long a client has to finish its TLS handshake (pingora's listener
+/// allows the same).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Backlog of the public listeners.
 pub const BACKLOG: i32 = 1024;
@@ -231,24 +238,77 @@ pub struct Endpoint {
 /// every listener has stopped accepting; connections still open finish on
 /// their own (the caller waits for in-flight requests).
 pub async fn serve(app: Connections, endpoints: Vec<Endpoint>, shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
-    let mut service = ListeningService::new("stoke edge".to_owned(), app);
-    let mut fds = Fds::new();
+    let app = Arc::new(app);
+    let mut loops = Vec::with_capacity(endpoints.len());
     for ep in endpoints {
-        let addr = ep.socket.local_addr()?.to_string();
-        let mut config = ListenerConfig::tcp(addr.clone())
-            .l4_buffer(L4BufferSettings::new(L4_READ_BUFFER, DEFAULT_L4_WRITE_BUFFER_SIZE));
-        if let Some(resolver) = ep.tls {
-            let mut tls = TlsSettings::intermediate("", "").map_err(std::io::Error::other)?;
-            tls.set_cert_resolver(resolver);
-            tls.set_alpn(ALPN::H2H1);
-            config = config.tls(tls);
-        }
-        service.add_listener(config);
-        // pingora adopts an inherited socket registered under its address.
-        fds.add(addr, ep.socket.into_raw_fd());
+        let tls = match ep.tls {
+            Some(resolver) => {
+                let mut tls = TlsSettings::intermediate("", "").map_err(std::io::Error::other)?;
+                tls.set_cert_resolver(resolver);
+                tls.set_alpn(ALPN::H2H1);
+                Some(Arc::new(tls.build()))
+            }
+            None => None,
+        };
+        ep.socket.set_nonblocking(true)?;
+        let listener = Listener::from(tokio::net::TcpListener::from_std(ep.socket)?);
+        loops.push(tokio::spawn(accept(app.clone(), listener, tls, shutdown.clone())));
     }
-    service.start_service(Some(Arc::new(Mutex::new(fds))), shutdown, 1).await;
+    for l in loops {
+        let _ = l.await;
+    }
     Ok(())
+}
+
+/// Accept connections on `listener` until `shutdown` turns true, each in a
+/// task of its own.
+async fn accept(app: Arc<Connections>, listener: Listener, tls: Option<Arc<Acceptor>>, mut shutdown: ShutdownWatch) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match accepted {
+            Ok(stream) => {
+                let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    // Boxed: the handshake's future (rustls's, for TLS) is
+                    // large and done with before the first request.
+                    let Some(stream) = Box::pin(handshake(stream, tls)).await else { return };
+                    app.serve(stream, &shutdown).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                // Out of file descriptors: accept() fails at once until
+                // some are freed, so wait rather than spin.
+                if e.raw_os_error() == Some(EMFILE) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// `EMFILE`: the process is out of file descriptors.
+const EMFILE: i32 = 24;
+
+/// The transport of an accepted connection: plain, or TLS once its
+/// handshake is done. `None` if the handshake fails or times out.
+async fn handshake(stream: L4Stream, tls: Option<Arc<Acceptor>>) -> Option<Stream> {
+    let stream = Buffered::new(stream);
+    let Some(tls) = tls else { return Some(Box::new(stream)) };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.tls_handshake(stream)).await {
+        Ok(Ok(tls)) => Some(Box::new(tls)),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@
 //! | [`upstream`] | how replicas are reached |
 //! | [`idle`] | idle upstream connections, kept between requests |
 //! | [`session`] | the HTTP/1.1 and HTTP/2 adapter: a pingora-core `ServerSession` |
-//! | [`listener`] | the TCP listeners, TLS, connection limits and the keep-alive loop |
+//! | [`listener`] | the TCP listeners and their accept loop, TLS, connection limits and the keep-alive loop |
+//! | [`transport`] | the write buffer under each accepted connection |
 //!
 //! HTTP/3 has its own adapter in [`crate::h3`], over the same engine.
 
@@ -27,4 +28,5 @@ pub mod listener;
 pub mod policy;
 pub mod request;
 pub mod session;
+pub mod transport;
 pub mod upstream;

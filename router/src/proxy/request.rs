@@ -409,7 +409,7 @@ fn access_fields(mut f: logging::Fields, live: Option<&Live>, o: &Outcome<'_>) -
         .str("replica", o.replica.unwrap_or("-"))
         .u64("status", u64::from(o.status))
         .u64("bytes", o.bytes as u64)
-        .f64("duration_ms", o.elapsed.as_secs_f64() * 1000.0)
+        .millis("duration_ms", o.elapsed.as_micros() as u64)
         .u64("wait_ms", o.waited.as_millis() as u64)
         .str("affinity", o.affinity.map_or("-", Chosen::as_str))
         .str("error", &o.error.map(|e| e.to_string()).unwrap_or_default());
@@ -431,7 +431,7 @@ fn access_event(live: Option<&Live>, o: &Outcome<'_>) {
         replica = o.replica.unwrap_or("-"),
         status = o.status,
         bytes = o.bytes,
-        duration_ms = o.elapsed.as_secs_f64() * 1000.0,
+        duration_ms = o.elapsed.as_micros() as f64 / 1000.0,
         wait_ms = o.waited.as_millis() as u64,
         affinity = o.affinity.map_or("-", Chosen::as_str),
         error = o.error.map(|e| e.to_string()).unwrap_or_default(),

@@ -414,7 +414,7 @@ mod tests {
         for us in micros {
             let ms = us as f64 / 1000.0;
             for (format, want) in
-                [(LogFormat::Text, format!("{ms:?}")), (LogFormat::Json, serde_json::to_string(&ms).unwrap())]
+                [(LogFormat::Text, format!("{ms:?}")), (LogFormat::Json, serde_json::to_string(&ms).expect("a float"))]
             {
                 let mut f = Fields::new(format, "t");
                 let start = f.buf.len();

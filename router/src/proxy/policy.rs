@@ -350,7 +350,7 @@ mod tests {
     fn an_address_is_written_as_display_writes_it() {
         let mut v4 = vec![[0, 0, 0, 0], [255, 255, 255, 255], [127, 0, 0, 1], [10, 0, 100, 7], [192, 168, 9, 99]];
         // Every octet value in every position.
-        v4.extend((0..=255u8).map(|o| [o, 255 - o, o / 2, o.wrapping_mul(7)]));
+        v4.extend((0..=255u8).map(|o| [o, 255 - o, o.wrapping_mul(3), o.wrapping_mul(7)]));
         for octets in v4 {
             let ip = IpAddr::from(octets);
             assert_eq!(ip_value(ip).to_str().expect("ascii"), ip.to_string(), "{octets:?}");

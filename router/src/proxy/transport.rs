@@ -124,18 +124,25 @@ impl GetSocketDigest for Buffered {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+
     use super::*;
     use pingora::protocols::l4::listener::Listener;
     use tokio::io::AsyncReadExt;
 
     /// A connected pair: the accepted side as pingora's listener gives it,
-    /// and the client's socket.
-    async fn pair() -> (Buffered, tokio::net::TcpStream) {
+    /// and the client's socket, plain `std` so that a read can be tried
+    /// without waiting (tokio's `try_read` answers from readiness it has
+    /// seen, not from the socket). Reads after that wait at most 10 s.
+    async fn pair() -> (Buffered, std::net::TcpStream) {
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = tcp.local_addr().expect("addr");
         let listener = Listener::from(tcp);
-        let (accepted, client) = tokio::join!(listener.accept(), tokio::net::TcpStream::connect(addr));
-        (Buffered::new(accepted.expect("accept")), client.expect("connect"))
+        // A loopback connect completes in the listener's backlog.
+        let client = std::net::TcpStream::connect(addr).expect("connect");
+        client.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let accepted = listener.accept().await.expect("accept");
+        (Buffered::new(accepted), client)
     }
 
     #[tokio::test]
@@ -149,19 +156,26 @@ mod tests {
         );
         server.write_all(b"head ").await.expect("write");
         server.write_all(b"body").await.expect("write");
+        // On loopback a write is in the peer's receive queue when it
+        // returns: had either gone out, this read would find it.
+        client.set_nonblocking(true).expect("nonblocking");
         let mut buf = [0u8; 16];
-        let early = tokio::time::timeout(Duration::from_millis(50), client.read(&mut buf)).await;
-        assert!(early.is_err(), "nothing leaves before the flush");
+        let early = client.read(&mut buf);
+        assert!(
+            matches!(&early, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "nothing leaves before the flush: {early:?}"
+        );
+        client.set_nonblocking(false).expect("blocking");
         server.flush().await.expect("flush");
         let mut got = vec![0u8; 9];
-        client.read_exact(&mut got).await.expect("read");
+        client.read_exact(&mut got).expect("read");
         assert_eq!(&got, b"head body");
     }
 
     #[tokio::test]
     async fn a_peek_is_read_again_and_shutdown_flushes() {
         let (mut server, mut client) = pair().await;
-        client.write_all(b"PRI * x").await.expect("write");
+        client.write_all(b"PRI * x").expect("write");
         let mut peeked = [0u8; 3];
         assert!(server.try_peek(&mut peeked).await.expect("peek"));
         assert_eq!(&peeked, b"PRI");
@@ -171,7 +185,7 @@ mod tests {
         server.write_all(b"bye").await.expect("write");
         Shutdown::shutdown(&mut server).await;
         let mut rest = Vec::new();
-        client.read_to_end(&mut rest).await.expect("read to the end");
+        client.read_to_end(&mut rest).expect("read to the end");
         assert_eq!(rest, b"bye");
     }
 }

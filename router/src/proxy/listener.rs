@@ -7,7 +7,7 @@
 //! The loop is stoke's, not pingora's listening service: pingora's runs
 //! each connection in a task sized for its TLS handshake (about 9 KB, held
 //! for the connection's life) and boxes the application's future in a
-//! second allocation. Here the handshake is boxed and freed once done, and
+//! second allocation. Here a TLS handshake is boxed and freed once done, and
 //! the connection's future is the task itself: an open HTTP/1.1 stream
 //! holds one allocation for it (`benches/README.md`, memory per open
 //! stream).
@@ -22,7 +22,6 @@ use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerAp
 use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::listener::Listener;
-use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use tokio::sync::watch;
@@ -272,9 +271,16 @@ async fn accept(app: Arc<Connections>, listener: Listener, tls: Option<Arc<Accep
             Ok(stream) => {
                 let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
                 tokio::spawn(async move {
-                    // Boxed: the handshake's future (rustls's, for TLS) is
-                    // large and done with before the first request.
-                    let Some(stream) = Box::pin(handshake(stream, tls)).await else { return };
+                    let stream = Buffered::new(stream);
+                    let stream: Stream = match tls {
+                        None => Box::new(stream),
+                        // Boxed: rustls's handshake future is large and
+                        // done with before the first request.
+                        Some(tls) => match Box::pin(handshake(stream, &tls)).await {
+                            Some(stream) => stream,
+                            None => return,
+                        },
+                    };
                     app.serve(stream, &shutdown).await;
                 });
             }
@@ -293,11 +299,9 @@ async fn accept(app: Arc<Connections>, listener: Listener, tls: Option<Arc<Accep
 /// `EMFILE`: the process is out of file descriptors.
 const EMFILE: i32 = 24;
 
-/// The transport of an accepted connection: plain, or TLS once its
-/// handshake is done. `None` if the handshake fails or times out.
-async fn handshake(stream: L4Stream, tls: Option<Arc<Acceptor>>) -> Option<Stream> {
-    let stream = Buffered::new(stream);
-    let Some(tls) = tls else { return Some(Box::new(stream)) };
+/// The TLS session over an accepted connection, once its handshake is
+/// done; `None` if it fails or times out.
+async fn handshake(stream: Buffered, tls: &Acceptor) -> Option<Stream> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.tls_handshake(stream)).await {
         Ok(Ok(tls)) => Some(Box::new(tls)),
         Ok(Err(e)) => {

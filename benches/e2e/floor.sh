@@ -4,8 +4,8 @@
 # stoke's engine was prototyped as (stoke-benches' engine-loop: no routing, no header
 # edits, no log), and through stoke, interleaved in rounds (H E S H E S ...), each
 # proxy alone on cpu1, wrk and the upstream on cpu0. What the loop reaches is what any
-# forwarder built on pingora-core's HTTP/1 sessions can reach here. See README.md
-# beside this file ("The floor on pingora-core").
+# forwarder built on pingora-core's HTTP/1 sessions can reach here. See ../README.md
+# ("The floor on pingora-core") and README.md beside this file ("Profiling").
 #
 # Usage: benches/e2e/floor.sh [-r ROUNDS (default 3)] [-d SECS (default 8)]
 # Needs: cargo build --profile perf -p stoke-router --bin stoke && \
@@ -28,6 +28,7 @@ if [ "$(id -u)" = 0 ]; then NICE=(nice -n -10); else NICE=(); fi
 # shellcheck source=common.sh
 . "$DIR/common.sh"
 require_free_ports
+if ss -ltnH "sport = :8086" | grep -q .; then echo "TCP port 8086 (engine-loop) busy: stop what listens there first" >&2; exit 1; fi
 OUT="${BENCH_WORK:-/tmp/stoke-e2e}/floor/$(date +%Y%m%d-%H%M%S)"
 RUN="$OUT/run"
 mkdir -p "$RUN/upstream/tmp" "$RUN/upstream/logs"

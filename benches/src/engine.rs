@@ -24,7 +24,7 @@ use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFF
 use pingora::server::Fds;
 use pingora::services::listening::Service as ListeningService;
 use pingora::services::Service as _;
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Peer, PeerOptions, Proxy};
 
 /// Idle upstream connections kept (stoke's `UPSTREAM_KEEPALIVE_POOL`).
 pub const UPSTREAM_POOL: usize = 1024;
@@ -52,6 +52,47 @@ impl Args {
 /// The upstream peer of every request: plain HTTP/1.1, as stoke's replicas.
 pub fn peer(upstream: SocketAddr) -> HttpPeer {
     HttpPeer::new(upstream, false, String::new())
+}
+
+/// The upstream peer as the loop takes pooled connections: pingora's
+/// `Peer::matches_fd` asks the kernel who is at the other end of a pooled
+/// connection (one `getpeername` per request) to guard against colliding
+/// hashes; a pooled socket's descriptor cannot meanwhile name another
+/// socket, so the check is left out, as stoke's own pool leaves it out.
+#[derive(Clone)]
+pub struct Replica(pub HttpPeer);
+
+impl std::fmt::Display for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Peer for Replica {
+    fn address(&self) -> &pingora::protocols::l4::socket::SocketAddr {
+        self.0.address()
+    }
+    fn tls(&self) -> bool {
+        self.0.tls()
+    }
+    fn sni(&self) -> &str {
+        self.0.sni()
+    }
+    fn reuse_hash(&self) -> u64 {
+        self.0.reuse_hash()
+    }
+    fn get_proxy(&self) -> Option<&Proxy> {
+        self.0.get_proxy()
+    }
+    fn get_peer_options(&self) -> Option<&PeerOptions> {
+        self.0.get_peer_options()
+    }
+    fn get_mut_peer_options(&mut self) -> Option<&mut PeerOptions> {
+        self.0.get_mut_peer_options()
+    }
+    fn matches_fd<V: std::os::fd::AsRawFd>(&self, _fd: V) -> bool {
+        true
+    }
 }
 
 /// The server options both prototypes share with stoke's plain listener.

@@ -21,9 +21,8 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::Peer as _;
-use stoke_benches::engine;
+use stoke_benches::engine::{self, Replica};
 use stoke_router::proxy::listener::speaks_h2;
-use stoke_router::proxy::upstream::Replica;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -21,8 +21,7 @@ use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
 use h3::error::Code;
 use h3::server::RequestStream;
-use http::{HeaderMap, Response};
-use pingora::http::{RequestHeader, ResponseHeader};
+use http::{HeaderMap, HeaderValue, Response};
 use stoke_config::Route;
 use tokio::sync::watch;
 
@@ -401,16 +400,19 @@ impl Client for H3Client<'_> {
         }
     }
 
-    fn upstream_head(&self, request_id: &str, route: Option<&Route>, body: Framing) -> Result<RequestHeader, Reject> {
+    fn upstream_head(
+        &self,
+        request_id: &str,
+        route: Option<&Route>,
+        body: Framing,
+    ) -> Result<http::request::Parts, Reject> {
         upstream_head(self.req, self.conn, request_id, route, body)
     }
 
-    async fn send_head(&mut self, head: ResponseHeader) -> bool {
-        let mut resp = Response::builder().status(head.status);
-        if let Some(h) = resp.headers_mut() {
-            copy_headers(&head.headers, h);
-        }
-        let Ok(resp) = resp.body(()) else { return false };
+    async fn send_head(&mut self, head: http::response::Parts) -> bool {
+        let mut resp = Response::new(());
+        *resp.status_mut() = head.status;
+        copy_headers(&head.headers, resp.headers_mut());
         self.tx.send_response(resp).await.is_ok()
     }
 
@@ -451,7 +453,7 @@ fn upstream_head(
     request_id: &str,
     route: Option<&Route>,
     body: Framing,
-) -> Result<RequestHeader, Reject> {
+) -> Result<http::request::Parts, Reject> {
     let whole_body = match body {
         Framing::Whole(len) => Some(len),
         Framing::Streamed | Framing::Empty => None,
@@ -461,9 +463,13 @@ fn upstream_head(
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let path =
         route.and_then(|r| headers::forward_path(pq, &r.path_prefix, r.strip_prefix)).unwrap_or_else(|| pq.to_owned());
-    let bad = |e: pingora::BError| Reject::client(400, "bad_request", format!("cannot forward this request: {e}"));
-    let mut head =
-        RequestHeader::build(req.method().clone(), path.as_bytes(), Some(req.headers().len() + 6)).map_err(bad)?;
+    let bad =
+        |e: &dyn std::fmt::Display| Reject::client(400, "bad_request", format!("cannot forward this request: {e}"));
+    let uri = http::Uri::try_from(path).map_err(|e| bad(&e))?;
+    let (mut head, ()) = http::Request::new(()).into_parts();
+    head.method = req.method().clone();
+    head.uri = uri;
+    head.headers.reserve(req.headers().len() + 6);
     let hop = headers::hop_by_hop(req.headers(), true);
     let mut cookies: Vec<&str> = Vec::new();
     for (name, value) in req.headers() {
@@ -475,24 +481,30 @@ fn upstream_head(
             "cookie" => cookies.extend(value.to_str().ok()),
             "content-length" if whole_body.is_some() => {}
             _ => {
-                head.append_header(name.clone(), value.clone()).map_err(bad)?;
+                head.headers.append(name.clone(), value.clone());
             }
         }
     }
     if !cookies.is_empty() {
-        head.insert_header(http::header::COOKIE, cookies.join("; ")).map_err(bad)?;
+        let cookie = HeaderValue::from_str(&cookies.join("; ")).map_err(|e| bad(&e))?;
+        head.headers.insert(http::header::COOKIE, cookie);
     }
     let authority = req.uri().authority().map(|a| a.as_str());
     if let Some(authority) = authority {
-        head.insert_header(http::header::HOST, authority).map_err(bad)?;
+        head.headers.insert(http::header::HOST, HeaderValue::from_str(authority).map_err(|e| bad(&e))?);
     }
     let forwarded =
         Forwarded { host: authority, client: Some(conn.remote_address().ip().to_canonical()), tls: true, request_id };
-    forwarded.apply(|name, value| head.insert_header(name, value)).map_err(bad)?;
+    forwarded.apply(|name, value| {
+        head.headers.insert(http::HeaderName::from_static(name), value);
+        Ok::<_, Reject>(())
+    })?;
     match whole_body {
-        Some(len) => head.insert_header(http::header::CONTENT_LENGTH, len.to_string()).map_err(bad)?,
+        Some(len) => {
+            head.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
         None if streamed && !has_length => {
-            head.insert_header(http::header::TRANSFER_ENCODING, "chunked").map_err(bad)?
+            head.headers.insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         }
         None => {}
     }

@@ -1,7 +1,7 @@
 //! The forwarding engine: one exchange, from the request's head to the last
 //! byte of its answer, for every downstream protocol. It runs the routing
 //! core ([`request::decide`]), holds streams that say they are held
-//! ([`keepalive`]), sends the request to its replica over pingora's pooled
+//! ([`keepalive`]), sends the request to its replica over the edge's pooled
 //! upstream connections with the one retry loop ([`upstream`]), streams the
 //! answer back, answers failures with the response policy ([`policy`]) and
 //! accounts for the request on every ending ([`request::record`]).
@@ -16,8 +16,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
-use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::client::HttpSession;
 use stoke_config::{PoolId, Route};
 
 use super::admit::Rehold;
@@ -26,7 +24,9 @@ use super::idle::IdlePool;
 use super::keepalive::{self, HeldStream, KeptAlive, Step};
 use super::policy::{self, Answer, BodyCount, Served};
 use super::request::{self, Downstream, Outcome, Trace, Verdict};
-use super::upstream::{self, Attempt, Sent, TryError};
+use super::upstream::{
+    self, Answered, Answering, Attempt, Connection, Outgoing, Sent, TryError, Upload, UpstreamError,
+};
 use crate::core::affinity::Chosen;
 use crate::drain::Drain;
 use crate::error::Reject;
@@ -69,10 +69,15 @@ pub trait Client: Downstream {
 
     /// The head for the replica: hop-by-hop fields gone, forwarded fields
     /// set, the path rewritten for `route`, framed as `body` says.
-    fn upstream_head(&self, request_id: &str, route: Option<&Route>, body: Framing) -> Result<RequestHeader, Reject>;
+    fn upstream_head(
+        &self,
+        request_id: &str,
+        route: Option<&Route>,
+        body: Framing,
+    ) -> Result<http::request::Parts, Reject>;
 
     /// Write the answer's head; `false` if the client is gone.
-    fn send_head(&mut self, head: ResponseHeader) -> impl Future<Output = bool> + Send;
+    fn send_head(&mut self, head: http::response::Parts) -> impl Future<Output = bool> + Send;
 
     /// Write a part of the answer's body; `false` if the client is gone.
     fn send_body(&mut self, chunk: Bytes) -> impl Future<Output = bool> + Send;
@@ -141,7 +146,7 @@ enum Streamed {
     /// The client left or stopped reading.
     ClientGone(&'static str),
     /// The replica failed mid-answer.
-    ReplicaFailed(pingora::BError),
+    ReplicaFailed(UpstreamError),
 }
 
 impl Engine {
@@ -252,17 +257,17 @@ impl Engine {
         // The body is done with: what it kept for a retry goes now, not
         // when the answer ends.
         drop(body);
-        let mut sent = sent?;
-        x.serve_on(&sent.slot, sent.pool);
-        let resp = self.answer_head(&sent.session, client.over_tls(), x, &sent.slot)?;
+        let Sent { head, answer, slot, pool } = sent?;
+        x.serve_on(&slot, pool);
+        let resp = self.answer_head(head, client.over_tls(), x, &slot)?;
         x.status = resp.status.as_u16();
+        // A connection whose answer is not read is closed, dropped with it.
         if !client.send_head(resp).await {
-            sent.session.shutdown().await;
             return Err(Reject::client_gone());
         }
-        if let Some(e) = self.deliver(client, x, sent).await {
+        if let Some(e) = self.deliver(client, x, answer, slot).await {
             client.abort().await;
-            x.error = Some(format!("replica failed mid-response: {}", e.etype().as_str()));
+            x.error = Some(format!("replica failed mid-response: {}", e.kind()));
         }
         Ok(())
     }
@@ -271,31 +276,31 @@ impl Engine {
     /// the upstream connection back to its pool. A failure of the replica
     /// mid-answer is returned, for the caller to tell the client.
     ///
-    /// This future is what an open stream holds, so it holds little: `sent`
-    /// is used in place (an `async fn` keeps its arguments for its whole
-    /// life, and a copy moved out of them would be a second), and giving
-    /// the connection back does not await.
-    async fn deliver<C: Client>(&self, client: &mut C, x: &mut Exchange, mut sent: Sent) -> Option<pingora::BError> {
-        match stream_answer(client, &mut sent.session, x).await {
+    /// This future is what an open stream holds, so it holds little: the
+    /// answer is used in place (an `async fn` keeps its arguments for its
+    /// whole life, and a copy moved out of them would be a second), and
+    /// giving the connection back does not await.
+    async fn deliver<C: Client>(
+        &self,
+        client: &mut C,
+        x: &mut Exchange,
+        mut answer: Answering,
+        slot: Slot,
+    ) -> Option<UpstreamError> {
+        match stream_answer(client, &mut answer, x).await {
             Streamed::Done(last) => {
                 // A connection whose answer is not known to be whole is
-                // closed, dropped with `sent`.
-                if sent.session.response_done() {
-                    self.idle.release(sent.session, &sent.peer);
-                }
-                drop(sent.slot);
+                // closed, dropped here.
+                answer.release(&self.idle);
+                drop(slot);
                 x.complete = finish(client, x, last).await;
                 None
             }
             Streamed::ClientGone(why) => {
-                sent.session.shutdown().await;
                 x.error = Some(why.into());
                 None
             }
-            Streamed::ReplicaFailed(e) => {
-                sent.session.shutdown().await;
-                Some(e)
-            }
+            Streamed::ReplicaFailed(e) => Some(e),
         }
     }
 
@@ -304,17 +309,14 @@ impl Engine {
     /// headers set.
     fn answer_head(
         &self,
-        session: &HttpSession,
+        mut parts: http::response::Parts,
         tls: bool,
         x: &Exchange,
         slot: &Slot,
-    ) -> Result<ResponseHeader, Reject> {
-        let Some(from) = session.response_header() else {
-            return Err(Reject::bad_gateway("the replica sent no response head"));
-        };
-        // Edited as one `HeaderMap`, without pingora's case map (as the
-        // request's head is: `Client::upstream_head`).
-        let mut parts = from.as_owned_parts();
+    ) -> Result<http::response::Parts, Reject> {
+        // A reason phrase other than the status's own stays with the
+        // head's extensions (hyper's `ReasonPhrase`).
+        parts.version = http::Version::HTTP_11;
         let h = &mut parts.headers;
         for name in headers::hop_by_hop(h, false) {
             h.remove(&name);
@@ -328,12 +330,7 @@ impl Engine {
             h.insert(HeaderName::from_static(name), value);
             Ok::<_, Reject>(())
         })?;
-        let mut resp = ResponseHeader::from(parts);
-        if from.get_reason_phrase() != from.status.canonical_reason() {
-            resp.set_reason_phrase(from.get_reason_phrase())
-                .map_err(|e| Reject::bad_gateway(format!("cannot forward this answer: {e}")))?;
-        }
-        Ok(resp)
+        Ok(parts)
     }
 
     /// A streaming request held with keep-alive comments: the SSE head
@@ -343,12 +340,8 @@ impl Engine {
     async fn hold_stream<C: Client>(&self, client: &mut C, x: &mut Exchange, held: HeldStream) -> Result<(), Reject> {
         let live = x.live.clone();
         let alt = policy::alt_svc(client.over_tls(), self.alt_svc.as_ref());
-        let fields = keepalive::head(&x.request_id, &live, alt);
-        let mut resp = ResponseHeader::build(200, Some(fields.len()))
-            .map_err(|e| Reject::bad_gateway(format!("cannot answer: {e}")))?;
-        for (name, value) in fields {
-            let _ = resp.insert_header(name, value);
-        }
+        let (mut resp, ()) = http::Response::new(()).into_parts();
+        resp.headers.extend(keepalive::head(&x.request_id, &live, alt));
         if !client.send_head(resp).await {
             return Err(Reject::client_gone());
         }
@@ -391,17 +384,15 @@ impl Engine {
             &held.body,
             rehold.as_ref(),
         );
-        let mut sent = match sent.await {
+        let Sent { head, answer, slot, pool } = match sent.await {
             Ok(sent) => sent,
             Err(reject) => return end_with_error(client, x, reject).await,
         };
-        x.serve_on(&sent.slot, sent.pool);
-        let status = sent.session.response_header().map_or(502, |h| h.status.as_u16());
-        if status != 200 {
-            sent.session.shutdown().await;
-            return end_with_error(client, x, keepalive::replica_refused(status)).await;
+        x.serve_on(&slot, pool);
+        if head.status != http::StatusCode::OK {
+            return end_with_error(client, x, keepalive::replica_refused(head.status.as_u16())).await;
         }
-        match self.deliver(client, x, sent).await {
+        match self.deliver(client, x, answer, slot).await {
             Some(e) => end_with_error(client, x, keepalive::replica_failed(&e)).await,
             None => Ok(()),
         }
@@ -459,17 +450,17 @@ async fn end_with_error<C: Client>(client: &mut C, x: &mut Exchange, reject: Rej
     Ok(())
 }
 
-/// Stream the answer body from `session` to the client, counting bytes.
-async fn stream_answer<C: Client>(client: &mut C, session: &mut HttpSession, x: &mut Exchange) -> Streamed {
+/// Stream the answer body from the replica to the client, counting bytes.
+async fn stream_answer<C: Client>(client: &mut C, answer: &mut Answering, x: &mut Exchange) -> Streamed {
     loop {
         let chunk = tokio::select! {
-            r = session.read_response_body() => r,
+            r = answer.chunk() => r,
             _ = client.closed() => return Streamed::ClientGone("client gone mid-response"),
         };
         match chunk {
             Ok(Some(b)) => {
                 x.bytes += b.len();
-                if session.response_done() {
+                if answer.is_done() {
                     return Streamed::Done(Some(b));
                 }
                 // Writes are not raced: not every protocol's is cancel-safe.
@@ -511,16 +502,16 @@ impl Body {
     }
 
     /// A failure on the replica's side, as the retry policy sees it.
-    fn failed(&self, error: pingora::BError) -> TryError {
+    fn failed(&self, error: UpstreamError) -> TryError {
         TryError::Upstream { error, replayable: self.replayable() }
     }
 }
 
 /// One try of a request at a replica.
 struct Try<'r, C> {
-    /// The head for the first try (pingora's session keeps the one it
+    /// The head for the first try (the connection takes the one it
     /// writes); a later try builds it again, as the first was built.
-    head: Option<RequestHeader>,
+    head: Option<http::request::Parts>,
     request_id: &'r str,
     route: Option<&'r Route>,
     framing: Framing,
@@ -531,9 +522,9 @@ struct Try<'r, C> {
 impl<C: Client> Attempt for Try<'_, C> {
     fn attempt<'a>(
         &'a mut self,
-        session: &'a mut HttpSession,
-        peer: &'a upstream::Replica,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), TryError>> + Send + 'a>> {
+        connection: &'a mut Connection,
+        replica: &'a upstream::Replica,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Answered, TryError>> + Send + 'a>> {
         Box::pin(async move {
             let head = match self.head.take() {
                 Some(head) => head,
@@ -541,58 +532,97 @@ impl<C: Client> Attempt for Try<'_, C> {
                     self.client.upstream_head(self.request_id, self.route, self.framing).map_err(TryError::Answer)?
                 }
             };
-            send(session, head, self.body, &mut *self.client, peer).await
+            send(connection, head, self.body, &mut *self.client, replica).await
         })
     }
 }
 
 /// One try: the request head and body to the replica, then its answer's
-/// head (skipping 1xx), watching for the client leaving.
+/// head (1xx are skipped by the connection), watching for the client
+/// leaving. A body that streams from the client goes as it arrives.
 async fn send<C: Client>(
-    session: &mut HttpSession,
-    head: RequestHeader,
+    connection: &mut Connection,
+    head: http::request::Parts,
     body: &mut Body,
     client: &mut C,
-    peer: &upstream::Replica,
-) -> Result<(), TryError> {
-    session.set_read_timeout(peer.0.options.read_timeout);
-    session.set_write_timeout(peer.0.options.write_timeout);
-    session.write_request_header(Box::new(head)).await.map_err(|e| body.failed(e))?;
+    replica: &upstream::Replica,
+) -> Result<Answered, TryError> {
     let replay = !body.sent.is_empty();
-    if let Some(held) = &body.held {
-        let end = !body.streamed && !replay;
-        session.write_request_body(held.clone(), end).await.map_err(|e| body.failed(e))?;
-    }
-    for chunk in &body.sent {
-        session.write_request_body(chunk.clone(), false).await.map_err(|e| body.failed(e))?;
-    }
-    while body.streamed {
-        match client.body_chunk().await {
-            Ok(Some(chunk)) => {
-                body.count.add(chunk.len()).map_err(TryError::Answer)?;
-                body.sent_bytes += chunk.len();
-                if body.sent_bytes <= RETRY_BUFFER {
-                    body.sent.push(chunk.clone());
-                } else {
-                    body.sent = Vec::new();
-                }
-                session.write_request_body(chunk, false).await.map_err(|e| body.failed(e))?;
-            }
-            Ok(None) => body.streamed = false,
-            Err(reject) => return Err(TryError::Answer(reject)),
-        }
-    }
-    session.finish_request_body().await.map_err(|e| body.failed(e))?;
-    let forwarded_at = Instant::now();
-    loop {
-        tokio::select! {
-            r = session.read_response_header() => r.map_err(|e| body.failed(e))?,
+    if !body.streamed && !replay {
+        let outgoing = match &body.held {
+            Some(held) => Outgoing::Whole(Some(held.clone())),
+            None => Outgoing::Empty,
+        };
+        let answer = connection.send(upstream::request(head, outgoing));
+        let forwarded_at = Instant::now();
+        let answer = tokio::select! {
+            r = upstream::answer_head(replica, answer) => r.map_err(|e| body.failed(e))?,
             _ = client.closed() => return Err(TryError::Answer(Reject::client_gone())),
-        }
-        if !session.response_header().is_some_and(|h| h.status.is_informational()) {
-            break;
-        }
+        };
+        request::upstream_ttfb().record(forwarded_at.elapsed().as_secs_f64());
+        return Ok(answer);
     }
+    let (mut upload, outgoing) = Upload::new();
+    let answer = connection.send(upstream::request(head, outgoing));
+    let mut answer = std::pin::pin!(upstream::answer_head(replica, answer));
+    // The body as it goes: what the edge holds, what a failed try sent,
+    // then the client's, until its end or the replica's answer.
+    let sending = async {
+        if let Some(held) = &body.held {
+            upload.send(held.clone()).await.map_err(|e| body.failed(e))?;
+        }
+        for chunk in &body.sent {
+            upload.send(chunk.clone()).await.map_err(|e| body.failed(e))?;
+        }
+        while body.streamed {
+            match client.body_chunk().await {
+                Ok(Some(chunk)) => {
+                    body.count.add(chunk.len()).map_err(TryError::Answer)?;
+                    body.sent_bytes += chunk.len();
+                    if body.sent_bytes <= RETRY_BUFFER {
+                        body.sent.push(chunk.clone());
+                    } else {
+                        body.sent = Vec::new();
+                    }
+                    upload.send(chunk).await.map_err(|e| body.failed(e))?;
+                }
+                Ok(None) => body.streamed = false,
+                Err(reject) => return Err(TryError::Answer(reject)),
+            }
+        }
+        Ok(())
+    };
+    // The body goes whole before the answer is taken, as a replica that
+    // answers early expects it to; an answer that fails meanwhile (the
+    // connection is gone) ends the try at once.
+    let (sent, early) = {
+        let mut sending = std::pin::pin!(sending);
+        tokio::select! {
+            biased;
+            r = &mut answer => match r {
+                Ok(early) => (sending.await, Some(Ok(early))),
+                Err(e) => (Ok(()), Some(Err(e))),
+            },
+            r = &mut sending => (r, None),
+        }
+    };
+    if let Some(Err(e)) = early {
+        return Err(body.failed(e));
+    }
+    if let Err(e) = sent {
+        // Cut short: the replica must not take a part for the whole.
+        upload.abort();
+        return Err(e);
+    }
+    drop(upload);
+    if let Some(Ok(early)) = early {
+        return Ok(early);
+    }
+    let forwarded_at = Instant::now();
+    let answer = tokio::select! {
+        r = answer => r.map_err(|e| body.failed(e))?,
+        _ = client.closed() => return Err(TryError::Answer(Reject::client_gone())),
+    };
     request::upstream_ttfb().record(forwarded_at.elapsed().as_secs_f64());
-    Ok(())
+    Ok(answer)
 }

@@ -2,40 +2,31 @@
 //! between requests, newest first per replica, each until its replica's
 //! idle timeout.
 //!
-//! New connections come from pingora-core's `TransportConnector` (connect
-//! timeout, socket options); the keeping is the edge's own. pingora's pool
-//! parks each connection behind an `Arc<Mutex<_>>` watched by a task of
-//! its own, and takes it back with `Arc::try_unwrap` right after locking
-//! it: under load that unwrap can lose a race with the watcher's guard
-//! still holding its clone, and a healthy connection is then dropped and a
-//! new one dialled (pingora issue 998). Here a parked connection is owned
-//! by the pool alone: taking it is a pop under a lock, a check that it has
-//! not been closed or sent anything, and no task per connection; a sweep
+//! A kept connection is hyper's `SendRequest`, owned by the pool alone
+//! (its connection future runs in a task of its own, which ends when the
+//! socket closes): taking one is a pop under a lock and a check that its
+//! connection still lives and is idle, with no system call; a sweep
 //! ([`run`]) closes those whose replica hung up or whose time is over.
+//! A connection goes back only when its answer was read to the end
+//! ([`super::upstream::Answering::release`]).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
+use hyper::client::conn::http1::SendRequest;
 use parking_lot::Mutex;
-use pingora::connectors::TransportConnector;
-use pingora::protocols::http::client::HttpSession;
-use pingora::protocols::http::v1::client::HttpSession as Http1Session;
-use pingora::protocols::Stream;
-use pingora::upstreams::peer::Peer;
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::upstream::{Replica, POOL_IDLE_TIMEOUT};
+use super::upstream::{Connection, Outgoing, Replica, UpstreamError};
 
 /// How often [`run`] looks over the idle connections.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The idle connections of one edge, for all its replicas.
 pub struct IdlePool {
-    transport: TransportConnector,
     idle: Mutex<Idle>,
     /// At most this many idle connections are kept, over all replicas.
     capacity: usize,
@@ -43,14 +34,14 @@ pub struct IdlePool {
 
 #[derive(Default)]
 struct Idle {
-    /// Per replica (its reuse hash), oldest first.
-    by_replica: HashMap<u64, Vec<Parked>>,
+    /// Per replica, oldest first.
+    by_replica: HashMap<SocketAddr, Vec<Parked>>,
     /// Connections in `by_replica`.
     count: usize,
 }
 
 struct Parked {
-    stream: Stream,
+    sender: SendRequest<Outgoing>,
     /// When it is closed if still unused.
     until: Instant,
 }
@@ -58,45 +49,40 @@ struct Parked {
 impl IdlePool {
     /// A pool keeping at most `capacity` idle connections.
     pub fn new(capacity: usize) -> Self {
-        IdlePool { transport: TransportConnector::new(None), idle: Mutex::default(), capacity }
+        IdlePool { idle: Mutex::default(), capacity }
     }
 
-    /// A session to `peer`: on its newest usable idle connection, else on
-    /// a new one. The flag says whether the connection was reused (a
-    /// failure on it may then be the replica's keep-alive ending).
-    pub async fn session(&self, peer: &Replica) -> pingora::Result<(HttpSession, bool)> {
-        let key = peer.reuse_hash();
-        while let Some(parked) = self.take(key) {
-            let mut stream = parked.stream;
-            if parked.until > Instant::now() && usable(&mut stream) {
-                return Ok((HttpSession::H1(Http1Session::new_with_options(stream, peer)), true));
+    /// A connection to `replica`: its newest usable idle one, else a new
+    /// one.
+    pub async fn connection(&self, replica: &Replica) -> Result<Connection, UpstreamError> {
+        while let Some(parked) = self.take(replica.addr) {
+            let mut sender = parked.sender;
+            if parked.until <= Instant::now() || sender.is_closed() {
+                continue;
+            }
+            // Given back as its answer ended: its connection's task may
+            // not have seen that end yet.
+            if sender.is_ready() || sender.ready().await.is_ok() {
+                return Ok(Connection { sender, reused: true });
             }
         }
-        // Boxed: connecting (TCP, maybe TLS) is a large future, and a
-        // request that reuses a connection should not carry its room.
-        let stream = Box::pin(self.transport.new_stream(peer)).await?;
-        Ok((HttpSession::H1(Http1Session::new_with_options(stream, peer)), false))
+        // Boxed: connecting is a large future, and a request that reuses a
+        // connection should not carry its room.
+        Box::pin(Connection::open(replica)).await
     }
 
-    /// Keep the connection of `session`, whose answer was read whole, for
-    /// the next request to `peer`; close it if it cannot be reused or the
-    /// pool is full.
-    ///
-    /// Not `async`: an exchange's future would carry the session's room
-    /// (and pingora's `reuse` future's) for as long as its answer streams.
-    /// pingora's `reuse` awaits only to shut a connection down that it will
-    /// not give back; such a connection is closed here by dropping it.
-    pub fn release(&self, session: HttpSession, peer: &Replica) {
-        let HttpSession::H1(mut session) = session else { return };
-        session.respect_keepalive();
-        let Some(Some(stream)) = session.reuse().now_or_never() else { return };
-        let until = Instant::now() + peer.0.options.idle_timeout.unwrap_or(POOL_IDLE_TIMEOUT);
-        let parked = Parked { stream, until };
+    /// Keep `sender`, whose answer was read whole, for the next request to
+    /// `replica`; close it if the pool is full.
+    pub fn release(&self, sender: SendRequest<Outgoing>, replica: &Replica) {
+        if sender.is_closed() {
+            return;
+        }
+        let parked = Parked { sender, until: Instant::now() + replica.idle_timeout };
         let refused = {
             let mut idle = self.idle.lock();
             if idle.count < self.capacity {
                 idle.count += 1;
-                idle.by_replica.entry(peer.reuse_hash()).or_default().push(parked);
+                idle.by_replica.entry(replica.addr).or_default().push(parked);
                 None
             } else {
                 Some(parked)
@@ -117,7 +103,7 @@ impl IdlePool {
     }
 
     /// Close the idle connections whose time is over or whose replica
-    /// closed them (or sent something unasked). Returns how many.
+    /// closed them. Returns how many.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
         let mut closed = Vec::new();
@@ -127,7 +113,7 @@ impl IdlePool {
             by_replica.retain(|_, list| {
                 let mut i = 0;
                 while i < list.len() {
-                    if list[i].until <= now || !usable(&mut list[i].stream) {
+                    if list[i].until <= now || list[i].sender.is_closed() {
                         closed.push(list.remove(i));
                     } else {
                         i += 1;
@@ -140,20 +126,13 @@ impl IdlePool {
         closed.len()
     }
 
-    /// The newest parked connection to the replica `key`.
-    fn take(&self, key: u64) -> Option<Parked> {
+    /// The newest parked connection to the replica at `addr`.
+    fn take(&self, addr: SocketAddr) -> Option<Parked> {
         let mut idle = self.idle.lock();
-        let parked = idle.by_replica.get_mut(&key)?.pop()?;
+        let parked = idle.by_replica.get_mut(&addr)?.pop()?;
         idle.count -= 1;
         Some(parked)
     }
-}
-
-/// Whether an idle connection can carry a request: the replica has neither
-/// closed it nor sent anything on it. Reads without waiting.
-fn usable(stream: &mut Stream) -> bool {
-    let mut byte = [0u8; 1];
-    tokio::task::unconstrained(stream.read(&mut byte)).now_or_never().is_none()
 }
 
 /// Sweep `pool` every [`SWEEP_EVERY`] until shutdown, when every idle
@@ -178,8 +157,7 @@ pub async fn run(pool: Arc<IdlePool>, mut shutdown: watch::Receiver<bool>) {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use pingora::http::RequestHeader;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -188,6 +166,15 @@ mod tests {
     /// the connections it accepts and, if `close_after_one`, closes each
     /// connection after its first answer.
     async fn replica(close_after_one: bool) -> (Replica, Arc<AtomicUsize>) {
+        replica_closing(close_after_one, None).await
+    }
+
+    /// As [`replica`]; with `close_on`, each connection is closed after its
+    /// first answer only once `close_on` is notified.
+    async fn replica_closing(
+        close_after_one: bool,
+        close_on: Option<Arc<tokio::sync::Notify>>,
+    ) -> (Replica, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -195,6 +182,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
+                let close_on = close_on.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut have = Vec::new();
@@ -210,6 +198,10 @@ mod tests {
                             if conn.write_all(answer).await.is_err() {
                                 return;
                             }
+                            if let Some(close_on) = &close_on {
+                                close_on.notified().await;
+                                return;
+                            }
                             if close_after_one {
                                 return;
                             }
@@ -218,36 +210,37 @@ mod tests {
                 });
             }
         });
-        let mut peer = pingora::prelude::HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(Duration::from_secs(2));
-        peer.options.read_timeout = Some(Duration::from_secs(2));
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
-        (Replica(peer), accepted)
+        let replica = Replica {
+            addr,
+            connect_timeout: Some(Duration::from_secs(2)),
+            read_timeout: Some(Duration::from_secs(2)),
+            idle_timeout: Duration::from_secs(60),
+        };
+        (replica, accepted)
     }
 
-    /// One request on a session from `pool`, its answer read whole, the
-    /// session given back. Returns whether the connection was reused.
+    /// One request on a connection from `pool`, its answer read whole, the
+    /// connection given back. Returns whether the connection was reused.
     async fn exchange(pool: &IdlePool, peer: &Replica) -> bool {
-        let (session, reused) = exchange_open(pool, peer).await;
-        pool.release(session, peer);
+        let (answering, reused) = exchange_open(pool, peer).await;
+        answering.release(pool);
         reused
     }
 
-    /// One request whose answer was read whole, its session still held.
-    async fn exchange_open(pool: &IdlePool, peer: &Replica) -> (HttpSession, bool) {
-        let (mut session, reused) = pool.session(peer).await.expect("session");
-        let mut head = RequestHeader::build("GET", b"/", None).expect("head");
-        head.insert_header("host", "replica").expect("host");
-        session.write_request_header(Box::new(head)).await.expect("request head");
-        session.finish_request_body().await.expect("request end");
-        session.read_response_header().await.expect("answer head");
+    /// One request whose answer was read whole, its connection still held.
+    async fn exchange_open(pool: &IdlePool, peer: &Replica) -> (super::super::upstream::Answering, bool) {
+        let mut connection = pool.connection(peer).await.expect("connection");
+        let reused = connection.reused;
+        let request = http::Request::get("/").header("host", "replica").body(Outgoing::Empty).expect("head");
+        let answer = super::super::upstream::answer_head(peer, connection.send(request)).await.expect("answer head");
+        let mut answering = super::super::upstream::Answering::for_tests(answer, connection, *peer);
         let mut body = Vec::new();
-        while let Some(chunk) = session.read_response_body().await.expect("answer body") {
+        while let Some(chunk) = answering.chunk().await.expect("answer body") {
             body.extend_from_slice(&chunk);
         }
         assert_eq!(body, b"ok");
-        assert!(session.response_done());
-        (session, reused)
+        assert!(answering.is_done());
+        (answering, reused)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,29 +263,34 @@ mod tests {
         let (peer, accepted) = replica(true).await;
         let pool = IdlePool::new(16);
         assert!(!exchange(&pool, &peer).await);
-        // The replica has closed the parked connection; wait until its end
-        // has arrived, without taking the connection.
+        // The replica has closed the connection: it is not kept (if its end
+        // arrived before the answer's), or swept once its end arrives.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while pool.sweep() == 0 {
+        while {
+            pool.sweep();
+            !pool.is_empty()
+        } {
             assert!(std::time::Instant::now() < deadline, "the closed connection is still kept");
             tokio::task::yield_now().await;
         }
-        assert!(pool.is_empty());
         assert!(!exchange(&pool, &peer).await);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_closed_connection_is_passed_over_when_taken() {
-        let (peer, accepted) = replica(true).await;
+        let close = Arc::new(tokio::sync::Notify::new());
+        let (peer, accepted) = replica_closing(false, Some(close.clone())).await;
         let pool = IdlePool::new(16);
         assert!(!exchange(&pool, &peer).await);
-        // Give the replica's end of the connection time to arrive.
+        assert_eq!(pool.len(), 1, "kept while the replica keeps it open");
+        // Now the replica closes it; wait for its end to arrive.
+        close.notify_one();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             let dead = {
-                let mut idle = pool.idle.lock();
-                !usable(&mut idle.by_replica.get_mut(&peer.reuse_hash()).expect("parked")[0].stream)
+                let idle = pool.idle.lock();
+                idle.by_replica.get(&peer.addr).expect("parked")[0].sender.is_closed()
             };
             if dead {
                 break;
@@ -310,9 +308,9 @@ mod tests {
         let (mut peer, accepted) = replica(false).await;
         // No other timer than the idle timeout: the paused clock moves
         // only when told.
-        peer.0.options.connection_timeout = None;
-        peer.0.options.read_timeout = None;
-        peer.0.options.idle_timeout = Some(Duration::from_secs(30));
+        peer.connect_timeout = None;
+        peer.read_timeout = None;
+        peer.idle_timeout = Duration::from_secs(30);
         let pool = IdlePool::new(16);
         assert!(!exchange(&pool, &peer).await);
         tokio::time::advance(Duration::from_secs(29)).await;
@@ -334,8 +332,8 @@ mod tests {
         let pool = IdlePool::new(1);
         // Two requests at once take two connections; one is kept after.
         let ((s1, _), (s2, _)) = tokio::join!(exchange_open(&pool, &peer), exchange_open(&pool, &peer));
-        pool.release(s1, &peer);
-        pool.release(s2, &peer);
+        s1.release(&pool);
+        s2.release(&pool);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(pool.len(), 1);
         assert!(exchange(&pool, &peer).await);

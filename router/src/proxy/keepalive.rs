@@ -93,8 +93,8 @@ pub fn replica_refused(status: u16) -> Reject {
 }
 
 /// A held stream's replica failed while its answer streamed.
-pub fn replica_failed(e: &pingora::Error) -> Reject {
-    Reject::bad_gateway(format!("the replica failed mid-stream: {}", e.etype().as_str()))
+pub fn replica_failed(e: &super::upstream::UpstreamError) -> Reject {
+    Reject::bad_gateway(format!("the replica failed mid-stream: {}", e.kind()))
 }
 
 /// What the adapter does next while a stream is held.

@@ -17,6 +17,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use stoke_config::{EdgeSettings, PoolId};
 
 use super::headers::{self, new_request_id, valid_request_id};
+use super::upstream::UpstreamError;
 use crate::error::{Origin, Reject};
 use crate::state::{Live, Slot};
 
@@ -222,36 +223,21 @@ pub fn answer(reject: &Reject, request_id: &str, live: Option<&Live>, alt_svc: O
     Answer { status: reject.status, headers: h, body }
 }
 
-/// What the client is told when forwarding failed with `e` (pingora's
-/// upstream connections serve every protocol).
-pub fn upstream_failure(e: &Error) -> Reject {
-    match e.etype() {
-        ErrorType::HTTPStatus(502) => Reject::bad_gateway(e.to_string()),
-        ErrorType::ConnectTimedout
-        | ErrorType::ConnectRefused
-        | ErrorType::ConnectError
-        | ErrorType::ConnectNoRoute => {
-            Reject::bad_gateway(format!("could not connect to a replica: {}", e.etype().as_str()))
-        }
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Reject {
+/// What the client is told when forwarding to a replica failed with `e`.
+pub fn upstream_failure(e: &UpstreamError) -> Reject {
+    if e.is_connect() {
+        return Reject::bad_gateway(format!("could not connect to a replica: {}", e.kind()));
+    }
+    if e.is_timeout() {
+        return Reject {
             status: 504,
             code: "upstream_timeout",
-            message: format!("the replica did not answer in time ({})", e.etype().as_str()),
+            message: format!("the replica did not answer in time ({})", e.kind()),
             origin: Origin::Upstream,
             retry_after: None,
-        },
-        _ => match e.esource() {
-            ErrorSource::Downstream => Reject::client(400, "bad_request", e.to_string()),
-            ErrorSource::Upstream => Reject::bad_gateway(format!("the replica failed: {}", e.etype().as_str())),
-            _ => Reject {
-                status: 500,
-                code: "internal_error",
-                message: "internal error".to_owned(),
-                origin: Origin::Internal,
-                retry_after: None,
-            },
-        },
+        };
     }
+    Reject::bad_gateway(format!("the replica failed: {}", e.kind()))
 }
 
 /// Whether `e` means the client went away (nothing can be answered).

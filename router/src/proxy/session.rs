@@ -233,7 +233,12 @@ impl Client for Http<'_> {
         })
     }
 
-    fn upstream_head(&self, request_id: &str, route: Option<&Route>, body: Framing) -> Result<RequestHeader, Reject> {
+    fn upstream_head(
+        &self,
+        request_id: &str,
+        route: Option<&Route>,
+        body: Framing,
+    ) -> Result<http::request::Parts, Reject> {
         let bad = |what: &str| Reject::client(400, "bad_request", format!("cannot forward this request: {what}"));
         let from = self.req();
         // The head for the replica is edited as one `HeaderMap`, without
@@ -279,33 +284,26 @@ impl Client for Http<'_> {
             h.insert(HeaderName::from_static(name), value);
             Ok::<_, Reject>(())
         })?;
-        let rewritten = match route {
-            Some(route) => {
-                let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                headers::forward_path(pq, &route.path_prefix, route.strip_prefix)
-            }
-            None => None,
+        // The replica gets the origin form (the path and query), rewritten
+        // for the route.
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let path = route.and_then(|r| headers::forward_path(pq, &r.path_prefix, r.strip_prefix));
+        let uri = match path {
+            Some(path) => http::Uri::try_from(path),
+            None => http::Uri::try_from(pq),
         };
-        let mut req = RequestHeader::from(parts);
-        match rewritten {
-            Some(path) => {
-                let uri = http::Uri::builder()
-                    .path_and_query(path)
-                    .build()
-                    .map_err(|e| Reject::client(400, "bad_request", format!("cannot rewrite the path: {e}")))?;
-                req.set_uri(uri);
-            }
-            // A target the URI does not reproduce (absolute-form, or not
-            // UTF-8) goes as the client sent it.
-            None if from.raw_path() != req.raw_path() => {
-                req.set_raw_path(from.raw_path()).map_err(|_| bad("invalid target"))?;
-            }
-            None => {}
-        }
-        Ok(req)
+        parts.uri = uri.map_err(|e| Reject::client(400, "bad_request", format!("cannot rewrite the path: {e}")))?;
+        Ok(parts)
     }
 
-    async fn send_head(&mut self, mut head: ResponseHeader) -> bool {
+    async fn send_head(&mut self, head: http::response::Parts) -> bool {
+        let reason = head.extensions.get::<hyper::ext::ReasonPhrase>().cloned();
+        let mut head = ResponseHeader::from(head);
+        if let Some(reason) = reason.as_ref().and_then(|r| std::str::from_utf8(r.as_bytes()).ok()) {
+            if head.set_reason_phrase(Some(reason)).is_err() {
+                return false;
+            }
+        }
         if !self.session.is_http2() {
             // An answer framed by the replica's closing its connection goes
             // chunked, so that the client's connection can be reused.

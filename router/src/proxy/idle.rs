@@ -250,7 +250,7 @@ mod tests {
         for i in 0..200 {
             // Each on a task of its own, as requests are: whichever worker
             // runs it takes the connection the last one gave back.
-            let (p, r) = (pool.clone(), peer.clone());
+            let (p, r) = (pool.clone(), peer);
             let reused = tokio::spawn(async move { exchange(&p, &r).await }).await.expect("request task");
             assert_eq!(reused, i > 0, "request {i}");
         }

@@ -10,7 +10,7 @@
 //! | [`headers`] | header names and hop-by-hop rules |
 //! | [`keepalive`] | held streams that say they are held (`hold_keepalive`) |
 //! | [`body`] | finding the model in a JSON body |
-//! | [`upstream`] | how replicas are reached |
+//! | [`upstream`] | how replicas are reached: hyper's HTTP/1.1 client connections, and the one retry loop |
 //! | [`idle`] | idle upstream connections, kept between requests |
 //! | [`session`] | the HTTP/1.1 and HTTP/2 adapter: a pingora-core `ServerSession` |
 //! | [`listener`] | the TCP listeners and their accept loop, TLS, connection limits and the keep-alive loop |

@@ -4,7 +4,8 @@
 //! connections on pingora-core and hands every request, HTTP/1.1 and
 //! HTTP/2 through [`proxy::session`] and HTTP/3 through [`h3`], to the one
 //! forwarding engine ([`proxy::engine`]), which calls the routing core
-//! ([`proxy::request`]) and forwards, streams, retries and accounts. Every decision — placement and the wait model,
+//! ([`proxy::request`]) and forwards (over hyper's client connections,
+//! [`proxy::upstream`]), streams, retries and accounts. Every decision — placement and the wait model,
 //! admission, wake schedule, idle rule, replica pick — is pure code in
 //! [`core`], over the live state of [`state`]; the async shells of
 //! [`control`] (wakes, sleeps, probes) and [`proxy::admit`] read the clock

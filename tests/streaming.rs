@@ -171,3 +171,32 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
     assert!(done.text().ends_with("data: [DONE]\n\n"), "the stream completed: {}", done.text());
     assert!(stopping.await.expect("shutdown"), "drained within the timeout");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_cut_by_the_replicas_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    logs();
+    let (up, _task) = echo_upstream(false).await;
+    let route = "\n[[route]]\npath_prefix = \"/\"\nservice = \"m\"\n";
+    let file = format!("{EDGE}{LOCATIONS}{}{route}", pool("fra-a", "fra", &["m"], &[up], "read_timeout = \"300ms\""));
+    let (edge, _file) = edge(&file, "fra").await;
+    let addr = edge.bound.http.expect("http");
+    // A chunked upload whose parts come further apart than the replica's
+    // read timeout: that timeout counts from the body's end, not while
+    // the client is still sending it.
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nfirst\r\n",
+    )
+    .await
+    .expect("head");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    s.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await.expect("rest");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await.expect("answered").expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"body_len\":11"), "the whole body reached the replica: {answer}");
+    assert_drained(&edge).await;
+    edge.shutdown().await;
+}

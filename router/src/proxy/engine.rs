@@ -316,7 +316,6 @@ impl Engine {
     ) -> Result<http::response::Parts, Reject> {
         // A reason phrase other than the status's own stays with the
         // head's extensions (hyper's `ReasonPhrase`).
-        parts.version = http::Version::HTTP_11;
         let h = &mut parts.headers;
         for name in headers::hop_by_hop(h, false) {
             h.remove(&name);
@@ -553,7 +552,7 @@ async fn send<C: Client>(
             Some(held) => Outgoing::Whole(Some(held.clone())),
             None => Outgoing::Empty,
         };
-        let answer = connection.send(upstream::request(head, outgoing));
+        let answer = connection.send(http::Request::from_parts(head, outgoing));
         let forwarded_at = Instant::now();
         let answer = tokio::select! {
             r = upstream::answer_head(replica, answer) => r.map_err(|e| body.failed(e))?,
@@ -563,10 +562,11 @@ async fn send<C: Client>(
         return Ok(answer);
     }
     let (mut upload, outgoing) = Upload::new();
-    let answer = connection.send(upstream::request(head, outgoing));
-    let mut answer = std::pin::pin!(upstream::answer_head(replica, answer));
+    // The replica's read timeout counts from the body's end: a slow
+    // upload is not the replica's slowness.
+    let mut answer = std::pin::pin!(connection.send(http::Request::from_parts(head, outgoing)));
     // The body as it goes: what the edge holds, what a failed try sent,
-    // then the client's, until its end or the replica's answer.
+    // then the client's, to its end.
     let sending = async {
         if let Some(held) = &body.held {
             upload.send(held.clone()).await.map_err(|e| body.failed(e))?;
@@ -601,7 +601,7 @@ async fn send<C: Client>(
             biased;
             r = &mut answer => match r {
                 Ok(early) => (sending.await, Some(Ok(early))),
-                Err(e) => (Ok(()), Some(Err(e))),
+                Err(e) => (Ok(()), Some(Err(UpstreamError::Http(e)))),
             },
             r = &mut sending => (r, None),
         }
@@ -620,7 +620,7 @@ async fn send<C: Client>(
     }
     let forwarded_at = Instant::now();
     let answer = tokio::select! {
-        r = answer => r.map_err(|e| body.failed(e))?,
+        r = upstream::answer_head(replica, answer) => r.map_err(|e| body.failed(e))?,
         _ = client.closed() => return Err(TryError::Answer(Reject::client_gone())),
     };
     request::upstream_ttfb().record(forwarded_at.elapsed().as_secs_f64());

@@ -92,7 +92,6 @@ impl UpstreamError {
             UpstreamError::WriteTimeout => "WriteTimedout",
             UpstreamError::Http(e) if e.is_incomplete_message() => "ConnectionClosed",
             UpstreamError::Http(e) if e.is_parse() => "InvalidHTTPHeader",
-            UpstreamError::Http(e) if e.is_timeout() => "ReadTimedout",
             UpstreamError::Http(_) => "ReadError",
         }
     }
@@ -369,18 +368,13 @@ impl Attempt for Whole<'_> {
         replica: &'a Replica,
     ) -> Pin<Box<dyn Future<Output = Result<Answered, TryError>> + Send + 'a>> {
         Box::pin(async move {
-            let request = request(self.head.clone(), Outgoing::Whole(Some(self.body.clone())));
+            let request = http::Request::from_parts(self.head.clone(), Outgoing::Whole(Some(self.body.clone())));
             match answer_head(replica, connection.send(request)).await {
                 Ok(answer) => Ok(answer),
                 Err(error) => Err(TryError::Upstream { error, replayable: true }),
             }
         })
     }
-}
-
-/// The request of `head` with `body`.
-pub fn request(head: http::request::Parts, body: Outgoing) -> http::Request<Outgoing> {
-    http::Request::from_parts(head, body)
 }
 
 /// Make one `attempt` (send the request, read the answer's head) on `slot`

@@ -285,14 +285,16 @@ impl Client for Http<'_> {
             Ok::<_, Reject>(())
         })?;
         // The replica gets the origin form (the path and query), rewritten
-        // for the route.
+        // for the route; a target already in that form is kept as it is.
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let path = route.and_then(|r| headers::forward_path(pq, &r.path_prefix, r.strip_prefix));
-        let uri = match path {
-            Some(path) => http::Uri::try_from(path),
-            None => http::Uri::try_from(pq),
+        let uri = match route.and_then(|r| headers::forward_path(pq, &r.path_prefix, r.strip_prefix)) {
+            Some(path) => Some(http::Uri::try_from(path)),
+            None if parts.uri.authority().is_some() => Some(http::Uri::try_from(pq)),
+            None => None,
         };
-        parts.uri = uri.map_err(|e| Reject::client(400, "bad_request", format!("cannot rewrite the path: {e}")))?;
+        if let Some(uri) = uri {
+            parts.uri = uri.map_err(|e| Reject::client(400, "bad_request", format!("cannot rewrite the path: {e}")))?;
+        }
         Ok(parts)
     }
 

@@ -113,12 +113,13 @@ async fn edges(file: &ConfigFile, edges: &[&str]) -> Vec<Edge> {
     out
 }
 
-/// Wait until every edge is connected to the cluster and deciding with it.
+/// Wait until every edge is connected to the cluster, deciding with it,
+/// and has its claim bucket open.
 async fn all_connected(edges: &[Edge]) {
     for e in edges {
         eventually(Duration::from_secs(15), "the edge joined the cluster", || async {
             let c = admin_json(e, "/state").await["cluster"].clone();
-            (c["connected"] == true && c["alone"] == false).then_some(())
+            (c["connected"] == true && c["alone"] == false && c["claims_ready"] == true).then_some(())
         })
         .await;
     }

@@ -117,26 +117,69 @@ pub async fn open_bucket(js: &jetstream::Context, name: &str) -> Result<kv::Stor
     if let Ok(store) = js.get_key_value(&bucket).await {
         return Ok(store);
     }
-    js.create_stream(stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some("stoke: one wake per pool across all edges".to_owned()),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        max_age: BUCKET_MAX_AGE,
-        discard: stream::DiscardPolicy::New,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        storage: stream::StorageType::File,
-        num_replicas: 1,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| format!("cannot create the KV bucket {bucket}: {e}"))?;
-    js.get_key_value(&bucket).await.map_err(|e| format!("cannot open the KV bucket {bucket}: {e}"))
+    let created = js
+        .create_stream(stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some("stoke: one wake per pool across all edges".to_owned()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age: BUCKET_MAX_AGE,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            storage: stream::StorageType::File,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await;
+    match (created, js.get_key_value(&bucket).await) {
+        (_, Ok(store)) => Ok(store),
+        // Another edge made it meanwhile, and this one's create was
+        // refused: the bucket is there all the same.
+        (Err(e), Err(_)) => Err(format!("cannot create the KV bucket {bucket}: {e}")),
+        (Ok(_), Err(e)) => Err(format!("cannot open the KV bucket {bucket}: {e}")),
+    }
+}
+
+/// How long [`prepare`] waits between tries while the bucket cannot be
+/// opened.
+const PREPARE_RETRY: Duration = Duration::from_secs(1);
+
+/// Open the claim bucket as soon as the cluster is reached, retrying
+/// until it opens or `shutdown`. Opening it on the first wake instead
+/// costs five round trips, one of which creates a file-backed stream; on a
+/// busy server that takes longer than the cluster timeout, and an edge
+/// whose claim timed out wakes the pool alone.
+pub async fn prepare(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let wait = if !cluster.is_connected() {
+            Duration::from_millis(100)
+        } else {
+            match cluster.store().await {
+                Ok(_) => {
+                    tracing::debug!(name = %cluster.settings.name, "the wake-claim bucket is open");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the wake-claim bucket yet; retrying");
+                    PREPARE_RETRY
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 impl Cluster {
+    /// Whether the claim bucket is open (claims cost two round trips).
+    pub fn claims_ready(&self) -> bool {
+        self.kv.initialized()
+    }
+
     async fn store(&self) -> Result<&kv::Store, String> {
         self.kv.get_or_try_init(|| open_bucket(&self.js, &self.settings.name)).await
     }

@@ -140,6 +140,7 @@ impl Cluster {
         tokio::spawn(cluster.clone().watch_events(events, shutdown.clone()));
         tokio::spawn(load::publish(router.clone(), cluster.clone(), shutdown.clone()));
         tokio::spawn(load::receive(router.clone(), cluster.clone(), shutdown.clone()));
+        tokio::spawn(claim::prepare(cluster.clone(), shutdown.clone()));
         tokio::spawn(claim::receive_ready(router.clone(), cluster.clone(), shutdown));
         Some(cluster)
     }
@@ -209,6 +210,7 @@ impl Cluster {
             "nats": self.settings.nats,
             "connected": self.is_connected(),
             "alone": !self.is_up(),
+            "claims_ready": self.claims_ready(),
             "peers": peers,
             "claims": {
                 "won": s.claims_won.load(Ordering::Relaxed),

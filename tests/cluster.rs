@@ -9,7 +9,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,6 +31,8 @@ struct Nats {
     child: Option<Child>,
     args: Vec<String>,
     port: u16,
+    /// A server alone (not a hub member or a leaf), with JetStream.
+    single: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -45,7 +46,7 @@ impl Nats {
             .map(|s| s.to_string())
             .chain([dir.path().display().to_string()])
             .collect();
-        Self::run(args, port, dir).await
+        Self::run(args, port, dir, true).await
     }
 
     /// A server from a config file's text (written into its own temp dir,
@@ -55,11 +56,11 @@ impl Nats {
         let conf = conf.replace("{dir}", &dir.path().display().to_string());
         let path = dir.path().join("nats-server.conf");
         std::fs::write(&path, conf).expect("write conf");
-        Self::run(vec!["-c".to_owned(), path.display().to_string()], port, dir).await
+        Self::run(vec!["-c".to_owned(), path.display().to_string()], port, dir, false).await
     }
 
-    async fn run(args: Vec<String>, port: u16, dir: tempfile::TempDir) -> Nats {
-        let mut n = Nats { child: None, args, port, _dir: dir };
+    async fn run(args: Vec<String>, port: u16, dir: tempfile::TempDir, single: bool) -> Nats {
+        let mut n = Nats { child: None, args, port, single, _dir: dir };
         n.restart().await;
         n
     }
@@ -77,9 +78,19 @@ impl Nats {
             .spawn()
             .expect("nats-server starts");
         self.child = Some(child);
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        eventually(Duration::from_secs(10), "nats-server accepting", || async {
-            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+        // Accepting is not serving: wait until a client is let in and, on
+        // a single server, JetStream answers (a server that accepts a
+        // moment before it is ready resets the connection). A hub member
+        // answers once its cluster has formed, a leaf once it reaches the
+        // hub, so those are only waited for to let a client in.
+        let (url, single) = (self.url(), self.single);
+        eventually(Duration::from_secs(10), "nats-server serving", || async {
+            let client = async_nats::connect(&url).await.ok()?;
+            if !single {
+                return Some(());
+            }
+            let info = client.request("$JS.API.INFO", "".into());
+            tokio::time::timeout(Duration::from_secs(1), info).await.ok()?.ok().map(|_| ())
         })
         .await;
     }

@@ -540,8 +540,11 @@ async fn a_streamed_http3_body_lost_on_a_stale_connection_is_sent_again_from_the
     // A first request leaves a pooled upstream connection behind.
     assert_eq!(c.request("GET", "/x", None, &[]).await.status, 200);
     // The edge returns that connection to its pool just after the answer
-    // ends (nothing tells the client when).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ends (nothing tells the client when): wait until it shows it kept.
+    eventually(Duration::from_secs(5), "the upstream connection kept idle", || async {
+        (idle_connections(&edge, "fra-a").await == 1).then_some(())
+    })
+    .await;
     // A body without a length, sent in two parts: it streams upstream on
     // the pooled connection, which the replica drops. What went upstream is
     // kept (it is under the retry buffer), so the request goes again, whole,

@@ -157,16 +157,16 @@ impl Edge {
         // The cluster connects in the background: an edge whose NATS server
         // is down serves alone meanwhile.
         crate::control::cluster::Cluster::join(&router, shutdown_rx.clone()).await;
-        // The admin API outlives the drain, so that /readyz says 503 meanwhile.
-        let (admin_stop, admin_rx) = watch::channel(false);
-        let (admin_addr, admin_task) = admin.spawn(edge_conf.admin, admin_rx).await?;
-        bound.admin = admin_addr;
         let drain = Drain::default();
         // HTTPS answers advertise HTTP/3 where it is served.
         let alt_svc = bound.h3.map(|a| crate::h3::alt_svc(a.port()));
+        let engine = Arc::new(crate::proxy::engine::Engine::new(router.clone(), drain.clone(), alt_svc));
+        // The admin API outlives the drain, so that /readyz says 503 meanwhile.
+        let (admin_stop, admin_rx) = watch::channel(false);
+        let (admin_addr, admin_task) = admin.with_idle(engine.idle().clone()).spawn(edge_conf.admin, admin_rx).await?;
+        bound.admin = admin_addr;
         // TCP and QUIC connections count against one max_connections.
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let engine = Arc::new(crate::proxy::engine::Engine::new(router.clone(), drain.clone(), alt_svc));
         let app = listener::app(engine.clone(), connections.clone());
         let listeners = tokio::spawn(listener::serve(app, endpoints, shutdown_rx.clone()));
         let mut background = vec![

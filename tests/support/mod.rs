@@ -536,6 +536,14 @@ pub async fn pool_state(edge: &Edge, pool: &str) -> serde_json::Value {
     state["pools"].as_array().and_then(|p| p.iter().find(|p| p["id"] == pool).cloned()).expect("pool in /state")
 }
 
+/// The idle kept-alive connections from `edge` to `pool`'s replicas, as
+/// `/state` counts them.
+pub async fn idle_connections(edge: &Edge, pool: &str) -> u64 {
+    let p = pool_state(edge, pool).await;
+    let replicas = p["replicas"].as_array().cloned().unwrap_or_default();
+    replicas.iter().map(|r| r["idle_connections"].as_u64().expect("idle_connections in /state")).sum()
+}
+
 /// Bring `pool` up and check that none of the requests whose clients left
 /// while held reached its replicas.
 pub async fn assert_nothing_reached(edge: &Edge, orch: &stoke_router::sim::Orchestrator, pool: &str) {

@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use crate::clock;
 use crate::metrics as m;
 use crate::net::server::{json as json_response, serve_http, text, HttpBody};
+use crate::proxy::idle::IdlePool;
 use crate::reload::Reloader;
 use crate::state::{Live, Router};
 
@@ -63,6 +64,8 @@ pub struct Admin {
     ready: Arc<AtomicBool>,
     started: Instant,
     page: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// The engine's idle replica connections, counted in `/state`.
+    idle: Option<Arc<IdlePool>>,
 }
 
 impl Admin {
@@ -85,12 +88,27 @@ impl Admin {
         if token.is_none() && !addr.ip().is_loopback() {
             return Err(AdminError::Unprotected(addr));
         }
-        Ok(Admin { router, reloader, token, metrics: m::install(), ready, started: Instant::now(), page: None })
+        Ok(Admin {
+            router,
+            reloader,
+            token,
+            metrics: m::install(),
+            ready,
+            started: Instant::now(),
+            page: None,
+            idle: None,
+        })
     }
 
     /// Serve `GET /` with this page (the status page).
     pub fn with_page(mut self, page: Arc<dyn Fn() -> String + Send + Sync>) -> Self {
         self.page = Some(page);
+        self
+    }
+
+    /// Count these idle replica connections in `/state`.
+    pub fn with_idle(mut self, idle: Arc<IdlePool>) -> Self {
+        self.idle = Some(idle);
         self
     }
 
@@ -197,7 +215,7 @@ impl Admin {
 
     fn state(&self) -> Value {
         let live = self.router.live();
-        let mut v = state_json(&live, self.router.bodies.held());
+        let mut v = state_json(&live, self.router.bodies.held(), self.idle.as_deref());
         v["uptime_s"] = json!(self.started.elapsed().as_secs());
         v["cluster"] = crate::control::cluster::of(&self.router).map_or(Value::Null, |c| c.state_json());
         if let Some(r) = &self.reloader {
@@ -253,7 +271,7 @@ fn rtt_json(live: &Live, pool: stoke_config::PoolId) -> Value {
 }
 
 /// The `/state` document of one edge.
-pub fn state_json(live: &Live, buffered_body_bytes: u64) -> Value {
+pub fn state_json(live: &Live, buffered_body_bytes: u64, idle: Option<&IdlePool>) -> Value {
     let net = &live.snapshot.network;
     let now = clock::now();
     let pools: Vec<Value> = net
@@ -295,6 +313,7 @@ pub fn state_json(live: &Live, buffered_body_bytes: u64) -> Value {
                     "in_flight": r.in_flight(),
                     "foreign_load": r.foreign_load(),
                     "in_flight_elsewhere": r.elsewhere(),
+                    "idle_connections": idle.map(|i| i.len_for(r.addr)),
                 })).collect::<Vec<_>>(),
             })
         })
@@ -379,13 +398,13 @@ mod tests {
         let router = crate::state::Router::new(crate::testing::snapshot(&text));
         let live = router.live();
         let pool = |v: &Value| v["pools"].as_array().and_then(|p| p.first()).cloned().expect("a pool");
-        let before = pool(&state_json(&live, 0));
+        let before = pool(&state_json(&live, 0, None));
         assert_eq!(before["idle"]["rule"], "auto");
         assert!(before["idle"]["window_ms"].is_null(), "not chosen before the sleeper looks: {before}");
         // The home edge's sleeper looks: with no gaps seen, the break-even
         // window, a wake's cost (its 20 s boot, and as much for the wait).
         let _ = crate::control::sleep::due(&live, clock::now());
-        let after = pool(&state_json(&live, 0));
+        let after = pool(&state_json(&live, 0, None));
         assert_eq!(after["idle"]["window_ms"], 40_000, "{after}");
         assert_eq!(after["idle"]["reason"], "break_even");
         assert_eq!((after["idle"]["min_ms"].as_u64(), after["idle"]["max_ms"].as_u64()), (Some(5_000), Some(600_000)));

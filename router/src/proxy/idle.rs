@@ -97,6 +97,11 @@ impl IdlePool {
         self.idle.lock().count
     }
 
+    /// Idle connections kept now to the replica at `addr`.
+    pub fn len_for(&self, addr: SocketAddr) -> usize {
+        self.idle.lock().by_replica.get(&addr).map_or(0, Vec::len)
+    }
+
     /// Whether no idle connection is kept.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

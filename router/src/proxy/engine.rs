@@ -97,6 +97,78 @@ pub trait Client: Downstream {
     fn answer(&mut self, answer: Answer) -> impl Future<Output = ()> + Send;
 }
 
+/// The head for the replica, made from the client's request head `parts`
+/// (HTTP/1.1 or HTTP/2): hop-by-hop fields gone, `Host` set, framed as
+/// `body` says, the forwarded fields set, the path rewritten for `route`.
+///
+/// The head is edited as one `HeaderMap`: names go upstream in lowercase
+/// (as HTTP/2 sends them), and each edit is one map operation with a
+/// constant name.
+pub fn replica_head(
+    mut parts: http::request::Parts,
+    client: Option<std::net::IpAddr>,
+    tls: bool,
+    request_id: &str,
+    route: Option<&Route>,
+    body: Framing,
+) -> Result<http::request::Parts, Reject> {
+    use http::header::{CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
+    parts.version = http::Version::HTTP_11;
+    let h = &mut parts.headers;
+    for name in headers::hop_by_hop(h, true) {
+        h.remove(&name);
+    }
+    // The edge answers `Expect: 100-continue` itself.
+    h.remove(EXPECT);
+    // HTTP/2 carries the host as the authority; HTTP/1.1 wants `Host`.
+    if !h.contains_key(HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            let value = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| Reject::client(400, "bad_request", "cannot forward this request: invalid authority"))?;
+            h.insert(HOST, value);
+        }
+    }
+    match body {
+        Framing::Whole(len) => {
+            h.remove(TRANSFER_ENCODING);
+            h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        Framing::Streamed => {
+            // A chunked body goes chunked (never with a length beside it);
+            // a body with a length keeps it; an HTTP/2 body without one
+            // goes chunked.
+            if h.contains_key(TRANSFER_ENCODING) || !h.contains_key(CONTENT_LENGTH) {
+                h.remove(CONTENT_LENGTH);
+                h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            }
+        }
+        Framing::Empty => {
+            h.remove(TRANSFER_ENCODING);
+        }
+    }
+    // The host the client asked for goes as it came (it is a valid value).
+    if let Some(host) = h.get(HOST).cloned() {
+        h.insert(HeaderName::from_static(headers::FORWARDED_HOST), host);
+    }
+    let forwarded = policy::Forwarded { host: None, client, tls, request_id };
+    forwarded.apply(|name, value| {
+        h.insert(HeaderName::from_static(name), value);
+        Ok::<_, Reject>(())
+    })?;
+    // The replica gets the origin form (the path and query), rewritten for
+    // the route; a target already in that form is kept as it is.
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = match route.and_then(|r| headers::forward_path(pq, &r.path_prefix, r.strip_prefix)) {
+        Some(path) => Some(http::Uri::try_from(path)),
+        None if parts.uri.authority().is_some() => Some(http::Uri::try_from(pq)),
+        None => None,
+    };
+    if let Some(uri) = uri {
+        parts.uri = uri.map_err(|e| Reject::client(400, "bad_request", format!("cannot rewrite the path: {e}")))?;
+    }
+    Ok(parts)
+}
+
 /// The engine one edge runs for every protocol.
 pub struct Engine {
     router: Arc<Router>,

@@ -68,6 +68,9 @@ impl Connections {
             let _ = self.h2.process_new(stream, shutdown).await;
             return;
         }
+        if super::h1::enabled() {
+            return super::h1::serve(self.engine.clone(), stream, shutdown.clone()).await;
+        }
         let mut session = ServerSession::new_http1(stream);
         let mut stopping = shutdown.clone();
         let mut reused = false;

@@ -98,6 +98,67 @@ pub fn bodies_exhausted(e: crate::state::budget::Exhausted) -> Reject {
     )
 }
 
+/// The most a body buffer starts with, whatever length the request declares.
+const INITIAL_BODY_BUFFER: u64 = 16 * 1024;
+
+/// A request body read whole to find its service: at most `limit` bytes
+/// (413 beyond), a body without `Content-Length` at most the retry buffer
+/// (411 beyond), every byte counted against the edge's body budget.
+pub struct WholeBody {
+    length: Option<u64>,
+    limit: u64,
+    buf: bytes::BytesMut,
+}
+
+impl WholeBody {
+    /// A buffer for a body of the declared `content_length`, if any.
+    pub fn new(content_length: Option<&HeaderValue>, limit: u64) -> Result<Self, Reject> {
+        let length = match content_length {
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| Reject::client(400, "invalid_content_length", "Content-Length is not a number"))?,
+            ),
+            None => None,
+        };
+        if let Some(n) = length.filter(|n| *n > limit) {
+            return Err(read_too_large(n, limit));
+        }
+        // Grown as data arrives: a declared length is not allocated up front.
+        let buf = bytes::BytesMut::with_capacity(length.unwrap_or(0).min(limit).min(INITIAL_BODY_BUFFER) as usize);
+        Ok(WholeBody { length, limit, buf })
+    }
+
+    /// Add a part of the body, counted in `held`.
+    pub fn add(&mut self, chunk: &[u8], held: &mut crate::state::Held) -> Result<(), Reject> {
+        let n = (self.buf.len() + chunk.len()) as u64;
+        if n > self.limit {
+            return Err(read_too_large(n, self.limit));
+        }
+        if self.length.is_none() && n > super::engine::RETRY_BUFFER as u64 {
+            return Err(Reject::client(
+                411,
+                "length_required",
+                format!("a body sent without Content-Length may be at most {} bytes when the route takes the model from it; send Content-Length", super::engine::RETRY_BUFFER),
+            ));
+        }
+        held.grow(chunk.len()).map_err(bodies_exhausted)?;
+        self.buf.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    /// The whole body.
+    pub fn done(self) -> Bytes {
+        self.buf.freeze()
+    }
+}
+
+/// Reading the request body from the client failed (not its leaving).
+pub fn body_read_failed(e: impl std::fmt::Display) -> Reject {
+    Reject::client(400, "body_read_failed", format!("reading the request body failed: {e}"))
+}
+
 /// Counts a body as it streams to the replica, against `max_body`.
 #[derive(Clone, Copy, Debug)]
 pub struct BodyCount {

@@ -4,22 +4,19 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
-use http::{HeaderName, HeaderValue};
+
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
 use stoke_config::Route;
 
-use super::engine::{Client, Framing, RETRY_BUFFER};
-use super::headers;
-use super::policy::{self, Answer, Forwarded};
+use super::engine::{Client, Framing};
+
+use super::policy::{self, Answer};
 use super::request::Downstream;
 use crate::error::Reject;
 use crate::state::Held;
-
-/// The most a body buffer starts with, whatever length the request declares.
-const INITIAL_BODY_BUFFER: u64 = 16 * 1024;
 
 /// How often the socket of a held HTTP/1.1 request whose body is unread
 /// is looked at for the client's leaving.
@@ -118,52 +115,15 @@ impl Downstream for Http<'_> {
     }
 
     async fn read_body(&mut self, limit: u64) -> Result<Bytes, Reject> {
-        let too_large = |n: u64| policy::read_too_large(n, limit);
-        let length = match self.session.get_header(CONTENT_LENGTH) {
-            Some(v) => Some(
-                v.to_str()
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .ok_or_else(|| Reject::client(400, "invalid_content_length", "Content-Length is not a number"))?,
-            ),
-            None => None,
-        };
-        if let Some(n) = length {
-            if n > limit {
-                return Err(too_large(n));
-            }
-        }
+        let mut whole = policy::WholeBody::new(self.session.get_header(CONTENT_LENGTH), limit)?;
         self.continue_body().await?;
-        // Grown as data arrives: a declared length is not allocated up front.
-        let mut buf = BytesMut::with_capacity(length.unwrap_or(0).min(limit).min(INITIAL_BODY_BUFFER) as usize);
         loop {
             match self.session.read_request_body().await {
-                Ok(Some(chunk)) => {
-                    let n = (buf.len() + chunk.len()) as u64;
-                    if n > limit {
-                        return Err(too_large(n));
-                    }
-                    if length.is_none() && n > RETRY_BUFFER as u64 {
-                        return Err(Reject::client(
-                            411,
-                            "length_required",
-                            format!("a body sent without Content-Length may be at most {RETRY_BUFFER} bytes when the route takes the model from it; send Content-Length"),
-                        ));
-                    }
-                    self.held.grow(chunk.len()).map_err(policy::bodies_exhausted)?;
-                    buf.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    return Err(Reject::client(
-                        400,
-                        "body_read_failed",
-                        format!("reading the request body failed: {e}"),
-                    ))
-                }
+                Ok(Some(chunk)) => whole.add(&chunk, &mut self.held)?,
+                Ok(None) => return Ok(whole.done()),
+                Err(e) => return Err(policy::body_read_failed(e)),
             }
         }
-        Ok(buf.freeze())
     }
 
     async fn gone(&mut self) {
@@ -228,7 +188,7 @@ impl Client for Http<'_> {
             if policy::client_gone(&e) {
                 Reject::client_gone()
             } else {
-                Reject::client(400, "body_read_failed", format!("reading the request body failed: {e}"))
+                policy::body_read_failed(e)
             }
         })
     }
@@ -239,63 +199,9 @@ impl Client for Http<'_> {
         route: Option<&Route>,
         body: Framing,
     ) -> Result<http::request::Parts, Reject> {
-        let bad = |what: &str| Reject::client(400, "bad_request", format!("cannot forward this request: {what}"));
         let from = self.req();
-        // The head for the replica is edited as one `HeaderMap`, without
-        // pingora's map of the client's spelling of each name: names go
-        // upstream in lowercase (as HTTP/2 sends them), and each edit is
-        // one map operation with a constant name, not a name parsed and
-        // stored twice.
-        let mut parts = from.as_owned_parts();
-        parts.version = http::Version::HTTP_11;
-        let h = &mut parts.headers;
-        for name in headers::hop_by_hop(h, true) {
-            h.remove(&name);
-        }
-        // The edge answers `Expect: 100-continue` itself.
-        h.remove(EXPECT);
-        // HTTP/2 carries the host as the authority; HTTP/1.1 wants `Host`.
-        if !h.contains_key(HOST) {
-            if let Some(authority) = from.uri.authority() {
-                h.insert(HOST, HeaderValue::from_str(authority.as_str()).map_err(|_| bad("invalid authority"))?);
-            }
-        }
-        match body {
-            Framing::Whole(len) => {
-                h.remove(TRANSFER_ENCODING);
-                h.insert(CONTENT_LENGTH, HeaderValue::from(len));
-            }
-            Framing::Streamed => {
-                // A chunked body goes chunked (never with a length beside
-                // it); a body with a length keeps it; an HTTP/2 body without
-                // one goes chunked.
-                if h.contains_key(TRANSFER_ENCODING) || !h.contains_key(CONTENT_LENGTH) {
-                    h.remove(CONTENT_LENGTH);
-                    h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-                }
-            }
-            Framing::Empty => {
-                h.remove(TRANSFER_ENCODING);
-            }
-        }
-        let forwarded =
-            Forwarded { host: request_host(from), client: self.client_ip(), tls: self.over_tls(), request_id };
-        forwarded.apply(|name, value| {
-            h.insert(HeaderName::from_static(name), value);
-            Ok::<_, Reject>(())
-        })?;
-        // The replica gets the origin form (the path and query), rewritten
-        // for the route; a target already in that form is kept as it is.
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = match route.and_then(|r| headers::forward_path(pq, &r.path_prefix, r.strip_prefix)) {
-            Some(path) => Some(http::Uri::try_from(path)),
-            None if parts.uri.authority().is_some() => Some(http::Uri::try_from(pq)),
-            None => None,
-        };
-        if let Some(uri) = uri {
-            parts.uri = uri.map_err(|e| Reject::client(400, "bad_request", format!("cannot rewrite the path: {e}")))?;
-        }
-        Ok(parts)
+        let tls = self.over_tls();
+        super::engine::replica_head(from.as_owned_parts(), self.client_ip(), tls, request_id, route, body)
     }
 
     async fn send_head(&mut self, head: http::response::Parts) -> bool {

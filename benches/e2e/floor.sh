@@ -2,15 +2,17 @@
 # The floor under stoke on pingora-core: HTTP/1.1 keep-alive (wrk -t1 -c64, 100-byte
 # answers) through HAProxy, through the minimal forwarding loop on pingora-core that
 # stoke's engine was prototyped as (stoke-benches' engine-loop: no routing, no header
-# edits, no log), and through stoke, interleaved in rounds (H E S H E S ...), each
-# proxy alone on cpu1, wrk and the upstream on cpu0. What the loop reaches is what any
+# edits, no log), through stoke, and through stoke with its HTTP/1.1 on hyper
+# (stoke-hyper: STOKE_HTTP1=hyper, the adapter that is to replace pingora's), interleaved
+# in rounds (H E S Y H E S Y ...), each proxy alone on cpu1, wrk and the upstream on cpu0. What the loop reaches is what any
 # forwarder built on pingora-core's HTTP/1 sessions can reach here. See ../README.md
 # ("The floor on pingora-core") and README.md beside this file ("Profiling").
 #
 # Usage: benches/e2e/floor.sh [-r ROUNDS (default 3)] [-d SECS (default 8)]
 # Needs: cargo build --profile perf -p stoke-router --bin stoke && \
 #        cargo build --profile perf -p stoke-benches --bin engine-loop; nginx, haproxy, wrk.
-# Ports: upstream 8080, HAProxy 8082 (haproxy.cfg), stoke 8084 (stoke.toml), loop 8086;
+# Ports: upstream 8080, HAProxy 8082 (haproxy.cfg), stoke 8084 (stoke.toml), loop 8086,
+# stoke-hyper 8088 (stoke.toml with its ports moved: 8088, 8448, admin 8098);
 # 127.0.0.1 only; every load run is bounded by -d and wrapped in `timeout`.
 set -euo pipefail
 
@@ -28,7 +30,9 @@ if [ "$(id -u)" = 0 ]; then NICE=(nice -n -10); else NICE=(); fi
 # shellcheck source=common.sh
 . "$DIR/common.sh"
 require_free_ports
-if ss -ltnH "sport = :8086" | grep -q .; then echo "TCP port 8086 (engine-loop) busy: stop what listens there first" >&2; exit 1; fi
+for p in 8086 8088 8448 8098; do
+  if ss -ltnH "sport = :$p" | grep -q .; then echo "TCP port $p busy: stop what listens there first" >&2; exit 1; fi
+done
 OUT="${BENCH_WORK:-/tmp/stoke-e2e}/floor/$(date +%Y%m%d-%H%M%S)"
 RUN="$OUT/run"
 mkdir -p "$RUN/upstream/tmp" "$RUN/upstream/logs"
@@ -37,6 +41,9 @@ cat "$CERT" "$KEY" >"$RUN/example.pem"
 for f in upstream.conf haproxy.cfg; do
   sed -e "s#@CERT@#$CERT#g" -e "s#@KEY@#$KEY#g" -e "s#@PEM@#$RUN/example.pem#g" "$DIR/$f" >"$RUN/$f"
 done
+# The second stoke: its own ports, certificates where the copy can find them.
+sed -e 's/:8084"/:8088"/; s/:8444"/:8448"/g; s/:8099"/:8098"/' -e "s#\"../../config/#\"$ROOT/config/#g" \
+  "$DIR/stoke.toml" >"$RUN/stoke-hyper.toml"
 
 start() { # name cpu cmd...
   local name="$1" cpu="$2"; shift 2
@@ -56,7 +63,8 @@ wait_200 http://127.0.0.1:8080/
 start haproxy 1 haproxy -db -f "$RUN/haproxy.cfg"
 start engine-loop 1 "$LOOP" 127.0.0.1:8086 127.0.0.1:8080
 start stoke 1 env RUST_LOG=warn "$STOKE" serve --config "$DIR/stoke.toml"
-TARGETS=(haproxy:8082 engine-loop:8086 stoke:8084)
+start stoke-hyper 1 env RUST_LOG=warn STOKE_HTTP1=hyper "$STOKE" serve --config "$RUN/stoke-hyper.toml"
+TARGETS=(haproxy:8082 engine-loop:8086 stoke:8084 stoke-hyper:8088)
 for t in "${TARGETS[@]}"; do wait_200 "http://127.0.0.1:${t##*:}/"; done
 for t in "${TARGETS[@]}"; do timeout 20 taskset -c 0 wrk -t1 -c64 -d2s "http://127.0.0.1:${t##*:}/" >/dev/null; done
 

@@ -236,3 +236,63 @@ async fn signals_while_the_edge_starts_are_caught() {
     assert!(exit.success(), "{exit:?}");
     holder.abort();
 }
+
+/// `stoke serve` with HTTP/1.1 on hyper's server connection
+/// (`STOKE_HTTP1=hyper`, the adapter that is to replace pingora's): a
+/// body-routed request, a token stream, the edge's own limits, and an
+/// answer that closes the connection with more bytes behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_on_hyper_serves_as_on_pingora() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rep = replica("fra-1").await;
+    let file = ConfigFile::new(&format!(
+        "{EDGE}max_headers = 8\n{LOCATIONS}{}\n[[route]]\nservice_from = \"body:model\"\n",
+        pool("fra-a", "fra", &["m"], &[rep.addr], "")
+    ));
+    let mut child = Command::new(STOKE)
+        .env("STOKE_HTTP1", "hyper")
+        .args(["--log-format", "json", "serve", "--location", "fra", "--config"])
+        .arg(&file.path)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn stoke serve");
+    let (http, _admin) = listening_addrs(child.stderr.take().expect("stderr"));
+
+    let r = send(http, Req::chat("m")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("stoke-pool"), Some("fra-a"));
+    assert!(r.json()["choices"].is_array(), "{}", r.text());
+
+    let r = send(http, Req::post("/v1/chat/completions", chat_body("m", true, 5))).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().trim_end().ends_with("data: [DONE]"), "{}", r.text());
+
+    let mut many = Req::chat("m");
+    for i in 0..10 {
+        many = many.header(&format!("x-extra-{i}"), "1");
+    }
+    let r = send(http, many).await;
+    assert_eq!(r.status, 431, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "headers_too_large");
+
+    // The answer to a request that closes its connection is written even
+    // with a second request pipelined behind it (which is not served).
+    let body = chat_body("m", false, 2);
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(http).await.expect("connect");
+    s.write_all(raw.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    read.expect("answered in time").expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    assert!(exit.success());
+}

@@ -133,8 +133,11 @@ pub async fn serve(engine: Arc<Engine>, stream: Stream, mut shutdown: ShutdownWa
         .half_close(false)
         .header_read_timeout(None)
         .max_headers(edge.max_headers + 64)
-        .max_buf_size((edge.max_header_bytes + 16 * 1024).max(64 * 1024))
-        .pipeline_flush(true);
+        .max_buf_size((edge.max_header_bytes + 16 * 1024).max(64 * 1024));
+    // Not `pipeline_flush`: it holds answers back while more requests sit
+    // unread, and an answer that closes the connection (`Connection:
+    // close`, or a head with both a length and chunked framing) with bytes
+    // still behind it was then never written.
     let service = {
         let conn = conn.clone();
         hyper::service::service_fn(move |req| Exchange::start(conn.clone(), req))

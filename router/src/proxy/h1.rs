@@ -145,17 +145,22 @@ pub async fn serve(engine: Arc<Engine>, stream: Stream, mut shutdown: ShutdownWa
     let served = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     tokio::pin!(served);
     let mut stopping = false;
-    loop {
+    // When the connection's idle time runs out, if no request is in flight
+    // then: a new connection has the header timeout, a reused one the
+    // keep-alive timeout.
+    let idle_until = || {
         let wait =
             if conn.reused.load(Ordering::Relaxed) { edge.keepalive_timeout } else { edge.client_header_timeout };
-        let busy = conn.busy.load(Ordering::Relaxed);
-        let idle_since = conn.opened + Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed));
-        let deadline = if busy { Instant::now() + wait } else { idle_since + wait };
+        let since = conn.opened + Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed));
+        (!conn.busy.load(Ordering::Relaxed)).then_some(since + wait).ok_or(wait)
+    };
+    loop {
+        // Busy: look again one timeout later.
+        let deadline = idle_until().unwrap_or_else(|wait| Instant::now() + wait);
         tokio::select! {
             _ = served.as_mut() => return,
             _ = tokio::time::sleep_until(deadline) => {
-                let idle_since = conn.opened + Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed));
-                if !conn.busy.load(Ordering::Relaxed) && idle_since + wait <= Instant::now() {
+                if idle_until().is_ok_and(|until| until <= Instant::now()) {
                     // No request in flight: nothing is lost by closing.
                     return;
                 }

@@ -466,13 +466,7 @@ impl Client for H1 {
     }
 
     fn head_size(&self) -> (usize, usize) {
-        let p = &self.parts;
-        let bytes = policy::head_size(
-            p.uri.path_and_query().map_or("", |p| p.as_str()),
-            p.uri.authority().map(|a| a.as_str()),
-            &p.headers,
-        );
-        (p.headers.len(), bytes)
+        policy::head_counts(&self.parts.uri, &self.parts.headers)
     }
 
     async fn body_start(&mut self) -> Result<(Option<Bytes>, bool), Reject> {

@@ -33,6 +33,13 @@ pub fn request_id(sent: Option<&[u8]>) -> String {
     }
 }
 
+/// A request head's field count and size ([`head_size`]), for an adapter
+/// that holds it as a URI and a `HeaderMap`.
+pub fn head_counts(uri: &http::Uri, fields: &HeaderMap) -> (usize, usize) {
+    let bytes = head_size(uri.path_and_query().map_or("", |p| p.as_str()), uri.authority().map(|a| a.as_str()), fields);
+    (fields.len(), bytes)
+}
+
 /// The size of a request head as the header limit counts it: the path and
 /// query, the authority, and each field's name and value plus 4 (": " and
 /// CRLF), whatever the protocol's own encoding.

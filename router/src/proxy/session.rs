@@ -6,13 +6,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
-
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
 use stoke_config::Route;
 
 use super::engine::{Client, Framing};
-
 use super::policy::{self, Answer};
 use super::request::Downstream;
 use crate::error::Reject;
@@ -165,13 +163,7 @@ impl Client for Http<'_> {
     }
 
     fn head_size(&self) -> (usize, usize) {
-        let req = self.req();
-        let bytes = policy::head_size(
-            req.uri.path_and_query().map_or("", |p| p.as_str()),
-            req.uri.authority().map(|a| a.as_str()),
-            &req.headers,
-        );
-        (req.headers.len(), bytes)
+        policy::head_counts(&self.req().uri, &self.req().headers)
     }
 
     async fn body_start(&mut self) -> Result<(Option<Bytes>, bool), Reject> {

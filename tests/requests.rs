@@ -230,3 +230,30 @@ async fn debug_headers_are_off_by_default() {
     }
     edge.shutdown().await;
 }
+
+/// `CONNECT` asks for a tunnel: the edge answers 405 with its own JSON
+/// error, and nothing reaches a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_refused_with_the_edges_own_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fra = replica("fra-1").await;
+    let sin = replica("sin-1").await;
+    let (edge, _file) = edge(&body_config(fra.addr, sin.addr), "fra").await;
+    let mut s = tokio::net::TcpStream::connect(edge.bound.http.expect("http")).await.expect("connect");
+    s.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n").await.expect("send");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the JSON body has arrived (or the edge closes).
+    while !answer.ends_with(b"}") {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await;
+        match read.expect("answered in time") {
+            Ok(n) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 405"), "{text}");
+    assert!(text.contains("\"method_not_allowed\""), "{text}");
+    assert_eq!(fra.stats.requests.load(std::sync::atomic::Ordering::Relaxed), 0);
+    edge.shutdown().await;
+}

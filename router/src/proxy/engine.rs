@@ -288,6 +288,7 @@ impl Engine {
     async fn exchange<C: Client>(&self, client: &mut C, x: &mut Exchange) -> Result<(), Reject> {
         let (fields, bytes) = client.head_size();
         policy::check_head(&x.live.snapshot.network.edge, fields, bytes)?;
+        policy::check_method(client.method())?;
         let live = x.live.clone();
         let routed = match request::decide(&self.router, &live, client, x.started, &mut x.trace).await? {
             Verdict::Forward(routed) => routed,

@@ -207,7 +207,7 @@ impl Shared {
 
 /// The replica failed mid-answer: the answer ends cut short.
 #[derive(Debug)]
-pub struct Aborted;
+struct Aborted;
 
 impl std::fmt::Display for Aborted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -245,10 +245,6 @@ impl Exchange {
         let held = conn.engine.router().bodies.account();
         let mut client = H1 { parts, body, conn, shared: shared.clone(), held };
         let run: Run = Box::pin(async move {
-            if client.parts.method == http::Method::CONNECT {
-                client.answer(connect_refused()).await;
-                return;
-            }
             let engine = client.conn.engine.clone();
             engine.serve(&mut client).await;
         });
@@ -256,20 +252,8 @@ impl Exchange {
     }
 }
 
-/// `CONNECT` is not proxied.
-fn connect_refused() -> Answer {
-    Answer {
-        status: 405,
-        headers: vec![(
-            http::header::ALLOW,
-            http::HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
-        )],
-        body: Bytes::new(),
-    }
-}
-
 impl Future for Exchange {
-    type Output = Result<http::Response<Answering>, Infallible>;
+    type Output = Result<http::Response<AnswerBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -289,7 +273,7 @@ impl Future for Exchange {
                 r.into_parts().0
             }
         };
-        let body = Answering { run: this.run.take(), shared: this.shared.clone(), _busy: this.busy.take() };
+        let body = AnswerBody { run: this.run.take(), shared: this.shared.clone(), _busy: this.busy.take() };
         Poll::Ready(Ok(http::Response::from_parts(head, body)))
     }
 }
@@ -301,13 +285,13 @@ impl Drop for Exchange {
 }
 
 /// The answer's body: the exchange's parts as it pushes them.
-pub struct Answering {
+struct AnswerBody {
     run: Option<Run>,
     shared: Arc<Mutex<Shared>>,
     _busy: Option<Busy>,
 }
 
-impl hyper::body::Body for Answering {
+impl hyper::body::Body for AnswerBody {
     type Data = Bytes;
     type Error = Aborted;
 
@@ -330,7 +314,7 @@ impl hyper::body::Body for Answering {
     }
 }
 
-impl Drop for Answering {
+impl Drop for AnswerBody {
     fn drop(&mut self) {
         finish_alone(self.run.take(), &self.shared);
     }

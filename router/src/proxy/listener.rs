@@ -112,7 +112,7 @@ impl Connections {
 }
 
 /// Whether a request head was read (`read`) that the engine can take; a
-/// malformed one is answered 400, `CONNECT` 405.
+/// malformed one is answered 400.
 async fn accept_head(session: &mut ServerSession, read: pingora::Result<bool>) -> bool {
     match read {
         Ok(true) => {}
@@ -125,11 +125,6 @@ async fn accept_head(session: &mut ServerSession, read: pingora::Result<bool>) -
             session.shutdown().await;
             return false;
         }
-    }
-    if session.req_header().method == http::Method::CONNECT {
-        let _ = session.respond_error(405).await;
-        session.shutdown().await;
-        return false;
     }
     true
 }

@@ -65,6 +65,19 @@ pub fn check_head(edge: &EdgeSettings, fields: usize, bytes: usize) -> Result<()
     Ok(())
 }
 
+/// `CONNECT` asks for a tunnel, which the edge does not open (on every
+/// protocol).
+pub fn check_method(method: &str) -> Result<(), Reject> {
+    if method == "CONNECT" {
+        return Err(Reject::client(
+            405,
+            "method_not_allowed",
+            "CONNECT is not served: the edge forwards requests, it does not open tunnels",
+        ));
+    }
+    Ok(())
+}
+
 /// A declared body (`Content-Length`) over the route's `max_body`.
 pub fn declared_too_large(len: u64, max_body: u64) -> Reject {
     Reject::client(

@@ -111,7 +111,13 @@ fn listening_addrs(stderr: std::process::ChildStderr) -> (SocketAddr, SocketAddr
 
 /// `stoke serve` as the edge at fra over `config`, logging JSON to a pipe.
 fn serve_fra(config: &std::path::Path) -> std::process::Child {
+    serve_fra_with(config, &[])
+}
+
+/// [`serve_fra`] with these environment variables set.
+fn serve_fra_with(config: &std::path::Path, env: &[(&str, &str)]) -> std::process::Child {
     Command::new(STOKE)
+        .envs(env.iter().copied())
         .args(["--log-format", "json", "serve", "--location", "fra", "--config"])
         .arg(config)
         .stderr(Stdio::piped())
@@ -249,14 +255,7 @@ async fn http1_on_hyper_serves_as_on_pingora() {
         "{EDGE}max_headers = 8\n{LOCATIONS}{}\n[[route]]\nservice_from = \"body:model\"\n",
         pool("fra-a", "fra", &["m"], &[rep.addr], "")
     ));
-    let mut child = Command::new(STOKE)
-        .env("STOKE_HTTP1", "hyper")
-        .args(["--log-format", "json", "serve", "--location", "fra", "--config"])
-        .arg(&file.path)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn stoke serve");
+    let mut child = serve_fra_with(&file.path, &[("STOKE_HTTP1", "hyper")]);
     let (http, _admin) = listening_addrs(child.stderr.take().expect("stderr"));
 
     let r = send(http, Req::chat("m")).await;

@@ -22,7 +22,7 @@ use super::admit::Rehold;
 use super::headers;
 use super::idle::IdlePool;
 use super::keepalive::{self, HeldStream, KeptAlive, Step};
-use super::policy::{self, Answer, BodyCount, Served};
+use super::policy::{self, Answer, BodyCount, Served, RETRY_BUFFER};
 use super::request::{self, Downstream, Outcome, Trace, Verdict};
 use super::upstream::{
     self, Answered, Answering, Attempt, Connection, Outgoing, Sent, TryError, Upload, UpstreamError,
@@ -31,10 +31,6 @@ use crate::core::affinity::Chosen;
 use crate::drain::Drain;
 use crate::error::Reject;
 use crate::state::{Live, Router, Slot};
-
-/// Bytes of a streamed request body kept to send it again on a retry: a
-/// try that fails after more than this went upstream cannot be repeated.
-pub const RETRY_BUFFER: usize = 64 * 1024;
 
 /// How the request body goes to the replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -118,6 +118,10 @@ pub fn bodies_exhausted(e: crate::state::budget::Exhausted) -> Reject {
     )
 }
 
+/// Bytes of a streamed request body kept to send it again on a retry: a
+/// try that fails after more than this went upstream cannot be repeated.
+pub const RETRY_BUFFER: usize = 64 * 1024;
+
 /// The most a body buffer starts with, whatever length the request declares.
 const INITIAL_BODY_BUFFER: u64 = 16 * 1024;
 
@@ -156,11 +160,11 @@ impl WholeBody {
         if n > self.limit {
             return Err(read_too_large(n, self.limit));
         }
-        if self.length.is_none() && n > super::engine::RETRY_BUFFER as u64 {
+        if self.length.is_none() && n > RETRY_BUFFER as u64 {
             return Err(Reject::client(
                 411,
                 "length_required",
-                format!("a body sent without Content-Length may be at most {} bytes when the route takes the model from it; send Content-Length", super::engine::RETRY_BUFFER),
+                format!("a body sent without Content-Length may be at most {} bytes when the route takes the model from it; send Content-Length", RETRY_BUFFER),
             ));
         }
         held.grow(chunk.len()).map_err(bodies_exhausted)?;

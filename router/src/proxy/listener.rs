@@ -62,14 +62,14 @@ impl Connections {
         // before its first bytes, is let go here.
         let wait = router.live().snapshot.network.edge.client_header_timeout;
         let Some(h2) = speaks_h2(&mut stream, wait).await else { return };
+        if super::conn::enabled() {
+            return super::conn::serve(self.engine.clone(), stream, h2, shutdown.clone()).await;
+        }
         if h2 {
             // pingora's HTTP/2 accept loop (it sees the same preface again)
             // spawns a task per stream; it never hands the connection back.
             let _ = self.h2.process_new(stream, shutdown).await;
             return;
-        }
-        if super::h1::enabled() {
-            return super::h1::serve(self.engine.clone(), stream, shutdown.clone()).await;
         }
         let mut session = ServerSession::new_http1(stream);
         let mut stopping = shutdown.clone();

@@ -13,7 +13,7 @@
 //! | [`upstream`] | how replicas are reached: hyper's HTTP/1.1 client connections, and the one retry loop |
 //! | [`idle`] | idle upstream connections, kept between requests |
 //! | [`session`] | the HTTP/1.1 and HTTP/2 adapter: a pingora-core `ServerSession` |
-//! | [`h1`] | the HTTP/1.1 adapter on hyper's server connection (the prototype that is to replace `session`; `STOKE_HTTP1=hyper`) |
+//! | [`conn`] | the HTTP/1.1 and HTTP/2 adapter on hyper's server connections (the prototype that is to replace `session`; `STOKE_HTTP1=hyper`) |
 //! | [`listener`] | the TCP listeners and their accept loop, TLS, connection limits and the keep-alive loop |
 //! | [`transport`] | the write buffer under each accepted connection |
 //!
@@ -21,8 +21,8 @@
 
 pub mod admit;
 pub mod body;
+pub mod conn;
 pub mod engine;
-pub mod h1;
 pub mod headers;
 pub mod idle;
 pub mod keepalive;

@@ -1,31 +1,34 @@
-//! HTTP/1.1 to the client on hyper 1.x's server connection
-//! (`server::conn::http1`), as the forwarding engine's [`Client`]: the
-//! prototype that is to replace pingora-core's HTTP/1 session
-//! ([`super::session`]) once it measures better (`benches/README.md`).
-//! The listener picks it when `STOKE_HTTP1=hyper` is set.
+//! HTTP/1.1 and HTTP/2 to the client on hyper 1.x's server connections
+//! (`server::conn::http1`, `server::conn::http2`), each request as the
+//! forwarding engine's [`Client`]: the prototype that is to replace
+//! pingora-core's sessions ([`super::session`]) once it measures better
+//! (`benches/README.md`). The listener picks it when `STOKE_HTTP1=hyper`
+//! is set.
 //!
 //! hyper asks a service for a response and pulls its body; the engine
 //! pushes the head, the body's parts and the end. The bridge: the
 //! exchange runs as one boxed future that the service's future polls
 //! until the head is out, and that the response body then polls on, a
-//! part at a time. Both sides are polled by the connection's task, so the
-//! exchange needs no task or channel of its own: a part the engine sends
-//! waits in a one-part slot until hyper takes it, which is its
-//! backpressure. If hyper drops the exchange before its end (the client
-//! left, the connection failed), the rest of it runs in a task of its own
-//! that sees the client gone, so that the request is accounted for and
+//! part at a time. Both sides are polled by the same task (the
+//! connection's on HTTP/1.1, the stream's on HTTP/2), so the exchange
+//! needs no task or channel of its own: a part the engine sends waits in a
+//! one-part slot until hyper takes it, which is its backpressure. If hyper
+//! drops the exchange before its end (the client left or reset the
+//! stream, the connection failed), the rest of it runs in a task of its
+//! own that sees the client gone, so that the request is accounted for and
 //! its slot freed as on every other ending.
 //!
 //! Timeouts are stoke's own, one timer per connection, not hyper's (no
 //! boxed timer per request): a new connection has the header timeout for
 //! its first request's head, a kept-alive one the keep-alive timeout
-//! between requests.
+//! between requests. An HTTP/2 connection with no stream open for that
+//! long is sent GOAWAY.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -61,7 +64,7 @@ const LINGER_TIME: Duration = Duration::from_secs(2);
 /// How much of an unread request body a lingering close reads at most.
 const LINGER_BYTES: usize = 16 << 20;
 
-/// Whether HTTP/1.1 connections are served on hyper (`STOKE_HTTP1=hyper`),
+/// Whether client connections are served on hyper (`STOKE_HTTP1=hyper`),
 /// read once.
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -74,8 +77,10 @@ struct Conn {
     tls: bool,
     client: Option<IpAddr>,
     socket: Option<Arc<SocketDigest>>,
-    /// A request is being served.
-    busy: AtomicBool,
+    /// HTTP/2 (else HTTP/1.1).
+    h2: bool,
+    /// Requests being served.
+    busy: AtomicUsize,
     /// Milliseconds from `opened` to when the last request ended.
     idle_since_ms: AtomicU64,
     /// A request has been served (the keep-alive timeout applies).
@@ -89,12 +94,12 @@ impl Conn {
     }
 }
 
-/// Marks the connection busy while a request is served.
+/// Counts a request as being served on its connection.
 struct Busy(Arc<Conn>);
 
 impl Busy {
     fn new(conn: Arc<Conn>) -> Self {
-        conn.busy.store(true, Ordering::Relaxed);
+        conn.busy.fetch_add(1, Ordering::Relaxed);
         Busy(conn)
     }
 }
@@ -104,13 +109,40 @@ impl Drop for Busy {
         let c = &self.0;
         c.idle_since_ms.store(c.now_ms(), Ordering::Relaxed);
         c.reused.store(true, Ordering::Relaxed);
-        c.busy.store(false, Ordering::Relaxed);
+        c.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// Serve HTTP/1.1 on `stream` until it closes, its idle time runs out or
-/// the edge stops (in-flight requests finish first).
-pub async fn serve(engine: Arc<Engine>, stream: Stream, mut shutdown: ShutdownWatch) {
+/// A hyper server connection that can be asked to end once what is in
+/// flight is done.
+trait Graceful: Future {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S> Graceful for hyper::server::conn::http1::Connection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = AnswerBody, Error = Infallible>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S> Graceful for hyper::server::conn::http2::Connection<I, S, hyper_util::rt::TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = AnswerBody, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serve `stream`, HTTP/2 if `h2`, else HTTP/1.1, until it closes, its
+/// idle time runs out or the edge stops (in-flight requests finish first).
+pub async fn serve(engine: Arc<Engine>, stream: Stream, h2: bool, shutdown: ShutdownWatch) {
     let edge = engine.router().live().snapshot.network.edge.clone();
     let socket = stream.get_socket_digest();
     let client = socket.as_ref().and_then(|s| s.peer_addr()).and_then(|a| a.as_inet()).map(|a| a.ip());
@@ -120,29 +152,51 @@ pub async fn serve(engine: Arc<Engine>, stream: Stream, mut shutdown: ShutdownWa
         tls,
         client,
         socket,
-        busy: AtomicBool::new(false),
+        h2,
+        busy: AtomicUsize::new(0),
         idle_since_ms: AtomicU64::new(0),
         reused: AtomicBool::new(false),
         opened: Instant::now(),
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    // The edge's own limits answer 431 with its message; hyper's are a
-    // backstop above them.
-    builder
-        .keep_alive(true)
-        .half_close(false)
-        .header_read_timeout(None)
-        .max_headers(edge.max_headers + 64)
-        .max_buf_size((edge.max_header_bytes + 16 * 1024).max(64 * 1024));
-    // Not `pipeline_flush`: it holds answers back while more requests sit
-    // unread, and an answer that closes the connection (`Connection:
-    // close`, or a head with both a length and chunked framing) with bytes
-    // still behind it was then never written.
     let service = {
         let conn = conn.clone();
         hyper::service::service_fn(move |req| Exchange::start(conn.clone(), req))
     };
-    let served = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let io = hyper_util::rt::TokioIo::new(stream);
+    if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        // The edge's own limit on a head answers 431; hyper's (the size
+        // of the decoded header list) is a backstop above it.
+        builder
+            .max_concurrent_streams(MAX_STREAMS)
+            .max_header_list_size((edge.max_header_bytes + 16 * 1024).max(64 * 1024) as u32);
+        let served = builder.serve_connection(io, service);
+        drive(served, &conn, &edge, shutdown).await;
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        // The edge's own limits answer 431 with its message; hyper's are a
+        // backstop above them.
+        builder
+            .keep_alive(true)
+            .half_close(false)
+            .header_read_timeout(None)
+            .max_headers(edge.max_headers + 64)
+            .max_buf_size((edge.max_header_bytes + 16 * 1024).max(64 * 1024));
+        // Not `pipeline_flush`: it holds answers back while more requests
+        // sit unread, and an answer that closes the connection
+        // (`Connection: close`, or a head with both a length and chunked
+        // framing) with bytes still behind it was then never written.
+        let served = builder.serve_connection(io, service);
+        drive(served, &conn, &edge, shutdown).await;
+    }
+}
+
+/// HTTP/2 streams a client may open at once on one connection.
+const MAX_STREAMS: u32 = 100;
+
+/// Poll `served` to its end, closing it when its idle time runs out or
+/// the edge stops.
+async fn drive<C: Graceful>(served: C, conn: &Conn, edge: &stoke_config::EdgeSettings, mut shutdown: ShutdownWatch) {
     tokio::pin!(served);
     let mut stopping = false;
     // When the connection's idle time runs out, if no request is in flight
@@ -152,22 +206,28 @@ pub async fn serve(engine: Arc<Engine>, stream: Stream, mut shutdown: ShutdownWa
         let wait =
             if conn.reused.load(Ordering::Relaxed) { edge.keepalive_timeout } else { edge.client_header_timeout };
         let since = conn.opened + Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed));
-        (!conn.busy.load(Ordering::Relaxed)).then_some(since + wait).ok_or(wait)
+        (conn.busy.load(Ordering::Relaxed) == 0).then_some(since + wait).ok_or(wait)
     };
     loop {
         // Busy: look again one timeout later.
         let deadline = idle_until().unwrap_or_else(|wait| Instant::now() + wait);
         tokio::select! {
             _ = served.as_mut() => return,
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = tokio::time::sleep_until(deadline), if !stopping || !conn.h2 => {
                 if idle_until().is_ok_and(|until| until <= Instant::now()) {
-                    // No request in flight: nothing is lost by closing.
-                    return;
+                    if !conn.h2 {
+                        // No request in flight: nothing is lost by closing.
+                        return;
+                    }
+                    // GOAWAY: a stream the client opened meanwhile is
+                    // still served.
+                    stopping = true;
+                    served.as_mut().graceful();
                 }
             }
             _ = shutdown.wait_for(|s| *s), if !stopping => {
                 stopping = true;
-                served.as_mut().graceful_shutdown();
+                served.as_mut().graceful();
             }
         }
     }
@@ -235,20 +295,22 @@ struct Exchange {
     run: Option<Run>,
     shared: Arc<Mutex<Shared>>,
     busy: Option<Busy>,
+    h2: bool,
 }
 
 impl Exchange {
     fn start(conn: Arc<Conn>, req: http::Request<Incoming>) -> Exchange {
         let busy = Busy::new(conn.clone());
+        let h2 = conn.h2;
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (parts, body) = req.into_parts();
         let held = conn.engine.router().bodies.account();
-        let mut client = H1 { parts, body, conn, shared: shared.clone(), held };
+        let mut client = Req { parts, body, conn, shared: shared.clone(), held };
         let run: Run = Box::pin(async move {
             let engine = client.conn.engine.clone();
             engine.serve(&mut client).await;
         });
-        Exchange { run: Some(run), shared, busy: Some(busy) }
+        Exchange { run: Some(run), shared, busy: Some(busy), h2 }
     }
 }
 
@@ -269,7 +331,9 @@ impl Future for Exchange {
             // Ended without an answer: the client is gone.
             None => {
                 let mut r = http::Response::new(());
-                r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                if !this.h2 {
+                    r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                }
                 r.into_parts().0
             }
         };
@@ -320,8 +384,8 @@ impl Drop for AnswerBody {
     }
 }
 
-/// One request on a hyper HTTP/1.1 connection.
-struct H1 {
+/// One request on a hyper connection.
+struct Req {
     parts: http::request::Parts,
     body: Incoming,
     conn: Arc<Conn>,
@@ -330,7 +394,7 @@ struct H1 {
     held: Held,
 }
 
-impl H1 {
+impl Req {
     fn is_gone(&self) -> bool {
         self.shared.lock().gone
     }
@@ -388,7 +452,7 @@ fn request_host(parts: &http::request::Parts) -> Option<&str> {
 }
 
 #[async_trait::async_trait]
-impl Downstream for H1 {
+impl Downstream for Req {
     fn host(&self) -> &str {
         request_host(&self.parts).unwrap_or("")
     }
@@ -419,7 +483,9 @@ impl Downstream for H1 {
     }
 
     async fn gone(&mut self) {
-        if self.body.is_end_stream() {
+        if self.conn.h2 || self.body.is_end_stream() {
+            // HTTP/2: a reset stream or a closed connection shows whether
+            // or not the body was read.
             // hyper sees the client's leaving and drops the exchange.
             return self.when_gone().await;
         }
@@ -440,9 +506,13 @@ impl Downstream for H1 {
     }
 }
 
-impl Client for H1 {
+impl Client for Req {
     fn protocol(&self) -> &'static str {
-        "HTTP/1.1"
+        if self.conn.h2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        }
     }
 
     fn over_tls(&self) -> bool {
@@ -514,7 +584,8 @@ impl Client for H1 {
         for (name, value) in answer.headers {
             head.headers.insert(name, value);
         }
-        let unread = !self.body.is_end_stream();
+        // HTTP/2 needs none of this: the stream is reset, not the connection.
+        let unread = !self.conn.h2 && !self.body.is_end_stream();
         if unread {
             // The unread body stays on the connection: it is not reused.
             head.headers.insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));

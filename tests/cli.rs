@@ -111,13 +111,7 @@ fn listening_addrs(stderr: std::process::ChildStderr) -> (SocketAddr, SocketAddr
 
 /// `stoke serve` as the edge at fra over `config`, logging JSON to a pipe.
 fn serve_fra(config: &std::path::Path) -> std::process::Child {
-    serve_fra_with(config, &[])
-}
-
-/// [`serve_fra`] with these environment variables set.
-fn serve_fra_with(config: &std::path::Path, env: &[(&str, &str)]) -> std::process::Child {
     Command::new(STOKE)
-        .envs(env.iter().copied())
         .args(["--log-format", "json", "serve", "--location", "fra", "--config"])
         .arg(config)
         .stderr(Stdio::piped())
@@ -243,19 +237,18 @@ async fn signals_while_the_edge_starts_are_caught() {
     holder.abort();
 }
 
-/// `stoke serve` with HTTP/1.1 on hyper's server connection
-/// (`STOKE_HTTP1=hyper`, the adapter that is to replace pingora's): a
-/// body-routed request, a token stream, the edge's own limits, and an
-/// answer that closes the connection with more bytes behind it.
+/// `stoke serve` over HTTP/1.1: a body-routed request, a token stream,
+/// the edge's own limits, and an answer that closes the connection with
+/// more bytes behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http1_on_hyper_serves_as_on_pingora() {
+async fn http1_serves_whole_answers_streams_and_its_limits() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rep = replica("fra-1").await;
     let file = ConfigFile::new(&format!(
         "{EDGE}max_headers = 8\n{LOCATIONS}{}\n[[route]]\nservice_from = \"body:model\"\n",
         pool("fra-a", "fra", &["m"], &[rep.addr], "")
     ));
-    let mut child = serve_fra_with(&file.path, &[("STOKE_HTTP1", "hyper")]);
+    let mut child = serve_fra(&file.path);
     let (http, _admin) = listening_addrs(child.stderr.take().expect("stderr"));
 
     let r = send(http, Req::chat("m")).await;

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The floor under stoke on pingora-core: HTTP/1.1 keep-alive (wrk -t1 -c64, 100-byte
-# answers) through HAProxy, through the minimal forwarding loop on pingora-core that
+# The floor under stoke: HTTP/1.1 keep-alive (wrk -t1 -c64, 100-byte answers) through
+# HAProxy, through the minimal forwarding loop on pingora-core's HTTP/1 sessions that
 # stoke's engine was prototyped as (stoke-benches' engine-loop: no routing, no header
-# edits, no log), through stoke, and through stoke with its HTTP/1.1 on hyper
-# (stoke-hyper: STOKE_HTTP1=hyper, the adapter that is to replace pingora's), interleaved
-# in rounds (H E S Y H E S Y ...), each proxy alone on cpu1, wrk and the upstream on cpu0. What the loop reaches is what any
-# forwarder built on pingora-core's HTTP/1 sessions can reach here. See ../README.md
-# ("The floor on pingora-core") and README.md beside this file ("Profiling").
+# edits, no log), through stoke (on hyper, its access log off), and through stoke with
+# its access log on, as it is run (stoke-log: RUST_LOG=info, the log to a file),
+# interleaved in rounds (H E S L H E S L ...), each proxy alone on cpu1, wrk and the
+# upstream on cpu0. See ../README.md ("The floor on pingora-core", "The data path on
+# hyper") and README.md beside this file ("Profiling").
 #
 # Usage: benches/e2e/floor.sh [-r ROUNDS (default 3)] [-d SECS (default 8)]
 # Needs: cargo build --profile perf -p stoke-router --bin stoke && \
 #        cargo build --profile perf -p stoke-benches --bin engine-loop; nginx, haproxy, wrk.
 # Ports: upstream 8080, HAProxy 8082 (haproxy.cfg), stoke 8084 (stoke.toml), loop 8086,
-# stoke-hyper 8088 (stoke.toml with its ports moved: 8088, 8448, admin 8098);
+# stoke-log 8088 (stoke.toml with its ports moved: 8088, 8448, admin 8098);
 # 127.0.0.1 only; every load run is bounded by -d and wrapped in `timeout`.
 set -euo pipefail
 
@@ -43,7 +43,7 @@ for f in upstream.conf haproxy.cfg; do
 done
 # The second stoke: its own ports, certificates where the copy can find them.
 sed -e 's/:8084"/:8088"/; s/:8444"/:8448"/g; s/:8099"/:8098"/' -e "s#\"../../config/#\"$ROOT/config/#g" \
-  "$DIR/stoke.toml" >"$RUN/stoke-hyper.toml"
+  "$DIR/stoke.toml" >"$RUN/stoke-log.toml"
 
 start() { # name cpu cmd...
   local name="$1" cpu="$2"; shift 2
@@ -63,8 +63,9 @@ wait_200 http://127.0.0.1:8080/
 start haproxy 1 haproxy -db -f "$RUN/haproxy.cfg"
 start engine-loop 1 "$LOOP" 127.0.0.1:8086 127.0.0.1:8080
 start stoke 1 env RUST_LOG=warn "$STOKE" serve --config "$DIR/stoke.toml"
-start stoke-hyper 1 env RUST_LOG=warn STOKE_HTTP1=hyper "$STOKE" serve --config "$RUN/stoke-hyper.toml"
-TARGETS=(haproxy:8082 engine-loop:8086 stoke:8084 stoke-hyper:8088)
+# The access log is an info event: it goes to stoke-log.stderr.
+start stoke-log 1 env RUST_LOG=info "$STOKE" serve --config "$RUN/stoke-log.toml"
+TARGETS=(haproxy:8082 engine-loop:8086 stoke:8084 stoke-log:8088)
 for t in "${TARGETS[@]}"; do wait_200 "http://127.0.0.1:${t##*:}/"; done
 for t in "${TARGETS[@]}"; do timeout 20 taskset -c 0 wrk -t1 -c64 -d2s "http://127.0.0.1:${t##*:}/" >/dev/null; done
 

@@ -2,7 +2,7 @@
 //!
 //! The request path, from the outside in: [`proxy::listener`] accepts
 //! connections on pingora-core and hands every request, HTTP/1.1 and
-//! HTTP/2 through [`proxy::session`] and HTTP/3 through [`h3`], to the one
+//! HTTP/2 through [`proxy::conn`] (hyper) and HTTP/3 through [`h3`], to the one
 //! forwarding engine ([`proxy::engine`]), which calls the routing core
 //! ([`proxy::request`]) and forwards (over hyper's client connections,
 //! [`proxy::upstream`]), streams, retries and accounts. Every decision — placement and the wait model,

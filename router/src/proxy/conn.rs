@@ -1,9 +1,9 @@
 //! HTTP/1.1 and HTTP/2 to the client on hyper 1.x's server connections
 //! (`server::conn::http1`, `server::conn::http2`), each request as the
-//! forwarding engine's [`Client`]: the prototype that is to replace
-//! pingora-core's sessions ([`super::session`]) once it measures better
-//! (`benches/README.md`). The listener picks it when `STOKE_HTTP1=hyper`
-//! is set.
+//! forwarding engine's [`Client`]. hyper's codec costs less than half of
+//! pingora-core's per request (`benches/README.md`, the data path on
+//! hyper); pingora-core still accepts the connection and does its TLS
+//! handshake ([`super::listener`]).
 //!
 //! hyper asks a service for a response and pulls its body; the engine
 //! pushes the head, the body's parts and the end. The bridge: the
@@ -63,13 +63,6 @@ const TCP_CLOSE: u8 = 7;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 /// How much of an unread request body a lingering close reads at most.
 const LINGER_BYTES: usize = 16 << 20;
-
-/// Whether client connections are served on hyper (`STOKE_HTTP1=hyper`),
-/// read once.
-pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("STOKE_HTTP1").is_ok_and(|v| v == "hyper"))
-}
 
 /// What one connection's requests share.
 struct Conn {

@@ -7,8 +7,8 @@
 //! accounts for the request on every ending ([`request::record`]).
 //!
 //! A protocol adapter ([`Client`]) gives it the request and takes the
-//! answer: [`super::session`] for HTTP/1.1 and HTTP/2 (pingora-core's
-//! `ServerSession`), [`crate::h3`] for HTTP/3. The adapters hold no policy.
+//! answer: [`super::conn`] for HTTP/1.1 and HTTP/2 (hyper's server
+//! connections), [`crate::h3`] for HTTP/3. The adapters hold no policy.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,33 +1,29 @@
 //! The public TCP listeners and their accept loop. Sockets are bound here
 //! (so that port 0 works and the real address is known); each accepted
-//! connection is pingora-core's TCP stream, with its socket digest, a write
-//! buffer of one segment ([`super::transport`]) and pingora's TLS handshake
-//! (rustls, certificates by SNI, ALPN), then one task that serves it.
+//! connection is pingora-core's TCP stream, with its socket digest (the
+//! peer's address, TCP_INFO), a write buffer of one segment
+//! ([`super::transport`]) and pingora's TLS handshake (rustls, certificates
+//! by SNI, ALPN), then one task that serves it on hyper ([`super::conn`]).
 //!
 //! The loop is stoke's, not pingora's listening service: pingora's runs
 //! each connection in a task sized for its TLS handshake (about 9 KB, held
 //! for the connection's life) and boxes the application's future in a
 //! second allocation. Here a TLS handshake is boxed and freed once done, and
-//! the connection's future is the task itself: an open HTTP/1.1 stream
-//! holds one allocation for it (`benches/README.md`, memory per open
-//! stream).
+//! the connection's future is the task itself (`benches/README.md`, memory
+//! per open stream).
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora::listeners::tls::{Acceptor, TlsSettings};
-use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::listener::Listener;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use tokio::sync::watch;
 
 use super::engine::Engine;
-use super::session::Http;
 use super::transport::Buffered;
 use crate::tls::CertResolver;
 
@@ -35,16 +31,11 @@ use crate::tls::CertResolver;
 /// sends first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Once per connection: caps the connections served at once, hands HTTP/2
-/// connections to pingora's HTTP/2 accept loop (a task per stream, each
-/// through [`Streams`]), and runs the HTTP/1.1 keep-alive loop itself, each
-/// request through the forwarding engine. pingora's own loop (its
-/// `ServerApp` for an `HttpServerApp`) moves each session into a boxed
-/// future of its own; here the session stays where it is
-/// (`benches/README.md`, the forwarding engine).
+/// Once per connection: caps the connections served at once, tells
+/// HTTP/2 from HTTP/1.1, and serves the connection on hyper
+/// ([`super::conn`]), each request through the forwarding engine.
 pub struct Connections {
     engine: Arc<Engine>,
-    h2: Arc<Streams>,
     active: Arc<AtomicUsize>,
 }
 
@@ -62,103 +53,7 @@ impl Connections {
         // before its first bytes, is let go here.
         let wait = router.live().snapshot.network.edge.client_header_timeout;
         let Some(h2) = speaks_h2(&mut stream, wait).await else { return };
-        if super::conn::enabled() {
-            return super::conn::serve(self.engine.clone(), stream, h2, shutdown.clone()).await;
-        }
-        if h2 {
-            // pingora's HTTP/2 accept loop (it sees the same preface again)
-            // spawns a task per stream; it never hands the connection back.
-            let _ = self.h2.process_new(stream, shutdown).await;
-            return;
-        }
-        let mut session = ServerSession::new_http1(stream);
-        let mut stopping = shutdown.clone();
-        let mut reused = false;
-        loop {
-            if *shutdown.borrow() {
-                // Stop a connection of a server that is stopping from being reused.
-                session.set_keepalive(None);
-            } else {
-                let edge = &router.live().snapshot.network.edge;
-                // pingora bounds each read of a request header by the
-                // keep-alive timeout: a new connection gets the header
-                // timeout, a reused one the keep-alive timeout.
-                let wait = if reused { edge.keepalive_timeout } else { edge.client_header_timeout };
-                session.set_keepalive(Some(wait.as_secs().max(1)));
-            }
-            let read = tokio::select! {
-                biased;
-                read = session.read_request() => read,
-                // A connection waiting for its next request ends with the server.
-                _ = stopping.wait_for(|s| *s), if reused => return,
-            };
-            if !accept_head(&mut session, read).await {
-                return;
-            }
-            let held = router.bodies.account();
-            if !self.engine.serve(&mut Http::new(&mut session, held)).await {
-                session.shutdown().await;
-                return;
-            }
-            let Ok(Some(next)) = session.finish().await else { return };
-            let (stream, pipelined) = next.into_parts();
-            session = ServerSession::new_http1(stream);
-            if let Some(prefix) = pipelined {
-                session.set_pipelined_prefix(prefix);
-            }
-            reused = true;
-        }
-    }
-}
-
-/// Whether a request head was read (`read`) that the engine can take; a
-/// malformed one is answered 400.
-async fn accept_head(session: &mut ServerSession, read: pingora::Result<bool>) -> bool {
-    match read {
-        Ok(true) => {}
-        Ok(false) => return false,
-        Err(e) => {
-            if matches!(e.etype(), pingora::ErrorType::InvalidHTTPHeader) {
-                tracing::debug!(error = %e, "malformed request head");
-                let _ = session.respond_error(400).await;
-            }
-            session.shutdown().await;
-            return false;
-        }
-    }
-    true
-}
-
-/// The HTTP/2 streams of a connection, each in a task of its own from
-/// pingora's HTTP/2 accept loop, each through the forwarding engine.
-pub struct Streams {
-    engine: Arc<Engine>,
-    /// h2c on: pingora's accept loop looks for the preface itself.
-    options: HttpServerOptions,
-}
-
-#[async_trait]
-impl HttpServerApp for Streams {
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: ServerSession,
-        _shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        let read = session.read_request().await;
-        if !accept_head(&mut session, read).await {
-            return None;
-        }
-        let held = self.engine.router().bodies.account();
-        if !self.engine.serve(&mut Http::new(&mut session, held)).await {
-            session.shutdown().await;
-            return None;
-        }
-        let _ = session.finish().await;
-        None
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        Some(&self.options)
+        super::conn::serve(self.engine.clone(), stream, h2, shutdown.clone()).await;
     }
 }
 
@@ -206,12 +101,7 @@ pub const BACKLOG: i32 = 1024;
 /// The connections of every public TCP listener, served by `engine`;
 /// `connections` counts them (TCP and QUIC) against `max_connections`.
 pub fn app(engine: Arc<Engine>, connections: Arc<AtomicUsize>) -> Connections {
-    let mut options = HttpServerOptions::default();
-    // The plain listener speaks HTTP/1.1 and h2c (prior knowledge); on TLS
-    // connections pingora ignores this and follows ALPN.
-    options.h2c = true;
-    let h2 = Arc::new(Streams { engine: engine.clone(), options });
-    Connections { engine, h2, active: connections }
+    Connections { engine, active: connections }
 }
 
 /// Bind `addr` (port 0: any free port) with `SO_REUSEADDR`.

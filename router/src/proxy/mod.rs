@@ -12,9 +12,8 @@
 //! | [`body`] | finding the model in a JSON body |
 //! | [`upstream`] | how replicas are reached: hyper's HTTP/1.1 client connections, and the one retry loop |
 //! | [`idle`] | idle upstream connections, kept between requests |
-//! | [`session`] | the HTTP/1.1 and HTTP/2 adapter: a pingora-core `ServerSession` |
-//! | [`conn`] | the HTTP/1.1 and HTTP/2 adapter on hyper's server connections (the prototype that is to replace `session`; `STOKE_HTTP1=hyper`) |
-//! | [`listener`] | the TCP listeners and their accept loop, TLS, connection limits and the keep-alive loop |
+//! | [`conn`] | the HTTP/1.1 and HTTP/2 adapter: hyper's server connections |
+//! | [`listener`] | the TCP listeners and their accept loop, TLS and the connection cap |
 //! | [`transport`] | the write buffer under each accepted connection |
 //!
 //! HTTP/3 has its own adapter in [`crate::h3`], over the same engine.
@@ -29,6 +28,5 @@ pub mod keepalive;
 pub mod listener;
 pub mod policy;
 pub mod request;
-pub mod session;
 pub mod transport;
 pub mod upstream;

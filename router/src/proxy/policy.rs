@@ -3,7 +3,7 @@
 //! makes itself (status, JSON body, `Retry-After`, `WWW-Authenticate`,
 //! `Alt-Svc`), the mapping of upstream failures to answers, and the retry
 //! budget after a failed connection. The protocol adapters
-//! ([`super::session`] for HTTP/1.1 and HTTP/2, [`crate::h3`] for HTTP/3)
+//! ([`super::conn`] for HTTP/1.1 and HTTP/2, [`crate::h3`] for HTTP/3)
 //! and the engine ([`super::engine`]) translate these into their own types
 //! and hold no policy of their own.
 
@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
-use pingora::{Error, ErrorSource, ErrorType};
 use stoke_config::{EdgeSettings, PoolId};
 
 use super::headers::{self, new_request_id, valid_request_id};
@@ -323,12 +322,6 @@ pub fn upstream_failure(e: &UpstreamError) -> Reject {
         };
     }
     Reject::bad_gateway(format!("the replica failed: {}", e.kind()))
-}
-
-/// Whether `e` means the client went away (nothing can be answered).
-pub fn client_gone(e: &Error) -> bool {
-    matches!(e.esource(), ErrorSource::Downstream)
-        && matches!(e.etype(), ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed)
 }
 
 /// The retry budget of one request: it may go to another replica while

@@ -1,5 +1,5 @@
 //! One request's way through the routing core, whatever protocol brought
-//! it. A protocol adapter (pingora for HTTP/1.1 and HTTP/2, quinn + h3 for
+//! it. A protocol adapter (hyper for HTTP/1.1 and HTTP/2, quinn + h3 for
 //! HTTP/3) implements [`Downstream`]; [`decide`] then runs route match,
 //! access control, body limits, the service lookup (route, header or body),
 //! and admission (placement, holding, waking), and [`record`] writes the

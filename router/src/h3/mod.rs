@@ -402,7 +402,7 @@ impl Client for H3Client<'_> {
 
     fn upstream_head(
         &self,
-        request_id: &str,
+        request_id: &policy::RequestId,
         route: Option<&Route>,
         body: Framing,
     ) -> Result<http::request::Parts, Reject> {
@@ -450,7 +450,7 @@ impl Client for H3Client<'_> {
 fn upstream_head(
     req: &http::Request<()>,
     conn: &quinn::Connection,
-    request_id: &str,
+    request_id: &policy::RequestId,
     route: Option<&Route>,
     body: Framing,
 ) -> Result<http::request::Parts, Reject> {

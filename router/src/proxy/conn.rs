@@ -526,14 +526,18 @@ impl Client for Req {
 
     fn upstream_head(
         &self,
-        request_id: &str,
+        request_id: &policy::RequestId,
         route: Option<&Route>,
         body: Framing,
     ) -> Result<http::request::Parts, Reject> {
         let mut parts = http::Request::new(()).into_parts().0;
         parts.method = self.parts.method.clone();
         parts.uri = self.parts.uri.clone();
-        parts.headers = self.parts.headers.clone();
+        // Room for what the edge adds (the forwarded fields, the request
+        // id, the framing): a clone has none, and would grow twice.
+        let from = &self.parts.headers;
+        parts.headers = http::HeaderMap::with_capacity(from.len() + 6);
+        parts.headers.extend(from.iter().map(|(name, value)| (name.clone(), value.clone())));
         replica_head(parts, self.conn.client, self.conn.tls, request_id, route, body)
     }
 

@@ -22,7 +22,7 @@ use super::admit::Rehold;
 use super::headers;
 use super::idle::IdlePool;
 use super::keepalive::{self, HeldStream, KeptAlive, Step};
-use super::policy::{self, Answer, BodyCount, Served, RETRY_BUFFER};
+use super::policy::{self, Answer, BodyCount, RequestId, Served, RETRY_BUFFER};
 use super::request::{self, Downstream, Outcome, Trace, Verdict};
 use super::upstream::{
     self, Answered, Answering, Attempt, Connection, Outgoing, Sent, TryError, Upload, UpstreamError,
@@ -67,7 +67,7 @@ pub trait Client: Downstream {
     /// set, the path rewritten for `route`, framed as `body` says.
     fn upstream_head(
         &self,
-        request_id: &str,
+        request_id: &RequestId,
         route: Option<&Route>,
         body: Framing,
     ) -> Result<http::request::Parts, Reject>;
@@ -104,7 +104,7 @@ pub fn replica_head(
     mut parts: http::request::Parts,
     client: Option<std::net::IpAddr>,
     tls: bool,
-    request_id: &str,
+    request_id: &RequestId,
     route: Option<&Route>,
     body: Framing,
 ) -> Result<http::request::Parts, Reject> {
@@ -179,7 +179,7 @@ pub struct Engine {
 struct Exchange {
     live: Arc<Live>,
     started: Instant,
-    request_id: String,
+    request_id: RequestId,
     trace: Trace,
     status: u16,
     bytes: usize,
@@ -580,7 +580,7 @@ struct Try<'r, C> {
     /// The head for the first try (the connection takes the one it
     /// writes); a later try builds it again, as the first was built.
     head: Option<http::request::Parts>,
-    request_id: &'r str,
+    request_id: &'r RequestId,
     route: Option<&'r Route>,
     framing: Framing,
     body: &'r mut Body,

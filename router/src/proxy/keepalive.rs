@@ -53,11 +53,15 @@ pub fn stream_requested(body: &[u8]) -> bool {
 
 /// The head of a held stream: 200, `text/event-stream`, no caching, the
 /// request id, the edge's debug header and `Alt-Svc` where they apply.
-pub fn head(request_id: &str, live: &Live, alt_svc: Option<&HeaderValue>) -> Vec<(HeaderName, HeaderValue)> {
+pub fn head(
+    request_id: &policy::RequestId,
+    live: &Live,
+    alt_svc: Option<&HeaderValue>,
+) -> Vec<(HeaderName, HeaderValue)> {
     let mut h = vec![
         (http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
         (http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-        (HeaderName::from_static(headers::REQUEST_ID), policy::value(request_id)),
+        (HeaderName::from_static(headers::REQUEST_ID), request_id.value()),
     ];
     if live.snapshot.network.edge.debug_headers {
         h.push((HeaderName::from_static(headers::STOKE_EDGE), policy::value(&live.snapshot.edge_location().id)));

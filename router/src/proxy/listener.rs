@@ -1,9 +1,10 @@
 //! The public TCP listeners and their accept loop. Sockets are bound here
 //! (so that port 0 works and the real address is known); each accepted
 //! connection is pingora-core's TCP stream, with its socket digest (the
-//! peer's address, TCP_INFO), a write buffer of one segment
-//! ([`super::transport`]) and pingora's TLS handshake (rustls, certificates
-//! by SNI, ALPN), then one task that serves it on hyper ([`super::conn`]).
+//! peer's address, TCP_INFO) and pingora's TLS handshake (rustls,
+//! certificates by SNI, ALPN), then one task that serves it on hyper
+//! ([`super::conn`]). There is no buffer of stoke's under hyper's: hyper
+//! writes an answer's head and a small body in one `writev`.
 //!
 //! The loop is stoke's, not pingora's listening service: pingora's runs
 //! each connection in a task sized for its TLS handshake (about 9 KB, held
@@ -24,8 +25,8 @@ use pingora::server::ShutdownWatch;
 use tokio::sync::watch;
 
 use super::engine::Engine;
-use super::transport::Buffered;
 use crate::tls::CertResolver;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4), which an h2c client
 /// sends first.
@@ -159,7 +160,6 @@ async fn accept(app: Arc<Connections>, listener: Listener, tls: Option<Arc<Accep
             Ok(stream) => {
                 let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
                 tokio::spawn(async move {
-                    let stream = Buffered::new(stream);
                     let stream: Stream = match tls {
                         None => Box::new(stream),
                         // Boxed: rustls's handshake future is large and
@@ -189,7 +189,7 @@ const EMFILE: i32 = 24;
 
 /// The TLS session over an accepted connection, once its handshake is
 /// done; `None` if it fails or times out.
-async fn handshake(stream: Buffered, tls: &Acceptor) -> Option<Stream> {
+async fn handshake(stream: L4Stream, tls: &Acceptor) -> Option<Stream> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.tls_handshake(stream)).await {
         Ok(Ok(tls)) => Some(Box::new(tls)),
         Ok(Err(e)) => {

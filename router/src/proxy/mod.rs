@@ -14,7 +14,6 @@
 //! | [`idle`] | idle upstream connections, kept between requests |
 //! | [`conn`] | the HTTP/1.1 and HTTP/2 adapter: hyper's server connections |
 //! | [`listener`] | the TCP listeners and their accept loop, TLS and the connection cap |
-//! | [`transport`] | the write buffer under each accepted connection |
 //!
 //! HTTP/3 has its own adapter in [`crate::h3`], over the same engine.
 
@@ -28,5 +27,4 @@ pub mod keepalive;
 pub mod listener;
 pub mod policy;
 pub mod request;
-pub mod transport;
 pub mod upstream;

@@ -25,10 +25,38 @@ use crate::state::{Live, Slot};
 pub const MAX_CONNECT_ATTEMPTS: u8 = 3;
 
 /// The request id: the client's, if it sent an acceptable one, else new.
-pub fn request_id(sent: Option<&[u8]>) -> String {
-    match sent {
-        Some(v) if valid_request_id(v) => String::from_utf8_lossy(v).into_owned(),
+pub fn request_id(sent: Option<&[u8]>) -> RequestId {
+    let bytes = match sent {
+        Some(v) if valid_request_id(v) => headers::small_bytes(v),
         _ => new_request_id(),
+    };
+    RequestId(HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| HeaderValue::from_static("-")))
+}
+
+/// A request's id (visible ASCII), as text and as the header value that
+/// goes to the replica and back to the client: copies of it share one
+/// buffer.
+#[derive(Clone, Debug)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// The id as a header value.
+    pub fn value(&self) -> HeaderValue {
+        self.0.clone()
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.0.to_str().unwrap_or("-")
+    }
+}
+
+impl From<&str> for RequestId {
+    fn from(id: &str) -> Self {
+        RequestId(value(id))
     }
 }
 
@@ -216,7 +244,7 @@ pub struct Forwarded<'a> {
     /// Whether the client came over TLS.
     pub tls: bool,
     /// The request id.
-    pub request_id: &'a str,
+    pub request_id: &'a RequestId,
 }
 
 impl Forwarded<'_> {
@@ -230,7 +258,7 @@ impl Forwarded<'_> {
             set(headers::FORWARDED_FOR, ip_value(ip))?;
         }
         set(headers::FORWARDED_PROTO, HeaderValue::from_static(if self.tls { "https" } else { "http" }))?;
-        set(headers::REQUEST_ID, value(self.request_id))
+        set(headers::REQUEST_ID, self.request_id.value())
     }
 }
 
@@ -286,12 +314,12 @@ pub struct Answer {
 /// its JSON body, `Content-Type`, `Content-Length`, `x-request-id`,
 /// `Retry-After` where retrying helps, `WWW-Authenticate` on 401, the
 /// edge's debug header and `Alt-Svc` (pass [`alt_svc`]'s choice).
-pub fn answer(reject: &Reject, request_id: &str, live: Option<&Live>, alt_svc: Option<&HeaderValue>) -> Answer {
+pub fn answer(reject: &Reject, request_id: &RequestId, live: Option<&Live>, alt_svc: Option<&HeaderValue>) -> Answer {
     let body = Bytes::from(reject.body());
     let mut h = Vec::with_capacity(7);
     h.push((header::CONTENT_TYPE, HeaderValue::from_static("application/json")));
     h.push((header::CONTENT_LENGTH, HeaderValue::from(body.len())));
-    h.push((HeaderName::from_static(headers::REQUEST_ID), value(request_id)));
+    h.push((HeaderName::from_static(headers::REQUEST_ID), request_id.value()));
     if let Some(secs) = reject.retry_after_secs() {
         h.push((header::RETRY_AFTER, HeaderValue::from(secs)));
     }
@@ -382,7 +410,8 @@ pub fn value(s: &str) -> HeaderValue {
 
 /// `ip` as a header value. An IPv4 address (every request's, on most
 /// edges) is written by hand: `Display` through `core::fmt` and a `String`
-/// cost about 1,200 instructions and an allocation per request.
+/// cost about 1,200 instructions and an allocation per request; its bytes
+/// are cut from a shared block ([`headers::small_bytes`]).
 pub fn ip_value(ip: IpAddr) -> HeaderValue {
     let IpAddr::V4(v4) = ip else { return value(&ip.to_string()) };
     let mut text = [0u8; 15];
@@ -403,7 +432,7 @@ pub fn ip_value(ip: IpAddr) -> HeaderValue {
         text[n] = b'0' + octet % 10;
         n += 1;
     }
-    HeaderValue::from_bytes(&text[..n]).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    HeaderValue::from_maybe_shared(headers::small_bytes(&text[..n])).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 #[cfg(test)]
@@ -454,7 +483,7 @@ mod tests {
     fn error_answers_carry_everything_a_client_needs() {
         let alt = HeaderValue::from_static("h3=\":443\"");
         let r = Reject::unavailable("no_capacity", "busy", Duration::from_millis(1500));
-        let a = answer(&r, "rid", None, alt_svc(true, Some(&alt)));
+        let a = answer(&r, &"rid".into(), None, alt_svc(true, Some(&alt)));
         let get = |n: &str| a.headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.to_str().expect("text").to_owned());
         assert_eq!(a.status, 503);
         assert_eq!(get("retry-after").as_deref(), Some("2"));
@@ -462,7 +491,7 @@ mod tests {
         assert_eq!(get("content-type").as_deref(), Some("application/json"));
         assert_eq!(get("content-length"), Some(a.body.len().to_string()));
         assert_eq!(get("alt-svc").as_deref(), Some("h3=\":443\""));
-        let a = answer(&Reject::client(401, "unauthorized", "no key"), "rid", None, alt_svc(false, Some(&alt)));
+        let a = answer(&Reject::client(401, "unauthorized", "no key"), &"rid".into(), None, alt_svc(false, Some(&alt)));
         assert!(a.headers.iter().any(|(k, v)| k == "www-authenticate" && v == "Bearer"));
         assert!(!a.headers.iter().any(|(k, _)| k == "alt-svc"), "no Alt-Svc over plain HTTP");
         assert!(!a.headers.iter().any(|(k, _)| k == "retry-after"), "no Retry-After on a client error");
@@ -475,7 +504,7 @@ mod tests {
             host: Some("api.example.com"),
             client: Some([10, 0, 0, 7].into()),
             tls: true,
-            request_id: "r1",
+            request_id: &"r1".into(),
         };
         f.apply(|k, v| {
             set.push((k, v));
@@ -509,7 +538,7 @@ mod tests {
 
     #[test]
     fn request_ids_are_kept_when_acceptable() {
-        assert_eq!(request_id(Some(b"abc")), "abc");
+        assert_eq!(&*request_id(Some(b"abc")), "abc");
         assert_eq!(request_id(Some(b"has space")).len(), 32);
         assert_eq!(request_id(None).len(), 32);
     }

@@ -290,6 +290,43 @@ async fn a_kept_alive_connection_waits_the_keepalive_timeout_not_the_header_time
     edge.shutdown().await;
 }
 
+/// An HTTP/2 connection is sent GOAWAY and closed once no stream has been
+/// open on it for the keep-alive timeout; a stream that runs longer than
+/// that timeout is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
+    logs();
+    // Six tokens at four a second: the stream outlives the timeout.
+    let rep = replica_with("fra-1", |o| o.tokens_per_sec = 4.0).await;
+    let text = format!(
+        "{}{LOCATIONS}{}{BODY_ROUTE}",
+        EDGE.replace("debug_headers", "client_header_timeout = \"1s\"\nkeepalive_timeout = \"1s\"\ndebug_headers"),
+        pool("fra-a", "fra", &["m"], &[rep.addr], "")
+    );
+    let (edge, _file) = edge(&text, "fra").await;
+    let stream = tokio::net::TcpStream::connect(edge.bound.http.expect("http")).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    let mut conn = tokio::spawn(conn);
+    let started = Instant::now();
+    let req = Req::post("/v1/chat/completions", chat_body("m", true, 6));
+    let resp = collect(sender.send_request(req.build_h2("http")).await.expect("answer")).await;
+    assert_eq!(resp.status, 200);
+    assert!(resp.text().trim_end().ends_with("data: [DONE]"), "the stream ran to its end: {}", resp.text());
+    assert!(started.elapsed() > Duration::from_millis(1200), "the stream outlived the keep-alive timeout");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut conn).await.is_err(),
+        "the connection stays open right after its stream ends"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(closed.is_ok(), "an idle HTTP/2 connection is closed after the keep-alive timeout");
+    edge.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_are_closed_at_once() {
     logs();

@@ -285,7 +285,7 @@ impl Req {
         b.body(Full::new(self.body.clone())).expect("request")
     }
 
-    fn build_h2(&self, scheme: &str) -> Request<Full<Bytes>> {
+    pub fn build_h2(&self, scheme: &str) -> Request<Full<Bytes>> {
         let uri = format!("{scheme}://{}{}", self.host, self.path);
         let mut b = Request::builder().method(self.method.clone()).uri(uri);
         for (k, v) in &self.headers {

@@ -304,14 +304,7 @@ async fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
         pool("fra-a", "fra", &["m"], &[rep.addr], "")
     );
     let (edge, _file) = edge(&text, "fra").await;
-    let stream = tokio::net::TcpStream::connect(edge.bound.http.expect("http")).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .expect("h2 handshake");
-    let mut conn = tokio::spawn(conn);
+    let (mut sender, mut conn) = h2c_connect(edge.bound.http.expect("http")).await;
     let started = Instant::now();
     let req = Req::post("/v1/chat/completions", chat_body("m", true, 6));
     let resp = collect(sender.send_request(req.build_h2("http")).await.expect("answer")).await;
@@ -474,14 +467,7 @@ async fn http2_streams_the_client_abandons_free_their_slots() {
     let rep = replica_with("fra-1", |o| o.tokens_per_sec = 20.0).await;
     let (edge, _file) =
         edge(&format!("{EDGE}{LOCATIONS}{}{BODY_ROUTE}", pool("fra-a", "fra", &["m"], &[rep.addr], "")), "fra").await;
-    let stream = tokio::net::TcpStream::connect(edge.bound.http.expect("http")).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .expect("h2");
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2c_connect(edge.bound.http.expect("http")).await;
     let req = || {
         http::Request::post("http://localhost/v1/chat/completions")
             .body(http_body_util::Full::new(Bytes::from(chat_body("m", true, 200))))

@@ -327,12 +327,20 @@ pub async fn collect(resp: http::Response<Incoming>) -> Resp {
     Resp { status: parts.status, headers: parts.headers, body }
 }
 
+/// A fresh h2c (prior knowledge) connection to `addr`: its sender, and
+/// its connection's task, which ends when the connection closes.
+pub async fn h2c_connect(
+    addr: SocketAddr,
+) -> (hyper::client::conn::http2::SendRequest<Full<Bytes>>, tokio::task::JoinHandle<hyper::Result<()>>) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("h2 handshake");
+    (sender, tokio::spawn(conn))
+}
+
 /// Send over a fresh h2c (prior knowledge) connection.
 pub async fn send_h2c(addr: SocketAddr, req: Req) -> Resp {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("h2 handshake");
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2c_connect(addr).await;
     let resp = sender.send_request(req.build_h2("http")).await.expect("response head");
     collect(resp).await
 }

@@ -40,9 +40,9 @@ fn is_hop_by_hop(name: &str, request: bool) -> bool {
 }
 
 /// Which hop-by-hop headers of `headers` to remove before forwarding a
-/// request (`request = true`) or a response. Returns names, so that the
-/// caller removes them through its own header type (pingora keeps a case
-/// map beside the `HeaderMap`).
+/// request (`request = true`) or a response. Returns names, so that a
+/// caller can remove them in place (the engine) or leave them out of a copy
+/// (HTTP/3).
 pub fn hop_by_hop(headers: &HeaderMap, request: bool) -> Vec<HeaderName> {
     let mut out = Vec::new();
     // One pass over the names present: most messages carry none of these,
@@ -109,9 +109,9 @@ pub fn new_request_id() -> Bytes {
 /// Request ids and client addresses (small values every request sends) are
 /// cut from a block of this many bytes per thread: one allocation (and one
 /// for the block's count) per 16 request ids, and the copies of an id in
-/// the replica's head and the answer's share it. A value lives as long as
-/// its request's head, so a block is freed soon after its last value is
-/// cut.
+/// the replica's head and the answer's share it. A block is freed when the
+/// last request with a value from it ends: an open stream keeps its
+/// block (at most this size) alive.
 const ID_BLOCK: usize = 512;
 
 thread_local! {

@@ -13,66 +13,6 @@ use bytes::{Buf, Bytes};
 use stoke_router::sim::OrchestratorOptions;
 use support::*;
 
-type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
-
-struct H3Client {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: SendRequest,
-    base: String,
-}
-
-async fn h3_client(addr: SocketAddr, root: rustls::pki_types::CertificateDer<'static>) -> H3Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root).expect("root");
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls 1.3")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic client config");
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let conn = endpoint.connect(addr, "localhost").expect("connect").await.expect("QUIC handshake");
-    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone())).await.expect("h3 client");
-    tokio::spawn(async move {
-        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-    });
-    H3Client { _endpoint: endpoint, conn, send, base: format!("https://localhost:{}", addr.port()) }
-}
-
-struct H3Resp {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Vec<u8>,
-}
-
-impl H3Client {
-    async fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>, headers: &[(&str, &str)]) -> H3Resp {
-        let mut req = http::Request::builder().method(method).uri(format!("{}{path}", self.base));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        if let Some(b) = body {
-            req = req.header("content-length", b.len());
-        }
-        let mut s = self.send.send_request(req.body(()).expect("request")).await.expect("send request");
-        if let Some(b) = body {
-            for chunk in b.chunks(16 * 1024) {
-                s.send_data(Bytes::copy_from_slice(chunk)).await.expect("send body");
-            }
-        }
-        s.finish().await.expect("finish");
-        let resp = s.recv_response().await.expect("response");
-        let mut out = Vec::new();
-        while let Some(mut c) = s.recv_data().await.expect("body") {
-            out.extend_from_slice(&c.copy_to_bytes(c.remaining()));
-        }
-        H3Resp { status: resp.status().as_u16(), headers: resp.headers().clone(), body: out }
-    }
-}
-
 struct World {
     edge: stoke_router::edge::Edge,
     _file: ConfigFile,

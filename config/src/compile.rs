@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -25,7 +25,7 @@ use crate::snapshot::{
 pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source, base: &Path) -> Option<Network> {
     let (locations, location_index) = compile_locations(diags, &file);
     let rtt = compile_rtt(diags, &file, &locations, &location_index);
-    let edge = compile_edge(diags, &file, &location_index);
+    let edge = compile_edge(diags, &file, &location_index, base);
     let cluster = file.cluster.as_ref().and_then(|c| compile_cluster(diags, c));
     let tls = compile_tls(diags, &file.tls, base);
     if file.tls.is_empty() {
@@ -312,6 +312,7 @@ fn compile_edge(
     diags: &mut Diagnostics,
     file: &FileConfig,
     locations: &HashMap<String, LocationId>,
+    base: &Path,
 ) -> Option<EdgeSettings> {
     let admin_default: SocketAddr = defaults::ADMIN.parse().ok()?;
     let no_edge = RawEdge::default();
@@ -398,8 +399,34 @@ fn compile_edge(
         h3_max_streams: bounded(diags, &raw.h3_max_streams, "h3_max_streams", defaults::H3_MAX_STREAMS, 1, 10_000)
             as u32,
         measure_rtt: raw.measure_rtt.as_ref().map_or(defaults::MEASURE_RTT, |m| m.value),
+        upgrade_socket: raw.upgrade_socket.as_ref().and_then(|at| upgrade_socket(diags, at, base)),
     })
 }
+
+/// `[edge].upgrade_socket`, resolved against the config file's directory.
+/// A Unix socket's path has room for 107 bytes (`sun_path`).
+fn upgrade_socket(diags: &mut Diagnostics, at: &At<String>, base: &Path) -> Option<PathBuf> {
+    if at.value.is_empty() {
+        diags.error(at.span.clone(), "upgrade_socket must be a path, such as \"/run/stoke/upgrade.sock\"");
+        return None;
+    }
+    let path = base.join(&at.value);
+    let len = path.as_os_str().len();
+    if len > MAX_UNIX_PATH {
+        diags.error(
+            at.span.clone(),
+            format!(
+                "upgrade_socket resolves to {} ({len} bytes); a Unix socket path has at most {MAX_UNIX_PATH}: use a shorter or absolute path",
+                path.display()
+            ),
+        );
+        return None;
+    }
+    Some(path)
+}
+
+/// The longest path a Unix socket can be bound to (`sun_path` less its NUL).
+const MAX_UNIX_PATH: usize = 107;
 
 /// A number within `min..=max`; out of range is a problem naming the range.
 fn bounded(diags: &mut Diagnostics, at: &Option<At<u64>>, key: &str, default: u64, min: u64, max: u64) -> u64 {

@@ -9,8 +9,9 @@ pub const ADMIN: &str = "127.0.0.1:9901";
 pub const DEBUG_HEADERS: bool = false;
 /// `[edge].threads`: 0 means one worker per core.
 pub const THREADS: usize = 0;
-/// `[edge].drain_timeout`: how long in-flight requests get at shutdown.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// `[edge].drain_timeout`: how long in-flight requests and open streams
+/// get at shutdown or after an upgrade (token streams run for minutes).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// `[edge].client_header_timeout`: longest wait for each read of a new
 /// connection's first request header (slow clients are cut off).

@@ -33,6 +33,7 @@ const EDGE_KEYS: &[&str] = &[
     "h3_idle_timeout",
     "h3_max_streams",
     "measure_rtt",
+    "upgrade_socket",
 ];
 const TLS_KEYS: &[&str] = &["hosts", "cert", "key"];
 const LOCATION_KEYS: &[&str] = &["id", "name", "lat", "lon", "edge"];
@@ -105,6 +106,7 @@ pub(crate) struct RawEdge {
     pub h3_idle_timeout: Option<At<Duration>>,
     pub h3_max_streams: Option<At<u64>>,
     pub measure_rtt: Option<At<bool>>,
+    pub upgrade_socket: Option<At<String>>,
 }
 
 #[derive(Debug)]
@@ -343,6 +345,7 @@ fn decode_edge(r: &TableReader<'_, '_>, diags: &mut Diagnostics) -> RawEdge {
         h3_idle_timeout: r.duration(diags, "h3_idle_timeout"),
         h3_max_streams: r.unsigned(diags, "h3_max_streams"),
         measure_rtt: r.boolean(diags, "measure_rtt"),
+        upgrade_socket: r.string(diags, "upgrade_socket"),
     }
 }
 

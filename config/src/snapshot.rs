@@ -173,6 +173,10 @@ pub struct EdgeSettings {
     /// Whether placement ranks pools by the RTTs health probes measure
     /// (where `[[rtt]]` does not give them) rather than by distance.
     pub measure_rtt: bool,
+    /// The Unix socket on which this edge hands its listening sockets to a
+    /// new process (`stoke upgrade`), resolved against the config file's
+    /// directory; `None`: no upgrades.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 /// `[cluster]`: how this edge reaches the others.

@@ -32,6 +32,12 @@ pub struct Cli {
 enum Command {
     /// Run one edge.
     Serve(ServeArgs),
+    /// Replace the running edge with a new process of this binary without
+    /// refusing a connection: the new one takes the listening sockets and
+    /// serves, the old one drains and exits. Returns once the new process
+    /// serves (exit 0), or when it failed to start (exit 1; the old one
+    /// serves on). `systemctl reload` runs this.
+    Upgrade(UpgradeArgs),
     /// Validate a config file: exit 0 with a summary, or 1 with every
     /// problem as FILE:LINE:COL: message.
     Check(CheckArgs),
@@ -93,6 +99,22 @@ struct SimulateArgs {
 #[derive(Debug, Args)]
 struct ServeArgs {
     /// The network's config file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// This edge's location id (overrides [edge].location).
+    #[arg(long, short)]
+    location: Option<String>,
+    /// Take the listening sockets of the stoke running on the config's
+    /// [edge].upgrade_socket, serve on them, then let it drain and exit
+    /// (`stoke upgrade` runs this in the background and waits for it).
+    #[arg(long)]
+    upgrade: bool,
+}
+
+#[derive(Debug, Args)]
+struct UpgradeArgs {
+    /// The network's config file (the new process's; its
+    /// [edge].upgrade_socket names the running process).
     #[arg(long, short)]
     config: PathBuf,
     /// This edge's location id (overrides [edge].location).
@@ -213,6 +235,7 @@ pub fn main() -> ExitCode {
     let code = match cli.command {
         Command::Check(args) => check(&args),
         Command::Serve(args) => serve(&args),
+        Command::Upgrade(args) => upgrade(&args, cli.log_format),
         Command::Demo(args) => demo(args),
         Command::Sim(SimCommand::Replica(args)) => sim_replica(args),
         Command::Sim(SimCommand::Orchestrator(args)) => sim_orchestrator(args),
@@ -359,6 +382,22 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // An upgrade takes the running process's sockets before anything else.
+    let inherited = if args.upgrade {
+        let taken = match &snapshot.network.edge.upgrade_socket {
+            Some(path) => crate::upgrade::Inherited::receive(path),
+            None => Err(crate::upgrade::UpgradeError::NotConfigured),
+        };
+        match taken {
+            Ok(i) => Some(i),
+            Err(e) => {
+                eprintln!("stoke: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
     let rt = match runtime(snapshot.network.edge.threads) {
         Ok(rt) => rt,
         Err(e) => {
@@ -373,7 +412,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         // the edge starts stops it as soon as it serves, a SIGHUP reloads.
         let stop = stop_signal();
         let hup = crate::signals::hangups();
-        let edge = match Edge::start_from(source).await {
+        let edge = match Edge::start_upgrade(source, inherited).await {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!("{e}");
@@ -381,18 +420,52 @@ fn serve(args: &ServeArgs) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        crate::upgrade::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
         let (stop_hup, hup_rx) = tokio::sync::watch::channel(false);
         let hup = edge.reloader().map(|r| tokio::spawn(crate::reload::watch::on_sighup(r.clone(), hup, hup_rx)));
-        stop.await;
+        tokio::select! {
+            _ = stop => tracing::info!("stopping: draining in-flight requests and open streams"),
+            _ = edge.taken_over() => tracing::info!("upgraded: draining in-flight requests and open streams"),
+        }
         let _ = stop_hup.send(true);
         if let Some(h) = hup {
             h.abort();
         }
-        tracing::info!("stopping: draining in-flight requests");
-        edge.shutdown().await;
-        tracing::info!("stopped");
+        tokio::select! {
+            _ = edge.shutdown() => tracing::info!("stopped"),
+            _ = crate::signals::second_stop_signal() => tracing::warn!("stopped at a second signal, not drained"),
+        }
         ExitCode::SUCCESS
     })
+}
+
+/// `stoke upgrade`: start `stoke serve --upgrade` in the background and wait
+/// until it has taken over (the upgrade socket is then its own) or ended.
+fn upgrade(args: &UpgradeArgs, log_format: LogFormat) -> ExitCode {
+    let snapshot = match stoke_config::load_snapshot(&args.config, args.location.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("{line}");
+            }
+            eprintln!("stoke upgrade: the running process serves on");
+            return ExitCode::from(1);
+        }
+    };
+    let Some(path) = snapshot.network.edge.upgrade_socket.clone() else {
+        eprintln!("stoke upgrade: {}", crate::upgrade::UpgradeError::NotConfigured);
+        return ExitCode::from(1);
+    };
+    match crate::upgrade::run_upgrade(&path, &args.config, args.location.as_deref(), log_format) {
+        Ok(taken) => {
+            println!("stoke upgrade: the new process (pid {}) serves; the previous one drains", taken.pid);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stoke upgrade: {e}; the running process serves on");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn sim_replica(args: ReplicaArgs) -> ExitCode {

@@ -1,7 +1,7 @@
 //! Counting work in progress (requests, streams) so that shutdown can wait
 //! for it to finish.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 struct Inner {
     active: AtomicUsize,
     idle: Notify,
+    stopping: AtomicBool,
 }
 
 /// A handle that hands out guards and waits for them all to drop.
@@ -30,6 +31,17 @@ impl Drain {
     pub fn guard(&self) -> Guard {
         self.inner.active.fetch_add(1, Ordering::AcqRel);
         Guard { inner: self.inner.clone() }
+    }
+
+    /// Say that the process drains: HTTP/1.1 answers from now on close
+    /// their connection.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
+    }
+
+    /// Whether the process drains.
+    pub fn stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::Relaxed)
     }
 
     /// Units of work in progress.

@@ -39,6 +39,7 @@ pub mod sim;
 pub mod simulate;
 pub mod state;
 pub mod tls;
+pub mod upgrade;
 
 #[cfg(test)]
 mod testing;

@@ -45,6 +45,16 @@ pub const CLUSTER_CLAIMS_TOTAL: &str = "stoke_cluster_claims_total";
 /// Counter: load reports not published (disconnected, or no answer in time).
 pub const CLUSTER_PUBLISHES_DROPPED: &str = "stoke_cluster_publishes_dropped_total";
 
+/// Gauge: this process's generation (1 when started by `stoke serve`, one
+/// more at each upgrade).
+pub const PROCESS_GENERATION: &str = "stoke_process_generation";
+/// Gauge: requests and streams that the process this one took over from
+/// still has in progress (0 once it has exited).
+pub const PREVIOUS_IN_PROGRESS: &str = "stoke_previous_process_in_progress";
+/// Counter: upgrades that failed (the new process did not serve), this
+/// process serving on.
+pub const UPGRADES_FAILED_TOTAL: &str = "stoke_upgrades_failed_total";
+
 /// Counter: log lines dropped because the log writer fell behind.
 pub const LOG_LINES_DROPPED: &str = "stoke_log_lines_dropped_total";
 

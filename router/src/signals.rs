@@ -1,5 +1,6 @@
 //! Process signals, caught from the first moment: SIGTERM and SIGINT stop
-//! a long-running command, SIGHUP asks for a reload. [`install`] (the
+//! a long-running command (a second one stops it without waiting for the
+//! drain), SIGHUP asks for a reload. [`install`] (the
 //! binary's first act) installs the handlers on a thread of their own, so
 //! that no signal finds its default action — ending the process, in-flight
 //! requests with it — while the config loads or the edge starts; a stop
@@ -11,7 +12,7 @@ use std::sync::OnceLock;
 use tokio::sync::watch;
 
 struct Caught {
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<u32>,
     hangups: watch::Sender<u64>,
 }
 
@@ -25,7 +26,7 @@ pub fn install() {
 
 fn caught() -> &'static Caught {
     CAUGHT.get_or_init(|| {
-        let (stop, _) = watch::channel(false);
+        let (stop, _) = watch::channel(0);
         let (hangups, _) = watch::channel(0);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, hup_tx) = (stop.clone(), hangups.clone());
@@ -52,8 +53,8 @@ fn caught() -> &'static Caught {
                 let _ = ready_tx.send(Ok(()));
                 loop {
                     tokio::select! {
-                        _ = term.recv() => { stop_tx.send_replace(true); }
-                        _ = int.recv() => { stop_tx.send_replace(true); }
+                        _ = term.recv() => { stop_tx.send_modify(|n| *n += 1); }
+                        _ = int.recv() => { stop_tx.send_modify(|n| *n += 1); }
                         _ = hup.recv() => { hup_tx.send_modify(|n| *n += 1); }
                     }
                 }
@@ -73,9 +74,19 @@ fn caught() -> &'static Caught {
 /// Resolves at the first SIGTERM or SIGINT since [`install`], even one that
 /// came before this was called.
 pub fn stop_signal() -> impl std::future::Future<Output = ()> {
+    stops(1)
+}
+
+/// Resolves at the second SIGTERM or SIGINT since [`install`]: stop now,
+/// whatever is still draining.
+pub fn second_stop_signal() -> impl std::future::Future<Output = ()> {
+    stops(2)
+}
+
+fn stops(n: u32) -> impl std::future::Future<Output = ()> {
     let mut stop = caught().stop.subscribe();
     async move {
-        let _ = stop.wait_for(|s| *s).await;
+        let _ = stop.wait_for(|s| *s >= n).await;
     }
 }
 

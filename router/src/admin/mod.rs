@@ -66,6 +66,8 @@ pub struct Admin {
     page: Option<Arc<dyn Fn() -> String + Send + Sync>>,
     /// The engine's idle replica connections, counted in `/state`.
     idle: Option<Arc<IdlePool>>,
+    /// This process's generation and the previous one's drain, in `/state`.
+    process: Option<Arc<crate::upgrade::Process>>,
 }
 
 impl Admin {
@@ -97,6 +99,7 @@ impl Admin {
             started: Instant::now(),
             page: None,
             idle: None,
+            process: None,
         })
     }
 
@@ -112,6 +115,12 @@ impl Admin {
         self
     }
 
+    /// Show this process's generation and its predecessor's drain in `/state`.
+    pub fn with_process(mut self, process: Arc<crate::upgrade::Process>) -> Self {
+        self.process = Some(process);
+        self
+    }
+
     /// Bind and serve until `shutdown`; returns the bound address.
     pub async fn spawn(
         self,
@@ -119,7 +128,19 @@ impl Admin {
         shutdown: watch::Receiver<bool>,
     ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), AdminError> {
         let listener = TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { addr, source })?;
-        let bound = listener.local_addr().unwrap_or(addr);
+        self.spawn_on(listener, shutdown)
+    }
+
+    /// Serve on `listener` (bound by the caller, or handed over by the
+    /// process this one upgrades) until `shutdown`; returns its address.
+    pub fn spawn_on(
+        self,
+        listener: TcpListener,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), AdminError> {
+        let bound = listener
+            .local_addr()
+            .map_err(|source| AdminError::Bind { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
         let admin = Arc::new(self);
         let task = tokio::spawn(serve_http(listener, shutdown, move |req| {
             let admin = admin.clone();
@@ -218,6 +239,7 @@ impl Admin {
         let mut v = state_json(&live, self.router.bodies.held(), self.idle.as_deref());
         v["uptime_s"] = json!(self.started.elapsed().as_secs());
         v["cluster"] = crate::control::cluster::of(&self.router).map_or(Value::Null, |c| c.state_json());
+        v["process"] = self.process.as_ref().map_or(Value::Null, |p| p.state_json());
         if let Some(r) = &self.reloader {
             v["last_reload"] = serde_json::to_value(r.last()).unwrap_or_default();
         }

@@ -36,6 +36,7 @@ use crate::state::Held;
 use crate::tls::{self, CertResolver};
 
 pub mod quic;
+pub mod steer;
 
 type SendHalf = RequestStream<quic::SendStream<Bytes>, Bytes>;
 type RecvHalf = RequestStream<quic::RecvStream, Bytes>;
@@ -70,13 +71,17 @@ pub enum H3Error {
     },
 }
 
-/// Bind the QUIC endpoint (port 0: any free port). Must run on the tokio
-/// runtime that will serve it.
+/// Bind the QUIC endpoint (port 0: any free port), or serve it on the
+/// socket `inherited` from the process this one upgrades, issuing
+/// connection IDs tagged with the process's `generation` ([`steer`]).
+/// Must run on the tokio runtime that will serve it.
 pub fn bind(
     addr: SocketAddr,
     resolver: Arc<CertResolver>,
     edge: &stoke_config::EdgeSettings,
-) -> Result<(quinn::Endpoint, SocketAddr), H3Error> {
+    inherited: Option<std::net::UdpSocket>,
+    generation: u64,
+) -> Result<Bound, H3Error> {
     let tls = tls::server_config(resolver, &[b"h3"]).map_err(|e| H3Error::Tls(e.to_string()))?;
     // quinn checks only the initial cipher suite here and unwraps the rest
     // per connection: check it all once, now.
@@ -95,12 +100,33 @@ pub fn bind(
         // Control and two QPACK streams each way, with room to spare.
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
     server.transport_config(Arc::new(transport));
-    let socket = std::net::UdpSocket::bind(addr).map_err(|source| H3Error::Bind { addr, source })?;
+    let socket = match inherited {
+        Some(socket) => socket,
+        None => std::net::UdpSocket::bind(addr).map_err(|source| H3Error::Bind { addr, source })?,
+    };
     let local = socket.local_addr().map_err(|source| H3Error::Bind { addr, source })?;
-    let endpoint =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))
-            .map_err(|source| H3Error::Bind { addr, source })?;
-    Ok((endpoint, local))
+    // Kept to be handed to the next process at an upgrade.
+    let kept = socket.try_clone().map_err(|source| H3Error::Bind { addr, source })?;
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let udp = runtime.wrap_udp_socket(socket).map_err(|source| H3Error::Bind { addr, source })?;
+    let steered = steer::Steered::new(udp, generation);
+    let mut config = quinn::EndpointConfig::default();
+    config.cid_generator(move || Box::new(steer::GenerationCids::new(generation)));
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(config, Some(server), steered.clone(), runtime)
+        .map_err(|source| H3Error::Bind { addr, source })?;
+    Ok(Bound { endpoint, local, socket: kept, steered })
+}
+
+/// A bound HTTP/3 endpoint.
+pub struct Bound {
+    /// The QUIC endpoint.
+    pub endpoint: quinn::Endpoint,
+    /// Its address.
+    pub local: SocketAddr,
+    /// A duplicate of its UDP socket, to hand to the next process.
+    pub socket: std::net::UdpSocket,
+    /// Its socket as quinn reads it, steering datagrams across upgrades.
+    pub steered: Arc<steer::Steered>,
 }
 
 /// Shared by every HTTP/3 connection of an edge.
@@ -210,6 +236,40 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>, mut shut
     }
     // Keep the connection until its requests end (dropping it closes at once).
     let _ = active.wait(Duration::from_secs(3600)).await;
+    if draining {
+        refuse_late_requests(&conn).await;
+    }
+    drop(h3c);
+}
+
+/// After GOAWAY, how long a connection whose requests are done stays open
+/// for requests the client sent before it saw the GOAWAY.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+
+/// `H3_REQUEST_REJECTED` (RFC 9114 §8.1): not processed, safe to retry.
+const H3_REQUEST_REJECTED: u32 = 0x10b;
+
+/// Refuse, with `H3_REQUEST_REJECTED`, the requests a client opens after
+/// the GOAWAY (sent before it arrived), until it closes the connection or
+/// the grace time passes: a client sends those again on a new connection,
+/// where a closed connection would leave it not knowing their fate.
+async fn refuse_late_requests(conn: &quinn::Connection) {
+    let grace = tokio::time::sleep(GOAWAY_GRACE);
+    tokio::pin!(grace);
+    let code = quinn::VarInt::from_u32(H3_REQUEST_REJECTED);
+    loop {
+        tokio::select! {
+            _ = &mut grace => return,
+            _ = conn.closed() => return,
+            opened = conn.accept_bi() => match opened {
+                Ok((mut send, mut recv)) => {
+                    let _ = send.reset(code);
+                    let _ = recv.stop(code);
+                }
+                Err(_) => return,
+            },
+        }
+    }
 }
 
 /// Resolves once `shutdown` turns true (without holding its lock after).

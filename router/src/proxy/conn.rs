@@ -220,7 +220,14 @@ async fn drive<C: Graceful>(served: C, conn: &Conn, edge: &stoke_config::EdgeSet
             }
             _ = shutdown.wait_for(|s| *s), if !stopping => {
                 stopping = true;
-                served.as_mut().graceful();
+                // HTTP/2: GOAWAY. HTTP/1.1: the answer in flight is the
+                // last. An idle HTTP/1.1 connection is not closed under a
+                // request that may be on its way: its next answer says
+                // `Connection: close` (the engine drains), or its idle
+                // time runs out.
+                if conn.h2 || conn.busy.load(Ordering::Relaxed) > 0 {
+                    served.as_mut().graceful();
+                }
             }
         }
     }
@@ -319,7 +326,12 @@ impl Future for Exchange {
         }
         let head = this.shared.lock().head.take();
         let head = match head {
-            Some(head) => head,
+            Some(mut head) => {
+                if !this.h2 && this.busy.as_ref().is_some_and(|b| b.0.engine.draining()) {
+                    head.headers.insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                }
+                head
+            }
             None if this.run.is_some() => return Poll::Pending,
             // Ended without an answer: the client is gone.
             None => {

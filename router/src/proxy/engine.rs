@@ -231,6 +231,11 @@ impl Engine {
         &self.idle
     }
 
+    /// Whether the edge drains (stopping, or taken over by a new process).
+    pub fn draining(&self) -> bool {
+        self.drain.stopping()
+    }
+
     /// The routing state the engine serves from.
     pub fn router(&self) -> &Arc<Router> {
         &self.router

@@ -86,8 +86,14 @@ impl Cluster {
     /// Join the cluster of `router`'s config, if it has `[cluster]`: the
     /// connection is made in the background (retried for ever), so an edge
     /// whose NATS server is down starts and serves alone. Spawns the
-    /// publisher and the receivers, which stop with `shutdown`.
-    pub async fn join(router: &Arc<Router>, shutdown: watch::Receiver<bool>) -> Option<Arc<Cluster>> {
+    /// publisher, which stops with `draining` (a process that drains after
+    /// an upgrade leaves this edge's report to the new one), and the
+    /// receivers and claims, which stop with `shutdown`.
+    pub async fn join(
+        router: &Arc<Router>,
+        draining: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Option<Arc<Cluster>> {
         let live = router.live();
         let settings = live.snapshot.network.cluster.clone()?;
         let edge: Arc<str> = live.snapshot.edge_location().id.as_str().into();
@@ -138,7 +144,7 @@ impl Cluster {
             "joining the cluster"
         );
         tokio::spawn(cluster.clone().watch_events(events, shutdown.clone()));
-        tokio::spawn(load::publish(router.clone(), cluster.clone(), shutdown.clone()));
+        tokio::spawn(load::publish(router.clone(), cluster.clone(), draining));
         tokio::spawn(load::receive(router.clone(), cluster.clone(), shutdown.clone()));
         tokio::spawn(claim::prepare(cluster.clone(), shutdown.clone()));
         tokio::spawn(claim::receive_ready(router.clone(), cluster.clone(), shutdown));

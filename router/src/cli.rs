@@ -458,7 +458,7 @@ fn upgrade(args: &UpgradeArgs, log_format: LogFormat) -> ExitCode {
     };
     match crate::upgrade::run_upgrade(&path, &args.config, args.location.as_deref(), log_format) {
         Ok(taken) => {
-            println!("stoke upgrade: the new process (pid {}) serves; the previous one drains", taken.pid);
+            println!("stoke upgrade: {}", taken.said);
             ExitCode::SUCCESS
         }
         Err(e) => {

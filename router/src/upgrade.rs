@@ -405,10 +405,18 @@ async fn follow(conn: tokio::net::UnixStream, path: PathBuf, process: Arc<Proces
 fn bind_next(path: &Path, process: Arc<Process>, next: &Next) {
     match Handover::bind_replacing(path) {
         Ok(h) => {
-            tokio::spawn(h.serve(process, next.clone()));
+            tokio::spawn(h.serve(process.clone(), next.clone()));
         }
         Err(e) => tracing::error!("{e}; this process cannot be upgraded"),
     }
+    // What `stoke upgrade` waits for (the one line this process writes to
+    // stdout; ignored when nobody reads it).
+    let _ = writeln!(
+        std::io::stdout(),
+        "generation {} (pid {}) serves; the previous process drains",
+        process.generation,
+        process.pid
+    );
 }
 
 /// Why a connection on the upgrade socket came to nothing.
@@ -426,6 +434,9 @@ pub struct Handover {
     listener: tokio::net::UnixListener,
     /// The socket file's (device, inode): removed at exit only if still ours.
     file: (u64, u64),
+    /// A new process took over: the path is its own (to bind), not ours to
+    /// remove, even while it still shows our socket.
+    handed_over: bool,
 }
 
 impl Handover {
@@ -472,7 +483,7 @@ impl Handover {
         let meta = std::fs::metadata(at).map_err(|e| bind(e.to_string()))?;
         listener.set_nonblocking(true).map_err(|e| bind(e.to_string()))?;
         let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| bind(e.to_string()))?;
-        Ok(Handover { path: path.to_owned(), listener, file: (meta.dev(), meta.ino()) })
+        Ok(Handover { path: path.to_owned(), listener, file: (meta.dev(), meta.ino()), handed_over: false })
     }
 
     /// Answer upgrade requests until one succeeds: offer the sockets, wait
@@ -480,7 +491,7 @@ impl Handover {
     /// then stops accepting), say `released` once it has, and report the
     /// drain until this process exits. A new process that fails to start
     /// changes nothing here.
-    pub async fn serve(self, process: Arc<Process>, mut next: Next) {
+    pub async fn serve(mut self, process: Arc<Process>, mut next: Next) {
         loop {
             let conn = match self.listener.accept().await {
                 Ok((conn, _)) => conn,
@@ -497,6 +508,7 @@ impl Handover {
                         generation = process.generation + 1,
                         "a new process serves on the listening sockets: draining"
                     );
+                    self.handed_over = true;
                     let _ = next.taken.send(true);
                     let _ = next.stopped.wait_for(|s| *s).await;
                     report(conn, next.drain).await;
@@ -595,8 +607,11 @@ impl Handover {
 }
 
 impl Drop for Handover {
-    /// Remove the socket file, unless a newer process has put its own there.
+    /// Remove the socket file, unless a newer process has taken over.
     fn drop(&mut self) {
+        if self.handed_over {
+            return;
+        }
         if let Ok(meta) = std::fs::metadata(&self.path) {
             if (meta.dev(), meta.ino()) == self.file {
                 let _ = std::fs::remove_file(&self.path);
@@ -625,13 +640,16 @@ async fn report(mut conn: tokio::net::UnixStream, drain: Drain) {
 pub struct Taken {
     /// Its process id.
     pub pid: u32,
+    /// What it said: its generation and pid.
+    pub said: String,
 }
 
 /// Start this binary as `stoke serve --upgrade` for `config`, in a process
 /// group of its own (a Ctrl-C at `stoke upgrade` does not reach it), and
-/// wait until it has taken over: the upgrade socket at `path` is then a
-/// new file, its own. Fails if nothing listens there, or if the new
-/// process exits first (its log, on this process's stderr, says why).
+/// wait until it has taken over, which it says in one line on its stdout
+/// once the upgrade socket at `path` is its own. Fails if nothing listens
+/// there, or if the new process exits first (its log, on this process's
+/// stderr, says why).
 pub fn run_upgrade(
     path: &Path,
     config: &Path,
@@ -639,10 +657,9 @@ pub fn run_upgrade(
     log_format: crate::logging::LogFormat,
 ) -> Result<Taken, String> {
     use std::os::unix::process::CommandExt;
-    let file = |path: &Path| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
-    let Some(before) = file(path) else {
+    if !path.exists() {
         return Err(format!("no running stoke: {} does not exist", path.display()));
-    };
+    }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let mut cmd = std::process::Command::new(exe);
     let format = match log_format {
@@ -653,24 +670,35 @@ pub fn run_upgrade(
     if let Some(l) = location {
         cmd.args(["--location", l]);
     }
-    // stderr (its log) is this process's; stdout is not kept open, so that
-    // whoever reads `stoke upgrade`'s output sees its end when it exits.
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).process_group(0);
+    // stderr (its log) is this process's.
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).process_group(0);
     let mut child = cmd.spawn().map_err(|e| format!("cannot start the new process: {e}"))?;
+    let stdout = child.stdout.take().ok_or("the new process has no stdout")?;
+    let (said_tx, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = said_tx.send(line);
+    });
     let wait = START_TIMEOUT + Duration::from_secs(10);
     let deadline = std::time::Instant::now() + wait;
     loop {
+        match said.recv_timeout(Duration::from_millis(20)) {
+            Ok(line) if !line.is_empty() => return Ok(Taken { pid: child.id(), said: line.trim_end().to_owned() }),
+            // Its stdout closed without a word: it is ending.
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().map_err(|e| e.to_string())?;
+                return Err(format!("the new process exited ({status}) before it served"));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("the new process exited ({status}) before it served"));
-        }
-        if file(path).is_some_and(|now| now != before) {
-            return Ok(Taken { pid: child.id() });
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             return Err(format!("the new process (pid {}) did not take over within {wait:?}; stopped it", child.id()));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

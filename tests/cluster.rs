@@ -3,14 +3,17 @@
 //! whose edge died is taken over, a NATS outage fails nothing and falls
 //! back to one wake per edge, two edges share one pool's capacity, a pool
 //! busy at another edge is not put to sleep, and the production shape (a
-//! hub of three servers, a leaf per location) works the same.
+//! hub of three servers, a leaf per location) works the same, and an edge
+//! upgraded to a new process keeps its wake claim.
 //!
 //! `nats-server` must be installed (Debian's package; `.ci/run` installs it).
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stoke_router::edge::Edge;
@@ -500,4 +503,65 @@ async fn an_edge_starts_and_serves_while_nats_is_down_and_joins_it_later() {
     })
     .await;
     shutdown(edges).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_edge_keeps_its_wake_claim() {
+    logs();
+    let nats = Nats::start().await;
+    let (orch, file) = world(LOCATIONS, &cluster(&nats.url()), "wake_time = \"3s\"\nidle_timeout = \"1h\"", "").await;
+    // fra runs as a process that can be upgraded; par in this one.
+    let text = std::fs::read_to_string(&file.path).expect("config");
+    let fra_file = ConfigFile::new(&text.replacen(
+        "[edge]\n",
+        "[edge]\nlocation = \"fra\"\nupgrade_socket = \"upgrade.sock\"\n",
+        1,
+    ));
+    let par = edge_from(&file, "par").await;
+    let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut fra = Command::new(env!("CARGO_BIN_EXE_stoke"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&fra_file.path)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("stoke serve");
+    let Listeners { http, admin, .. } = listening(fra.stderr.take().expect("stderr"), log);
+    all_connected(std::slice::from_ref(&par)).await;
+    let joined = || async {
+        let c = send(admin, Req::get("/state")).await.json()["cluster"].clone();
+        (c["connected"] == true && c["claims_ready"] == true).then_some(())
+    };
+    eventually(Duration::from_secs(15), "fra joined the cluster", joined).await;
+
+    // fra claims the wake and calls the hook; the pool takes 3 s.
+    let held = |addr: SocketAddr, n: usize| {
+        (0..n)
+            .map(|_| tokio::spawn(async move { send(addr, Req::chat("m")).await.status.as_u16() }))
+            .collect::<Vec<_>>()
+    };
+    let mut answers = held(http, 5);
+    eventually(Duration::from_secs(5), "fra called the wake hook", || async {
+        (!orch.calls_for("fra-a", "wake").is_empty()).then_some(())
+    })
+    .await;
+    // Upgraded while the pool wakes: the claim is still fra's, so par
+    // holds its requests for the wake rather than calling the hook itself.
+    let up = upgrade(&fra_file).await;
+    assert!(up.ok, "{}\n{}", up.stdout, up.stderr);
+    answers.extend(held(par.bound.http.expect("http"), 5));
+    answers.extend(held(http, 5));
+    for a in answers {
+        assert_eq!(a.await.expect("request"), 200);
+    }
+    let calls = orch.calls_for("fra-a", "wake");
+    assert!(calls.iter().all(|c| c.edge == "fra"), "only fra, before or after its upgrade, called: {calls:?}");
+    assert_eq!(admin_json(&par, "/state").await["cluster"]["claims"]["won"], 0);
+    let state = send(admin, Req::get("/state")).await.json();
+    assert_eq!(state["process"]["generation"], 2);
+    assert_eq!(state["cluster"]["connected"], true, "the new process is in the cluster");
+    terminate(up.pid());
+    let _ = tokio::task::spawn_blocking(move || fra.wait()).await;
+    par.shutdown().await;
+    orch.shutdown().await;
 }

@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,43 +41,6 @@ keepalive_timeout = "30s"
 measure_rtt = false
 "#;
 
-/// Where the first process listens.
-struct Listeners {
-    http: SocketAddr,
-    admin: SocketAddr,
-    h3: Option<SocketAddr>,
-}
-
-/// Read the JSON log lines of the first process until it serves, noting
-/// its listeners; then keep draining them into `log`.
-fn listening(stderr: std::process::ChildStderr, log: Arc<Mutex<Vec<String>>>) -> Listeners {
-    let mut lines = BufReader::new(stderr).lines();
-    let (mut http, mut admin, mut h3) = (None, None, None);
-    while let Some(Ok(line)) = lines.next() {
-        log.lock().push(line.clone());
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            let addr = || v["addr"].as_str().and_then(|a| a.parse().ok());
-            match v["listener"].as_str() {
-                Some("http") => http = addr(),
-                Some("admin") => admin = addr(),
-                Some("h3") => h3 = addr(),
-                _ => {}
-            }
-            let message = v["message"].as_str().or(v["fields"]["message"].as_str()).unwrap_or_default();
-            let serving = message.starts_with("edge serving");
-            if let (Some(http), Some(admin), true) = (http, admin, serving) {
-                std::thread::spawn(move || {
-                    for line in lines.map_while(Result::ok) {
-                        log.lock().push(line);
-                    }
-                });
-                return Listeners { http, admin, h3 };
-            }
-        }
-    }
-    panic!("the edge never reported its listeners:\n{}", log.lock().join("\n"));
-}
-
 /// `stoke serve` over `file`, logging JSON to a pipe.
 fn serve(file: &ConfigFile) -> Child {
     Command::new(STOKE)
@@ -89,59 +51,6 @@ fn serve(file: &ConfigFile) -> Child {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn stoke serve")
-}
-
-/// What `stoke upgrade` came to: its exit, what it printed, and the log of
-/// the process it started (in `upgrades.log` beside the config).
-struct Upgrade {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Upgrade {
-    /// The new process's id, from `stoke upgrade`'s report.
-    fn pid(&self) -> u32 {
-        let at = self.stdout.find("(pid ").unwrap_or_else(|| panic!("no pid in {:?}", self.stdout)) + 5;
-        self.stdout[at..].split(')').next().and_then(|p| p.parse().ok()).expect("a pid")
-    }
-}
-
-/// Run `stoke upgrade` for `file` and wait for it.
-async fn upgrade(file: &ConfigFile) -> Upgrade {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(file.dir.path().join("upgrades.log"))
-        .expect("log file");
-    let path = file.path.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(STOKE)
-            .args(["--log-format", "json", "upgrade", "--config"])
-            .arg(path)
-            .env("STOKE_TEST_ORCH_TOKEN", "orch-secret")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .output()
-            .expect("run stoke upgrade")
-    })
-    .await
-    .expect("join");
-    let log = std::fs::read_to_string(file.dir.path().join("upgrades.log")).unwrap_or_default();
-    Upgrade { ok: out.status.success(), stdout: String::from_utf8_lossy(&out.stdout).into_owned(), stderr: log }
-}
-
-/// Whether process `pid` is still running (not yet reaped counts as
-/// gone: its `/proc` state is Z).
-fn running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-fn terminate(pid: u32) {
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
 }
 
 /// What the load saw.

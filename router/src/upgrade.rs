@@ -620,8 +620,9 @@ impl Drop for Handover {
     }
 }
 
-/// Say `released`, then what is still in progress once a second, until the
-/// process exits (which closes the connection) or the new one goes away.
+/// Say `released`, then what is still in progress, at once and then once
+/// a second, until the process exits (which closes the connection) or the
+/// new one goes away.
 async fn report(mut conn: tokio::net::UnixStream, drain: Drain) {
     let mut step = Step::Released;
     loop {
@@ -630,7 +631,9 @@ async fn report(mut conn: tokio::net::UnixStream, drain: Drain) {
         if conn.write_all(&line).await.is_err() {
             return;
         }
-        tokio::time::sleep(PROGRESS_EVERY).await;
+        if !matches!(step, Step::Released) {
+            tokio::time::sleep(PROGRESS_EVERY).await;
+        }
         step = Step::Draining { in_progress: drain.active() };
     }
 }

@@ -678,3 +678,96 @@ impl H3Client {
         H3Resp { status: resp.status().as_u16(), headers: resp.headers().clone(), body: out }
     }
 }
+
+// `stoke serve` and `stoke upgrade` as processes.
+
+/// Where the first process listens.
+pub struct Listeners {
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub h3: Option<SocketAddr>,
+}
+
+/// Read the JSON log lines of the first process until it serves, noting
+/// its listeners; then keep draining them into `log`.
+pub fn listening(stderr: std::process::ChildStderr, log: Arc<parking_lot::Mutex<Vec<String>>>) -> Listeners {
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let (mut http, mut admin, mut h3) = (None, None, None);
+    while let Some(Ok(line)) = lines.next() {
+        log.lock().push(line.clone());
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            let addr = || v["addr"].as_str().and_then(|a| a.parse().ok());
+            match v["listener"].as_str() {
+                Some("http") => http = addr(),
+                Some("admin") => admin = addr(),
+                Some("h3") => h3 = addr(),
+                _ => {}
+            }
+            let message = v["message"].as_str().or(v["fields"]["message"].as_str()).unwrap_or_default();
+            let serving = message.starts_with("edge serving");
+            if let (Some(http), Some(admin), true) = (http, admin, serving) {
+                std::thread::spawn(move || {
+                    for line in lines.map_while(Result::ok) {
+                        log.lock().push(line);
+                    }
+                });
+                return Listeners { http, admin, h3 };
+            }
+        }
+    }
+    panic!("the edge never reported its listeners:\n{}", log.lock().join("\n"));
+}
+
+/// What `stoke upgrade` came to: its exit, what it printed, and the log of
+/// the process it started (in `upgrades.log` beside the config).
+pub struct Upgrade {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Upgrade {
+    /// The new process's id, from `stoke upgrade`'s report.
+    pub fn pid(&self) -> u32 {
+        let at = self.stdout.find("(pid ").unwrap_or_else(|| panic!("no pid in {:?}", self.stdout)) + 5;
+        self.stdout[at..].split(')').next().and_then(|p| p.parse().ok()).expect("a pid")
+    }
+}
+
+/// Run `stoke upgrade` for `file` and wait for it.
+pub async fn upgrade(file: &ConfigFile) -> Upgrade {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file.dir.path().join("upgrades.log"))
+        .expect("log file");
+    let path = file.path.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stoke"))
+            .args(["--log-format", "json", "upgrade", "--config"])
+            .arg(path)
+            .env("STOKE_TEST_ORCH_TOKEN", "orch-secret")
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .output()
+            .expect("run stoke upgrade")
+    })
+    .await
+    .expect("join");
+    let log = std::fs::read_to_string(file.dir.path().join("upgrades.log")).unwrap_or_default();
+    Upgrade { ok: out.status.success(), stdout: String::from_utf8_lossy(&out.stdout).into_owned(), stderr: log }
+}
+
+/// Whether process `pid` is still running (not yet reaped counts as
+/// gone: its `/proc` state is Z).
+pub fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// SIGTERM to `pid`.
+pub fn terminate(pid: u32) {
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}

@@ -69,11 +69,12 @@ fn check_of_a_missing_file_says_so() {
 fn help_describes_every_command_and_flag() {
     let out = Command::new(STOKE).arg("--help").output().expect("runs");
     let help = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["serve", "check", "demo", "sim"] {
+    for cmd in ["serve", "upgrade", "check", "demo", "sim"] {
         assert!(help.contains(cmd), "{cmd} missing from --help:\n{help}");
     }
     for (cmd, flags) in [
-        (&["serve"][..], &["--config", "--location", "--log-format"][..]),
+        (&["serve"][..], &["--config", "--location", "--log-format", "--upgrade"][..]),
+        (&["upgrade"], &["--config", "--location"]),
         (&["check"], &["--config"]),
         (&["demo"], &["--duration"]),
         (&["sim", "replica"], &["--listen", "--name", "--boot-time", "--max-concurrency", "--tokens-per-sec"]),

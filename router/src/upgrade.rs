@@ -14,7 +14,10 @@
 //!    to start (a broken config, a port it cannot bind) closes the
 //!    connection instead, and the old one goes on serving;
 //! 3. old → new: `released` once it no longer accepts, then what it still
-//!    drains, once a second, until it exits and the connection closes.
+//!    drains, at once and then once a second, until it exits and the
+//!    connection closes. The new process takes the upgrade socket over
+//!    (binding beside it and renaming over it), and says so in one line on
+//!    its stdout, which `stoke upgrade` waits for.
 //!
 //! The listening sockets are the same kernel sockets in both processes, so
 //! there is no moment at which nobody listens: a connection that arrives

@@ -13,7 +13,10 @@
 #      -i ms, far longer than the measurement), wait until all N have their
 #      response head and a first event (at most -w s), read the RSS again the
 #      same way;
-#   3. report (RSS after - baseline) / streams open, in KB per stream, the raw
+#   3. report (RSS after - baseline) / streams open, in KB per stream, and the
+#      proxy's CPU time (user + system, over its process tree) per 1,000 events
+#      in the window in which the RSS settled (the token fan-out's cost: with
+#      -i 100, N streams carry N x 10 events a second), the raw
 #      figures, the streams open (client side) and the proxy's ESTABLISHED
 #      connections to the upstream; then end the client, target and upstream
 #      and wait for their ports to be free.
@@ -218,6 +221,14 @@ rss() { # pid -> "VmRSS_kB RssAnon_kB processes", summed over the process tree
   done
   echo "$s $an $k"
 }
+cpu_ticks() { # pid -> utime + stime in clock ticks, summed over the process tree
+  local p t=0 u
+  for p in $(tree "$1"); do
+    u=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)
+    t=$((t + u))
+  done
+  echo "$t"
+}
 settled_rss() { # pid [min samples]: sample every 0.5 s until two samples agree within 1 %
   local prev cur i    # (at least the minimum, at most 20 samples = 10 s); prints RSS, anon, procs, samples
   prev=$(rss "$1")
@@ -279,7 +290,7 @@ JSONL="$OUT/streams.jsonl"
 T0=$(date +%s)
 measure() { # target proto n [n asked for, before the fd cap]
   local t="$1" p="$2" n="$3" asked="${4:-$3}" f="$OUT/$1-$2-$3" sse cl base base_anon after after_anon procs samples
-  local hold lim i open failed addr ups secs t1 ev0
+  local hold lim i open failed addr ups secs t1 ev0 cpu0 cpu1
   start "sse-$t-$p-$n" "$CPU_LG" env BACKLOG=4096 python3 "$DIR/sse_upstream.py"
   sse="$SPID"
   wait_200 http://127.0.0.1:8085/health
@@ -312,9 +323,10 @@ measure() { # target proto n [n asked for, before the fd cap]
   done
   secs=$(awk -v a="$t1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
   # At least 2 s with all streams open (their events keep flowing) before the RSS counts.
-  sleep 0.5; read -r ev0 <<<"$(status "$f.status" events)"; t1=$(date +%s.%N)
-  read -r after after_anon procs samples <<<"$(settled_rss "$TPID" 3)"
+  sleep 0.5; read -r ev0 <<<"$(status "$f.status" events)"; t1=$(date +%s.%N); cpu0=$(cpu_ticks "$TPID")
+  read -r after after_anon procs samples <<<"$(settled_rss "$TPID" 6)"
   sleep 0.5   # the client rewrites its status every 0.5 s
+  cpu1=$(cpu_ticks "$TPID")
   cp "$f.status" "$f.at.json" 2>/dev/null || echo '{}' >"$f.at.json"   # the client's counters at measurement time
   t1=$(awk -v a="$t1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}')
   ups=$(ss -Htn state established '( dport = :8085 )' | wc -l)
@@ -325,10 +337,11 @@ measure() { # target proto n [n asked for, before the fd cap]
   # shellcheck disable=SC2046
   wait_ports_free $(target_ports "$t") 8085
   python3 - "$f.at.json" "$t" "$p" "$n" "$ups" "$base" "$after" "$base_anon" "$after_anon" "$procs" "$secs" \
-      "$ev0" "$t1" "$M" "$IVAL" "$samples" "$asked" >>"$JSONL" <<'EOF'
+      "$ev0" "$t1" "$M" "$IVAL" "$samples" "$asked" "$(( cpu1 - cpu0 ))" "$(getconf CLK_TCK)" >>"$JSONL" <<'EOF'
 import json, sys
 c = json.load(open(sys.argv[1]))
-t, p, n, ups, base, after, ba, aa, procs, secs, ev0, evsecs, m, ival, samples, asked = sys.argv[2:]
+t, p, n, ups, base, after, ba, aa, procs, secs, ev0, evsecs, m, ival, samples, asked, ticks, hz = sys.argv[2:]
+events = c.get("events", 0) - int(ev0)
 n, base, after, opn = int(n), int(base), int(after), c.get("open", 0)
 d = dict(target=t, proto=p, requested=n, asked=int(asked), open=opn, head=c.get("head", 0), failed=c.get("failed", 0),
          closed=c.get("closed", 0), client_conns=c.get("conns", 0), upstream_conns=int(ups),
@@ -338,7 +351,9 @@ d = dict(target=t, proto=p, requested=n, asked=int(asked), open=opn, head=c.get(
          events_per_stream_s=round((c.get("events", 0) - int(ev0)) / float(evsecs) / opn, 2) if opn else 0,
          server_max_streams=c.get("server_max_streams", []), streams_per_conn=int(m) if p == "h2" else 1,
          interval_ms=int(ival), settle_samples=int(samples),
-         kb_per_stream=round((after - base) / opn, 2) if opn else None)
+         kb_per_stream=round((after - base) / opn, 2) if opn else None,
+         # the proxy's CPU (user + system, its process tree) over the same window, per 1,000 events
+         cpu_ms_per_1000_events=round(int(ticks) * 1000 / int(hz) / (events / 1000), 2) if events > 0 else None)
 print(json.dumps(d))
 EOF
   tail -n 1 "$JSONL" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("  %(target)-8s %(proto)s n=%(requested)-6d open=%(open)-6d failed=%(failed)-5d upstream=%(upstream_conns)-6d rss %(rss_base_kb)d -> %(rss_after_kb)d kB  %(kb_per_stream)s KB/stream  (opened in %(open_secs)ss, %(events_per_stream_s)s events/stream/s%(e)s)" % dict(d, e=("; errors %s" % d["errors"]) if d["errors"] else ""))'
@@ -356,14 +371,16 @@ python3 - "$JSONL" <<'EOF' | tee "$OUT/summary.md"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 ha = {(r["proto"], r["requested"]): r["kb_per_stream"] for r in rows if r["target"] == "haproxy"}
-print("| target | protocol | streams requested | streams open | RSS baseline MB | RSS after MB | KB/stream | ÷ haproxy |")
-print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| target | protocol | streams requested | streams open | RSS baseline MB | RSS after MB | KB/stream | ÷ haproxy | CPU ms / 1,000 events |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for r in rows:
     k, h = r["kb_per_stream"], ha.get((r["proto"], r["requested"]))
     ratio = "%.1f" % (k / h) if k is not None and h else "—"
     proto = r["proto"] + (" (%d/conn)" % r["streams_per_conn"] if r["proto"] == "h2" else "")
-    print("| %s | %s | %d | %d | %.1f | %.1f | %s | %s |" % (r["target"], proto, r["requested"], r["open"],
-          r["rss_base_kb"] / 1024, r["rss_after_kb"] / 1024, "—" if k is None else "%.1f" % k, ratio))
+    cpu = r.get("cpu_ms_per_1000_events")
+    print("| %s | %s | %d | %d | %.1f | %.1f | %s | %s | %s |" % (r["target"], proto, r["requested"], r["open"],
+          r["rss_base_kb"] / 1024, r["rss_after_kb"] / 1024, "—" if k is None else "%.1f" % k, ratio,
+          "—" if cpu is None else "%.1f" % cpu))
 capped = sorted({(r["proto"], r["asked"], r["requested"]) for r in rows if r.get("asked", r["requested"]) != r["requested"]})
 for p, a, n in capped:
     print("\n%s: %d streams asked for, %d requested: capped by the fd limit (2 fds per stream in the proxy)" % (p, a, n))

@@ -317,7 +317,7 @@ async fn twenty_upgrades_under_load_drop_nothing() {
     .await;
     let log = Arc::new(Mutex::new(Vec::new()));
     let mut first = serve(&file);
-    let Listeners { http, admin, h3 } = listening(first.stderr.take().expect("stderr"), log.clone());
+    let Listeners { http, admin, h3, .. } = listening(first.stderr.take().expect("stderr"), log.clone());
     let h3 = h3.expect("an HTTP/3 listener");
     assert_eq!(serving(admin).await, (1, first.id()));
 
@@ -512,16 +512,16 @@ async fn an_http3_stream_outlives_the_process_that_took_its_socket() {
     let rep = replica_with("fra-1", |o| o.tokens_per_sec = 100.0).await;
     let (pem, key, root) = certificate(&["localhost"]);
     let file = ConfigFile::new(&format!(
-        "{UPGRADE_EDGE}h3 = \"127.0.0.1:0\"\n[[tls]]\nhosts = [\"localhost\"]\ncert = \"c.crt\"\nkey = \"c.key\"\n\
-         {LOCATIONS}{}{BODY_ROUTE}",
+        "{UPGRADE_EDGE}https = \"127.0.0.1:0\"\nh3 = \"127.0.0.1:0\"\n\
+         [[tls]]\nhosts = [\"localhost\"]\ncert = \"c.crt\"\nkey = \"c.key\"\n{LOCATIONS}{}{BODY_ROUTE}",
         pool("fra-a", "fra", &["m"], &[rep.addr], "")
     ));
     file.write("c.crt", pem.as_bytes());
     file.write("c.key", key.as_bytes());
     let log = Arc::new(Mutex::new(Vec::new()));
     let mut first = serve(&file);
-    let Listeners { admin, h3, .. } = listening(first.stderr.take().expect("stderr"), log.clone());
-    let h3 = h3.expect("an HTTP/3 listener");
+    let Listeners { admin, https, h3, .. } = listening(first.stderr.take().expect("stderr"), log.clone());
+    let (https, h3) = (https.expect("an HTTPS listener"), h3.expect("an HTTP/3 listener"));
     let c = try_h3_client(h3, root.clone()).await.expect("h3 connection");
     // About 5 s of tokens, on a connection of the first process: more
     // than the sender may have unacknowledged, so that the client's
@@ -531,6 +531,9 @@ async fn an_http3_stream_outlives_the_process_that_took_its_socket() {
     let up = upgrade(&file).await;
     assert!(up.ok, "{}\n{}", up.stdout, up.stderr);
     assert_eq!(serving(admin).await.0, 2);
+    // The TLS listener was handed over too: HTTP/2 by ALPN on the same port.
+    let tls = send_tls(https, std::slice::from_ref(&root), "localhost", &[b"h2"], Req::chat("m")).await;
+    assert_eq!((tls.resp.status.as_u16(), tls.alpn.as_deref()), (200, Some(&b"h2"[..])));
     // A new connection is the new process's.
     let fresh = try_h3_client(h3, root).await.expect("a new h3 connection");
     let mut send = fresh.send.clone();

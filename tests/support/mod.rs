@@ -685,6 +685,7 @@ impl H3Client {
 pub struct Listeners {
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    pub https: Option<SocketAddr>,
     pub h3: Option<SocketAddr>,
 }
 
@@ -692,7 +693,7 @@ pub struct Listeners {
 /// its listeners; then keep draining them into `log`.
 pub fn listening(stderr: std::process::ChildStderr, log: Arc<parking_lot::Mutex<Vec<String>>>) -> Listeners {
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let (mut http, mut admin, mut h3) = (None, None, None);
+    let (mut http, mut admin, mut https, mut h3) = (None, None, None, None);
     while let Some(Ok(line)) = lines.next() {
         log.lock().push(line.clone());
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
@@ -701,6 +702,7 @@ pub fn listening(stderr: std::process::ChildStderr, log: Arc<parking_lot::Mutex<
                 Some("http") => http = addr(),
                 Some("admin") => admin = addr(),
                 Some("h3") => h3 = addr(),
+                Some("https") => https = addr(),
                 _ => {}
             }
             let message = v["message"].as_str().or(v["fields"]["message"].as_str()).unwrap_or_default();
@@ -711,7 +713,7 @@ pub fn listening(stderr: std::process::ChildStderr, log: Arc<parking_lot::Mutex<
                         log.lock().push(line);
                     }
                 });
-                return Listeners { http, admin, h3 };
+                return Listeners { http, admin, https, h3 };
             }
         }
     }

@@ -88,7 +88,6 @@ pub struct Edge {
     reloader: Option<Arc<Reloader>>,
     admin_stop: watch::Sender<bool>,
     quic: Option<quinn::Endpoint>,
-    process: Arc<Process>,
     taken: watch::Receiver<bool>,
     connections: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -306,7 +305,6 @@ impl Edge {
             reloader,
             admin_stop,
             quic,
-            process,
             taken: taken_rx,
             connections,
         })
@@ -325,11 +323,6 @@ impl Edge {
     /// Requests in progress.
     pub fn in_progress(&self) -> usize {
         self.drain.active()
-    }
-
-    /// This process's generation and its predecessor's drain.
-    pub fn process(&self) -> &Arc<Process> {
-        &self.process
     }
 
     /// Resolves once a new process serves on this one's listening sockets

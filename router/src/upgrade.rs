@@ -178,7 +178,7 @@ pub struct Previous {
     pub pid: u32,
     /// Its generation.
     pub generation: u64,
-    /// `starting` (this process not serving yet), `draining` or `exited`.
+    /// `draining` or `exited`.
     pub state: &'static str,
     /// Requests and streams it still has in progress.
     pub in_progress: usize,

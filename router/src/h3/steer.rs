@@ -14,7 +14,8 @@
 //! and always stay with the newest process: new connections are its.
 //!
 //! Before any upgrade nothing is steered: the socket is read as quinn reads
-//! it, at the cost of one atomic load per receive.
+//! it, at the cost of one atomic load per receive (and, when the socket has
+//! nothing, registering the driver's waker in an `AtomicWaker`).
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -23,9 +24,10 @@ use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use quinn::udp::{EcnCodepoint, RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -94,6 +96,9 @@ pub struct Steered {
     /// Whether anything is steered at all (a predecessor, or a successor
     /// feeding this process): the fast path reads only this.
     steering: AtomicBool,
+    /// The endpoint driver's waker while it waits on the UDP socket, to
+    /// move it to the successor's channel at a takeover.
+    waker: AtomicWaker,
     state: Mutex<State>,
 }
 
@@ -104,8 +109,6 @@ struct State {
     /// Datagrams for earlier generations' connections go to the process
     /// of their generation, each over its own channel.
     predecessors: Vec<Predecessor>,
-    /// The endpoint driver's waker, to move it to the channel.
-    waker: Option<Waker>,
     /// One framed datagram from the channel.
     frame: Vec<u8>,
 }
@@ -131,6 +134,7 @@ impl Steered {
             udp,
             generation: tag(generation),
             steering: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             state: Mutex::new(State::default()),
         })
     }
@@ -159,15 +163,9 @@ impl Steered {
     pub fn follow(&self, channel: StdUnixDatagram) -> io::Result<()> {
         channel.set_nonblocking(true)?;
         let channel = Arc::new(tokio::net::UnixDatagram::from_std(channel)?);
-        let waker = {
-            let mut st = self.state.lock();
-            st.from_successor = Some(channel);
-            st.waker.take()
-        };
+        self.state.lock().from_successor = Some(channel);
         self.steering.store(true, Ordering::Release);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        self.waker.wake();
         Ok(())
     }
 
@@ -272,12 +270,9 @@ impl AsyncUdpSocket for Steered {
                 let polled = self.udp.poll_recv(cx, bufs, meta);
                 if polled.is_pending() {
                     // Kept so that a takeover can move the driver to the
-                    // successor's channel.
-                    let mut st = self.state.lock();
-                    if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                        st.waker = Some(cx.waker().clone());
-                    }
-                    drop(st);
+                    // successor's channel (no lock: an atomic, and a clone
+                    // only when the driver's waker changes).
+                    self.waker.register(cx.waker());
                     // Taken over between the poll and now: poll again.
                     if self.steering.load(Ordering::Acquire) {
                         continue;

@@ -117,9 +117,11 @@ async fn h1_load(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Seen>) {
     }
 }
 
-/// h2c: requests one after another on one connection; after GOAWAY the
+/// h2c: requests one after another on one connection. After GOAWAY the
 /// connection refuses new requests before sending them (`is_canceled`),
-/// and they go on a new one.
+/// and a request sent on a stream above the GOAWAY's last stream id was not
+/// processed (RFC 9113 §6.8, the h2 error `GoAway(.., NO_ERROR, Remote)`):
+/// both go on a new connection, as a client does.
 async fn h2_load(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Seen>) {
     let body = Bytes::from(chat_body(FAST, false, 2));
     'connection: while !stop.load(Ordering::Relaxed) {
@@ -149,12 +151,12 @@ async fn h2_load(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Seen>) {
                 .expect("request");
             let resp = match sender.send_request(req).await {
                 Ok(r) => r,
-                Err(e) if e.is_canceled() => {
+                Err(e) if e.is_canceled() || format!("{e:?}").contains("GoAway(b\"\", NO_ERROR, Remote)") => {
                     seen.resent.fetch_add(1, Ordering::Relaxed);
                     continue 'connection;
                 }
                 Err(e) => {
-                    seen.fail(format!("h2 request: {e}"));
+                    seen.fail(format!("h2 request: {e:?}"));
                     continue 'connection;
                 }
             };

@@ -145,6 +145,36 @@ async fn serve_stops_on_sigterm_after_in_flight_requests_finish() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
+/// The first SIGTERM drains (a stream in flight runs on); a second one
+/// stops the process at once, whatever is still draining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_without_waiting_for_the_drain() {
+    let rep = replica_with("fra-1", |o| o.tokens_per_sec = 5.0).await;
+    let file = ConfigFile::new(&format!(
+        "{}{LOCATIONS}{}\n[[route]]\nservice_from = \"body:model\"\n",
+        EDGE.replace("drain_timeout = \"5s\"", "drain_timeout = \"60s\""),
+        pool("fra-a", "fra", &["m"], &[rep.addr], "")
+    ));
+    let mut child = serve_fra(&file.path);
+    let (addr, _) = listening_addrs(child.stderr.take().expect("stderr"));
+    // About 20 s of tokens.
+    let resp = open(addr, &Req::post("/v1/chat/completions", chat_body("m", true, 100))).await;
+    assert_eq!(resp.status(), 200);
+    let reader = tokio::spawn(collect(resp));
+    let pid = child.id();
+    terminate(pid);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(running(pid), "the first SIGTERM drains: the stream runs on");
+    terminate(pid);
+    eventually(std::time::Duration::from_secs(5), "stopped at the second SIGTERM", || async {
+        (!running(pid)).then_some(())
+    })
+    .await;
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    reader.abort();
+}
+
 /// SIGTERM right after the listeners are up is a clean stop, not the
 /// signal's default action (which would end the process at once and cut
 /// every connection): the handlers are in place before anything is served.

@@ -12,12 +12,14 @@ use stoke_geo::{Coord, RttMatrix, RttModel};
 use crate::decode::At;
 use crate::defaults;
 use crate::diag::Diagnostics;
-use crate::file::{FileConfig, RawAuth, RawCluster, RawEdge, RawHook, RawPool, RawRate, RawRoute, RawScale, RawTls};
+use crate::file::{
+    FileConfig, RawAuth, RawCluster, RawEdge, RawHook, RawPool, RawRate, RawRoute, RawScale, RawTls, RawTracing,
+};
 use crate::routes::{HostPattern, RouteTable};
 use crate::snapshot::{
     Affinity, AffinityKey, Auth, AuthHeader, ClusterSettings, EdgeSettings, HealthCheck, Hook, HookUrl, IdleTimeout,
     LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId, RateLimit, Route, Scale, Service, ServiceId,
-    ServiceSource, Source, TlsCert,
+    ServiceSource, Source, TlsCert, TracingSettings,
 };
 
 /// Build the network from a decoded file. `base` is the directory that
@@ -27,6 +29,7 @@ pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source,
     let rtt = compile_rtt(diags, &file, &locations, &location_index);
     let edge = compile_edge(diags, &file, &location_index, base);
     let cluster = file.cluster.as_ref().and_then(|c| compile_cluster(diags, c));
+    let tracing = file.tracing.as_ref().and_then(|t| compile_tracing(diags, t));
     let tls = compile_tls(diags, &file.tls, base);
     if file.tls.is_empty() {
         if let Some(edge) = &file.edge {
@@ -96,6 +99,7 @@ pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source,
         source,
         edge,
         cluster,
+        tracing,
         tls,
         locations,
         rtt,
@@ -107,6 +111,68 @@ pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source,
         pool_index,
         service_index,
     })
+}
+
+fn compile_tracing(diags: &mut Diagnostics, raw: &RawTracing) -> Option<TracingSettings> {
+    let mut ok = true;
+    let endpoint = raw.endpoint.as_ref().and_then(|e| {
+        let authority = e.value.strip_prefix("http://").map(|rest| rest.split('/').next().unwrap_or(""));
+        let valid = authority.is_some_and(|a| {
+            !a.is_empty() && !a.contains(char::is_whitespace) && a.rsplit_once(':').is_none_or(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        });
+        if !valid {
+            diags.error(
+                e.span.clone(),
+                format!(
+                    "[tracing].endpoint \"{}\" is not an OTLP/HTTP address; expected http://HOST:PORT/v1/traces (a collector beside the edge; https is not supported)",
+                    e.value
+                ),
+            );
+        }
+        valid.then(|| e.value.clone())
+    });
+    ok &= endpoint.is_some();
+    let sample = match &raw.sample {
+        Some(s) if !(0.0..=1.0).contains(&s.value) => {
+            diags.error(
+                s.span.clone(),
+                format!(
+                    "[tracing].sample = {} is out of range; expected 0 to 1 (the share of requests that start a trace)",
+                    s.value
+                ),
+            );
+            ok = false;
+            0.0
+        }
+        Some(s) => s.value,
+        None => defaults::TRACING_SAMPLE,
+    };
+    let follow_parent = match raw.parent.as_ref().map(|p| (p.value.as_str(), p)) {
+        None | Some(("follow", _)) => true,
+        Some(("ignore", _)) => false,
+        Some((other, p)) => {
+            diags.error(
+                p.span.clone(),
+                format!("[tracing].parent = \"{other}\" is not known; expected \"follow\" (a client's sampled traceparent is recorded) or \"ignore\""),
+            );
+            ok = false;
+            true
+        }
+    };
+    let queue = match &raw.queue {
+        Some(q) if q.value == 0 || q.value > 1 << 20 => {
+            diags.error(
+                q.span.clone(),
+                format!("[tracing].queue = {} is out of range; expected 1 to 1048576 spans", q.value),
+            );
+            ok = false;
+            0
+        }
+        Some(q) => q.value as usize,
+        None => defaults::TRACING_QUEUE,
+    };
+    let endpoint = endpoint?;
+    ok.then_some(TracingSettings { endpoint, sample, follow_parent, queue })
 }
 
 fn compile_cluster(diags: &mut Diagnostics, raw: &RawCluster) -> Option<ClusterSettings> {

@@ -44,6 +44,12 @@ pub const CLUSTER_NAME: &str = "stoke";
 /// `[cluster].timeout`: the longest any cluster call may delay a decision.
 pub const CLUSTER_TIMEOUT: Duration = Duration::from_millis(250);
 
+/// `[tracing].sample`: requests without a sampled parent start no trace.
+pub const TRACING_SAMPLE: f64 = 0.0;
+
+/// `[tracing].queue`: spans waiting for export at most.
+pub const TRACING_QUEUE: usize = 4096;
+
 /// `[edge].measure_rtt`: rank pools by the RTTs health probes measure.
 pub const MEASURE_RTT: bool = true;
 

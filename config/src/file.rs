@@ -12,8 +12,9 @@ use crate::decode::{tables, At, TableReader};
 use crate::diag::Diagnostics;
 
 /// Keys accepted at the top level.
-const ROOT_KEYS: &[&str] = &["edge", "cluster", "tls", "location", "rtt", "pool", "route"];
+const ROOT_KEYS: &[&str] = &["edge", "cluster", "tracing", "tls", "location", "rtt", "pool", "route"];
 const CLUSTER_KEYS: &[&str] = &["nats", "name", "timeout", "domain"];
+const TRACING_KEYS: &[&str] = &["endpoint", "sample", "parent", "queue"];
 const EDGE_KEYS: &[&str] = &[
     "location",
     "http",
@@ -79,6 +80,7 @@ const RATE_KEYS: &[&str] = &["per_key", "per_ip", "burst"];
 pub(crate) struct FileConfig {
     pub edge: Option<RawEdge>,
     pub cluster: Option<RawCluster>,
+    pub tracing: Option<RawTracing>,
     pub tls: Vec<RawTls>,
     pub locations: Vec<RawLocation>,
     pub rtt: Vec<RawRtt>,
@@ -116,6 +118,14 @@ pub(crate) struct RawCluster {
     pub name: Option<At<String>>,
     pub timeout: Option<At<Duration>>,
     pub domain: Option<At<String>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawTracing {
+    pub endpoint: Option<At<String>>,
+    pub sample: Option<At<f64>>,
+    pub parent: Option<At<String>>,
+    pub queue: Option<At<u64>>,
 }
 
 #[derive(Debug)]
@@ -250,9 +260,20 @@ pub(crate) fn decode(diags: &mut Diagnostics, root: &DeTable<'_>, root_span: Ran
         }
     });
 
+    let tracing = top.table(diags, "tracing").map(|(t, span)| {
+        let r = TableReader::new(diags, t, span, "[tracing]", TRACING_KEYS);
+        RawTracing {
+            endpoint: r.required_string(diags, "endpoint"),
+            sample: r.number(diags, "sample"),
+            parent: r.string(diags, "parent"),
+            queue: r.unsigned(diags, "queue"),
+        }
+    });
+
     FileConfig {
         edge,
         cluster,
+        tracing,
         tls: tables(diags, root, "tls")
             .into_iter()
             .map(|(t, span)| {

@@ -31,7 +31,7 @@ pub use routes::{HostPattern, RouteTable};
 pub use snapshot::{
     Affinity, AffinityKey, Auth, AuthHeader, Candidate, ClusterSettings, EdgeSettings, HealthCheck, Hook, HookUrl,
     IdleTimeout, LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId, RateLimit, Route, RouteId, Scale,
-    Service, ServiceId, ServiceSource, Snapshot, Source, TlsCert,
+    Service, ServiceId, ServiceSource, Snapshot, Source, TlsCert, TracingSettings,
 };
 
 use diag::Diagnostics;

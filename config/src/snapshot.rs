@@ -58,6 +58,8 @@ pub struct Network {
     /// `[cluster]`: the NATS servers the edges share decisions through
     /// (`None`: every edge decides alone).
     pub cluster: Option<ClusterSettings>,
+    /// `[tracing]`: where spans go, and which requests are traced.
+    pub tracing: Option<TracingSettings>,
     /// Certificates for the TLS and QUIC listeners, in file order.
     pub tls: Vec<TlsCert>,
     /// Every location, edge or not.
@@ -191,6 +193,22 @@ pub struct ClusterSettings {
     /// The JetStream domain of the hub, when this edge's server is a leaf
     /// without JetStream of its own.
     pub domain: Option<String>,
+}
+
+/// `[tracing]`: OpenTelemetry spans of requests, exported with OTLP.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TracingSettings {
+    /// The collector's OTLP/HTTP traces endpoint
+    /// (`http://127.0.0.1:4318/v1/traces`); spans go as protobuf.
+    pub endpoint: String,
+    /// The share of requests without a sampled parent that start a trace
+    /// (0 to 1).
+    pub sample: f64,
+    /// Whether a client's `traceparent` that says "sampled" is recorded
+    /// whatever `sample` says.
+    pub follow_parent: bool,
+    /// Spans held for export at most; more are dropped, and counted.
+    pub queue: usize,
 }
 
 /// `[[tls]]`: a certificate chain and key, and the host names it serves.

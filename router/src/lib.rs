@@ -32,6 +32,7 @@ pub mod h3;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod otel;
 pub mod proxy;
 pub mod reload;
 pub mod signals;

@@ -55,6 +55,10 @@ pub const PREVIOUS_IN_PROGRESS: &str = "stoke_previous_process_in_progress";
 /// process serving on.
 pub const UPGRADES_FAILED_TOTAL: &str = "stoke_upgrades_failed_total";
 
+/// Counter: spans of request traces, by result (`exported`; `dropped`:
+/// the export queue was full; `failed`: the collector did not take them).
+pub const TRACE_SPANS_TOTAL: &str = "stoke_trace_spans_total";
+
 /// Counter: log lines dropped because the log writer fell behind.
 pub const LOG_LINES_DROPPED: &str = "stoke_log_lines_dropped_total";
 
@@ -103,6 +107,10 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(REQUESTS_TOTAL, "Requests answered, by route, pool and status.");
+    describe_counter!(
+        TRACE_SPANS_TOTAL,
+        "Spans of request traces, by result: exported, dropped (queue full), failed (collector)."
+    );
     describe_counter!(AFFINITY_TOTAL, "Requests to pools with affinity, by how the replica was chosen.");
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time from request to the end of the answer.");
     describe_histogram!(UPSTREAM_TTFB, Unit::Seconds, "Time from forwarding to the replica's response head.");

@@ -14,6 +14,7 @@ use crate::control::wake::{self, Reason};
 use crate::core::admission::{self, Admission, Refusal, MAX_OVERTAKEN, NO_CAPACITY_RETRY_AFTER};
 use crate::core::placement::Decision;
 use crate::error::Reject;
+use crate::otel::Hold;
 use crate::state::{Live, Router, Slot};
 
 /// Request header with which a client asks for a shorter hold than the
@@ -55,7 +56,9 @@ pub struct Admitted {
 /// pool if it sleeps) until a slot frees, its deadline passes (503 with
 /// `Retry-After`) or `client_gone` resolves. A request whose expected wait
 /// already exceeds its deadline is answered at once; the wake it needs
-/// still starts.
+/// still starts. A hold, however it ends, is noted in `hold` for the
+/// request's trace.
+#[allow(clippy::too_many_arguments)]
 pub async fn admit(
     router: &Arc<Router>,
     live: &Arc<Live>,
@@ -64,6 +67,7 @@ pub async fn admit(
     max_wait: Duration,
     client_gone: impl Future<Output = ()>,
     keys: &Keys,
+    hold: &mut Option<Hold>,
 ) -> Result<Admitted, Reject> {
     let deadline = admission::deadline(started, max_wait);
     let now = clock::now();
@@ -83,14 +87,18 @@ pub async fn admit(
     if view.state.is_removed() {
         return Err(pool_removed(&view.state.id));
     }
-    tokio::select! {
+    let (warm, eta) = (view.is_warm(), view.status(now).wait_us.unwrap_or(0));
+    let held = tokio::select! {
         slot = ticket.slot() => match slot {
             Some(slot) => Ok(Admitted { slot, pool, waited: clock::now().saturating_duration_since(started) }),
             None => Err(pool_removed(&view.state.id)),
         },
         _ = tokio::time::sleep_until(deadline.into()) => Err(wait_timeout(&view, max_wait, clock::now())),
         _ = client_gone => Err(Reject::client_gone()),
-    }
+    };
+    let eta = Duration::from_micros(u64::from(eta));
+    *hold = Some(Hold { since: now, until: clock::now(), warm, eta });
+    held
 }
 
 /// What [`place`] did with a request.
@@ -241,7 +249,8 @@ pub async fn retry(
     }
     let r = rehold?;
     let admitted =
-        admit(r.router, live, service, r.started, r.max_wait, std::future::pending(), &Keys::default()).await;
+        admit(r.router, live, service, r.started, r.max_wait, std::future::pending(), &Keys::default(), &mut None)
+            .await;
     admitted.ok().map(|a| (a.pool, a.slot))
 }
 
@@ -298,7 +307,8 @@ mod tests {
     async fn a_held_request_gives_up_at_its_deadline() {
         let (router, live, service, _busy) = full_near_pool();
         let started = clock::now();
-        let admit = admit(&router, &live, service, started, 5 * S, std::future::pending(), &NO_KEYS);
+        let mut hold = None;
+        let admit = admit(&router, &live, service, started, 5 * S, std::future::pending(), &NO_KEYS, &mut hold);
         let (answer, ()) = tokio::join!(admit, async {
             tokio::time::sleep(Duration::from_millis(4_990)).await;
             assert_eq!(live.pools[0].queue.len(), 1, "still held just before the deadline");
@@ -314,7 +324,8 @@ mod tests {
     async fn a_held_request_takes_the_first_slot_that_frees() {
         let (router, live, service, busy) = full_near_pool();
         let started = clock::now();
-        let admit = admit(&router, &live, service, started, 30 * S, std::future::pending(), &NO_KEYS);
+        let mut hold = None;
+        let admit = admit(&router, &live, service, started, 30 * S, std::future::pending(), &NO_KEYS, &mut hold);
         let (answer, ()) = tokio::join!(admit, async {
             tokio::time::sleep(2 * S).await;
             drop(busy);
@@ -328,7 +339,8 @@ mod tests {
     async fn a_client_that_leaves_while_held_leaves_the_queue() {
         let (router, live, service, _busy) = full_near_pool();
         let gone = tokio::time::sleep(S);
-        let reject = admit(&router, &live, service, clock::now(), 30 * S, gone, &NO_KEYS).await.expect_err("gone");
+        let reject =
+            admit(&router, &live, service, clock::now(), 30 * S, gone, &NO_KEYS, &mut None).await.expect_err("gone");
         assert!(reject.is_client_gone());
         assert_eq!(live.pools[0].queue.len(), 0);
     }
@@ -344,7 +356,7 @@ mod tests {
             .replace("id = \"fra-gpu\"", "id = \"fra-gpu-2\"");
         router.swap(crate::testing::snapshot(&text));
         let started = clock::now();
-        let reject = admit(&router, &old, service, started, 30 * S, std::future::pending(), &NO_KEYS)
+        let reject = admit(&router, &old, service, started, 30 * S, std::future::pending(), &NO_KEYS, &mut None)
             .await
             .expect_err("removed");
         assert_eq!((reject.status, reject.code), (503, "pool_removed"));
@@ -363,7 +375,9 @@ mod tests {
         replica.set_reported_load(2);
         let first = tokio::spawn({
             let (router, live) = (router.clone(), live.clone());
-            async move { admit(&router, &live, service, clock::now(), 30 * S, std::future::pending(), &NO_KEYS).await }
+            async move {
+                admit(&router, &live, service, clock::now(), 30 * S, std::future::pending(), &NO_KEYS, &mut None).await
+            }
         });
         while live.pools[0].queue.is_empty() {
             tokio::task::yield_now().await;
@@ -371,7 +385,8 @@ mod tests {
         // Other edges' load drops, and nothing dispatched the queue (a
         // path that frees capacity silently): a new arrival comes.
         replica.set_reported_load(0);
-        let second = admit(&router, &live, service, clock::now(), 30 * S, std::future::pending(), &NO_KEYS).await;
+        let second =
+            admit(&router, &live, service, clock::now(), 30 * S, std::future::pending(), &NO_KEYS, &mut None).await;
         assert!(second.is_ok());
         let first = tokio::time::timeout(S, first).await.expect("the held request got its slot first").expect("task");
         assert!(first.is_ok(), "{first:?}");
@@ -384,7 +399,7 @@ mod tests {
         let service = live.snapshot.network.service_id("m").expect("service");
         // Both pools cold: the nearest wakes in 20 s, the request may wait 5.
         let started = clock::now();
-        let reject = admit(&router, &live, service, started, 5 * S, std::future::pending(), &NO_KEYS)
+        let reject = admit(&router, &live, service, started, 5 * S, std::future::pending(), &NO_KEYS, &mut None)
             .await
             .expect_err("refused");
         assert_eq!((reject.status, reject.code), (503, "wait_exceeds_deadline"));

@@ -30,6 +30,7 @@ use super::upstream::{
 use crate::core::affinity::Chosen;
 use crate::drain::Drain;
 use crate::error::Reject;
+use crate::otel::{self, Recording};
 use crate::state::{Live, Router, Slot};
 
 /// How the request body goes to the replica.
@@ -195,6 +196,10 @@ struct Exchange {
     complete: bool,
     /// The request has been accounted for.
     recorded: bool,
+    /// Its trace id, when it has a trace (for the log).
+    trace_id: Option<[u8; 16]>,
+    /// What its trace records, when it is sampled.
+    recording: Option<Box<Recording>>,
 }
 
 impl Exchange {
@@ -262,7 +267,14 @@ impl Engine {
             forwarded: false,
             complete: false,
             recorded: false,
+            trace_id: None,
+            recording: None,
         };
+        if let Some(tracer) = self.router.tracer().as_ref() {
+            let begun = tracer.begin(client.header(otel::TRACEPARENT), x.started);
+            x.trace_id = begun.trace;
+            x.recording = begun.recording;
+        }
         match self.exchange(client, &mut x).await {
             Ok(()) => {}
             Err(reject) if reject.is_client_gone() => {
@@ -300,6 +312,9 @@ impl Engine {
         };
         let (slot, pool) = (routed.admitted.slot, routed.admitted.pool);
         x.waited = routed.admitted.waited;
+        if let Some(r) = &mut x.recording {
+            r.admitted(x.waited);
+        }
         x.serve_on(&slot, pool);
         let (held, streamed) = match routed.body {
             Some(body) => (Some(body), false),
@@ -324,7 +339,15 @@ impl Engine {
         }
         x.forwarded = true;
         let rehold = route.map(|r| Rehold { router: &self.router, started: x.started, max_wait: r.max_wait });
-        let mut attempt = Try { head: Some(head), request_id: &x.request_id, route, framing, body: &mut body, client };
+        let mut attempt = Try {
+            head: Some(head),
+            request_id: &x.request_id,
+            route,
+            framing,
+            body: &mut body,
+            client,
+            recording: x.recording.as_deref_mut(),
+        };
         let sent =
             upstream::send_with_retries(&self.idle, &live, x.trace.service, slot, pool, &mut attempt, rehold.as_ref())
                 .await;
@@ -338,6 +361,9 @@ impl Engine {
         // A connection whose answer is not read is closed, dropped with it.
         if !client.send_head(resp).await {
             return Err(Reject::client_gone());
+        }
+        if let Some(r) = &mut x.recording {
+            r.first_byte();
         }
         if let Some(e) = self.deliver(client, x, answer, slot).await {
             client.abort().await;
@@ -419,7 +445,10 @@ impl Engine {
             return Err(Reject::client_gone());
         }
         x.status = 200;
-        let mut kept = KeptAlive::new(&self.router, &live, &held, x.started);
+        if let Some(r) = &mut x.recording {
+            r.first_byte();
+        }
+        let mut kept = KeptAlive::new(&self.router, &live, &held, x.started, &mut x.trace.hold);
         let admitted = loop {
             match kept.next().await {
                 Step::Say(line) => {
@@ -441,10 +470,15 @@ impl Engine {
         x.pool = Some(admitted.pool);
         x.waited = admitted.waited;
         let route = x.trace.route.map(|r| live.snapshot.network.route(r));
-        let head = match client.upstream_head(&x.request_id, route, Framing::Whole(held.body.len())) {
+        let mut head = match client.upstream_head(&x.request_id, route, Framing::Whole(held.body.len())) {
             Ok(h) => h,
             Err(reject) => return end_with_error(client, x, reject).await,
         };
+        if let Some(r) = &mut x.recording {
+            r.admitted(x.waited);
+            let parent = r.try_start(admitted.slot.replica().addr);
+            head.headers.insert(HeaderName::from_static(otel::TRACEPARENT), parent);
+        }
         x.forwarded = true;
         let rehold = route.map(|r| Rehold { router: &self.router, started: x.started, max_wait: r.max_wait });
         let sent = upstream::send_whole(
@@ -457,7 +491,11 @@ impl Engine {
             &held.body,
             rehold.as_ref(),
         );
-        let Sent { head, answer, slot, pool } = match sent.await {
+        let sent = sent.await;
+        if let Some(r) = &mut x.recording {
+            r.try_end(sent.as_ref().map(|s| s.head.status.as_u16()).map_err(|e| e.to_string()));
+        }
+        let Sent { head, answer, slot, pool } = match sent {
             Ok(sent) => sent,
             Err(reject) => return end_with_error(client, x, reject).await,
         };
@@ -478,24 +516,40 @@ fn record<C: Client>(client: &C, x: &mut Exchange) {
         return;
     }
     let error = x.error.as_ref().map(|e| e as &dyn std::fmt::Display);
-    request::record(
-        Some(&x.live),
-        &Outcome {
-            request_id: &x.request_id,
-            protocol: client.protocol(),
-            method: client.method(),
-            path: client.path(),
-            trace: x.trace,
-            pool: x.pool,
-            replica: x.replica.as_deref(),
-            status: x.status,
-            bytes: x.bytes,
-            elapsed: x.started.elapsed(),
-            waited: x.waited,
-            error,
-            affinity: x.affinity,
-        },
-    );
+    let outcome = Outcome {
+        request_id: &x.request_id,
+        protocol: client.protocol(),
+        method: client.method(),
+        path: client.path(),
+        trace: x.trace,
+        pool: x.pool,
+        replica: x.replica.as_deref(),
+        status: x.status,
+        bytes: x.bytes,
+        elapsed: x.started.elapsed(),
+        waited: x.waited,
+        error,
+        affinity: x.affinity,
+        trace_id: x.trace_id.as_ref(),
+    };
+    request::record(Some(&x.live), &outcome);
+    if let Some(mut r) = x.recording.take() {
+        if let Some(h) = x.trace.hold {
+            r.held(h);
+        }
+        r.end(&otel::Ended {
+            protocol: outcome.protocol,
+            method: outcome.method,
+            path: outcome.path,
+            names: request::names(Some(&x.live), &outcome),
+            replica: outcome.replica,
+            status: outcome.status,
+            bytes: outcome.bytes,
+            request_id: outcome.request_id,
+            waited: outcome.waited,
+            error: x.error.clone(),
+        });
+    }
 }
 
 /// The end of an answer whose replica is done with it (its slot freed):
@@ -590,6 +644,8 @@ struct Try<'r, C> {
     framing: Framing,
     body: &'r mut Body,
     client: &'r mut C,
+    /// The request's trace, when sampled: each try is a span of it.
+    recording: Option<&'r mut Recording>,
 }
 
 impl<C: Client> Attempt for Try<'_, C> {
@@ -599,13 +655,23 @@ impl<C: Client> Attempt for Try<'_, C> {
         replica: &'a upstream::Replica,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<Answered, TryError>> + Send + 'a>> {
         Box::pin(async move {
-            let head = match self.head.take() {
+            let mut head = match self.head.take() {
                 Some(head) => head,
                 None => {
                     self.client.upstream_head(self.request_id, self.route, self.framing).map_err(TryError::Answer)?
                 }
             };
-            send(connection, head, self.body, &mut *self.client, replica).await
+            let Some(r) = self.recording.as_deref_mut() else {
+                return send(connection, head, self.body, &mut *self.client, replica).await;
+            };
+            head.headers.insert(HeaderName::from_static(otel::TRACEPARENT), r.try_start(replica.addr));
+            let answered = send(connection, head, self.body, &mut *self.client, replica).await;
+            r.try_end(match &answered {
+                Ok(answer) => Ok(answer.status().as_u16()),
+                Err(TryError::Upstream { error, .. }) => Err(error.to_string()),
+                Err(TryError::Answer(reject)) => Err(reject.to_string()),
+            });
+            answered
         })
     }
 }

@@ -122,9 +122,16 @@ pub struct KeptAlive<'a> {
 impl<'a> KeptAlive<'a> {
     /// Admit `held` (which arrived at `started`); the client is watched
     /// by the comments' writes.
-    pub fn new(router: &'a Arc<Router>, live: &'a Arc<Live>, held: &'a HeldStream, started: Instant) -> Self {
+    /// A hold is noted in `hold` for the request's trace.
+    pub fn new(
+        router: &'a Arc<Router>,
+        live: &'a Arc<Live>,
+        held: &'a HeldStream,
+        started: Instant,
+        hold: &'a mut Option<crate::otel::Hold>,
+    ) -> Self {
         let admit =
-            admit::admit(router, live, held.service, started, held.max_wait, std::future::pending(), &held.keys);
+            admit::admit(router, live, held.service, started, held.max_wait, std::future::pending(), &held.keys, hold);
         let mut tick = tokio::time::interval(held.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         KeptAlive { admit: Box::pin(admit), tick, live, pool: held.pool }
@@ -170,7 +177,8 @@ mod tests {
             keys: Default::default(),
         };
         let started = clock::now();
-        let mut kept = KeptAlive::new(&router, &live, &held, started);
+        let mut hold = None;
+        let mut kept = KeptAlive::new(&router, &live, &held, started, &mut hold);
         let mut said = Vec::new();
         let done = loop {
             match kept.next().await {

@@ -89,6 +89,8 @@ pub struct Trace {
     pub service: Option<ServiceId>,
     /// The route's body limit.
     pub max_body: Option<u64>,
+    /// Its hold, if it was held.
+    pub hold: Option<crate::otel::Hold>,
 }
 
 /// Route, check and admit a request.
@@ -166,7 +168,7 @@ pub async fn decide<D: Downstream>(
     }
     let keys = affinity_keys(live, service, down, body.as_deref());
     let client_gone = down.gone();
-    let admitted = admit::admit(router, live, service, started, max_wait, client_gone, &keys).await?;
+    let admitted = admit::admit(router, live, service, started, max_wait, client_gone, &keys, &mut trace.hold).await?;
     Ok(Verdict::Forward(Routed { service, body, admitted }))
 }
 
@@ -316,6 +318,8 @@ pub struct Outcome<'a> {
     pub error: Option<&'a dyn std::fmt::Display>,
     /// How the replica was chosen, on a pool with affinity.
     pub affinity: Option<Chosen>,
+    /// The trace id, when the request has a trace.
+    pub trace_id: Option<&'a [u8; 16]>,
 }
 
 /// Label for requests that never got a route or pool.
@@ -386,7 +390,7 @@ fn access_line(live: Option<&Live>, o: &Outcome<'_>) {
 }
 
 /// The names of the route, service and pool of `o`, `-` where none.
-fn names<'l>(live: Option<&'l Live>, o: &Outcome<'_>) -> [&'l str; 3] {
+pub fn names<'l>(live: Option<&'l Live>, o: &Outcome<'_>) -> [&'l str; 3] {
     let net = live.map(|l| &l.snapshot.network);
     [
         net.zip(o.trace.route).map(|(n, r)| n.route(r).name.as_str()).unwrap_or("-"),
@@ -412,6 +416,7 @@ fn access_fields(mut f: logging::Fields, live: Option<&Live>, o: &Outcome<'_>) -
         .millis("duration_ms", o.elapsed.as_micros() as u64)
         .u64("wait_ms", o.waited.as_millis() as u64)
         .str("affinity", o.affinity.map_or("-", Chosen::as_str))
+        .str("trace_id", &o.trace_id.map_or_else(|| "-".to_owned(), crate::otel::trace_id_text))
         .str("error", &o.error.map(|e| e.to_string()).unwrap_or_default());
     f
 }
@@ -434,6 +439,7 @@ fn access_event(live: Option<&Live>, o: &Outcome<'_>) {
         duration_ms = o.elapsed.as_micros() as f64 / 1000.0,
         wait_ms = o.waited.as_millis() as u64,
         affinity = o.affinity.map_or("-", Chosen::as_str),
+        trace_id = o.trace_id.map_or_else(|| "-".to_owned(), crate::otel::trace_id_text),
         error = o.error.map(|e| e.to_string()).unwrap_or_default(),
     );
 }
@@ -484,7 +490,7 @@ mod tests {
             protocol: "HTTP/1.1",
             method: "POST",
             path: "/v1/chat/completions?x=%22y%22",
-            trace: Trace { route, service: Some(ServiceId(0)), max_body: None },
+            trace: Trace { route, service: Some(ServiceId(0)), max_body: None, hold: None },
             pool: Some(PoolId(1)),
             replica: Some("127.0.0.1:9001"),
             status: 200,
@@ -493,6 +499,7 @@ mod tests {
             waited: Duration::from_millis(300),
             error: None,
             affinity: Some(Chosen::Spilled),
+            trace_id: Some(&[0xab; 16]),
         };
         let refused = Outcome {
             request_id: "id with \"quotes\" and ü",
@@ -507,6 +514,7 @@ mod tests {
             waited: Duration::ZERO,
             error: Some(&error),
             affinity: None,
+            trace_id: None,
             ..ok
         };
         for format in [LogFormat::Text, LogFormat::Json] {

@@ -5,11 +5,12 @@ use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use stoke_config::Snapshot;
 use tokio::sync::watch;
 
 use crate::access::RateLimiter;
+use crate::otel::Tracer;
 
 use super::bind::StateStore;
 use super::budget::BodyBudget;
@@ -29,6 +30,8 @@ pub struct Router {
     /// The cluster this edge is part of, set once at start. Typed by
     /// `control::cluster`, which this layer does not depend on.
     cluster: OnceLock<Extension>,
+    /// The request tracer, while `[tracing]` is configured.
+    tracer: ArcSwapOption<Tracer>,
 }
 
 /// A value a higher layer attaches to the router.
@@ -47,6 +50,8 @@ impl Router {
         let bodies = BodyBudget::new(snapshot.network.edge.max_buffered_bodies);
         let (live, _, _) = store.bind(1, Arc::new(snapshot), crate::clock::now());
         let (changes, _) = watch::channel(1);
+        let tracer = ArcSwapOption::empty();
+        retrace(&tracer, &live.snapshot);
         Arc::new(Router {
             live: ArcSwap::from_pointee(live),
             store,
@@ -55,7 +60,14 @@ impl Router {
             limiter: RateLimiter::default(),
             bodies,
             cluster: OnceLock::new(),
+            tracer,
         })
+    }
+
+    /// The request tracer, if `[tracing]` is configured.
+    #[inline]
+    pub fn tracer(&self) -> arc_swap::Guard<Option<Arc<Tracer>>> {
+        self.tracer.load()
     }
 
     /// Attach the cluster handle (once; later calls are ignored).
@@ -98,6 +110,7 @@ impl Router {
         let old = self.live();
         self.bodies.set_max(snapshot.network.edge.max_buffered_bodies);
         let (live, removed, diff) = self.store.bind(version, Arc::new(snapshot), now);
+        retrace(&self.tracer, &live.snapshot);
         if !diff.is_empty() {
             tracing::info!(
                 version,
@@ -122,4 +135,28 @@ impl Router {
         self.changes.send_replace(version);
         live
     }
+}
+
+/// Start, restart or stop the tracer for `snapshot`'s `[tracing]`: one
+/// with the same settings stays (its queue and export task with it).
+/// Without a Tokio runtime (no export task can run) there is none.
+fn retrace(tracer: &ArcSwapOption<Tracer>, snapshot: &Snapshot) {
+    let wanted = snapshot.network.tracing.as_ref();
+    let current = tracer.load();
+    if current.as_ref().map(|t| t.settings()) == wanted {
+        return;
+    }
+    let new = match wanted {
+        Some(settings) if tokio::runtime::Handle::try_current().is_ok() => {
+            match Tracer::start(settings, &snapshot.edge_location().id) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "tracing stays off");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    tracer.store(new);
 }

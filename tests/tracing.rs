@@ -221,3 +221,38 @@ async fn a_collector_that_is_down_costs_the_requests_nothing_and_drops_are_count
     .await;
     edge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracing_is_turned_on_and_off_by_a_live_reload() {
+    logs();
+    let receiver = Receiver::start().await;
+    let (upstream, _task) = echo_upstream(false).await;
+    let without = format!(
+        "{EDGE}{LOCATIONS}{}\n[[route]]\npath_prefix = \"/\"\nservice = \"m\"\n",
+        pool("fra-a", "fra", &["m"], &[upstream], ""),
+    );
+    let with = format!("{without}{}", receiver.config("sample = 1.0"));
+    let file = ConfigFile::new(&without);
+    let edge = edge_from(&file, "fra").await;
+    let http = edge.bound.http.expect("http");
+    let sent = || async {
+        let r = send(http, Req::get("/x")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["headers"]["traceparent"].as_str().map(str::to_owned)
+    };
+    assert_eq!(sent().await, None, "no [tracing], no trace");
+
+    file.rewrite(&with);
+    let parent =
+        eventually(Duration::from_secs(10), "a trace started after the reload", || async { sent().await }).await;
+    let trace = unhex(&parent[3..35]);
+    let spans = receiver.trace(&trace, 4).await;
+    assert!(spans.iter().any(|s| s.kind == SpanKind::Client as i32 && s.span_id == unhex(&parent[36..52])));
+
+    file.rewrite(&without);
+    eventually(Duration::from_secs(10), "no trace after the next reload", || async {
+        sent().await.is_none().then_some(())
+    })
+    .await;
+    edge.shutdown().await;
+}

@@ -116,10 +116,7 @@ pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source,
 fn compile_tracing(diags: &mut Diagnostics, raw: &RawTracing) -> Option<TracingSettings> {
     let mut ok = true;
     let endpoint = raw.endpoint.as_ref().and_then(|e| {
-        let authority = e.value.strip_prefix("http://").map(|rest| rest.split('/').next().unwrap_or(""));
-        let valid = authority.is_some_and(|a| {
-            !a.is_empty() && !a.contains(char::is_whitespace) && a.rsplit_once(':').is_none_or(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        });
+        let valid = parse_hook_url(&e.value).is_ok_and(|u| !u.tls);
         if !valid {
             diags.error(
                 e.span.clone(),
@@ -1280,6 +1277,42 @@ mod tests {
         assert_eq!(parse_hook_url("http://h").map(|u| u.path), Ok("/".to_owned()));
         for bad in ["ftp://x/", "http://", "http://a:0/", "http://a:b/", "http://u@h/", "http://h/a b"] {
             assert!(parse_hook_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tracing_settings() {
+        let load = |table: &str| {
+            let text = format!(
+                "[edge]\nlocation = \"fra\"\n[[location]]\nid = \"fra\"\nlat = 1.0\nlon = 2.0\n[tracing]\n{table}"
+            );
+            crate::load_str(&text, Path::new("t.toml"))
+        };
+        let t = load("endpoint = \"http://127.0.0.1:4318/v1/traces\"").expect("valid").tracing.expect("[tracing]");
+        assert_eq!(
+            t,
+            TracingSettings {
+                endpoint: "http://127.0.0.1:4318/v1/traces".into(),
+                sample: 0.0,
+                follow_parent: true,
+                queue: 4096
+            }
+        );
+        let t = load("endpoint = \"http://c:4318/v1/traces\"\nsample = 0.01\nparent = \"ignore\"\nqueue = 10")
+            .expect("valid");
+        let t = t.tracing.expect("[tracing]");
+        assert_eq!((t.sample, t.follow_parent, t.queue), (0.01, false, 10));
+        for (table, says) in [
+            ("sample = 0.5", "needs the key \"endpoint\""),
+            ("endpoint = \"https://c/v1/traces\"", "https is not supported"),
+            ("endpoint = \"c:4318\"", "not an OTLP/HTTP address"),
+            ("endpoint = \"http://c/\"\nsample = 2.0", "[tracing].sample = 2 is out of range"),
+            ("endpoint = \"http://c/\"\nparent = \"always\"", "[tracing].parent = \"always\""),
+            ("endpoint = \"http://c/\"\nqueue = 0", "[tracing].queue = 0"),
+            ("endpoint = \"http://c/\"\nsampel = 0.1", "sampel"),
+        ] {
+            let e = load(table).expect_err(table).to_string();
+            assert!(e.contains(says) && e.contains("t.toml:"), "{table}: {e}");
         }
     }
 

@@ -21,12 +21,14 @@
 #                        default; without it the bench runs stoke with RUST_LOG=warn
 #   --tls                profile the HTTPS listener instead (h2load -c64 -m10 over TLS for --perf)
 #   --rate R             --perf under scenario 5's load instead: h3load --h1 -c8 --rate R (open loop)
+#   --tracing RATIO      stoke with [tracing] (sample = RATIO, 0 to 1) exporting to an OTLP/HTTP sink
+#                        on 127.0.0.1:4318 (a Python server on cpu0 that answers 200 to every export)
 # Env: BENCH_WORK (default /tmp/stoke-e2e): output goes to $BENCH_WORK/profile/DATE/
 set -euo pipefail
 
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$DIR/../.." && pwd)"
-MODE=perf SECS=10 REQS=200000 TARGET=stoke TLS=0 LOG=warn RATE="" STOKE_BIN="$ROOT/target/perf/stoke"
+MODE=perf SECS=10 REQS=200000 TARGET=stoke TLS=0 LOG=warn RATE="" TRACING="" STOKE_BIN="$ROOT/target/perf/stoke"
 while [ $# -gt 0 ]; do
   case "$1" in
     --perf) MODE=perf; SECS="$2"; shift 2;;
@@ -37,6 +39,7 @@ while [ $# -gt 0 ]; do
     --tls) TLS=1; shift;;
     --access-log) LOG=info; shift;;
     --rate) RATE="$2"; shift 2;;
+    --tracing) TRACING="$2"; shift 2;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0;;
     *) echo "unknown argument $1 (see -h)" >&2; exit 2;;
   esac
@@ -78,10 +81,26 @@ wait_200() { for _ in $(seq 1 300); do
 start upstream 0 nginx -p "$RUN/upstream/" -c "$RUN/upstream.conf"
 start sse 0 python3 "$DIR/sse_upstream.py"
 wait_200 http://127.0.0.1:8080/; wait_200 http://127.0.0.1:8085/health
+STOKE_CONFIG="$DIR/stoke.toml"
+if [ -n "$TRACING" ]; then
+  # the sink: every OTLP export answered 200 with an empty (valid) protobuf body
+  start otlp-sink 0 python3 -c '
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200); self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 4318), H).serve_forever()'
+  STOKE_CONFIG="$RUN/stoke-tracing.toml"
+  sed -e "s#\.\./\.\./config/#$ROOT/config/#" "$DIR/stoke.toml" >"$STOKE_CONFIG"
+  printf '\n[tracing]\nendpoint = "http://127.0.0.1:4318/v1/traces"\nsample = %s\n' "$TRACING" >>"$STOKE_CONFIG"
+fi
 PREFIX=()
 [ "$MODE" = callgrind ] && PREFIX=(valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out")
 case "$TARGET" in
-  stoke)   start stoke 1 env RUST_LOG="$LOG" "${PREFIX[@]}" "$STOKE_BIN" serve --config "$DIR/stoke.toml"
+  stoke)   start stoke 1 env RUST_LOG="$LOG" "${PREFIX[@]}" "$STOKE_BIN" serve --config "$STOKE_CONFIG"
            H1=127.0.0.1:8084 TLSA=127.0.0.1:8444;;
   engine-*) # plain HTTP/1.1 only, on stoke's port, to the same nginx upstream
            start "$TARGET" 1 "${PREFIX[@]}" "$ENGINE_BIN" 127.0.0.1:8084 127.0.0.1:8080

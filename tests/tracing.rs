@@ -146,6 +146,16 @@ async fn a_held_request_is_one_trace_of_its_admission_hold_upstream_try_and_answ
     assert_eq!(attribute(upstream, "server.port"), Some(Value::IntValue(i64::from(rep.port()))));
     assert_eq!(attribute(upstream, "http.response.status_code"), Some(Value::IntValue(200)));
     assert!(answer.start_time_unix_nano >= upstream.start_time_unix_nano);
+    // The hold links to the wake it waited for: a trace of its own.
+    let link = hold.links.first().unwrap_or_else(|| panic!("the hold links to its wake: {hold:#?}"));
+    let wake = receiver.trace(&link.trace_id, 1).await;
+    let wake = &wake[0];
+    assert_eq!((wake.name.as_str(), &wake.span_id), ("wake fra-a", &link.span_id));
+    assert_eq!(attribute(wake, "stoke.wake.result"), Some(Value::StringValue("ready".into())));
+    assert_eq!(attribute(wake, "stoke.wake.hook_calls"), Some(Value::IntValue(1)));
+    assert!(
+        wake.start_time_unix_nano <= hold.end_time_unix_nano && wake.end_time_unix_nano >= hold.start_time_unix_nano
+    );
     edge.shutdown().await;
     orch.shutdown().await;
 }

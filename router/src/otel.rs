@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderValue;
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{Link, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
 use stoke_config::TracingSettings;
@@ -223,6 +223,66 @@ pub struct Hold {
     pub warm: bool,
     /// The wait the edge expected when it held the request.
     pub eta: Duration,
+    /// The span of the wake it waited for, if that is traced.
+    pub wake: Option<([u8; 16], [u8; 8])>,
+}
+
+/// A wake of a pool, traced: a trace of its own, from the first hook call
+/// to a ready replica (or giving up), that the holds it ends link to.
+#[derive(Debug)]
+pub struct WakeTrace {
+    tracer: Arc<Tracer>,
+    /// Its trace and span id.
+    pub id: ([u8; 16], [u8; 8]),
+    started: Instant,
+    wall: SystemTime,
+}
+
+impl WakeTrace {
+    /// A wake starting now.
+    pub fn begin(tracer: &Arc<Tracer>) -> WakeTrace {
+        WakeTrace {
+            tracer: tracer.clone(),
+            id: (fastrand::u128(1..).to_be_bytes(), span_id()),
+            started: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    /// The wake of `pool` (at edge `edge`, for `reason`) ended with
+    /// `result` (`ready`, `timeout`, `removed`): its span goes to the
+    /// export queue.
+    pub fn end(self, pool: &str, reason: &'static str, result: &'static str, hook_calls: u32) {
+        let now = Instant::now();
+        let (trace, span) = self.id;
+        let status = if result == "ready" { Status::Unset } else { Status::error(format!("wake {result}")) };
+        self.tracer.send(SpanData {
+            span_context: SpanContext::new(
+                TraceId::from_bytes(trace),
+                SpanId::from_bytes(span),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: Cow::Owned(format!("wake {pool}")),
+            start_time: self.wall,
+            end_time: self.wall + now.saturating_duration_since(self.started),
+            attributes: vec![
+                KeyValue::new("stoke.pool", pool.to_owned()),
+                KeyValue::new("stoke.wake.reason", reason),
+                KeyValue::new("stoke.wake.result", result),
+                KeyValue::new("stoke.wake.hook_calls", i64::from(hook_calls)),
+            ],
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status,
+            instrumentation_scope: self.tracer.scope.clone(),
+        });
+    }
 }
 
 /// One try at a replica.
@@ -361,7 +421,18 @@ impl Recording {
             ];
             let status =
                 if self.admitted.is_some() { Status::Unset } else { Status::error("the hold ended without a slot") };
-            tracer.send(self.child("hold", SpanKind::Internal, (h.since, h.until), attributes, status));
+            let mut span = self.child("hold", SpanKind::Internal, (h.since, h.until), attributes, status);
+            if let Some((trace, id)) = h.wake {
+                let wake = SpanContext::new(
+                    TraceId::from_bytes(trace),
+                    SpanId::from_bytes(id),
+                    TraceFlags::SAMPLED,
+                    false,
+                    TraceState::default(),
+                );
+                span.links.links.push(Link::new(wake, vec![KeyValue::new("stoke.link", "waited for")], 0));
+            }
+            tracer.send(span);
         }
         let tries = self.tries.len();
         for (i, t) in self.tries.iter().enumerate() {

@@ -17,6 +17,7 @@ use super::probe;
 use crate::clock;
 use crate::core::wake::{resend_after, WakeSchedule, WakeStep, FAST_PROBE};
 use crate::metrics as m;
+use crate::otel::WakeTrace;
 use crate::state::{Live, PoolView, Router};
 
 /// Why a wake starts.
@@ -48,7 +49,9 @@ pub fn start(router: &Arc<Router>, live: &Live, pool: PoolId, reason: Reason) ->
     let view = live.pool(pool);
     let Some(schedule) = begin(view, clock::now(), reason) else { return false };
     tracing::info!(pool = %view.state.id, reason = reason.as_str(), "waking pool");
-    tokio::spawn(run(router.clone(), view.state.id.clone(), reason, schedule));
+    let traced = router.tracer().as_ref().map(WakeTrace::begin);
+    view.state.set_wake_span(traced.as_ref().map(|t| t.id));
+    tokio::spawn(run(router.clone(), view.state.id.clone(), reason, schedule, traced));
     true
 }
 
@@ -70,8 +73,22 @@ pub fn begin(view: &PoolView, now: std::time::Instant, reason: Reason) -> Option
 /// In a cluster, each hook call is claimed first: only the edge that holds
 /// the claim calls it, the others probe and try again when the claim runs
 /// out.
-async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedule: WakeSchedule) {
+async fn run(
+    router: Arc<Router>,
+    pool_id: Arc<str>,
+    reason: Reason,
+    mut schedule: WakeSchedule,
+    mut traced: Option<WakeTrace>,
+) {
     let cluster = cluster::of(&router);
+    let mut calls = 0;
+    // The wake's span ends with it, however it ends.
+    let mut end = |state: &crate::state::PoolState, result: &'static str, calls: u32| {
+        state.set_wake_span(None);
+        if let Some(t) = traced.take() {
+            t.end(&pool_id, reason.as_str(), result, calls);
+        }
+    };
     // Whether this edge called the hook in this wake (then it announces
     // the ready pool, and releases a claim it gives up).
     let mut claimed = false;
@@ -81,6 +98,7 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
             // The pool left the config.
             if let Some(view) = live.pools.iter().find(|p| *p.state.id == *pool_id) {
                 view.state.end_wake(None);
+                end(&view.state, "removed", calls);
             }
             return;
         };
@@ -88,6 +106,7 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
         let pool = live.snapshot.network.pool(pid);
         let Some(scale) = &pool.scale else {
             view.state.end_wake(None);
+            end(&view.state, "removed", calls);
             return;
         };
         let now = clock::now();
@@ -99,6 +118,7 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
                 metrics::counter!(m::WAKEUPS_TOTAL, "pool" => pool_id.to_string(), "result" => "ready").increment(1);
                 metrics::histogram!(m::WAKE_DURATION, "pool" => pool_id.to_string()).record(took.as_secs_f64());
                 tracing::info!(pool = %pool_id, took_ms = took.as_millis() as u64, "pool awake");
+                end(&view.state, "ready", calls);
                 view.dispatch(now);
                 if let (Some(c), true) = (&cluster, claimed) {
                     c.wake_ready(&pool_id).await;
@@ -114,6 +134,7 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
                 )));
                 metrics::counter!(m::WAKEUPS_TOTAL, "pool" => pool_id.to_string(), "result" => "timeout").increment(1);
                 tracing::warn!(pool = %pool_id, after_s = after.as_secs(), "wake abandoned: no replica became ready");
+                end(&view.state, "timeout", calls);
                 if let (Some(c), true) = (&cluster, claimed) {
                     c.release(&pool_id).await;
                 }
@@ -141,6 +162,7 @@ async fn run(router: Arc<Router>, pool_id: Arc<str>, reason: Reason, mut schedul
                     }
                 };
                 if call {
+                    calls += 1;
                     call_hook(&live, &view, scale, &pool_id, reason, attempt);
                 }
             }

@@ -88,6 +88,7 @@ pub async fn admit(
         return Err(pool_removed(&view.state.id));
     }
     let (warm, eta) = (view.is_warm(), view.status(now).wait_us.unwrap_or(0));
+    let wake = view.state.wake_span();
     let held = tokio::select! {
         slot = ticket.slot() => match slot {
             Some(slot) => Ok(Admitted { slot, pool, waited: clock::now().saturating_duration_since(started) }),
@@ -97,7 +98,7 @@ pub async fn admit(
         _ = client_gone => Err(Reject::client_gone()),
     };
     let eta = Duration::from_micros(u64::from(eta));
-    *hold = Some(Hold { since: now, until: clock::now(), warm, eta });
+    *hold = Some(Hold { since: now, until: clock::now(), warm, eta, wake });
     held
 }
 

@@ -45,6 +45,9 @@ pub struct PoolState {
     demand: Mutex<Demand>,
     /// Why the last wake failed, until a wake succeeds or a new one starts.
     wake_error: Mutex<Option<String>>,
+    /// The span of the wake under way, when it is traced (trace and span
+    /// id): the holds it ends link to it.
+    wake_span: Mutex<Option<([u8; 16], [u8; 8])>>,
     /// Set when the pool left the config: held requests are answered.
     removed: AtomicBool,
     /// Requests this edge sent to the pool, ever.
@@ -137,6 +140,7 @@ impl PoolState {
             slept: AtomicBool::new(false),
             demand: Mutex::new(Demand::default()),
             wake_error: Mutex::new(None),
+            wake_span: Mutex::new(None),
             removed: AtomicBool::new(false),
             routed: AtomicU64::new(0),
             gaps: Mutex::new(IdleGaps::default()),
@@ -287,6 +291,16 @@ impl PoolState {
     /// once it goes well again.
     pub fn set_wake_error(&self, error: Option<String>) {
         *self.wake_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// Set (or clear) the span of the wake under way.
+    pub fn set_wake_span(&self, span: Option<([u8; 16], [u8; 8])>) {
+        *self.wake_span.lock().unwrap_or_else(|e| e.into_inner()) = span;
+    }
+
+    /// The span of the wake under way, if it is traced.
+    pub fn wake_span(&self) -> Option<([u8; 16], [u8; 8])> {
+        *self.wake_span.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Why the last wake failed, if it did and no wake has gone well since.

@@ -165,20 +165,30 @@ async fn the_replica_gets_the_upstream_try_as_its_parent_and_unsampled_contexts_
     logs();
     let receiver = Receiver::start().await;
     let (upstream, _task) = echo_upstream(false).await;
+    let (pem, key, root) = certificate(&["localhost"]);
     let text = format!(
-        "{EDGE}{}{LOCATIONS}{}\n[[route]]\npath_prefix = \"/\"\nservice = \"m\"\n",
+        "{EDGE}https = \"127.0.0.1:0\"\nh3 = \"127.0.0.1:0\"\n[[tls]]\nhosts = [\"localhost\"]\ncert = \"c.crt\"\nkey = \"c.key\"\n\
+         {}{LOCATIONS}{}\n[[route]]\npath_prefix = \"/\"\nservice = \"m\"\n",
         receiver.config("sample = 0.0"),
         pool("fra-a", "fra", &["m"], &[upstream], ""),
     );
-    let (edge, _file) = edge(&text, "fra").await;
+    let file = ConfigFile::new(&text);
+    file.write("c.crt", pem.as_bytes());
+    file.write("c.key", key.as_bytes());
+    let edge = edge_from(&file, "fra").await;
     let http = edge.bound.http.expect("http");
 
-    let traces = ["0af7651916cd43dd8448eb211c80319c", "0af7651916cd43dd8448eb211c80319d"];
-    let h1 = send(http, Req::get("/x").header("traceparent", &format!("00-{}-{CLIENT_SPAN}-01", traces[0]))).await;
-    let h2 = send_h2c(http, Req::get("/x").header("traceparent", &format!("00-{}-{CLIENT_SPAN}-01", traces[1]))).await;
-    for (resp, trace) in [(h1, traces[0]), (h2, traces[1])] {
-        assert_eq!(resp.status, 200, "{}", resp.text());
-        let sent = resp.json()["headers"]["traceparent"].as_str().expect("a traceparent upstream").to_owned();
+    let traces =
+        ["0af7651916cd43dd8448eb211c80319c", "0af7651916cd43dd8448eb211c80319d", "0af7651916cd43dd8448eb211c80319e"];
+    let context = |trace: &str| format!("00-{trace}-{CLIENT_SPAN}-01");
+    let h1 = send(http, Req::get("/x").header("traceparent", &context(traces[0]))).await.json();
+    let h2 = send_h2c(http, Req::get("/x").header("traceparent", &context(traces[1]))).await.json();
+    let mut h3 = h3_client(edge.bound.h3.expect("h3"), root).await;
+    let r = h3.request("GET", "/x", None, &[("traceparent", &context(traces[2]))]).await;
+    assert_eq!(r.status, 200);
+    let h3 = serde_json::from_slice::<serde_json::Value>(&r.body).expect("json");
+    for (echoed, trace) in [(h1, traces[0]), (h2, traces[1]), (h3, traces[2])] {
+        let sent = echoed["headers"]["traceparent"].as_str().expect("a traceparent upstream").to_owned();
         let (version, rest) = sent.split_at(3);
         assert_eq!(version, "00-");
         assert!(rest.starts_with(trace) && rest.ends_with("-01"), "{sent}");

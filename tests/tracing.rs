@@ -25,6 +25,8 @@ use support::*;
 struct Receiver {
     addr: SocketAddr,
     spans: Arc<Mutex<Vec<Span>>>,
+    /// The header fields of every export.
+    headers: Arc<Mutex<Vec<http::HeaderMap>>>,
     _stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -34,10 +36,12 @@ impl Receiver {
         let addr = listener.local_addr().expect("addr");
         let spans = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let into = spans.clone();
+        let headers = Arc::new(Mutex::new(Vec::new()));
+        let (into, heard) = (spans.clone(), headers.clone());
         tokio::spawn(serve_http(listener, stopped, move |req: Request<Incoming>| {
-            let into = into.clone();
+            let (into, heard) = (into.clone(), heard.clone());
             async move {
+                heard.lock().push(req.headers().clone());
                 assert_eq!(req.uri().path(), "/v1/traces");
                 assert_eq!(req.headers()["content-type"], "application/x-protobuf");
                 let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -55,7 +59,7 @@ impl Receiver {
                 Ok(http::Response::new(HttpBody::Left(Full::new(Bytes::new()))))
             }
         }));
-        Receiver { addr, spans, _stop: stop }
+        Receiver { addr, spans, headers, _stop: stop }
     }
 
     /// The `[tracing]` table that sends here.
@@ -92,12 +96,13 @@ const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 async fn a_held_request_is_one_trace_of_its_admission_hold_upstream_try_and_answer() {
     logs();
     std::env::set_var("STOKE_TEST_ORCH_TOKEN", "orch-secret");
+    std::env::set_var("STOKE_TEST_OTLP_AUTH", "Bearer otlp-secret");
     let receiver = Receiver::start().await;
     let (listener, orch) = orchestrator_listener().await;
     let rep = free_addr();
     let text = format!(
         "{EDGE}{}{LOCATIONS}{}\n[[route]]\npath_prefix = \"/v1/\"\nservice_from = \"body:model\"\nmax_wait = \"5s\"\n",
-        receiver.config(""),
+        receiver.config("headers = { X-Team = \"edge\" }\nheaders_env = { authorization = \"STOKE_TEST_OTLP_AUTH\" }"),
         scaled_pool("fra-a", "fra", &["m"], &[rep], orch, "wake_time = \"300ms\"\nidle_timeout = \"1h\""),
     );
     let file = ConfigFile::new(&text);
@@ -156,6 +161,13 @@ async fn a_held_request_is_one_trace_of_its_admission_hold_upstream_try_and_answ
     assert!(
         wake.start_time_unix_nano <= hold.end_time_unix_nano && wake.end_time_unix_nano >= hold.start_time_unix_nano
     );
+    // Every export carries the configured fields, one from the environment.
+    let heard = receiver.headers.lock().clone();
+    assert!(!heard.is_empty());
+    for h in heard {
+        assert_eq!(h["x-team"], "edge");
+        assert_eq!(h["authorization"], "Bearer otlp-secret");
+    }
     edge.shutdown().await;
     orch.shutdown().await;
 }

@@ -9,7 +9,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use stoke_geo::{Coord, RttMatrix, RttModel};
 
-use crate::decode::At;
+use crate::decode::{At, StringTable};
 use crate::defaults;
 use crate::diag::Diagnostics;
 use crate::file::{
@@ -168,8 +168,30 @@ fn compile_tracing(diags: &mut Diagnostics, raw: &RawTracing) -> Option<TracingS
         Some(q) => q.value as usize,
         None => defaults::TRACING_QUEUE,
     };
+    let mut fields = |table: &Option<At<StringTable>>, what: &str| {
+        let mut out = Vec::new();
+        for (name, value) in table.iter().flat_map(|t| &t.value) {
+            let valid_name = !name.value.is_empty()
+                && name.value.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !valid_name {
+                diags.error(name.span.clone(), format!("[tracing].{what}: \"{}\" is not a header name", name.value));
+                ok = false;
+            } else if value.value.bytes().any(|b| b.is_ascii_control()) {
+                diags.error(
+                    value.span.clone(),
+                    format!("[tracing].{what}.{}: the value has control characters", name.value),
+                );
+                ok = false;
+            } else {
+                out.push((name.value.to_ascii_lowercase(), value.value.clone()));
+            }
+        }
+        out
+    };
+    let headers = fields(&raw.headers, "headers");
+    let headers_env = fields(&raw.headers_env, "headers_env");
     let endpoint = endpoint?;
-    ok.then_some(TracingSettings { endpoint, sample, follow_parent, queue })
+    ok.then_some(TracingSettings { endpoint, sample, follow_parent, queue, headers, headers_env })
 }
 
 fn compile_cluster(diags: &mut Diagnostics, raw: &RawCluster) -> Option<ClusterSettings> {
@@ -1289,15 +1311,21 @@ mod tests {
             crate::load_str(&text, Path::new("t.toml"))
         };
         let t = load("endpoint = \"http://127.0.0.1:4318/v1/traces\"").expect("valid").tracing.expect("[tracing]");
-        assert_eq!(
-            t,
-            TracingSettings {
-                endpoint: "http://127.0.0.1:4318/v1/traces".into(),
-                sample: 0.0,
-                follow_parent: true,
-                queue: 4096
-            }
-        );
+        let expected = TracingSettings {
+            endpoint: "http://127.0.0.1:4318/v1/traces".into(),
+            sample: 0.0,
+            follow_parent: true,
+            queue: 4096,
+            headers: vec![],
+            headers_env: vec![],
+        };
+        assert_eq!(t, expected);
+        let t = load("endpoint = \"http://c/\"\nheaders = { X-Team = \"edge\" }\nheaders_env = { authorization = \"OTLP_AUTH\" }")
+            .expect("valid")
+            .tracing
+            .expect("[tracing]");
+        assert_eq!(t.headers, [("x-team".to_owned(), "edge".to_owned())]);
+        assert_eq!(t.headers_env, [("authorization".to_owned(), "OTLP_AUTH".to_owned())]);
         let t = load("endpoint = \"http://c:4318/v1/traces\"\nsample = 0.01\nparent = \"ignore\"\nqueue = 10")
             .expect("valid");
         let t = t.tracing.expect("[tracing]");
@@ -1309,6 +1337,8 @@ mod tests {
             ("endpoint = \"http://c/\"\nsample = 2.0", "[tracing].sample = 2 is out of range"),
             ("endpoint = \"http://c/\"\nparent = \"always\"", "[tracing].parent = \"always\""),
             ("endpoint = \"http://c/\"\nqueue = 0", "[tracing].queue = 0"),
+            ("endpoint = \"http://c/\"\nheaders = { \"a b\" = \"x\" }", "\"a b\" is not a header name"),
+            ("endpoint = \"http://c/\"\nheaders = { a = 1 }", "a table of strings"),
             ("endpoint = \"http://c/\"\nsampel = 0.1", "sampel"),
         ] {
             let e = load(table).expect_err(table).to_string();

@@ -272,11 +272,30 @@ impl<'a, 'i> TableReader<'a, 'i> {
         }
     }
 
+    /// An optional table of strings (`{ name = "value", … }`), in the
+    /// order written.
+    pub(crate) fn string_table(&self, diags: &mut Diagnostics, key: &str) -> Option<At<StringTable>> {
+        let (t, span) = self.table(diags, key)?;
+        let mut out = Vec::with_capacity(t.len());
+        for (k, v) in t.iter() {
+            match v.get_ref() {
+                DeValue::String(s) => {
+                    out.push((At::new(k.get_ref().to_string(), k.span()), At::new(s.to_string(), v.span())))
+                }
+                _ => self.wrong_type(diags, key, v, "a table of strings"),
+            }
+        }
+        Some(At::new(out, span))
+    }
+
     /// Whether the key is present (whatever its type).
     pub(crate) fn has(&self, key: &str) -> bool {
         self.get(key).is_some()
     }
 }
+
+/// A table of strings: each name and value with its span.
+pub(crate) type StringTable = Vec<(At<String>, At<String>)>;
 
 /// The tables of an array of tables (`[[pool]]`) at the top level; reports
 /// a problem if `key` holds something else.

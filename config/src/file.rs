@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use toml::de::DeTable;
 
-use crate::decode::{tables, At, TableReader};
+use crate::decode::{tables, At, StringTable, TableReader};
 use crate::diag::Diagnostics;
 
 /// Keys accepted at the top level.
 const ROOT_KEYS: &[&str] = &["edge", "cluster", "tracing", "tls", "location", "rtt", "pool", "route"];
 const CLUSTER_KEYS: &[&str] = &["nats", "name", "timeout", "domain"];
-const TRACING_KEYS: &[&str] = &["endpoint", "sample", "parent", "queue"];
+const TRACING_KEYS: &[&str] = &["endpoint", "sample", "parent", "queue", "headers", "headers_env"];
 const EDGE_KEYS: &[&str] = &[
     "location",
     "http",
@@ -126,6 +126,8 @@ pub(crate) struct RawTracing {
     pub sample: Option<At<f64>>,
     pub parent: Option<At<String>>,
     pub queue: Option<At<u64>>,
+    pub headers: Option<At<StringTable>>,
+    pub headers_env: Option<At<StringTable>>,
 }
 
 #[derive(Debug)]
@@ -267,6 +269,8 @@ pub(crate) fn decode(diags: &mut Diagnostics, root: &DeTable<'_>, root_span: Ran
             sample: r.number(diags, "sample"),
             parent: r.string(diags, "parent"),
             queue: r.unsigned(diags, "queue"),
+            headers: r.string_table(diags, "headers"),
+            headers_env: r.string_table(diags, "headers_env"),
         }
     });
 

@@ -209,6 +209,11 @@ pub struct TracingSettings {
     pub follow_parent: bool,
     /// Spans held for export at most; more are dropped, and counted.
     pub queue: usize,
+    /// Header fields sent with every export, as written.
+    pub headers: Vec<(String, String)>,
+    /// Header fields sent with every export, each from the environment
+    /// variable named (read when the tracer starts).
+    pub headers_env: Vec<(String, String)>,
 }
 
 /// `[[tls]]`: a certificate chain and key, and the host names it serves.

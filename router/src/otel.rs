@@ -137,6 +137,12 @@ impl Tracer {
     /// starts another), sending what is queued first.
     pub fn start(settings: &TracingSettings, location: &str) -> Result<Arc<Tracer>, String> {
         use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+        let mut headers: std::collections::HashMap<String, String> = settings.headers.iter().cloned().collect();
+        for (name, var) in &settings.headers_env {
+            let value = std::env::var(var)
+                .map_err(|_| format!("[tracing].headers_env.{name}: the environment variable {var} is not set"))?;
+            headers.insert(name.clone(), value);
+        }
         let client = opentelemetry_http::hyper::HyperClient::with_default_connector(EXPORT_TIMEOUT, None);
         let mut exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -144,6 +150,7 @@ impl Tracer {
             .with_protocol(Protocol::HttpBinary)
             .with_endpoint(settings.endpoint.clone())
             .with_timeout(EXPORT_TIMEOUT)
+            .with_headers(headers)
             .build()
             .map_err(|e| format!("the OTLP exporter for {}: {e}", settings.endpoint))?;
         let resource = opentelemetry_sdk::Resource::builder_empty()

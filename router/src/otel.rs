@@ -99,9 +99,9 @@ fn hex<const N: usize>(bytes: &[u8]) -> [u8; N] {
     out
 }
 
-/// A trace id as the access log writes it (32 hex digits).
-pub fn trace_id_text(trace: &[u8; 16]) -> String {
-    String::from_utf8_lossy(&hex::<32>(trace)).into_owned()
+/// A trace id as the access log writes it: 32 hex digits.
+pub fn trace_id_hex(trace: &[u8; 16]) -> [u8; 32] {
+    hex::<32>(trace)
 }
 
 /// The `traceparent` that makes `span` of `trace` the parent, sampled.
@@ -202,6 +202,33 @@ impl Tracer {
         Begun { trace: Some(trace), recording: Some(recording) }
     }
 
+    /// A span of this tracer's scope, without a parent, links or events.
+    fn span_data(
+        &self,
+        context: SpanContext,
+        kind: SpanKind,
+        name: Cow<'static, str>,
+        (start, end): (SystemTime, SystemTime),
+        attributes: Vec<KeyValue>,
+        status: Status,
+    ) -> SpanData {
+        SpanData {
+            span_context: context,
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: kind,
+            name,
+            start_time: start,
+            end_time: end,
+            attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status,
+            instrumentation_scope: self.scope.clone(),
+        }
+    }
+
     /// Queue `span` for export; a full queue drops it.
     fn send(&self, span: SpanData) {
         if self.queue.try_send(span).is_err() {
@@ -256,40 +283,40 @@ impl WakeTrace {
         }
     }
 
-    /// The wake of `pool` (at edge `edge`, for `reason`) ended with
-    /// `result` (`ready`, `timeout`, `removed`): its span goes to the
-    /// export queue.
+    /// The wake of `pool` (for `reason`) ended with `result` (`ready`,
+    /// `timeout`, `removed`): its span goes to the export queue.
     pub fn end(self, pool: &str, reason: &'static str, result: &'static str, hook_calls: u32) {
-        let now = Instant::now();
-        let (trace, span) = self.id;
+        let ended = self.wall + self.started.elapsed();
         let status = if result == "ready" { Status::Unset } else { Status::error(format!("wake {result}")) };
-        self.tracer.send(SpanData {
-            span_context: SpanContext::new(
-                TraceId::from_bytes(trace),
-                SpanId::from_bytes(span),
-                TraceFlags::SAMPLED,
-                false,
-                TraceState::default(),
-            ),
-            parent_span_id: SpanId::INVALID,
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Internal,
-            name: Cow::Owned(format!("wake {pool}")),
-            start_time: self.wall,
-            end_time: self.wall + now.saturating_duration_since(self.started),
-            attributes: vec![
-                KeyValue::new("stoke.pool", pool.to_owned()),
-                KeyValue::new("stoke.wake.reason", reason),
-                KeyValue::new("stoke.wake.result", result),
-                KeyValue::new("stoke.wake.hook_calls", i64::from(hook_calls)),
-            ],
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
+        let attributes = vec![
+            KeyValue::new("stoke.pool", pool.to_owned()),
+            KeyValue::new("stoke.wake.reason", reason),
+            KeyValue::new("stoke.wake.result", result),
+            KeyValue::new("stoke.wake.hook_calls", i64::from(hook_calls)),
+        ];
+        let (trace, span) = self.id;
+        let name = Cow::Owned(format!("wake {pool}"));
+        let span = self.tracer.span_data(
+            sampled(trace, span),
+            SpanKind::Internal,
+            name,
+            (self.wall, ended),
+            attributes,
             status,
-            instrumentation_scope: self.tracer.scope.clone(),
-        });
+        );
+        self.tracer.send(span);
     }
+}
+
+/// The context of span `span` of `trace`, sampled.
+fn sampled(trace: [u8; 16], span: [u8; 8]) -> SpanContext {
+    SpanContext::new(
+        TraceId::from_bytes(trace),
+        SpanId::from_bytes(span),
+        TraceFlags::SAMPLED,
+        false,
+        TraceState::default(),
+    )
 }
 
 /// One try at a replica.
@@ -430,13 +457,7 @@ impl Recording {
                 if self.admitted.is_some() { Status::Unset } else { Status::error("the hold ended without a slot") };
             let mut span = self.child("hold", SpanKind::Internal, (h.since, h.until), attributes, status);
             if let Some((trace, id)) = h.wake {
-                let wake = SpanContext::new(
-                    TraceId::from_bytes(trace),
-                    SpanId::from_bytes(id),
-                    TraceFlags::SAMPLED,
-                    false,
-                    TraceState::default(),
-                );
+                let wake = sampled(trace, id);
                 span.links.links.push(Link::new(wake, vec![KeyValue::new("stoke.link", "waited for")], 0));
             }
             tracer.send(span);
@@ -503,28 +524,14 @@ impl Recording {
         status: Status,
     ) -> SpanData {
         let at = |t: Instant| self.wall + t.saturating_duration_since(self.started);
-        SpanData {
-            span_context: SpanContext::new(
-                TraceId::from_bytes(self.trace),
-                SpanId::from_bytes(id),
-                TraceFlags::SAMPLED,
-                false,
-                TraceState::default(),
-            ),
-            parent_span_id: SpanId::from_bytes(parent.unwrap_or([0; 8])),
+        let times = (at(start), at(end.max(start)));
+        let mut span = self.tracer.span_data(sampled(self.trace, id), kind, name, times, attributes, status);
+        if let Some(parent) = parent {
+            span.parent_span_id = SpanId::from_bytes(parent);
             // Only the edge's own span has a parent outside the edge.
-            parent_span_is_remote: parent.is_some() && id == self.span,
-            span_kind: kind,
-            name,
-            start_time: at(start),
-            end_time: at(end.max(start)),
-            attributes,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status,
-            instrumentation_scope: self.tracer.scope.clone(),
+            span.parent_span_is_remote = id == self.span;
         }
+        span
     }
 }
 
@@ -571,7 +578,7 @@ mod tests {
         let p = parse_traceparent(v).expect("valid");
         assert!(p.sampled);
         assert_eq!(p.span, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
-        assert_eq!(trace_id_text(&p.trace), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(&trace_id_hex(&p.trace), b"4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(traceparent(&p.trace, &p.span).as_bytes(), v);
         let unsampled = parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").expect("valid");
         assert!(!unsampled.sampled);

@@ -399,6 +399,17 @@ pub fn names<'l>(live: Option<&'l Live>, o: &Outcome<'_>) -> [&'l str; 3] {
     ]
 }
 
+/// `o`'s trace id in hex, or `-`, written into `buf`.
+fn trace_id<'b>(o: &Outcome<'_>, buf: &'b mut [u8; 32]) -> &'b str {
+    match o.trace_id {
+        Some(t) => {
+            *buf = crate::otel::trace_id_hex(t);
+            std::str::from_utf8(buf).unwrap_or("-")
+        }
+        None => "-",
+    }
+}
+
 /// The access-log line of `o` written by hand: the same fields, in the
 /// same order and layout, as [`access_event`].
 fn access_fields(mut f: logging::Fields, live: Option<&Live>, o: &Outcome<'_>) -> logging::Fields {
@@ -416,7 +427,7 @@ fn access_fields(mut f: logging::Fields, live: Option<&Live>, o: &Outcome<'_>) -
         .millis("duration_ms", o.elapsed.as_micros() as u64)
         .u64("wait_ms", o.waited.as_millis() as u64)
         .str("affinity", o.affinity.map_or("-", Chosen::as_str))
-        .str("trace_id", &o.trace_id.map_or_else(|| "-".to_owned(), crate::otel::trace_id_text))
+        .str("trace_id", trace_id(o, &mut [0; 32]))
         .str("error", &o.error.map(|e| e.to_string()).unwrap_or_default());
     f
 }
@@ -439,7 +450,7 @@ fn access_event(live: Option<&Live>, o: &Outcome<'_>) {
         duration_ms = o.elapsed.as_micros() as f64 / 1000.0,
         wait_ms = o.waited.as_millis() as u64,
         affinity = o.affinity.map_or("-", Chosen::as_str),
-        trace_id = o.trace_id.map_or_else(|| "-".to_owned(), crate::otel::trace_id_text),
+        trace_id = trace_id(o, &mut [0; 32]),
         error = o.error.map(|e| e.to_string()).unwrap_or_default(),
     );
 }
@@ -523,6 +534,8 @@ mod tests {
                 let line = access_fields(Fields::new(format, ACCESS), Some(&live), o).into_line();
                 let by_hand = String::from_utf8(line).expect("utf-8");
                 assert!(by_hand.ends_with('\n') && by_hand.matches('\n').count() == 1, "{by_hand}");
+                let trace_id = if o.trace_id.is_some() { "ab".repeat(16) } else { "-".to_owned() };
+                assert!(by_hand.contains(&trace_id), "{by_hand}");
                 assert_eq!(untimed(format, &by_hand), untimed(format, &by_tracing), "{format:?}");
             }
         }

@@ -21,6 +21,10 @@
 #                `cargo build --profile perf -p stoke-router --bin stoke`)
 #   --only-stoke run stoke alone (no nginx/HAProxy/Envoy), e.g. to profile it by hand
 #   --no-envoy   leave Envoy out (it is a target whenever $ENVOY exists)
+#   --tracing LIST  also run one stoke per ratio in LIST (comma list, 0 to 1), with [tracing]
+#                sample = RATIO exporting to an OTLP/HTTP sink on 127.0.0.1:4318, as targets
+#                stoke-tRATIO (the Nth on ports 8084+100N, 8444+100N, admin 8099+100N); the
+#                summary gives each one's paired ratio to plain stoke, i.e. what tracing costs
 #   -h           this help
 # Env:
 #   BENCH_WORK   scratch and results (default /tmp/stoke-e2e); results in $BENCH_WORK/results/DATE/
@@ -43,7 +47,7 @@ set -euo pipefail
 
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$DIR/../.." && pwd)"
-ROUNDS=5 DUR=10 WARM=2 LAYOUT=A RATE=3000 SCEN="1,2,3,4,5,6" ONLY_STOKE=0 NO_ENVOY=0
+ROUNDS=5 DUR=10 WARM=2 LAYOUT=A RATE=3000 SCEN="1,2,3,4,5,6" ONLY_STOKE=0 NO_ENVOY=0 TRACING=""
 ENVOY="${ENVOY:-$ROOT/target/py/bin/envoy}"
 STOKE_BIN="$ROOT/target/perf/stoke"
 ARGS="$*"
@@ -59,6 +63,7 @@ while [ $# -gt 0 ]; do
     --stoke) STOKE_BIN="$2"; shift 2;;
     --only-stoke) ONLY_STOKE=1; shift;;
     --no-envoy) NO_ENVOY=1; shift;;
+    --tracing) TRACING="$2"; shift 2;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0;;
     *) echo "unknown argument $1 (see -h)" >&2; exit 2;;
   esac
@@ -81,6 +86,14 @@ fi
 [ "$ROUNDS" -ge 1 ] && [ "$ROUNDS" -le 30 ] || { echo "-r must be 1..30" >&2; exit 2; }
 [ "$DUR" -ge 1 ] && [ "$DUR" -le 120 ] || { echo "-d must be 1..120" >&2; exit 2; }
 [ "$WARM" -ge 0 ] && [ "$WARM" -le 30 ] || { echo "-w must be 0..30" >&2; exit 2; }
+TRACE_RATIOS=()
+if [ -n "$TRACING" ]; then
+  IFS=, read -r -a TRACE_RATIOS <<<"$TRACING"
+  [ "${#TRACE_RATIOS[@]}" -le 4 ] || { echo "--tracing takes at most 4 ratios" >&2; exit 2; }
+  for x in "${TRACE_RATIOS[@]}"; do
+    [[ "$x" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || { echo "--tracing: $x is not a ratio from 0 to 1" >&2; exit 2; }
+  done
+fi
 
 # Scenario names.
 SCN=()
@@ -179,6 +192,19 @@ fi
 # The access log is an info event on target stoke::access: RUST_LOG=warn turns it off.
 start stoke "$CPU_PX" env RUST_LOG=warn "$STOKE_BIN" serve --config "$DIR/stoke.toml"
 STOKE_PID="${PIDS[-1]}"
+if [ "${#TRACE_RATIOS[@]}" -gt 0 ]; then
+  ss -ltnH "sport = :4318" | grep -q . && { echo "TCP port 4318 (the OTLP sink) busy" >&2; exit 1; }
+  # the sink: every OTLP export answered 200 with an empty (valid) protobuf body
+  start otlp-sink "$CPU_UP" python3 -c '
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200); self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 4318), H).serve_forever()'
+fi
 
 # Targets: name -> plain HTTP/1.1 address, TLS address, SSE address.
 declare -A H1 TLS SSE
@@ -193,6 +219,21 @@ H1[envoy]=127.0.0.1:8083;   TLS[envoy]=localhost:8443;   SSE[envoy]=127.0.0.1:80
 [ "$(getent ahosts localhost | awk '{print $1}' | sort -u)" = 127.0.0.1 ] || {
   echo "localhost must resolve to 127.0.0.1 only (see /etc/hosts): the TLS scenarios use it" >&2; exit 1; }
 if [ "$ONLY_STOKE" = 1 ]; then TL=(direct stoke); else TL=(direct nginx haproxy stoke); fi
+# One more stoke per tracing ratio: the same config on other ports, plus [tracing].
+n=0
+for x in "${TRACE_RATIOS[@]}"; do
+  n=$((n + 1)); t="stoke-t$x"
+  for p in $((8084 + 100 * n)) $((8444 + 100 * n)) $((8099 + 100 * n)); do
+    ss -ltnH "sport = :$p" | grep -q . && { echo "TCP port $p ($t) busy" >&2; exit 1; }
+  done
+  sed -e "s#\.\./\.\./config/#$ROOT/config/#" \
+      -e "s#127.0.0.1:8084#127.0.0.1:$((8084 + 100 * n))#; s#127.0.0.1:8444#127.0.0.1:$((8444 + 100 * n))#g" \
+      -e "s#127.0.0.1:8099#127.0.0.1:$((8099 + 100 * n))#" "$DIR/stoke.toml" >"$RUN/$t.toml"
+  printf '\n[tracing]\nendpoint = "http://127.0.0.1:4318/v1/traces"\nsample = %s\n' "$x" >>"$RUN/$t.toml"
+  start "$t" "$CPU_PX" env RUST_LOG=warn "$STOKE_BIN" serve --config "$RUN/$t.toml"
+  H1[$t]=127.0.0.1:$((8084 + 100 * n)); TLS[$t]=localhost:$((8444 + 100 * n)); SSE[$t]=${H1[$t]}
+  TL+=("$t")
+done
 [ "$WITH_ENVOY" = 1 ] && TL+=(envoy)
 for t in "${TL[@]}"; do
   wait_200 "http://${H1[$t]}/"; wait_200 "https://${TLS[$t]}/" -k

@@ -217,6 +217,24 @@ def table(d):
             if ad is not None:
                 goals.append(f"5. p99 added over direct at a moderate rate ≤ 0.100 ms: {ad:+.3f} ms → "
                              f"{'met' if ad <= 0.1 else 'NOT met'}")
+        # tracing's cost: each stoke-tRATIO against plain stoke, paired by round
+        for t in tg:
+            if not t.startswith("stoke-t") or "stoke" not in kept:
+                continue
+            for k, lab, _ in metrics:
+                if k != "rps":
+                    continue
+                xs = [v[k] / kept["stoke"][r][k] for r, v in kept[t].items()
+                      if r in kept["stoke"] and v.get(k) and kept["stoke"][r].get(k)]
+                q = med(xs)
+                if q is not None:
+                    cost = (1 - q) * 100
+                    sample = t[len("stoke-t"):]
+                    target = {0.0: 1, 0.01: 3}.get(float(sample))
+                    goal = ("no goal set" if target is None else
+                            f"goal ≤ {target} % → {'met' if cost <= target else 'NOT met'}")
+                    goals.append(f"tracing ({s}, sample {sample}): {lab} ÷ stoke without [tracing] {q:.3f} "
+                                 f"(cost {cost:+.1f} %; {goal})")
         if s == "h3" and "stoke-h3" in res:
             ra = res["stoke-h3"][1]
             if ra.get("rps") is not None:

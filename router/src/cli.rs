@@ -1,4 +1,4 @@
-//! The command line: `stoke serve | check | demo | sim`.
+//! The command line: `stoke serve | upgrade | check | push | demo | sim | simulate`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +41,12 @@ enum Command {
     /// Validate a config file: exit 0 with a summary, or 1 with every
     /// problem as FILE:LINE:COL: message.
     Check(CheckArgs),
+    /// Roll a config file out to every edge of the cluster: check it,
+    /// publish it as a new version, apply it on the canary edges first and,
+    /// if their health holds for the bake time, on every edge; if it does
+    /// not, the canaries go back and the rollout stops. Exit 0 once every
+    /// edge runs it, 1 if it rolled back or stopped (with the reason).
+    Push(PushArgs),
     /// Run a whole local world on loopback: ten edges, simulated GPU pools
     /// that sleep and wake, and a load that follows the sun.
     Demo(DemoArgs),
@@ -130,6 +136,41 @@ struct CheckArgs {
     /// Also check that this location id exists (as `serve --location` would).
     #[arg(long, short)]
     location: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct PushArgs {
+    /// The network's config file to roll out (its [cluster] says where the
+    /// cluster is); with --status, only read for its [cluster].
+    #[arg(long, short, required_unless_present = "nats")]
+    config: Option<PathBuf>,
+    /// Edges (location ids) that apply it first, comma separated; without
+    /// any, every edge applies it at once.
+    #[arg(long, value_delimiter = ',')]
+    canary: Vec<String>,
+    /// How long the canaries run it before their health is judged.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    bake: Duration,
+    /// A note kept with the version (what changed, and why).
+    #[arg(long, default_value = "")]
+    note: String,
+    /// NATS server(s) to reach the cluster through (default: the file's
+    /// [cluster].nats).
+    #[arg(long)]
+    nats: Vec<String>,
+    /// The cluster's name (default: the file's [cluster].name, else "stoke").
+    #[arg(long)]
+    name: Option<String>,
+    /// Print where the rollout and every edge are, and exit.
+    #[arg(long)]
+    status: bool,
+    /// Publish and exit, without following the rollout.
+    #[arg(long)]
+    no_wait: bool,
+    /// Follow the rollout for at most this long (default: the bake time
+    /// and two minutes).
+    #[arg(long, value_parser = parse_duration)]
+    wait: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +275,7 @@ pub fn main() -> ExitCode {
     logging::init(cli.log_format, default_filter);
     let code = match cli.command {
         Command::Check(args) => check(&args),
+        Command::Push(args) => push(args),
         Command::Serve(args) => serve(&args),
         Command::Upgrade(args) => upgrade(&args, cli.log_format),
         Command::Demo(args) => demo(args),
@@ -338,6 +380,45 @@ fn check(args: &CheckArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn push(args: PushArgs) -> ExitCode {
+    let fail = |lines: &[String]| {
+        for line in lines {
+            eprintln!("stoke push: {line}");
+        }
+        ExitCode::from(1)
+    };
+    let prepared = match (&args.config, args.status) {
+        (Some(path), false) => match crate::push::prepare(path, args.canary.clone(), args.bake, args.note.clone()) {
+            Ok((push, cluster)) => (Some(push), cluster),
+            Err(errors) => return fail(&errors),
+        },
+        (Some(path), true) => match stoke_config::load(path) {
+            Ok(network) => (None, network.cluster),
+            Err(e) => return fail(&e.lines()),
+        },
+        (None, _) => (None, None),
+    };
+    let (push, cluster) = prepared;
+    let target = match crate::push::Target::new(cluster.as_ref(), &args.nats, args.name.as_deref()) {
+        Ok(t) => t,
+        Err(e) => return fail(&[e]),
+    };
+    if !args.status && push.is_none() {
+        return fail(&["--config FILE is needed to push (or give --status)".into()]);
+    }
+    let wait = (!args.no_wait).then(|| args.wait.unwrap_or(args.bake + Duration::from_secs(120)));
+    run_on_runtime(1, "push", async move {
+        let done = match push {
+            Some(p) => crate::push::push(&target, p, wait).await,
+            None => crate::push::status(&target).await,
+        };
+        match done {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&[e]),
+        }
+    })
 }
 
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {

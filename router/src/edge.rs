@@ -222,7 +222,12 @@ impl Edge {
         let (halt, halt_rx) = watch::channel(false);
         // The cluster connects in the background: an edge whose NATS server
         // is down serves alone meanwhile.
-        crate::control::cluster::Cluster::join(&router, shutdown_rx.clone(), halt_rx.clone()).await;
+        let cluster = crate::control::cluster::Cluster::join(&router, shutdown_rx.clone(), halt_rx.clone()).await;
+        // A clustered edge started from a file follows the cluster's config
+        // rollouts (`stoke push`); until the first push, its file is its config.
+        let rollout = cluster.zip(reloader.clone()).map(|(c, r)| {
+            tokio::spawn(crate::control::cluster::rollout::follow(router.clone(), c, r, shutdown_rx.clone()))
+        });
         let drain = Drain::default();
         // HTTPS answers advertise HTTP/3 where it is served.
         let alt_svc = bound.h3.map(|a| crate::h3::alt_svc(a.port()));
@@ -248,6 +253,7 @@ impl Edge {
             tokio::spawn(crate::proxy::idle::run(engine.idle().clone(), halt_rx.clone())),
             admin_task,
         ];
+        background.extend(rollout);
         if let Some(endpoint) = &quic {
             background.push(tokio::spawn(crate::h3::serve(
                 endpoint.clone(),

@@ -34,11 +34,13 @@ pub mod metrics;
 pub mod net;
 pub mod otel;
 pub mod proxy;
+pub mod push;
 pub mod reload;
 pub mod signals;
 pub mod sim;
 pub mod simulate;
 pub mod state;
+pub mod tally;
 pub mod tls;
 pub mod upgrade;
 

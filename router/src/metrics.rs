@@ -58,6 +58,12 @@ pub const UPGRADES_FAILED_TOTAL: &str = "stoke_upgrades_failed_total";
 /// Counter: spans of request traces, by result (`exported`; `dropped`:
 /// the export queue was full; `failed`: the collector did not take them).
 pub const TRACE_SPANS_TOTAL: &str = "stoke_trace_spans_total";
+/// `stoke_config_cluster_version`: the cluster config version this edge
+/// runs (`stoke push`); 0 while it runs its local file.
+pub const CONFIG_CLUSTER_VERSION: &str = "stoke_config_cluster_version";
+/// `stoke_rollout_verdicts_total{result}`: this edge's health-gate
+/// verdicts as a canary, `pass` or `fail`.
+pub const ROLLOUT_VERDICTS_TOTAL: &str = "stoke_rollout_verdicts_total";
 
 /// Counter: log lines dropped because the log writer fell behind.
 pub const LOG_LINES_DROPPED: &str = "stoke_log_lines_dropped_total";
@@ -122,6 +128,11 @@ fn describe() {
     describe_counter!(SLEEPS_TOTAL, "Sleep hook calls, by pool.");
     describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result.");
     describe_gauge!(CONFIG_SNAPSHOT_VERSION, "Version of the live config snapshot.");
+    describe_gauge!(
+        CONFIG_CLUSTER_VERSION,
+        "The cluster config version this edge runs (stoke push); 0: its local file."
+    );
+    describe_counter!(ROLLOUT_VERDICTS_TOTAL, "This edge's health-gate verdicts as a rollout's canary, by result.");
     describe_gauge!(CLUSTER_CONNECTED, "1 while this edge is connected to the cluster's NATS server.");
     describe_gauge!(CLUSTER_PEERS, "Other edges whose load reports are fresh.");
     describe_counter!(

@@ -8,6 +8,8 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /reload` | reload the config file; 200, or 422 with every problem |
 //! | `POST /pools/{id}/ready` | an orchestrator says the pool is up: probe it now |
+//! | `GET /rollout` | the cluster's config rollout and every edge's version (as `stoke push --status`) |
+//! | `POST /rollout?canary=A,B&bake=60s&note=…` | roll the body (a whole config file) out to the cluster, as `stoke push` |
 //!
 //! Mutating calls need `Authorization: Bearer <token>` when a token is
 //! configured; the token is compared in constant time.
@@ -209,10 +211,77 @@ impl Admin {
                 tokio::spawn(async move { crate::control::wake::probe_pool(&view, &check, &id).await });
                 json_response(StatusCode::ACCEPTED, &json!({"pool": segments[2], "probing": true}))
             }
-            (_, ["", "healthz" | "readyz" | "state" | "metrics" | "reload"]) | (_, ["", "pools", _, "ready"]) => {
-                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            (&Method::GET, ["", "rollout"]) => match crate::control::cluster::of(&self.router) {
+                Some(c) => {
+                    match async { crate::control::cluster::rollout::status(&c.config_store().await?).await }.await {
+                        Ok(v) => json_response(StatusCode::OK, &v),
+                        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),
+                    }
+                }
+                None => error(StatusCode::CONFLICT, "this edge has no [cluster]: there is no rollout"),
+            },
+            (&Method::POST, ["", "rollout"]) => {
+                if let Some(denied) = self.authorize(&req) {
+                    return denied;
+                }
+                self.push(req).await
             }
+            (_, ["", "healthz" | "readyz" | "state" | "metrics" | "reload" | "rollout"])
+            | (_, ["", "pools", _, "ready"]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+
+    /// `POST /rollout`: check the body as a config file (relative paths
+    /// beside this edge's file) and publish it to the cluster.
+    async fn push(&self, req: Request<Incoming>) -> Response<HttpBody> {
+        use http_body_util::BodyExt;
+        let Some(cluster) = crate::control::cluster::of(&self.router) else {
+            return error(StatusCode::CONFLICT, "this edge has no [cluster]: there is nothing to roll out to");
+        };
+        let Some(reloader) = &self.reloader else {
+            return error(StatusCode::CONFLICT, "this edge was not started from a config file");
+        };
+        let query = query_pairs(req.uri().query().unwrap_or(""));
+        let get = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let canary: Vec<String> = get("canary")
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let bake = match get("bake").map(stoke_config::duration::parse_duration) {
+            None => std::time::Duration::from_secs(60),
+            Some(Some(d)) => d,
+            Some(None) => return error(StatusCode::BAD_REQUEST, "bake is not a duration (e.g. 60s)"),
+        };
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_PUSHED_FILE).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, &format!("cannot read the file: {e}")),
+        };
+        let Ok(text) = String::from_utf8(body.to_vec()) else {
+            return error(StatusCode::BAD_REQUEST, "the file is not UTF-8");
+        };
+        let network = match stoke_config::load_str(&text, reloader.path()) {
+            Ok(n) => n,
+            Err(e) => return json_response(StatusCode::UNPROCESSABLE_ENTITY, &json!({"errors": e.lines()})),
+        };
+        if let Some(c) = canary.iter().find(|c| network.location_id(c).is_none()) {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, &format!("canary \"{c}\" is not a location of the file"));
+        }
+        let push = crate::control::cluster::rollout::Push {
+            text,
+            hash: network.source.hash.clone(),
+            canary,
+            bake,
+            note: get("note").unwrap_or("").to_owned(),
+            author: format!("admin API of {}", self.router.live().snapshot.edge_location().id),
+        };
+        let published = async { crate::control::cluster::rollout::publish(&cluster.config_store().await?, push).await };
+        match published.await {
+            Ok(r) => json_response(StatusCode::ACCEPTED, &json!({ "rollout": r })),
+            Err(e) => error(StatusCode::CONFLICT, &e),
         }
     }
 
@@ -240,8 +309,15 @@ impl Admin {
         v["uptime_s"] = json!(self.started.elapsed().as_secs());
         v["cluster"] = crate::control::cluster::of(&self.router).map_or(Value::Null, |c| c.state_json());
         v["process"] = self.process.as_ref().map_or(Value::Null, |p| p.state_json());
+        v["rollout"] = crate::control::cluster::of(&self.router).map_or(Value::Null, |c| c.follower().state_json());
         if let Some(r) = &self.reloader {
             v["last_reload"] = serde_json::to_value(r.last()).unwrap_or_default();
+            let (source, version) = match r.origin() {
+                crate::reload::Origin::File => ("file", Value::Null),
+                crate::reload::Origin::Cluster { version, .. } => ("cluster", json!(version)),
+            };
+            v["config"]["source"] = json!(source);
+            v["config"]["cluster_version"] = version;
         }
         v
     }
@@ -393,12 +469,59 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// The largest config file `POST /rollout` takes.
+const MAX_PUSHED_FILE: usize = 4 << 20;
+
+/// `a=1&b=x%20y` as pairs, `+` and `%XX` decoded.
+fn query_pairs(query: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < b.len() => {
+                    match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                        Ok(v) => {
+                            out.push(v);
+                            i += 2;
+                        }
+                        Err(_) => out.push(b'%'),
+                    }
+                }
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
 fn error(status: StatusCode, message: &str) -> Response<HttpBody> {
     json_response(status, &json!({"error": message}))
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn query_pairs_are_decoded() {
+        let q = super::query_pairs("canary=fra,par&bake=2s&note=every+pool%20moved&x&bad=%zz%4");
+        let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("canary"), Some("fra,par"));
+        assert_eq!(get("note"), Some("every pool moved"));
+        assert_eq!(get("x"), Some(""));
+        assert_eq!(get("bad"), Some("%zz%4"));
+    }
+
     use super::*;
 
     #[test]

@@ -283,6 +283,9 @@ impl Engine {
             }
             Err(reject) => {
                 x.status = reject.status;
+                if reject.status >= 500 {
+                    crate::tally::refused(reject.code);
+                }
                 let alt = policy::alt_svc(client.over_tls(), self.alt_svc.as_ref());
                 let answer = policy::answer(&reject, &x.request_id, Some(&x.live), alt);
                 x.bytes += answer.body.len();
@@ -568,6 +571,9 @@ async fn finish<C: Client>(client: &mut C, x: &mut Exchange, last: Option<Bytes>
 
 /// End a held stream with an SSE error event for `reject`.
 async fn end_with_error<C: Client>(client: &mut C, x: &mut Exchange, reject: Reject) -> Result<(), Reject> {
+    if reject.status >= 500 {
+        crate::tally::refused(reject.code);
+    }
     let event = keepalive::error_event(&reject);
     x.bytes += event.len();
     if client.send_body(event).await {

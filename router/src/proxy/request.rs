@@ -350,6 +350,7 @@ pub fn upstream_ttfb() -> &'static metrics::Histogram {
 
 /// Count the request and write its access-log line (target `stoke::access`).
 pub fn record(live: Option<&Live>, o: &Outcome<'_>) {
+    crate::tally::answered(o.status);
     if let Some(live) = live {
         let key = (live.version, o.trace.route.map_or(u32::MAX, |r| r.0), o.pool.map_or(u32::MAX, |p| p.0), o.status);
         REQUEST_COUNTERS.with(|cache| {

@@ -16,9 +16,11 @@
 //! | `{name}.load.{edge}` | an edge's report: per pool in flight, held, routed away, per replica in flight |
 //! | `{name}.ready.{pool}` | the wake's claimant saw a replica ready |
 //! | `{name}-wakes` (KV) | one claim per pool: which edge calls the hook, until when |
+//! | `{name}-config` (KV) | config versions, the rollout in force, each edge's report ([`rollout`]) |
 
 pub mod claim;
 pub mod load;
+pub mod rollout;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -59,6 +61,8 @@ pub struct Cluster {
     /// The latest report of each other edge, with when it arrived.
     peers: Mutex<HashMap<Arc<str>, load::Received>>,
     stats: Stats,
+    /// This edge's side of config rollouts.
+    follower: Arc<rollout::Follower>,
 }
 
 /// Counters for `/state` (the same figures go to `/metrics`).
@@ -135,6 +139,7 @@ impl Cluster {
             alone_since: Mutex::new(None),
             peers: Mutex::new(HashMap::new()),
             stats: Stats::default(),
+            follower: Arc::default(),
         });
         router.set_cluster(cluster.clone() as Arc<dyn Any + Send + Sync>);
         tracing::info!(
@@ -154,6 +159,16 @@ impl Cluster {
     /// The cluster's name (the prefix of its subjects and bucket).
     pub fn name(&self) -> &str {
         &self.settings.name
+    }
+
+    /// This edge's side of config rollouts (`/state.rollout`).
+    pub fn follower(&self) -> &rollout::Follower {
+        &self.follower
+    }
+
+    /// The config bucket (versions, the rollout, the edges' reports).
+    pub async fn config_store(&self) -> Result<async_nats::jetstream::kv::Store, String> {
+        rollout::open_bucket(&self.js, &self.settings.name).await
     }
 
     /// Whether cluster calls are made now: connected, and no call has

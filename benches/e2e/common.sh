@@ -21,3 +21,18 @@ require_free_ports() {
     fi
   done
 }
+
+# An OTLP/HTTP sink on 127.0.0.1:4318 for stoke's [tracing]: every export is
+# answered 200 with an empty (valid) protobuf body. Needs run.sh's or
+# profile.sh's `start`; $1 is the CPU to pin it to.
+start_otlp_sink() {
+  start otlp-sink "$1" python3 -c '
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200); self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 4318), H).serve_forever()'
+}

@@ -83,16 +83,7 @@ start sse 0 python3 "$DIR/sse_upstream.py"
 wait_200 http://127.0.0.1:8080/; wait_200 http://127.0.0.1:8085/health
 STOKE_CONFIG="$DIR/stoke.toml"
 if [ -n "$TRACING" ]; then
-  # the sink: every OTLP export answered 200 with an empty (valid) protobuf body
-  start otlp-sink 0 python3 -c '
-import http.server
-class H(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        self.send_response(200); self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0"); self.end_headers()
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", 4318), H).serve_forever()'
+  start_otlp_sink 0
   STOKE_CONFIG="$RUN/stoke-tracing.toml"
   sed -e "s#\.\./\.\./config/#$ROOT/config/#" "$DIR/stoke.toml" >"$STOKE_CONFIG"
   printf '\n[tracing]\nendpoint = "http://127.0.0.1:4318/v1/traces"\nsample = %s\n' "$TRACING" >>"$STOKE_CONFIG"

@@ -194,16 +194,7 @@ start stoke "$CPU_PX" env RUST_LOG=warn "$STOKE_BIN" serve --config "$DIR/stoke.
 STOKE_PID="${PIDS[-1]}"
 if [ "${#TRACE_RATIOS[@]}" -gt 0 ]; then
   ss -ltnH "sport = :4318" | grep -q . && { echo "TCP port 4318 (the OTLP sink) busy" >&2; exit 1; }
-  # the sink: every OTLP export answered 200 with an empty (valid) protobuf body
-  start otlp-sink "$CPU_UP" python3 -c '
-import http.server
-class H(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        self.send_response(200); self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0"); self.end_headers()
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", 4318), H).serve_forever()'
+  start_otlp_sink "$CPU_UP"
 fi
 
 # Targets: name -> plain HTTP/1.1 address, TLS address, SSE address.

@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -113,33 +113,7 @@ fn key(pool: &str) -> String {
 /// rather than with the client's `create_key_value`: that one reads the
 /// account's info first, in a shape NATS 2.9 does not send.
 pub async fn open_bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, String> {
-    let bucket = format!("{name}-wakes");
-    if let Ok(store) = js.get_key_value(&bucket).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_stream(stream::Config {
-            name: format!("KV_{bucket}"),
-            description: Some("stoke: one wake per pool across all edges".to_owned()),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            max_age: BUCKET_MAX_AGE,
-            discard: stream::DiscardPolicy::New,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            storage: stream::StorageType::File,
-            num_replicas: 1,
-            ..Default::default()
-        })
-        .await;
-    match (created, js.get_key_value(&bucket).await) {
-        (_, Ok(store)) => Ok(store),
-        // Another edge made it meanwhile, and this one's create was
-        // refused: the bucket is there all the same.
-        (Err(e), Err(_)) => Err(format!("cannot create the KV bucket {bucket}: {e}")),
-        (Ok(_), Err(e)) => Err(format!("cannot open the KV bucket {bucket}: {e}")),
-    }
+    super::open_kv(js, &format!("{name}-wakes"), "stoke: one wake per pool across all edges", BUCKET_MAX_AGE).await
 }
 
 /// How long [`prepare`] waits between tries while the bucket cannot be

@@ -295,3 +295,45 @@ impl Cluster {
         }
     }
 }
+
+/// Open the KV bucket `bucket`, creating it if it is not there (creating
+/// is idempotent: edges starting together all succeed). One value per key,
+/// each kept for `max_age` (zero: for ever).
+///
+/// The bucket's stream is made directly, as a KV bucket is laid out,
+/// rather than with the client's `create_key_value`: that one reads the
+/// account's info first, in a shape NATS 2.9 does not send.
+async fn open_kv(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    max_age: Duration,
+) -> Result<jetstream::kv::Store, String> {
+    use jetstream::stream;
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_stream(stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some(description.to_owned()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            storage: stream::StorageType::File,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await;
+    match (created, js.get_key_value(bucket).await) {
+        (_, Ok(store)) => Ok(store),
+        // Another edge made it meanwhile, and this one's create was
+        // refused: the bucket is there all the same.
+        (Err(e), Err(_)) => Err(format!("cannot create the KV bucket {bucket}: {e}")),
+        (Ok(_), Err(e)) => Err(format!("cannot open the KV bucket {bucket}: {e}")),
+    }
+}

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -189,30 +189,8 @@ pub struct Report {
 /// there (as the claim bucket is made: the stream directly). One value per
 /// key, kept for ever.
 pub async fn open_bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, String> {
-    let bucket = format!("{name}-config");
-    if let Ok(store) = js.get_key_value(&bucket).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_stream(stream::Config {
-            name: format!("KV_{bucket}"),
-            description: Some("stoke: config versions and their rollout".to_owned()),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            discard: stream::DiscardPolicy::New,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            storage: stream::StorageType::File,
-            num_replicas: 1,
-            ..Default::default()
-        })
-        .await;
-    match (created, js.get_key_value(&bucket).await) {
-        (_, Ok(store)) => Ok(store),
-        (Err(e), Err(_)) => Err(format!("cannot create the KV bucket {bucket}: {e}")),
-        (Ok(_), Err(e)) => Err(format!("cannot open the KV bucket {bucket}: {e}")),
-    }
+    // No max age: versions and reports are kept until replaced.
+    super::open_kv(js, &format!("{name}-config"), "stoke: config versions and their rollout", Duration::ZERO).await
 }
 
 async fn bounded<T, E: std::fmt::Display>(

@@ -6,9 +6,12 @@
 //! edge; NATS going down during a rollout leaves every edge on a version it
 //! validated, and the rollout finishes when NATS is back; a version that
 //! fails its check on one edge stops the rollout there and sends the rest
-//! back.
+//! back. Every edge's version shows in `/state` and on the status page (in
+//! chromium), an edge that starts serves the settled version from its first
+//! request, and a push removes versions older than the newest twenty.
 //!
-//! `nats-server` must be installed (Debian's package; `.ci/run` installs it).
+//! `nats-server` and chromium must be installed (Debian's packages; `.ci/run`
+//! installs them).
 
 mod support;
 
@@ -20,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stoke_router::sim::Replica;
+use support::browser::*;
 use support::nats::Nats;
 use support::*;
 
@@ -69,25 +73,31 @@ impl EdgeProcess {
     }
 }
 
+/// Start `stoke serve` at `location` from its own copy of `text`; returns
+/// once it says it is listening (its clients are served from then on).
+async fn start_edge(location: &str, text: &str) -> EdgeProcess {
+    let file = ConfigFile::new(text);
+    let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut child = Command::new(STOKE)
+        .args(["--log-format", "json", "serve", "--location", location, "--config"])
+        .arg(&file.path)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("stoke serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let log2 = log.clone();
+    let Listeners { http, admin, .. } =
+        tokio::task::spawn_blocking(move || listening(stderr, log2)).await.expect("listening");
+    EdgeProcess { child, http, admin, file, log }
+}
+
 /// Start the three edges, each from its own copy of `text`, and wait until
 /// each has reported to the cluster.
 async fn start_edges(text: &str) -> Vec<EdgeProcess> {
     let mut out = Vec::new();
     for location in EDGES {
-        let file = ConfigFile::new(text);
-        let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let mut child = Command::new(STOKE)
-            .args(["--log-format", "json", "serve", "--location", location, "--config"])
-            .arg(&file.path)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("stoke serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let log2 = log.clone();
-        let Listeners { http, admin, .. } =
-            tokio::task::spawn_blocking(move || listening(stderr, log2)).await.expect("listening");
-        out.push(EdgeProcess { child, http, admin, file, log });
+        out.push(start_edge(location, text).await);
     }
     let first = out[0].admin;
     eventually(Duration::from_secs(20), "every edge reported to the cluster", || async {
@@ -171,11 +181,12 @@ async fn a_file_that_makes_every_pool_unreachable_is_rolled_back_by_the_canary_a
         seen
     });
 
-    let pushed = push(&bad, &["--canary", "fra", "--bake", "3s", "--note", "move the replica"]).await;
+    // A long bake: a gate that fails on every check ends it early.
+    let pushed = push(&bad, &["--canary", "fra", "--bake", "60s", "--note", "move the replica"]).await;
     assert!(!pushed.ok, "the push fails: {}", pushed.output);
     assert!(pushed.output.contains("rolled back"), "{}", pushed.output);
     assert!(pushed.output.contains("service \"m\" has no reachable pool"), "{}", pushed.output);
-    assert!(pushed.took < Duration::from_secs(3 + 10), "rolled back within bake + 10 s: {:?}", pushed.took);
+    assert!(pushed.took < Duration::from_secs(20), "rolled back well within the bake: {:?}", pushed.took);
     let _ = stop.send(true);
     let seen = watcher.await.expect("watcher");
     assert!(seen.iter().all(|(v, _)| v.is_none()), "par and sin only ever ran their own file: {seen:?}");
@@ -191,6 +202,7 @@ async fn a_file_that_makes_every_pool_unreachable_is_rolled_back_by_the_canary_a
     }
     let log = edges[0].log();
     assert!(log.contains("the gate failed; rolling back"), "the canary's log says why:\n{log}");
+    assert!(log.contains("ending the bake early"), "{log}");
     drop(replica);
 }
 
@@ -219,6 +231,45 @@ async fn a_good_file_goes_through_the_canary_to_every_edge() {
     let r = send(edges[1].admin, Req::post("/reload", "")).await;
     assert_eq!(r.status, 422);
     assert!(r.text().contains("stoke push"), "{}", r.text());
+    // Every edge's /state has every edge's version, and so has its status
+    // page, drawn in a browser.
+    eventually(Duration::from_secs(10), "par's /state lists every edge on version 1", || async {
+        let s = edges[1].state().await;
+        let listed: Vec<(String, Option<u64>)> = s["rollout"]["edges"]
+            .as_array()
+            .map(|a| a.iter().map(|e| (e["edge"].as_str().unwrap_or("").to_owned(), e["version"].as_u64())).collect())
+            .unwrap_or_default();
+        (listed == EDGES.map(|e| (e.to_owned(), Some(1)))).then_some(())
+    })
+    .await;
+    let dom = browse(&chromium(), &["--dump-dom"], &format!("http://{}/", edges[1].admin)).await;
+    let rows: Vec<(String, String, String)> = elements_with_tag(&dom, "tr")
+        .iter()
+        .filter_map(|t| Some((attr(t, "data-edge")?, attr(t, "data-runs")?, attr(t, "data-gate")?)))
+        .collect();
+    let expected: Vec<(String, String, String)> = [("fra", "pass"), ("par", ""), ("sin", "")]
+        .map(|(e, g)| (e.to_owned(), "v1".to_owned(), g.to_owned()))
+        .to_vec();
+    assert_eq!(rows, expected, "the status page's rollout rows");
+    let line = elements_with_tag(&dom, "span").into_iter().find(|t| attr(t, "id").as_deref() == Some("rolloutLine"));
+    let line = line.expect("the rollout line");
+    assert_eq!(
+        (attr(&line, "data-version").as_deref(), attr(&line, "data-phase").as_deref()),
+        (Some("1"), Some("all"))
+    );
+    assert!(dom.contains(" · cluster v1</b>"), "the header says the cluster's version is in force");
+
+    // An edge that starts (here: sin, again, from its own file) serves the
+    // version the network settled on from its first request.
+    let sin_file = edges[2].file.path.clone();
+    let sin_text = std::fs::read_to_string(&sin_file).expect("sin's file");
+    let mut edges = edges;
+    drop(edges.pop());
+    let sin = start_edge("sin", &sin_text).await;
+    assert_eq!(sin.running().await, (Some(1), hash.clone()), "{}", sin.log());
+    assert_eq!(answers(&sin).await, 200);
+    edges.push(sin);
+
     // And a second push rolls back to version 1, not to the local files.
     let bad = beside(&edges[0], "bad.toml", &network(&nats.url(), free_addr(), ""));
     let pushed = push(&bad, &["--canary", "fra", "--bake", "1s"]).await;
@@ -295,4 +346,32 @@ async fn a_version_that_fails_its_check_on_one_edge_stops_the_rollout() {
     }
     let s = edges[2].state().await;
     assert_eq!(s["rollout"]["failed"][0]["version"], 1, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_removes_versions_older_than_the_newest_twenty() {
+    use stoke_router::control::cluster::rollout::{self, Push, KEEP_VERSIONS};
+    logs();
+    let nats = Nats::start().await;
+    let client = async_nats::connect(nats.url()).await.expect("connect to nats");
+    let store = rollout::open_bucket(&async_nats::jetstream::new(client), "t").await.expect("the config bucket");
+    let pushes = KEEP_VERSIONS + 5;
+    for n in 1..=pushes {
+        let push = Push {
+            text: format!("# version {n}\n"),
+            hash: format!("h{n}"),
+            canary: Vec::new(),
+            bake: Duration::ZERO,
+            note: String::new(),
+            author: "test".into(),
+        };
+        assert_eq!(rollout::publish(&store, push).await.expect("publish").version, n);
+    }
+    let mut kept = Vec::new();
+    for n in 1..=pushes {
+        if rollout::read_version(&store, n).await.is_ok() {
+            kept.push(n);
+        }
+    }
+    assert_eq!(kept, (pushes - KEEP_VERSIONS + 1..=pushes).collect::<Vec<_>>());
 }

@@ -96,6 +96,10 @@ pub struct Edge {
 /// request that may be on its way.
 const IDLE_DRAIN: Duration = Duration::from_secs(2);
 
+/// How long a starting edge waits for the cluster's config once it is
+/// connected (the KV calls of one round), beyond the connection itself.
+const CATCH_UP_CALLS: Duration = Duration::from_secs(3);
+
 /// Timeouts up to this long use pingora's fast timer; longer ones tokio's.
 const FAST_TIMER_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -225,8 +229,9 @@ impl Edge {
         let cluster = crate::control::cluster::Cluster::join(&router, shutdown_rx.clone(), halt_rx.clone()).await;
         // A clustered edge started from a file follows the cluster's config
         // rollouts (`stoke push`); until the first push, its file is its config.
+        let (caught_up, caught_up_rx) = tokio::sync::oneshot::channel();
         let rollout = cluster.zip(reloader.clone()).map(|(c, r)| {
-            tokio::spawn(crate::control::cluster::rollout::follow(router.clone(), c, r, shutdown_rx.clone()))
+            tokio::spawn(crate::control::cluster::rollout::follow(router.clone(), c, r, shutdown_rx.clone(), caught_up))
         });
         let drain = Drain::default();
         // HTTPS answers advertise HTTP/3 where it is served.
@@ -243,6 +248,19 @@ impl Edge {
         })?;
         let (admin_addr, admin_task) = admin.with_idle(engine.idle().clone()).spawn_on(admin_socket, admin_rx)?;
         bound.admin = admin_addr;
+        // An edge that joins a cluster serves the version the network
+        // settled on from its first request (the listeners are bound:
+        // clients wait in the backlog meanwhile), or, if the cluster does
+        // not answer soon, its file until it does.
+        if rollout.is_some() {
+            let wait = crate::control::cluster::rollout::CATCH_UP + CATCH_UP_CALLS;
+            if tokio::time::timeout(wait, caught_up_rx).await.is_err() {
+                tracing::warn!(
+                    ?wait,
+                    "the cluster did not give its config in time; serving the local file until it does"
+                );
+            }
+        }
         // TCP and QUIC connections count against one max_connections.
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let app = listener::app(engine.clone(), connections.clone());

@@ -56,6 +56,16 @@ pub const MAX_RISE: f64 = 0.05;
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// History of the tally kept for "before" windows.
 const HISTORY: Duration = Duration::from_secs(600);
+/// Versions kept in the bucket (with the one the network would roll back
+/// to); older ones are removed by the push that stores a new one.
+pub const KEEP_VERSIONS: u64 = 20;
+/// A gate that fails on this many checks in a row (one a [`POLL`]) fails
+/// the version before its bake is over: a file that breaks everything is
+/// not served for the whole bake.
+pub const EARLY_FAILURES: u32 = 5;
+/// How long a starting edge waits for the cluster, to serve the version
+/// the network settled on from its first request rather than its file.
+pub const CATCH_UP: Duration = Duration::from_secs(2);
 
 /// A rollout's phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,6 +376,10 @@ pub async fn publish(store: &kv::Store, push: Push) -> Result<Rollout, String> {
             rollout.version
         ));
     }
+    // Old versions go; a failure here costs only space.
+    if let Err(e) = prune(store, rollout.version, rollout.previous).await {
+        tracing::warn!(error = %e, "rollout: old versions were not removed");
+    }
     Ok(rollout)
 }
 
@@ -374,8 +388,12 @@ pub async fn publish(store: &kv::Store, push: Push) -> Result<Rollout, String> {
 pub async fn status(store: &kv::Store) -> Result<serde_json::Value, String> {
     let rollout = read_rollout(store).await?.map(|(r, _)| r);
     let reports = read_reports(store).await?;
-    let now = unix_ms();
-    let edges: Vec<serde_json::Value> = reports
+    Ok(serde_json::json!({ "rollout": rollout, "edges": edges_view(&reports, unix_ms()) }))
+}
+
+/// Every edge's report as `/state` and `GET /rollout` show it.
+fn edges_view(reports: &BTreeMap<String, Report>, now: u64) -> Vec<serde_json::Value> {
+    reports
         .values()
         .map(|r| {
             serde_json::json!({
@@ -390,8 +408,32 @@ pub async fn status(store: &kv::Store) -> Result<serde_json::Value, String> {
                 "recent": r.recent,
             })
         })
-        .collect();
-    Ok(serde_json::json!({ "rollout": rollout, "edges": edges }))
+        .collect()
+}
+
+/// Remove the versions older than the newest [`KEEP_VERSIONS`] from the
+/// bucket, except `keep` (the version the network would roll back to).
+/// Returns how many went.
+pub async fn prune(store: &kv::Store, newest: u64, keep: Option<u64>) -> Result<usize, String> {
+    let mut keys = bounded("listing the versions", store.keys()).await?;
+    let mut old = Vec::new();
+    let listed = tokio::time::timeout(CALL_TIMEOUT, async {
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| format!("listing the versions: {e}"))?;
+            if let Some(n) = k.strip_prefix("version.").and_then(|n| n.parse::<u64>().ok()) {
+                if n + KEEP_VERSIONS <= newest && Some(n) != keep {
+                    old.push(k);
+                }
+            }
+        }
+        Ok::<_, String>(())
+    })
+    .await;
+    listed.map_err(|_| "listing the versions: no answer in time".to_owned())??;
+    for k in &old {
+        bounded("removing an old version", store.purge(k)).await?;
+    }
+    Ok(old.len())
 }
 
 /// A canary's bake: what its health was before the change, and when it
@@ -411,6 +453,8 @@ struct Bake {
     /// failed.
     unreachable: BTreeSet<String>,
     wake_failed: usize,
+    /// Checks in a row, during the bake, on which the gate failed.
+    failing: u32,
 }
 
 /// The health gate of a canary: what it compares.
@@ -534,11 +578,13 @@ struct FollowerState {
     /// A phase change this edge must still write (NATS was unreachable).
     pending: Option<(u64, Phase, String)>,
     last_error: Option<String>,
+    /// Every edge's report as last read.
+    reports: BTreeMap<String, Report>,
 }
 
 impl Follower {
     /// `/state.rollout`: the rollout as this edge last read it, its bake
-    /// and verdict.
+    /// and verdict, and every edge's report as it last read them.
     pub fn state_json(&self) -> serde_json::Value {
         let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -551,17 +597,22 @@ impl Follower {
             "verdict": s.verdict,
             "failed": s.failed.iter().map(|(v, e)| serde_json::json!({"version": v, "errors": e})).collect::<Vec<_>>(),
             "last_error": s.last_error,
+            "edges": edges_view(&s.reports, unix_ms()),
         })
     }
 }
 
 /// Follow the cluster's rollouts until `shutdown`: apply the version the
 /// rollout gives this edge, bake it when this edge is a canary, and report.
+/// `caught_up` is told once the first round is over: the version the
+/// network settled on is in force, or the cluster did not answer within
+/// [`CATCH_UP`] and the edge starts on its file.
 pub async fn follow(
     router: Arc<Router>,
     cluster: Arc<Cluster>,
     reloader: Arc<Reloader>,
     shutdown: watch::Receiver<bool>,
+    caught_up: tokio::sync::oneshot::Sender<()>,
 ) {
     let follower = cluster.follower.clone();
     let mut edge = Edge {
@@ -573,9 +624,16 @@ pub async fn follow(
         history: VecDeque::new(),
         last_report: None,
         reported_at: None,
+        reports_read: None,
     };
+    let connecting_until = Instant::now() + CATCH_UP;
+    while !edge.cluster.is_connected() && Instant::now() < connecting_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    edge.step().await;
+    let _ = caught_up.send(());
     let mut shutdown = shutdown;
-    let mut tick = tokio::time::interval(POLL);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + POLL, POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -596,6 +654,8 @@ struct Edge {
     history: VecDeque<(Instant, Figures)>,
     last_report: Option<Report>,
     reported_at: Option<Instant>,
+    /// When every edge's report was last read.
+    reports_read: Option<Instant>,
 }
 
 impl Edge {
@@ -641,11 +701,13 @@ impl Edge {
         }
         let Some(store) = self.store.clone() else { return };
         self.flush_pending(&store).await;
+        let mut baking = false;
         match read_rollout(&store).await {
             Ok(Some((r, _))) => {
                 self.state().rollout = Some(r.clone());
                 self.follow_rollout(&store, &r, &figures).await;
-                if r.phase == Phase::Canary {
+                baking = r.in_progress();
+                if baking {
                     self.promote_if_all_passed(&store, &r).await;
                 }
             }
@@ -653,6 +715,17 @@ impl Edge {
             Err(e) => self.note_error(e),
         }
         self.report(&store, &figures).await;
+        // The others' reports: each round while canaries bake (their gates
+        // compare with them), else as often as they are written.
+        if baking || self.reports_read.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
+            match read_reports(&store).await {
+                Ok(reports) => {
+                    self.state().reports = reports;
+                    self.reports_read = Some(Instant::now());
+                }
+                Err(e) => self.note_error(e),
+            }
+        }
     }
 
     fn note_error(&self, e: String) {
@@ -732,21 +805,22 @@ impl Edge {
                 before,
                 unreachable,
                 wake_failed,
+                failing: 0,
             });
         }
     }
 
-    /// At the end of a bake, judge the health gate: roll back at once if it
-    /// fails (with or without the cluster), and record the verdict.
+    /// Check the health gate of a bake every round: at its end, or once it
+    /// failed [`EARLY_FAILURES`] rounds in a row, give the verdict, and
+    /// roll back at once if it failed (with or without the cluster).
     async fn judge_bake(&mut self, figures: &Figures) {
-        let due = self.state().bake.clone().filter(|b| Instant::now() >= b.until);
-        let Some(bake) = due else { return };
+        let Some(bake) = self.state().bake.clone() else { return };
         let live = self.router.live();
         let unreachable_now = unreachable_services(&live);
         let wake_failed_now = wake_failed_pools(&live);
         drop(live);
         let after = figures.since(&bake.at_apply);
-        let others = self.others_recent().await;
+        let others = self.others_recent();
         let gate = Gate {
             before: &bake.before,
             after: &after,
@@ -758,6 +832,22 @@ impl Edge {
         };
         let failures = gate.failures();
         let pass = failures.is_empty();
+        if Instant::now() < bake.until {
+            let failing = {
+                let mut s = self.state();
+                let Some(b) = s.bake.as_mut() else { return };
+                b.failing = if pass { 0 } else { b.failing + 1 };
+                b.failing
+            };
+            if failing < EARLY_FAILURES {
+                return;
+            }
+            tracing::warn!(
+                version = bake.version,
+                checks = failing,
+                "rollout: the gate failed on every check; ending the bake early"
+            );
+        }
         let verdict = Verdict {
             version: bake.version,
             pass,
@@ -812,14 +902,14 @@ impl Edge {
         }
     }
 
-    /// The other present edges' recent answers, pooled.
-    async fn others_recent(&self) -> Figures {
-        let Some(store) = &self.store else { return Figures::default() };
-        let Ok(reports) = read_reports(store).await else { return Figures::default() };
+    /// The other present edges' recent answers, pooled (from their reports
+    /// as last read).
+    fn others_recent(&self) -> Figures {
         let now = unix_ms();
-        let canaries = self.state().rollout.as_ref().map(|r| r.canary.clone()).unwrap_or_default();
+        let s = self.state();
+        let canaries = s.rollout.as_ref().map(|r| r.canary.as_slice()).unwrap_or_default();
         let mut sum = Figures::default();
-        for r in reports.values().filter(|r| r.edge != self.me() && is_fresh(r, now) && !canaries.contains(&r.edge)) {
+        for r in s.reports.values().filter(|r| r.edge != self.me() && is_fresh(r, now) && !canaries.contains(&r.edge)) {
             sum.answered += r.recent.answered;
             sum.server_errors += r.recent.server_errors;
         }

@@ -270,6 +270,9 @@ pub fn main() -> ExitCode {
     let default_filter = match cli.command {
         Command::Demo(_) => "warn,stoke_router::control::probe=error",
         Command::Simulate(_) => "warn",
+        // The push prints its own progress; the NATS client's connection
+        // events are not news for its terminal.
+        Command::Push(_) => "info,async_nats=warn",
         _ => "info",
     };
     logging::init(cli.log_format, default_filter);

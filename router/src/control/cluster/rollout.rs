@@ -845,7 +845,7 @@ impl Edge {
             tracing::warn!(
                 version = bake.version,
                 checks = failing,
-                "rollout: the gate failed on every check; ending the bake early"
+                "rollout: the gate failed on every check of the last seconds; ending the bake early"
             );
         }
         let verdict = Verdict {

@@ -214,6 +214,24 @@ async fn bounded<T, E: std::fmt::Display>(
     }
 }
 
+/// The bucket's keys that start with `prefix`, the whole listing bounded
+/// by [`CALL_TIMEOUT`]; `what` names the call in errors.
+async fn list_keys(store: &kv::Store, prefix: &str, what: &str) -> Result<Vec<String>, String> {
+    let mut keys = bounded(what, store.keys()).await?;
+    let listed = tokio::time::timeout(CALL_TIMEOUT, async {
+        let mut out = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| format!("{what}: {e}"))?;
+            if k.starts_with(prefix) {
+                out.push(k);
+            }
+        }
+        Ok::<_, String>(out)
+    })
+    .await;
+    listed.map_err(|_| format!("{what}: no answer in time"))?
+}
+
 /// The rollout record and its revision, if there is one.
 pub async fn read_rollout(store: &kv::Store) -> Result<Option<(Rollout, u64)>, String> {
     let entry = bounded("reading the rollout", store.entry("rollout")).await?;
@@ -270,20 +288,7 @@ pub async fn read_version(store: &kv::Store, n: u64) -> Result<Version, String> 
 
 /// Every edge's report, by edge id.
 pub async fn read_reports(store: &kv::Store) -> Result<BTreeMap<String, Report>, String> {
-    let mut keys = bounded("listing the edges' reports", store.keys()).await?;
-    let mut names = Vec::new();
-    let listed = tokio::time::timeout(CALL_TIMEOUT, async {
-        while let Some(k) = keys.next().await {
-            match k {
-                Ok(k) if k.starts_with("edge.") => names.push(k),
-                Ok(_) => {}
-                Err(e) => return Err(format!("listing the edges' reports: {e}")),
-            }
-        }
-        Ok(())
-    })
-    .await;
-    listed.map_err(|_| "listing the edges' reports: no answer in time".to_owned())??;
+    let names = list_keys(store, "edge.", "listing the edges' reports").await?;
     let mut out = BTreeMap::new();
     for k in names {
         if let Some(v) = bounded("reading a report", store.get(k.clone())).await? {
@@ -415,21 +420,14 @@ fn edges_view(reports: &BTreeMap<String, Report>, now: u64) -> Vec<serde_json::V
 /// bucket, except `keep` (the version the network would roll back to).
 /// Returns how many went.
 pub async fn prune(store: &kv::Store, newest: u64, keep: Option<u64>) -> Result<usize, String> {
-    let mut keys = bounded("listing the versions", store.keys()).await?;
-    let mut old = Vec::new();
-    let listed = tokio::time::timeout(CALL_TIMEOUT, async {
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(|e| format!("listing the versions: {e}"))?;
-            if let Some(n) = k.strip_prefix("version.").and_then(|n| n.parse::<u64>().ok()) {
-                if n + KEEP_VERSIONS <= newest && Some(n) != keep {
-                    old.push(k);
-                }
-            }
-        }
-        Ok::<_, String>(())
-    })
-    .await;
-    listed.map_err(|_| "listing the versions: no answer in time".to_owned())??;
+    let old: Vec<String> = list_keys(store, "version.", "listing the versions")
+        .await?
+        .into_iter()
+        .filter(|k| {
+            let n = k.strip_prefix("version.").and_then(|n| n.parse::<u64>().ok());
+            n.is_some_and(|n| n + KEEP_VERSIONS <= newest && Some(n) != keep)
+        })
+        .collect();
     for k in &old {
         bounded("removing an old version", store.purge(k)).await?;
     }

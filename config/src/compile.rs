@@ -17,9 +17,9 @@ use crate::file::{
 };
 use crate::routes::{HostPattern, RouteTable};
 use crate::snapshot::{
-    Affinity, AffinityKey, Auth, AuthHeader, ClusterSettings, EdgeSettings, HealthCheck, Hook, HookUrl, IdleTimeout,
-    LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId, RateLimit, Route, Scale, Service, ServiceId,
-    ServiceSource, Source, TlsCert, TracingSettings,
+    Affinity, AffinityKey, Auth, AuthHeader, ClusterSettings, EdgeSettings, HealthCheck, Hook, HookStep, HookToken,
+    HookUrl, HookVar, HttpStep, IdleTimeout, LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId,
+    RateLimit, Route, Scale, Service, ServiceId, ServiceSource, Source, Template, TlsCert, TracingSettings,
 };
 
 /// Build the network from a decoded file. `base` is the directory that
@@ -50,7 +50,7 @@ pub(crate) fn compile(diags: &mut Diagnostics, file: FileConfig, source: Source,
     let mut pool_index = HashMap::new();
     for raw in &file.pools {
         if let Some(pool) =
-            compile_pool(diags, raw, &location_index, &rtt, &locations, &mut services, &mut service_index)
+            compile_pool(diags, raw, base, &location_index, &rtt, &locations, &mut services, &mut service_index)
         {
             let id = PoolId(pools.len() as u32);
             if pool_index.insert(pool.id.clone(), id).is_some() {
@@ -686,6 +686,7 @@ fn path_value(diags: &mut Diagnostics, at: &Option<At<String>>, what: &str, defa
 fn compile_pool(
     diags: &mut Diagnostics,
     raw: &RawPool,
+    base: &Path,
     locations: &HashMap<String, LocationId>,
     rtt: &RttMatrix,
     location_list: &[Location],
@@ -784,8 +785,8 @@ fn compile_pool(
     });
 
     let scale = raw.scale.as_ref().and_then(|s| {
-        let wake = s.wake.as_ref().and_then(|h| compile_hook(diags, h, "wake"));
-        let sleep = s.sleep.as_ref().and_then(|h| compile_hook(diags, h, "sleep"));
+        let wake = s.wake.as_ref().and_then(|h| compile_hook(diags, h, "wake", base));
+        let sleep = s.sleep.as_ref().and_then(|h| compile_hook(diags, h, "sleep", base));
         let idle_timeout = compile_idle(diags, s);
         let wake_time = nonzero_duration(diags, &s.wake_time, "wake_time", defaults::WAKE_TIME);
         Some(Scale { idle_timeout, wake_time, wake: wake?, sleep })
@@ -892,33 +893,65 @@ fn http_token(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn compile_hook(diags: &mut Diagnostics, raw: &RawHook, which: &str) -> Option<Hook> {
-    let timeout = nonzero_duration(diags, &raw.timeout, &format!("{which} hook timeout"), defaults::HOOK_TIMEOUT);
+fn compile_hook(diags: &mut Diagnostics, raw: &RawHook, which: &str, base: &Path) -> Option<Hook> {
+    let Some(steps) = &raw.steps else {
+        return compile_step(diags, raw, which, base).map(Hook::one);
+    };
+    let stray = [
+        raw.url.as_ref().map(|a| a.span.clone()),
+        raw.command.as_ref().map(|a| a.span.clone()),
+        raw.method.as_ref().map(|a| a.span.clone()),
+        raw.headers.as_ref().map(|a| a.span.clone()),
+        raw.body.as_ref().map(|a| a.span.clone()),
+        raw.token_env.as_ref().map(|a| a.span.clone()),
+        raw.token_file.as_ref().map(|a| a.span.clone()),
+        raw.token_header.as_ref().map(|a| a.span.clone()),
+        raw.ca_file.as_ref().map(|a| a.span.clone()),
+        raw.timeout.as_ref().map(|a| a.span.clone()),
+    ];
+    for span in stray.into_iter().flatten() {
+        diags.error(
+            span,
+            format!("the {which} hook has steps; this key belongs in a step (steps = [ {{ url = … }}, … ])"),
+        );
+    }
+    if steps.value.is_empty() {
+        diags.error(steps.span.clone(), format!("the {which} hook's steps are empty; give at least one"));
+        return None;
+    }
+    let compiled: Vec<Option<HookStep>> = steps
+        .value
+        .iter()
+        .enumerate()
+        .map(|(i, s)| compile_step(diags, s, &format!("{which} hook's step {}", i + 1), base))
+        .collect();
+    compiled.into_iter().collect::<Option<Vec<_>>>().map(|steps| Hook { steps })
+}
+
+/// Values a template is tried with when the config is loaded, so that a
+/// URL that cannot be right is found then and not at the first wake.
+fn sample_value(var: HookVar) -> &'static str {
+    match var {
+        HookVar::Pool => "pool",
+        HookVar::Edge => "edge",
+        HookVar::Action => "wake",
+        HookVar::Reason => "request",
+        HookVar::Replicas => "1",
+        HookVar::Depth => "deep",
+        HookVar::Replica => "127.0.0.1:8000",
+    }
+}
+
+fn template(diags: &mut Diagnostics, at: &At<String>, what: &str) -> Option<Template> {
+    Template::parse(&at.value).map_err(|e| diags.error(at.span.clone(), format!("{what} \"{}\": {e}", at.value))).ok()
+}
+
+const HOOK_METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+fn compile_step(diags: &mut Diagnostics, raw: &RawHook, which: &str, base: &Path) -> Option<HookStep> {
+    let timeout = nonzero_duration(diags, &raw.timeout, &format!("{which} timeout"), defaults::HOOK_TIMEOUT);
     match (&raw.url, &raw.command) {
-        (Some(url), None) => {
-            if let Some(env) = &raw.token_env {
-                if !valid_env_name(&env.value) {
-                    diags.error(
-                        env.span.clone(),
-                        format!(
-                            "token_env \"{}\" is not an environment variable name; use letters, digits and '_'",
-                            env.value
-                        ),
-                    );
-                }
-            }
-            match parse_hook_url(&url.value) {
-                Ok(parsed) => Some(Hook::Http {
-                    url: parsed,
-                    token_env: raw.token_env.as_ref().map(|e| e.value.clone()),
-                    timeout,
-                }),
-                Err(msg) => {
-                    diags.error(url.span.clone(), msg);
-                    None
-                }
-            }
-        }
+        (Some(url), None) => compile_http_step(diags, raw, url, which, base, timeout),
         (None, Some(cmd)) => {
             if cmd.value.is_empty() || cmd.value[0].value.is_empty() {
                 diags.error(
@@ -927,26 +960,152 @@ fn compile_hook(diags: &mut Diagnostics, raw: &RawHook, which: &str) -> Option<H
                 );
                 return None;
             }
-            if let Some(env) = &raw.token_env {
-                diags.error(
-                    env.span.clone(),
-                    "token_env applies to url hooks only; a command gets its environment from stoke's",
-                );
+            let url_only = [
+                ("token_env", raw.token_env.as_ref().map(|a| a.span.clone())),
+                ("token_file", raw.token_file.as_ref().map(|a| a.span.clone())),
+                ("token_header", raw.token_header.as_ref().map(|a| a.span.clone())),
+                ("ca_file", raw.ca_file.as_ref().map(|a| a.span.clone())),
+                ("method", raw.method.as_ref().map(|a| a.span.clone())),
+                ("headers", raw.headers.as_ref().map(|a| a.span.clone())),
+                ("body", raw.body.as_ref().map(|a| a.span.clone())),
+            ];
+            for (key, span) in url_only {
+                if let Some(span) = span {
+                    diags.error(
+                        span,
+                        format!("{key} applies to url hooks only; a command gets its environment from stoke's"),
+                    );
+                }
             }
-            Some(Hook::Command { argv: cmd.value.iter().map(|a| a.value.clone()).collect(), timeout })
+            let argv: Vec<Option<Template>> =
+                cmd.value.iter().map(|a| template(diags, a, &format!("{which} command argument"))).collect();
+            Some(HookStep::Command { argv: argv.into_iter().collect::<Option<_>>()?, timeout })
         }
         (Some(url), Some(_)) => {
-            diags.error(url.span.clone(), format!("the {which} hook has both url and command; give one"));
+            diags.error(url.span.clone(), format!("the {which} has both url and command; give one"));
             None
         }
         (None, None) => {
             diags.error(
                 raw.span.clone(),
-                format!("the {which} hook needs url = \"http://…\" (a webhook) or command = [\"program\", \"arg\"]"),
+                format!(
+                    "the {which} needs url = \"http://…\" (a webhook) or command = [\"program\", \"arg\"], or steps = [ … ]"
+                ),
             );
             None
         }
     }
+}
+
+fn compile_http_step(
+    diags: &mut Diagnostics,
+    raw: &RawHook,
+    url: &At<String>,
+    which: &str,
+    base: &Path,
+    timeout: std::time::Duration,
+) -> Option<HookStep> {
+    let url_t = template(diags, url, &format!("{which} url"))?;
+    let parsed = match parse_hook_url(&url_t.render(sample_value)) {
+        Ok(p) => p,
+        Err(msg) => {
+            diags.error(url.span.clone(), msg);
+            return None;
+        }
+    };
+    let method = match &raw.method {
+        None => "POST".to_owned(),
+        Some(m) => {
+            let upper = m.value.to_ascii_uppercase();
+            if !HOOK_METHODS.contains(&upper.as_str()) {
+                diags.error(
+                    m.span.clone(),
+                    format!(
+                        "method \"{}\" is not one stoke sends; expected one of {}",
+                        m.value,
+                        HOOK_METHODS.join(", ")
+                    ),
+                );
+                return None;
+            }
+            upper
+        }
+    };
+    let mut headers = Vec::new();
+    for (name, value) in raw.headers.iter().flat_map(|h| h.value.iter()) {
+        let lower = name.value.to_ascii_lowercase();
+        if !http_token(&lower) || lower.is_empty() {
+            diags.error(name.span.clone(), format!("\"{}\" is not a header name", name.value));
+            continue;
+        }
+        if ["host", "content-length", "transfer-encoding", "connection"].contains(&lower.as_str()) {
+            diags.error(name.span.clone(), format!("{} is set by stoke and cannot be given", name.value));
+            continue;
+        }
+        if value.value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            diags.error(value.span.clone(), format!("the value of header {} holds a line break", name.value));
+            continue;
+        }
+        if let Some(t) = template(diags, value, &format!("header {}", name.value)) {
+            headers.push((lower, t));
+        }
+    }
+    let body = raw.body.as_ref().and_then(|b| template(diags, b, &format!("{which} body")));
+    if let (Some(b), "GET") = (&raw.body, method.as_str()) {
+        diags.error(b.span.clone(), "a GET step sends no body; use POST, PUT or PATCH");
+    }
+    let token = match (&raw.token_env, &raw.token_file) {
+        (Some(env), None) => {
+            if !valid_env_name(&env.value) {
+                diags.error(
+                    env.span.clone(),
+                    format!(
+                        "token_env \"{}\" is not an environment variable name; use letters, digits and '_'",
+                        env.value
+                    ),
+                );
+            }
+            Some(HookToken::Env(env.value.clone()))
+        }
+        (None, Some(file)) => {
+            let path = base.join(&file.value);
+            if let Err(e) = std::fs::metadata(&path) {
+                diags.error(
+                    file.span.clone(),
+                    format!(
+                        "token_file \"{}\" cannot be read: {e} (paths are relative to the config file)",
+                        path.display()
+                    ),
+                );
+            }
+            Some(HookToken::File(path))
+        }
+        (Some(env), Some(_)) => {
+            diags.error(env.span.clone(), "give token_env or token_file, not both");
+            None
+        }
+        (None, None) => None,
+    };
+    let token_header = raw.token_header.as_ref().and_then(|h| {
+        let lower = h.value.to_ascii_lowercase();
+        if lower.is_empty() || !http_token(&lower) {
+            diags.error(h.span.clone(), format!("token_header \"{}\" is not a header name", h.value));
+            return None;
+        }
+        if token.is_none() {
+            diags.error(h.span.clone(), "token_header needs token_env or token_file");
+        }
+        Some(lower)
+    });
+    let ca_file = raw.ca_file.as_ref().and_then(|at| {
+        if !parsed.tls {
+            diags.error(at.span.clone(), format!("ca_file applies to https:// urls only, and {} is http", url.value));
+            return None;
+        }
+        read_certs(diags, base, at).map(|(path, _)| path)
+    });
+    let step = HttpStep { url: url_t, method, headers, body, token, token_header, ca_file, timeout };
+    Some(HookStep::Http(step))
 }
 
 /// Parse `http://host[:port]/path` or `https://…`.
@@ -1299,6 +1458,56 @@ mod tests {
         assert_eq!(parse_hook_url("http://h").map(|u| u.path), Ok("/".to_owned()));
         for bad in ["ftp://x/", "http://", "http://a:0/", "http://a:b/", "http://u@h/", "http://h/a b"] {
             assert!(parse_hook_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hook_steps_templates_and_their_mistakes() {
+        let load = |scale: &str| {
+            let text = format!(
+                "[edge]\nlocation = \"fra\"\n[[location]]\nid = \"fra\"\nlat = 1.0\nlon = 2.0\n[[pool]]\nid = \"p\"\n\
+                 location = \"fra\"\nserves = [\"m\"]\nreplicas = [\"127.0.0.1:1\"]\n[pool.scale]\n{scale}\n"
+            );
+            crate::load_str(&text, Path::new("t.toml"))
+        };
+        let n = load("wake = { url = \"http://o/{pool}\", method = \"put\", headers = { X-A = \"{edge}\" } }")
+            .expect("valid");
+        let wake = &n.pools[0].scale.as_ref().expect("scale").wake;
+        let HookStep::Http(step) = &wake.steps[0] else { panic!("an http step") };
+        assert_eq!((step.method.as_str(), step.url.raw.as_str()), ("PUT", "http://o/{pool}"));
+        assert_eq!(step.headers[0].0, "x-a");
+        assert!(!wake.per_replica());
+        let n =
+            load("wake = { steps = [{ url = \"http://{replica}/wake_up\" }, { command = [\"true\", \"{pool}\"] }] }")
+                .expect("valid");
+        let wake = &n.pools[0].scale.as_ref().expect("scale").wake;
+        assert_eq!(wake.steps.len(), 2);
+        assert!(wake.per_replica());
+        // A JSON body's braces are text; only known names are placeholders.
+        let t = Template::parse(r#"{"spec":{"replicas":{replicas}},"x":{}}"#).expect("template");
+        assert_eq!(t.render(|_| "3"), r#"{"spec":{"replicas":3},"x":{}}"#);
+        for (scale, says) in [
+            ("wake = { url = \"http://o/{pol}\" }", "{pol} is not a placeholder"),
+            ("wake = { url = \"http://o/\", body = \"{replica_count}\" }", "{replica_count} is not a placeholder"),
+            ("wake = { url = \"http://o/\", method = \"TRACE\" }", "method \"TRACE\" is not one stoke sends"),
+            ("wake = { url = \"http://o/\", method = \"GET\", body = \"x\" }", "a GET step sends no body"),
+            ("wake = { url = \"http://o/\", headers = { Host = \"x\" } }", "Host is set by stoke"),
+            ("wake = { url = \"http://o/\", headers = { \"a b\" = \"x\" } }", "\"a b\" is not a header name"),
+            ("wake = { url = \"http://o/\", token_header = \"X-T\" }", "token_header needs token_env or token_file"),
+            ("wake = { url = \"http://o/\", token_env = \"T\", token_file = \"f\" }", "not both"),
+            ("wake = { url = \"http://o/\", token_file = \"no-such-token\" }", "token_file"),
+            ("wake = { url = \"http://o/\", ca_file = \"ca.pem\" }", "ca_file applies to https:// urls only"),
+            ("wake = { url = \"https://o/\", ca_file = \"no-such-ca.pem\" }", "cannot be read"),
+            ("wake = { command = [\"x\"], method = \"PUT\" }", "method applies to url hooks only"),
+            ("wake = { steps = [] }", "steps are empty"),
+            ("wake = { steps = [{ url = \"http://o/\" }], url = \"http://o/\" }", "this key belongs in a step"),
+            ("wake = { steps = [{ url = \"http://o/\", steps = [] }] }", "unknown key \"steps\" in step 1"),
+            ("wake = { steps = [{ method = \"PUT\" }] }", "wake hook's step 1 needs url"),
+            ("wake = { steps = \"x\" }", "an array of tables"),
+            ("wake = { url = \"http://{replica}:99999/\" }", "url \"http://127.0.0.1:8000:99999/\""),
+        ] {
+            let e = load(scale).expect_err(scale).to_string();
+            assert!(e.contains(says) && e.contains("t.toml:"), "{scale}: {e}");
         }
     }
 

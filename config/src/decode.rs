@@ -272,6 +272,23 @@ impl<'a, 'i> TableReader<'a, 'i> {
         }
     }
 
+    /// An optional array of tables (`[ { … }, { … } ]`).
+    pub(crate) fn tables(&self, diags: &mut Diagnostics, key: &str) -> Option<At<SubTables<'a, 'i>>> {
+        let v = self.get(key)?;
+        let DeValue::Array(items) = v.get_ref() else {
+            self.wrong_type(diags, key, v, "an array of tables");
+            return None;
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items.iter() {
+            match item.get_ref() {
+                DeValue::Table(t) => out.push((t, item.span())),
+                _ => self.wrong_type(diags, key, item, "an array of tables"),
+            }
+        }
+        Some(At::new(out, v.span()))
+    }
+
     /// An optional table of strings (`{ name = "value", … }`), in the
     /// order written.
     pub(crate) fn string_table(&self, diags: &mut Diagnostics, key: &str) -> Option<At<StringTable>> {
@@ -293,6 +310,9 @@ impl<'a, 'i> TableReader<'a, 'i> {
         self.get(key).is_some()
     }
 }
+
+/// Tables with their spans, as in an array of tables.
+pub(crate) type SubTables<'a, 'i> = Vec<(&'a DeTable<'i>, Range<usize>)>;
 
 /// A table of strings: each name and value with its span.
 pub(crate) type StringTable = Vec<(At<String>, At<String>)>;

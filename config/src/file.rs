@@ -57,7 +57,21 @@ const HEALTH_KEYS: &[&str] = &["path", "interval", "timeout"];
 const LOAD_KEYS: &[&str] = &["path", "format", "interval"];
 const SCALE_KEYS: &[&str] = &["idle_timeout", "min_idle", "max_idle", "wake_time", "wake", "sleep"];
 const AFFINITY_KEYS: &[&str] = &["key", "prefix_bytes", "max_load"];
-const HOOK_KEYS: &[&str] = &["url", "token_env", "command", "timeout"];
+const HOOK_KEYS: &[&str] = &[
+    "url",
+    "method",
+    "headers",
+    "body",
+    "token_env",
+    "token_file",
+    "token_header",
+    "ca_file",
+    "command",
+    "timeout",
+    "steps",
+];
+const STEP_KEYS: &[&str] =
+    &["url", "method", "headers", "body", "token_env", "token_file", "token_header", "ca_file", "command", "timeout"];
 const ROUTE_KEYS: &[&str] = &[
     "name",
     "host",
@@ -206,9 +220,17 @@ pub(crate) struct RawScale {
 pub(crate) struct RawHook {
     pub span: Range<usize>,
     pub url: Option<At<String>>,
+    pub method: Option<At<String>>,
+    pub headers: Option<At<StringTable>>,
+    pub body: Option<At<String>>,
     pub token_env: Option<At<String>>,
+    pub token_file: Option<At<String>>,
+    pub token_header: Option<At<String>>,
+    pub ca_file: Option<At<String>>,
     pub command: Option<At<Vec<At<String>>>>,
     pub timeout: Option<At<Duration>>,
+    /// `steps = [ { … }, … ]`: each a hook of one step.
+    pub steps: Option<At<Vec<RawHook>>>,
 }
 
 #[derive(Debug)]
@@ -404,16 +426,7 @@ fn decode_pool(diags: &mut Diagnostics, t: &DeTable<'_>, span: Range<usize>) -> 
     let scale = r.table(diags, "scale").map(|(t, span)| {
         let s = TableReader::new(diags, t, span, format!("[pool.scale] of {id_hint}"), SCALE_KEYS);
         let hook = |diags: &mut Diagnostics, key: &str| {
-            s.table(diags, key).map(|(t, span)| {
-                let h = TableReader::new(diags, t, span.clone(), format!("{key} hook of {id_hint}"), HOOK_KEYS);
-                RawHook {
-                    span,
-                    url: h.string(diags, "url"),
-                    token_env: h.string(diags, "token_env"),
-                    command: h.strings(diags, "command"),
-                    timeout: h.duration(diags, "timeout"),
-                }
-            })
+            s.table(diags, key).map(|(t, span)| read_hook(diags, t, span, &format!("{key} hook of {id_hint}")))
         };
         let wake = hook(diags, "wake");
         let sleep = hook(diags, "sleep");
@@ -452,5 +465,42 @@ fn decode_pool(diags: &mut Diagnostics, t: &DeTable<'_>, span: Range<usize>) -> 
         load,
         scale,
         affinity,
+    }
+}
+
+/// A hook table: one step, or `steps = [ … ]`, each read with the keys of
+/// one step.
+fn read_hook(diags: &mut Diagnostics, t: &DeTable<'_>, span: Range<usize>, what: &str) -> RawHook {
+    let h = TableReader::new(diags, t, span.clone(), what, HOOK_KEYS);
+    let steps = h.tables(diags, "steps").map(|at| {
+        let steps = at
+            .value
+            .into_iter()
+            .enumerate()
+            .map(|(i, (t, span))| {
+                let what = format!("step {} of the {what}", i + 1);
+                let s = TableReader::new(diags, t, span.clone(), what, STEP_KEYS);
+                read_step(diags, &s, span)
+            })
+            .collect();
+        At::new(steps, at.span)
+    });
+    RawHook { steps, ..read_step(diags, &h, span) }
+}
+
+fn read_step(diags: &mut Diagnostics, h: &TableReader<'_, '_>, span: Range<usize>) -> RawHook {
+    RawHook {
+        span,
+        url: h.string(diags, "url"),
+        method: h.string(diags, "method"),
+        headers: h.string_table(diags, "headers"),
+        body: h.string(diags, "body"),
+        token_env: h.string(diags, "token_env"),
+        token_file: h.string(diags, "token_file"),
+        token_header: h.string(diags, "token_header"),
+        ca_file: h.string(diags, "ca_file"),
+        command: h.strings(diags, "command"),
+        timeout: h.duration(diags, "timeout"),
+        steps: None,
     }
 }

@@ -29,9 +29,10 @@ use std::path::Path;
 pub use diag::{ConfigError, Problem};
 pub use routes::{HostPattern, RouteTable};
 pub use snapshot::{
-    Affinity, AffinityKey, Auth, AuthHeader, Candidate, ClusterSettings, EdgeSettings, HealthCheck, Hook, HookUrl,
-    IdleTimeout, LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId, RateLimit, Route, RouteId, Scale,
-    Service, ServiceId, ServiceSource, Snapshot, Source, TlsCert, TracingSettings,
+    Affinity, AffinityKey, Auth, AuthHeader, Candidate, ClusterSettings, EdgeSettings, HealthCheck, Hook, HookStep,
+    HookToken, HookUrl, HookVar, HttpStep, IdleTimeout, LoadFormat, LoadReport, Location, LocationId, Network, Pool,
+    PoolId, RateLimit, Route, RouteId, Scale, Service, ServiceId, ServiceSource, Snapshot, Source, Template, TlsCert,
+    TracingSettings,
 };
 
 use diag::Diagnostics;

@@ -373,33 +373,200 @@ pub enum IdleTimeout {
     },
 }
 
-/// An actuator: a webhook or a command.
+/// An actuator: one step, or several called in order (each must succeed
+/// before the next is called).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Hook {
-    /// `POST url` with a JSON body.
-    Http {
-        /// Where to POST.
-        url: HookUrl,
-        /// Environment variable holding the bearer token.
-        token_env: Option<String>,
-        /// Time one call may take.
-        timeout: Duration,
-    },
+pub struct Hook {
+    /// The steps, at least one.
+    pub steps: Vec<HookStep>,
+}
+
+impl Hook {
+    /// A hook of one step.
+    pub fn one(step: HookStep) -> Self {
+        Hook { steps: vec![step] }
+    }
+
+    /// Time all of the hook's steps may take together.
+    pub fn timeout(&self) -> Duration {
+        self.steps.iter().map(HookStep::timeout).sum()
+    }
+
+    /// Whether some step names the replica (`{replica}`): then the hook is
+    /// called once per replica.
+    pub fn per_replica(&self) -> bool {
+        self.steps.iter().any(HookStep::names_replica)
+    }
+}
+
+/// One step of a hook: an HTTP request or a command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HookStep {
+    /// An HTTP(S) request.
+    Http(HttpStep),
     /// Run a program (no shell).
     Command {
-        /// Program and arguments.
-        argv: Vec<String>,
+        /// Program and arguments, each a template.
+        argv: Vec<Template>,
         /// Time one run may take.
         timeout: Duration,
     },
 }
 
-impl Hook {
-    /// Time one call may take.
+impl HookStep {
+    /// Time the step may take.
     pub fn timeout(&self) -> Duration {
         match self {
-            Hook::Http { timeout, .. } | Hook::Command { timeout, .. } => *timeout,
+            HookStep::Http(h) => h.timeout,
+            HookStep::Command { timeout, .. } => *timeout,
         }
+    }
+
+    fn names_replica(&self) -> bool {
+        match self {
+            HookStep::Http(h) => {
+                h.url.names(HookVar::Replica)
+                    || h.body.as_ref().is_some_and(|b| b.names(HookVar::Replica))
+                    || h.headers.iter().any(|(_, v)| v.names(HookVar::Replica))
+            }
+            HookStep::Command { argv, .. } => argv.iter().any(|a| a.names(HookVar::Replica)),
+        }
+    }
+}
+
+/// An HTTP step of a hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpStep {
+    /// The URL, a template (`http://{replica}/sleep?level=1`); it parses
+    /// as a [`HookUrl`] once filled in.
+    pub url: Template,
+    /// The method (`POST` unless written).
+    pub method: String,
+    /// Extra headers (names in lower case), values templates.
+    pub headers: Vec<(String, Template)>,
+    /// The body; without one, a `POST`, `PUT` or `PATCH` sends stoke's JSON
+    /// (`{"pool", "edge", "action", "reason", "replicas", "depth"}`).
+    pub body: Option<Template>,
+    /// Where the token comes from, if any.
+    pub token: Option<HookToken>,
+    /// The header that carries the token: `Authorization: Bearer …` when
+    /// `None`, else the header's name with the bare token.
+    pub token_header: Option<String>,
+    /// A PEM file of the CAs an `https` URL is trusted from, instead of
+    /// the system's roots (read at each call, so a rotated file is used).
+    pub ca_file: Option<PathBuf>,
+    /// Time the step may take.
+    pub timeout: Duration,
+}
+
+/// The source of a hook's token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HookToken {
+    /// An environment variable.
+    Env(String),
+    /// A file, read at each call (Kubernetes rotates its projected
+    /// service-account tokens), trimmed.
+    File(PathBuf),
+}
+
+/// What a hook template may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookVar {
+    /// `{pool}`: the pool's id.
+    Pool,
+    /// `{edge}`: the calling edge's location.
+    Edge,
+    /// `{action}`: `wake` or `sleep`.
+    Action,
+    /// `{reason}`: why (`request`, `demand`, `prewarm`, `idle`).
+    Reason,
+    /// `{replicas}`: how many replicas the pool is to have: its configured
+    /// count for a wake, 0 for a deep sleep.
+    Replicas,
+    /// `{depth}`: `light` or `deep`.
+    Depth,
+    /// `{replica}`: one replica's `host:port` (the hook is then called for
+    /// each replica).
+    Replica,
+}
+
+impl HookVar {
+    /// Every variable, with its name.
+    pub const ALL: [(&'static str, HookVar); 7] = [
+        ("pool", HookVar::Pool),
+        ("edge", HookVar::Edge),
+        ("action", HookVar::Action),
+        ("reason", HookVar::Reason),
+        ("replicas", HookVar::Replicas),
+        ("depth", HookVar::Depth),
+        ("replica", HookVar::Replica),
+    ];
+}
+
+/// A string with `{name}` placeholders ([`HookVar`]). A `{` that does not
+/// open a known lower-case name followed by `}` is literal, so JSON bodies
+/// are written as they are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    /// As written.
+    pub raw: String,
+    pieces: Vec<Piece>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Var(HookVar),
+}
+
+impl Template {
+    /// Parse `raw`; an unknown `{name}` is an error naming it.
+    pub fn parse(raw: &str) -> Result<Template, String> {
+        let mut pieces = Vec::new();
+        let mut text = String::new();
+        let mut rest = raw;
+        while let Some(open) = rest.find('{') {
+            text.push_str(&rest[..open]);
+            let after = &rest[open + 1..];
+            let name_len = after.bytes().take_while(|b| b.is_ascii_lowercase() || *b == b'_').count();
+            if name_len > 0 && after.as_bytes().get(name_len) == Some(&b'}') {
+                let name = &after[..name_len];
+                let Some((_, var)) = HookVar::ALL.iter().find(|(n, _)| *n == name) else {
+                    let known: Vec<String> = HookVar::ALL.iter().map(|(n, _)| format!("{{{n}}}")).collect();
+                    return Err(format!("{{{name}}} is not a placeholder; known: {}", known.join(", ")));
+                };
+                if !text.is_empty() {
+                    pieces.push(Piece::Text(std::mem::take(&mut text)));
+                }
+                pieces.push(Piece::Var(*var));
+                rest = &after[name_len + 1..];
+            } else {
+                text.push('{');
+                rest = after;
+            }
+        }
+        text.push_str(rest);
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text));
+        }
+        Ok(Template { raw: raw.to_owned(), pieces })
+    }
+
+    /// Whether the template names `var`.
+    pub fn names(&self, var: HookVar) -> bool {
+        self.pieces.contains(&Piece::Var(var))
+    }
+
+    /// The template with each placeholder replaced by `value(var)`.
+    pub fn render<'v>(&self, value: impl Fn(HookVar) -> &'v str) -> String {
+        let mut out = String::with_capacity(self.raw.len() + 16);
+        for p in &self.pieces {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Var(v) => out.push_str(value(*v)),
+            }
+        }
+        out
     }
 }
 
@@ -416,6 +583,14 @@ pub struct HookUrl {
     pub port: u16,
     /// Path and query, starting with `/`.
     pub path: String,
+}
+
+impl HookUrl {
+    /// Parse `http://HOST[:PORT]/PATH` or `https://…`, as a hook's URL
+    /// once its template is filled in.
+    pub fn parse(raw: &str) -> Result<HookUrl, String> {
+        crate::compile::parse_hook_url(raw)
+    }
 }
 
 /// A service (model or app) and the pools that serve it.

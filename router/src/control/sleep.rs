@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use stoke_config::{Hook, IdleTimeout, PoolId};
 use tokio::sync::watch;
 
-use super::hooks::{self, Action};
+use super::hooks::{self, Action, Depth};
 use super::load::parse_load;
 use super::probe::jitter;
 use super::wake::{self, Reason};
@@ -32,6 +32,8 @@ pub struct SleepCall {
     pub window: Duration,
     /// Whether each replica was ready before it left rotation.
     pub was_ready: Vec<bool>,
+    /// The replicas' addresses, for hooks called per replica.
+    pub replicas: Vec<Arc<str>>,
 }
 
 /// What the sleeper is to do at one look.
@@ -85,7 +87,8 @@ pub fn due(live: &Live, now: Instant) -> Due {
             view.state.unmark_slept();
             continue;
         }
-        due.sleeps.push(SleepCall { pool: view.state.id.clone(), hook, idle_for, window, was_ready });
+        let replicas = view.replicas.iter().map(|r| r.addr_text.clone()).collect();
+        due.sleeps.push(SleepCall { pool: view.state.id.clone(), hook, idle_for, window, was_ready, replicas });
     }
     due.next_check = check_interval(timeouts);
     due
@@ -174,7 +177,16 @@ async fn call_with_resends(router: Arc<Router>, call: SleepCall, edge: Arc<str>)
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match hooks::call(&call.hook, Action::Sleep, &call.pool, &edge, "idle").await {
+        let what = hooks::Call {
+            action: Action::Sleep,
+            pool: &call.pool,
+            edge: &edge,
+            reason: "idle",
+            replicas: 0,
+            depth: Depth::Deep,
+            replica_addrs: &call.replicas,
+        };
+        match hooks::call(&call.hook, &what).await {
             Ok(()) => {
                 // The next wake, from any edge, starts with a fresh claim.
                 if let Some(c) = super::cluster::of(&router) {

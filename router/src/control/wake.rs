@@ -12,7 +12,7 @@ use std::sync::Arc;
 use stoke_config::PoolId;
 
 use super::cluster::{self, Claim};
-use super::hooks::{self, Action};
+use super::hooks::{self, Action, Depth};
 use super::probe;
 use crate::clock;
 use crate::core::wake::{resend_after, WakeSchedule, WakeStep, FAST_PROBE};
@@ -186,8 +186,18 @@ fn call_hook(
 ) {
     let (hook, edge) = (scale.wake.clone(), live.snapshot.edge_location().id.clone());
     let (id, state) = (pool_id.clone(), view.state.clone());
+    let addrs: Vec<Arc<str>> = view.replicas.iter().map(|r| r.addr_text.clone()).collect();
     tokio::spawn(async move {
-        match hooks::call(&hook, Action::Wake, &id, &edge, reason.as_str()).await {
+        let what = hooks::Call {
+            action: Action::Wake,
+            pool: &id,
+            edge: &edge,
+            reason: reason.as_str(),
+            replicas: addrs.len() as u32,
+            depth: Depth::Deep,
+            replica_addrs: &addrs,
+        };
+        match hooks::call(&hook, &what).await {
             Ok(()) => {
                 state.set_wake_error(None);
                 metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "called").increment(1);

@@ -644,3 +644,78 @@ async fn a_stream_held_with_keepalives_reads_fine_with_the_openai_client() {
     edge.shutdown().await;
     orch.shutdown().await;
 }
+
+/// Whether the replica at `addr` says it sleeps (vLLM's `/is_sleeping`).
+async fn sleeping(addr: SocketAddr) -> Option<bool> {
+    let r = send(addr, Req::get("/is_sleeping")).await;
+    (r.status == 200).then(|| r.json()["is_sleeping"].as_bool()).flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_sleeps_lightly_then_deeply_and_wakes_from_each_depth_its_own_way() {
+    logs();
+    let scale = "wake_time = \"400ms\"\nidle_timeout = \"3s\"\nlight = { kind = \"vllm\" }\n\
+                 light_timeout = \"500ms\"\nlight_wake_time = \"500ms\"";
+    let (orch, file, rep) = world(scale, &[], SHORT_WAIT_ROUTE, Default::default()).await;
+    let edge = edge_from(&file, "fra").await;
+    let http = edge.bound.http.expect("http");
+    assert_eq!(pool_state(&edge, "fra-a").await["depth"], "deep");
+
+    // A cold start: the pool's own wake hook.
+    let r = send(http, Req::chat("m")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(orch.calls_for("fra-a", "wake").len(), 1);
+
+    // Idle for the light window: the replica is put to sleep through its own
+    // API, and stays running.
+    eventually(Duration::from_secs(5), "the replica in light sleep", || async {
+        (sleeping(rep).await == Some(true)).then_some(())
+    })
+    .await;
+    let state = eventually(Duration::from_secs(2), "light depth in /state", || async {
+        let s = pool_state(&edge, "fra-a").await;
+        (s["depth"] == "light").then_some(s)
+    })
+    .await;
+    assert_eq!(state["state"], "cold");
+    assert_eq!(state["replicas"][0]["asleep"], true);
+    assert_eq!(state["replicas"][0]["ready"], false);
+    assert_eq!(state["light"]["window_ms"], 500);
+    assert!(orch.is_running("fra-a").await);
+    assert!(orch.calls_for("fra-a", "sleep").is_empty(), "no deep sleep yet");
+
+    // A request wakes it from light sleep: POST /wake_up, not the pool's hook.
+    let r = send(http, Req::chat("m")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let waited: u64 = r.header("stoke-wait-ms").and_then(|v| v.parse().ok()).expect("stoke-wait-ms");
+    assert!((450..2500).contains(&waited), "held {waited} ms for a 500 ms light wake");
+    assert_eq!(orch.calls_for("fra-a", "wake").len(), 1, "the deep wake hook is not called");
+    assert_eq!(sleeping(rep).await, Some(false));
+    let metrics = eventually(Duration::from_secs(5), "the light wake in /metrics", || async {
+        let m = send(edge.bound.admin, Req::get("/metrics")).await.text();
+        m.contains("stoke_light_wakeups_total{pool=\"fra-a\"} 1").then_some(m)
+    })
+    .await;
+    assert!(metrics.contains("stoke_light_sleeps_total{pool=\"fra-a\"} 1"), "{metrics}");
+
+    // Idle again: light sleep, then, at the deep window, the pool's sleep
+    // hook stops the replica.
+    let sleeps = eventually(Duration::from_secs(8), "a deep sleep call", || async {
+        let s = orch.calls_for("fra-a", "sleep");
+        (!s.is_empty()).then_some(s)
+    })
+    .await;
+    assert_eq!(sleeps.len(), 1);
+    eventually(Duration::from_secs(3), "deep depth in /state", || async {
+        (pool_state(&edge, "fra-a").await["depth"] == "deep").then_some(())
+    })
+    .await;
+    assert!(!orch.is_running("fra-a").await);
+
+    // From deep sleep, the pool's wake hook again.
+    let r = send(http, Req::chat("m")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(orch.calls_for("fra-a", "wake").len(), 2);
+    edge.shutdown().await;
+    orch.shutdown().await;
+}

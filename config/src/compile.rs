@@ -18,8 +18,8 @@ use crate::file::{
 use crate::routes::{HostPattern, RouteTable};
 use crate::snapshot::{
     Affinity, AffinityKey, Auth, AuthHeader, ClusterSettings, EdgeSettings, HealthCheck, Hook, HookStep, HookToken,
-    HookUrl, HookVar, HttpStep, IdleTimeout, LoadFormat, LoadReport, Location, LocationId, Network, Pool, PoolId,
-    RateLimit, Route, Scale, Service, ServiceId, ServiceSource, Source, Template, TlsCert, TracingSettings,
+    HookUrl, HookVar, HttpStep, IdleTimeout, LightSleep, LoadFormat, LoadReport, Location, LocationId, Network, Pool,
+    PoolId, RateLimit, Route, Scale, Service, ServiceId, ServiceSource, Source, Template, TlsCert, TracingSettings,
 };
 
 /// Build the network from a decoded file. `base` is the directory that
@@ -747,10 +747,11 @@ fn compile_pool(
     let connect_timeout = nonzero_duration(diags, &raw.connect_timeout, "connect_timeout", defaults::CONNECT_TIMEOUT);
     let read_timeout = nonzero_duration(diags, &raw.read_timeout, "read_timeout", defaults::READ_TIMEOUT);
 
-    let health = HealthCheck {
+    let mut health = HealthCheck {
         path: path_value(diags, &raw.health.path, "health path", defaults::HEALTH_PATH),
         interval: nonzero_duration(diags, &raw.health.interval, "health interval", defaults::HEALTH_INTERVAL),
         timeout: nonzero_duration(diags, &raw.health.timeout, "health timeout", defaults::HEALTH_TIMEOUT),
+        sleeping_path: None,
     };
     if let Some(t) = &raw.health.timeout {
         if health.timeout > health.interval {
@@ -789,7 +790,9 @@ fn compile_pool(
         let sleep = s.sleep.as_ref().and_then(|h| compile_hook(diags, h, "sleep", base));
         let idle_timeout = compile_idle(diags, s);
         let wake_time = nonzero_duration(diags, &s.wake_time, "wake_time", defaults::WAKE_TIME);
-        Some(Scale { idle_timeout, wake_time, wake: wake?, sleep })
+        let light = compile_light(diags, s, idle_timeout, base, &id.value);
+        health.sleeping_path = light.as_ref().and_then(|l| l.probe.clone());
+        Some(Scale { idle_timeout, wake_time, wake: wake?, sleep, light })
     });
 
     if let (Some(IdleTimeout::Auto { .. }), None) = (scale.as_ref().map(|s| s.idle_timeout), &load) {
@@ -926,6 +929,152 @@ fn compile_hook(diags: &mut Diagnostics, raw: &RawHook, which: &str, base: &Path
         .map(|(i, s)| compile_step(diags, s, &format!("{which} hook's step {}", i + 1), base))
         .collect();
     compiled.into_iter().collect::<Option<Vec<_>>>().map(|steps| Hook { steps })
+}
+
+/// `[pool.scale.light]` and the `light_*` keys beside it.
+fn compile_light(
+    diags: &mut Diagnostics,
+    s: &RawScale,
+    deep: IdleTimeout,
+    base: &Path,
+    pool: &str,
+) -> Option<LightSleep> {
+    let Some(raw) = &s.light else {
+        let strays = [
+            ("light_timeout", s.light_timeout.as_ref().map(|a| a.span.clone())),
+            ("light_wake_time", s.light_wake_time.as_ref().map(|a| a.span.clone())),
+            ("light_cost", s.light_cost.as_ref().map(|a| a.span.clone())),
+        ];
+        for (key, span) in strays {
+            if let Some(span) = span {
+                diags.error(
+                    span,
+                    format!(
+                        "{key} needs a light depth: light = {{ kind = \"vllm\" }} or light = {{ sleep = …, wake = … }}"
+                    ),
+                );
+            }
+        }
+        return None;
+    };
+    let (sleep, wake, probe) = match (&raw.kind, &raw.sleep, &raw.wake) {
+        (Some(kind), None, None) => {
+            if kind.value != "vllm" {
+                diags.error(kind.span.clone(), format!("light kind \"{}\" is not known; expected \"vllm\" (vLLM's sleep mode), or give sleep and wake hooks", kind.value));
+                return None;
+            }
+            if let Some(p) = &raw.probe {
+                diags.error(p.span.clone(), "kind = \"vllm\" probes /is_sleeping itself; probe is for light hooks");
+            }
+            let level = match &raw.level {
+                None => 1,
+                Some(at) if at.value == 1 || at.value == 2 => at.value,
+                Some(at) => {
+                    diags.error(at.span.clone(), format!("level = {} is not a vLLM sleep level; expected 1 (weights kept in CPU memory) or 2 (weights dropped)", at.value));
+                    return None;
+                }
+            };
+            let (sleep, wake) = vllm_light(level);
+            (sleep, wake, Some("/is_sleeping".to_owned()))
+        }
+        (None, Some(sleep), Some(wake)) => {
+            if let Some(l) = &raw.level {
+                diags.error(l.span.clone(), "level goes with kind = \"vllm\"; light hooks say their own level");
+            }
+            let sleep = compile_hook(diags, sleep, "light sleep", base);
+            let wake = compile_hook(diags, wake, "light wake", base);
+            let probe = raw.probe.as_ref().map(|p| path_value(diags, &Some(p.clone()), "light probe", "/is_sleeping"));
+            let (sleep, wake) = (sleep?, wake?);
+            for (which, hook) in [("sleep", &sleep), ("wake", &wake)] {
+                if !hook.per_replica() {
+                    diags.error(raw.span.clone(), format!("the light {which} hook of pool \"{pool}\" must name {{replica}}: a light sleep is each replica's own (e.g. url = \"http://{{replica}}/sleep?level=1\")"));
+                }
+            }
+            (sleep, wake, probe)
+        }
+        (Some(kind), _, _) => {
+            diags.error(kind.span.clone(), "give light kind = \"vllm\" or light sleep and wake hooks, not both");
+            return None;
+        }
+        (None, _, _) => {
+            diags.error(raw.span.clone(), "light needs kind = \"vllm\", or both sleep = { … } and wake = { … } hooks");
+            return None;
+        }
+    };
+    let idle_timeout = match (&s.light_timeout, deep) {
+        (Some(At { value: Some(d), span }), _) => {
+            let d = nonzero_duration(diags, &Some(At::new(*d, span.clone())), "light_timeout", defaults::LIGHT_TIMEOUT);
+            if let IdleTimeout::Fixed(deep) = deep {
+                if d >= deep && s.sleep.is_some() {
+                    diags.error(
+                        span.clone(),
+                        format!(
+                            "light_timeout ({}) must be shorter than idle_timeout ({}): the light sleep comes first",
+                            crate::duration::format_duration(d),
+                            crate::duration::format_duration(deep)
+                        ),
+                    );
+                }
+            }
+            IdleTimeout::Fixed(d)
+        }
+        (Some(At { value: None, span }), IdleTimeout::Fixed(_)) => {
+            diags.error(
+                span.clone(),
+                "light_timeout = \"auto\" needs idle_timeout = \"auto\": both windows are chosen together",
+            );
+            IdleTimeout::Fixed(defaults::LIGHT_TIMEOUT)
+        }
+        (None, IdleTimeout::Fixed(deep)) => IdleTimeout::Fixed(defaults::LIGHT_TIMEOUT.min(deep / 2)),
+        (_, auto) => auto,
+    };
+    let wake_time = nonzero_duration(diags, &s.light_wake_time, "light_wake_time", defaults::LIGHT_WAKE_TIME);
+    let cost = match &s.light_cost {
+        None => defaults::LIGHT_COST,
+        Some(at) if at.value > 0.0 && at.value < 1.0 => at.value,
+        Some(at) => {
+            diags.error(
+                at.span.clone(),
+                format!(
+                    "light_cost = {} is out of range; expected a share of an awake replica's cost, above 0 and below 1",
+                    at.value
+                ),
+            );
+            defaults::LIGHT_COST
+        }
+    };
+    Some(LightSleep { sleep, wake, probe, idle_timeout, wake_time, cost })
+}
+
+/// vLLM's sleep mode as light sleep and wake hooks, per replica: level 1
+/// keeps the weights in CPU memory; level 2 drops them, so its wake
+/// reloads them before the KV cache comes back.
+fn vllm_light(level: u64) -> (Hook, Hook) {
+    let step = |path: &str, body: &str| {
+        HookStep::Http(HttpStep {
+            url: Template::parse(&format!("http://{{replica}}{path}")).unwrap_or_else(|_| unreachable!()),
+            method: "POST".to_owned(),
+            headers: Vec::new(),
+            body: Some(Template::parse(body).unwrap_or_else(|_| unreachable!())),
+            token: None,
+            token_header: None,
+            ca_file: None,
+            timeout: defaults::VLLM_SLEEP_TIMEOUT,
+        })
+    };
+    let sleep = Hook::one(step(&format!("/sleep?level={level}"), ""));
+    let wake = if level == 1 {
+        Hook::one(step("/wake_up", ""))
+    } else {
+        Hook {
+            steps: vec![
+                step("/wake_up?tags=weights", ""),
+                step("/collective_rpc", r#"{"method":"reload_weights"}"#),
+                step("/wake_up?tags=kv_cache", ""),
+            ],
+        }
+    };
+    (sleep, wake)
 }
 
 /// Values a template is tried with when the config is loaded, so that a
@@ -1505,6 +1654,72 @@ mod tests {
             ("wake = { steps = [{ method = \"PUT\" }] }", "wake hook's step 1 needs url"),
             ("wake = { steps = \"x\" }", "an array of tables"),
             ("wake = { url = \"http://{replica}:99999/\" }", "url \"http://127.0.0.1:8000:99999/\""),
+        ] {
+            let e = load(scale).expect_err(scale).to_string();
+            assert!(e.contains(says) && e.contains("t.toml:"), "{scale}: {e}");
+        }
+    }
+
+    #[test]
+    fn light_depths() {
+        let load = |scale: &str| {
+            let text = format!(
+                "[edge]\nlocation = \"fra\"\n[[location]]\nid = \"fra\"\nlat = 1.0\nlon = 2.0\n[[pool]]\nid = \"p\"\n\
+                 location = \"fra\"\nserves = [\"m\"]\nreplicas = [\"127.0.0.1:1\"]\nload = {{}}\n[pool.scale]\n\
+                 wake = {{ url = \"http://o/\" }}\nsleep = {{ url = \"http://o/\" }}\n{scale}\n"
+            );
+            crate::load_str(&text, Path::new("t.toml"))
+        };
+        let n = load("light = { kind = \"vllm\", level = 2 }").expect("valid");
+        let pool = &n.pools[0];
+        let light = pool.scale.as_ref().and_then(|s| s.light.as_ref()).expect("light");
+        assert_eq!(light.idle_timeout, IdleTimeout::Fixed(defaults::LIGHT_TIMEOUT));
+        assert_eq!((light.wake_time, light.cost), (defaults::LIGHT_WAKE_TIME, defaults::LIGHT_COST));
+        assert_eq!(pool.health.sleeping_path.as_deref(), Some("/is_sleeping"));
+        let urls = |h: &Hook| {
+            h.steps
+                .iter()
+                .map(|s| if let HookStep::Http(h) = s { h.url.raw.clone() } else { String::new() })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(urls(&light.sleep), ["http://{replica}/sleep?level=2"]);
+        assert_eq!(
+            urls(&light.wake),
+            [
+                "http://{replica}/wake_up?tags=weights",
+                "http://{replica}/collective_rpc",
+                "http://{replica}/wake_up?tags=kv_cache"
+            ]
+        );
+        let n =
+            load("idle_timeout = \"auto\"\nlight = { kind = \"vllm\" }\nlight_cost = 0.1\nlight_wake_time = \"800ms\"")
+                .expect("valid");
+        let light = n.pools[0].scale.as_ref().and_then(|s| s.light.clone()).expect("light");
+        assert!(matches!(light.idle_timeout, IdleTimeout::Auto { .. }), "auto with the deep window");
+        assert_eq!((light.cost, light.wake_time.as_millis()), (0.1, 800));
+        let n = load("light = { sleep = { url = \"http://{replica}/pause\" }, wake = { url = \"http://{replica}/resume\" }, probe = \"/paused\" }\nlight_timeout = \"10s\"")
+            .expect("valid");
+        assert_eq!(n.pools[0].health.sleeping_path.as_deref(), Some("/paused"));
+        assert_eq!(
+            n.pools[0].scale.as_ref().and_then(|s| s.light.as_ref()).map(|l| l.idle_timeout),
+            Some(IdleTimeout::Fixed(std::time::Duration::from_secs(10)))
+        );
+        assert_eq!(load("").expect("valid").pools[0].health.sleeping_path, None);
+        for (scale, says) in [
+            ("light = { kind = \"tgi\" }", "light kind \"tgi\" is not known"),
+            ("light = { kind = \"vllm\", level = 3 }", "level = 3 is not a vLLM sleep level"),
+            ("light = {}", "light needs kind = \"vllm\""),
+            ("light = { kind = \"vllm\", sleep = { url = \"http://{replica}/\" } }", "not both"),
+            (
+                "light = { sleep = { url = \"http://o/s\" }, wake = { url = \"http://{replica}/w\" } }",
+                "must name {replica}",
+            ),
+            ("light_timeout = \"1m\"", "light_timeout needs a light depth"),
+            ("light = { kind = \"vllm\" }\nlight_timeout = \"10m\"", "must be shorter than idle_timeout"),
+            ("light = { kind = \"vllm\" }\nlight_timeout = \"auto\"", "needs idle_timeout = \"auto\""),
+            ("light = { kind = \"vllm\" }\nlight_cost = 1.5", "light_cost = 1.5 is out of range"),
+            ("light = { kind = \"vllm\", probe = \"/x\" }", "probes /is_sleeping itself"),
+            ("light = { kind = \"vllm\", levle = 1 }", "did you mean \"level\""),
         ] {
             let e = load(scale).expect_err(scale).to_string();
             assert!(e.contains(says) && e.contains("t.toml:"), "{scale}: {e}");

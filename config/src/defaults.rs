@@ -109,3 +109,17 @@ pub const MAX_BODY: u64 = 32 << 20;
 pub const RATE_BURST: u64 = 10;
 /// Upper bound accepted for `max_body_read`: the body is held in memory.
 pub const MAX_BODY_READ_LIMIT: u64 = 64 << 20;
+
+/// `[pool.scale].light_timeout` with a fixed `idle_timeout`: idle time
+/// before the replicas are put to light sleep.
+pub const LIGHT_TIMEOUT: Duration = Duration::from_secs(30);
+/// `[pool.scale].light_wake_time`: expected wake from light sleep (vLLM's
+/// level 1 wakes in 0.1–6 s), the seed of the learned one.
+pub const LIGHT_WAKE_TIME: Duration = Duration::from_secs(2);
+/// `[pool.scale].light_cost`: a lightly sleeping replica's cost, as a share
+/// of an awake one's (the GPU stays reserved; its memory is free for other
+/// work).
+pub const LIGHT_COST: f64 = 0.3;
+/// Timeout of a `kind = "vllm"` light sleep or wake call (a level 2 wake
+/// reloads the weights).
+pub const VLLM_SLEEP_TIMEOUT: Duration = Duration::from_secs(120);

@@ -55,7 +55,19 @@ const POOL_KEYS: &[&str] = &[
 ];
 const HEALTH_KEYS: &[&str] = &["path", "interval", "timeout"];
 const LOAD_KEYS: &[&str] = &["path", "format", "interval"];
-const SCALE_KEYS: &[&str] = &["idle_timeout", "min_idle", "max_idle", "wake_time", "wake", "sleep"];
+const SCALE_KEYS: &[&str] = &[
+    "idle_timeout",
+    "min_idle",
+    "max_idle",
+    "wake_time",
+    "wake",
+    "sleep",
+    "light",
+    "light_timeout",
+    "light_wake_time",
+    "light_cost",
+];
+const LIGHT_KEYS: &[&str] = &["kind", "level", "sleep", "wake", "probe"];
 const AFFINITY_KEYS: &[&str] = &["key", "prefix_bytes", "max_load"];
 const HOOK_KEYS: &[&str] = &[
     "url",
@@ -214,6 +226,21 @@ pub(crate) struct RawScale {
     pub wake_time: Option<At<Duration>>,
     pub wake: Option<RawHook>,
     pub sleep: Option<RawHook>,
+    pub light: Option<RawLight>,
+    /// `None` inside: `"auto"`.
+    pub light_timeout: Option<At<Option<Duration>>>,
+    pub light_wake_time: Option<At<Duration>>,
+    pub light_cost: Option<At<f64>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RawLight {
+    pub span: Range<usize>,
+    pub kind: Option<At<String>>,
+    pub level: Option<At<u64>>,
+    pub sleep: Option<RawHook>,
+    pub wake: Option<RawHook>,
+    pub probe: Option<At<String>>,
 }
 
 #[derive(Debug)]
@@ -430,6 +457,22 @@ fn decode_pool(diags: &mut Diagnostics, t: &DeTable<'_>, span: Range<usize>) -> 
         };
         let wake = hook(diags, "wake");
         let sleep = hook(diags, "sleep");
+        let light = s.table(diags, "light").map(|(t, span)| {
+            let what = format!("[pool.scale.light] of {id_hint}");
+            let l = TableReader::new(diags, t, span.clone(), what, LIGHT_KEYS);
+            let hook = |diags: &mut Diagnostics, key: &str| {
+                l.table(diags, key)
+                    .map(|(t, span)| read_hook(diags, t, span, &format!("light {key} hook of {id_hint}")))
+            };
+            RawLight {
+                span,
+                kind: l.string(diags, "kind"),
+                level: l.unsigned(diags, "level"),
+                sleep: hook(diags, "sleep"),
+                wake: hook(diags, "wake"),
+                probe: l.string(diags, "probe"),
+            }
+        });
         if !s.has("wake") {
             s.missing(diags, "wake", "a hook such as { url = \"http://orchestrator:7000/wake\" }");
         }
@@ -440,6 +483,10 @@ fn decode_pool(diags: &mut Diagnostics, t: &DeTable<'_>, span: Range<usize>) -> 
             wake_time: s.duration(diags, "wake_time"),
             wake,
             sleep,
+            light,
+            light_timeout: s.duration_or_auto(diags, "light_timeout"),
+            light_wake_time: s.duration(diags, "light_wake_time"),
+            light_cost: s.number(diags, "light_cost"),
         }
     });
     let affinity = r.table(diags, "affinity").map(|(t, span)| {

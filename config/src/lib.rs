@@ -30,9 +30,9 @@ pub use diag::{ConfigError, Problem};
 pub use routes::{HostPattern, RouteTable};
 pub use snapshot::{
     Affinity, AffinityKey, Auth, AuthHeader, Candidate, ClusterSettings, EdgeSettings, HealthCheck, Hook, HookStep,
-    HookToken, HookUrl, HookVar, HttpStep, IdleTimeout, LoadFormat, LoadReport, Location, LocationId, Network, Pool,
-    PoolId, RateLimit, Route, RouteId, Scale, Service, ServiceId, ServiceSource, Snapshot, Source, Template, TlsCert,
-    TracingSettings,
+    HookToken, HookUrl, HookVar, HttpStep, IdleTimeout, LightSleep, LoadFormat, LoadReport, Location, LocationId,
+    Network, Pool, PoolId, RateLimit, Route, RouteId, Scale, Service, ServiceId, ServiceSource, Snapshot, Source,
+    Template, TlsCert, TracingSettings,
 };
 
 use diag::Diagnostics;

@@ -310,6 +310,10 @@ pub struct HealthCheck {
     pub interval: Duration,
     /// Time a probe may take.
     pub timeout: Duration,
+    /// With a light depth: the path a healthy replica is asked next, whose
+    /// `{"is_sleeping": true}` keeps it out of rotation (vLLM's
+    /// `/is_sleeping`). From `[pool.scale.light]`.
+    pub sleeping_path: Option<String>,
 }
 
 /// Which metrics dialect a replica speaks.
@@ -346,7 +350,7 @@ pub struct LoadReport {
 }
 
 /// `[pool.scale]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Scale {
     /// Idle time after which the home edge puts the pool to sleep.
     pub idle_timeout: IdleTimeout,
@@ -356,6 +360,29 @@ pub struct Scale {
     pub wake: Hook,
     /// Called to put the pool to sleep; without it the pool is never put to sleep by stoke.
     pub sleep: Option<Hook>,
+    /// The light depth, if the pool has one: its replicas keep running
+    /// with their model out of GPU memory.
+    pub light: Option<LightSleep>,
+}
+
+/// `[pool.scale] light`: a sleep each replica wakes from in about a second.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LightSleep {
+    /// Called for every replica (its steps name `{replica}`) to put it to
+    /// light sleep.
+    pub sleep: Hook,
+    /// Called for every replica to wake it.
+    pub wake: Hook,
+    /// Path a replica answers `{"is_sleeping": true|false}` on; while it
+    /// says true the replica is not ready, however its health check goes.
+    pub probe: Option<String>,
+    /// `light_timeout`: idle time before the light sleep.
+    pub idle_timeout: IdleTimeout,
+    /// `light_wake_time`: expected wake from light sleep.
+    pub wake_time: Duration,
+    /// `light_cost`: a lightly sleeping replica's cost as a share of an
+    /// awake one's.
+    pub cost: f64,
 }
 
 /// `idle_timeout` of `[pool.scale]`.

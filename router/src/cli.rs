@@ -251,6 +251,14 @@ struct ReplicaArgs {
     /// Capacity of the prefix cache in tokens (an LRU of 16-token blocks).
     #[arg(long, default_value_t = crate::sim::cache::DEFAULT_CACHE_TOKENS)]
     cache_tokens: usize,
+    /// Time POST /wake_up takes to bring the weights back after POST
+    /// /sleep (vLLM's sleep mode), e.g. "500ms".
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    light_wake_time: Duration,
+    /// Time reload_weights (POST /collective_rpc) takes after a level 2
+    /// sleep, e.g. "2s".
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    reload_time: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -564,6 +572,8 @@ fn sim_replica(args: ReplicaArgs) -> ExitCode {
             models: args.models,
             prefill_tokens_per_sec: args.prefill_tokens_per_sec,
             cache_tokens: args.cache_tokens,
+            light_wake_time: args.light_wake_time,
+            reload_time: args.reload_time,
         };
         let replica = match Replica::start(opts).await {
             Ok(r) => r,

@@ -24,6 +24,10 @@ pub const WAKEUPS_TOTAL: &str = "stoke_wakeups_total";
 pub const WAKE_DURATION: &str = "stoke_wake_duration_seconds";
 /// `stoke_sleeps_total{pool}`: sleep hook calls.
 pub const SLEEPS_TOTAL: &str = "stoke_sleeps_total";
+/// Light sleeps begun (the replicas' own sleep calls), by pool.
+pub const LIGHT_SLEEPS_TOTAL: &str = "stoke_light_sleeps_total";
+/// Wakes from light sleep that ended with a ready replica, by pool.
+pub const LIGHT_WAKEUPS_TOTAL: &str = "stoke_light_wakeups_total";
 /// `stoke_config_reloads_total{result}`: reloads, `ok` or `error`.
 pub const CONFIG_RELOADS_TOTAL: &str = "stoke_config_reloads_total";
 /// `stoke_config_snapshot_version`: version of the live snapshot.
@@ -126,6 +130,8 @@ fn describe() {
     describe_counter!(WAKEUPS_TOTAL, "Wake hook calls and wake outcomes, by pool and result.");
     describe_histogram!(WAKE_DURATION, Unit::Seconds, "Time from a wake's start to a ready replica.");
     describe_counter!(SLEEPS_TOTAL, "Sleep hook calls, by pool.");
+    describe_counter!(LIGHT_SLEEPS_TOTAL, "Light sleeps begun (each replica's own sleep call), by pool.");
+    describe_counter!(LIGHT_WAKEUPS_TOTAL, "Wakes from light sleep that ended with a ready replica, by pool.");
     describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result.");
     describe_gauge!(CONFIG_SNAPSHOT_VERSION, "Version of the live config snapshot.");
     describe_gauge!(

@@ -344,6 +344,26 @@ pub fn idle_json(st: &crate::state::PoolState, rule: stoke_config::IdleTimeout) 
     }
 }
 
+/// A pool's light depth for `/state`: its window and why, its learned
+/// wake time and its cost.
+pub fn light_json(st: &crate::state::PoolState, light: &stoke_config::LightSleep) -> Value {
+    let mut v = match light.idle_timeout {
+        stoke_config::IdleTimeout::Fixed(d) => json!({"rule": "fixed", "window_ms": d.as_millis() as u64}),
+        stoke_config::IdleTimeout::Auto { .. } => {
+            let w = st.auto_light_window();
+            json!({
+                "rule": "auto",
+                "window_ms": w.map(|w| w.idle.as_millis() as u64),
+                "reason": w.map(|w| w.reason.as_str()),
+                "wake_cost_ms": w.map(|w| w.wake_cost.as_millis() as u64),
+            })
+        }
+    };
+    v["expected_wake_ms"] = json!(st.expected_light_wake().as_millis() as u64);
+    v["cost"] = json!(light.cost);
+    v
+}
+
 /// Where a pool's RTT comes from and what was measured: `given` by
 /// `[[rtt]]`, `measured` by health probes, else `estimated` from distance.
 fn rtt_json(live: &Live, pool: stoke_config::PoolId) -> Value {
@@ -403,11 +423,14 @@ pub fn state_json(live: &Live, buffered_body_bytes: u64, idle: Option<&IdlePool>
                 "waking_for_ms": st.waking_since().map(|t| now.saturating_duration_since(t).as_millis() as u64),
                 "idle_for_ms": now.saturating_duration_since(st.last_active()).as_millis() as u64,
                 "idle": pool.scale.as_ref().map(|scale| idle_json(st, scale.idle_timeout)),
+                "depth": pool.scale.as_ref().map(|_| st.depth(view.is_warm())),
+                "light": pool.scale.as_ref().and_then(|s| s.light.as_ref()).map(|l| light_json(st, l)),
                 "rtt_ms": live.rtt_us(stoke_config::PoolId(i as u32)) as f64 / 1000.0,
                 "rtt": rtt_json(live, stoke_config::PoolId(i as u32)),
                 "replicas": view.replicas.iter().map(|r| json!({
                     "addr": &*r.addr_text,
                     "ready": r.is_ready(),
+                    "asleep": r.is_asleep(),
                     "in_flight": r.in_flight(),
                     "foreign_load": r.foreign_load(),
                     "in_flight_elsewhere": r.elsewhere(),

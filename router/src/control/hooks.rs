@@ -128,6 +128,13 @@ pub async fn call(hook: &Hook, call: &Call<'_>) -> Result<(), HookError> {
     futures_util::future::join_all(each).await.into_iter().collect()
 }
 
+/// Call a hook whose steps name `{replica}` for each of the call's
+/// replicas at once: each replica's own outcome.
+pub async fn call_each(hook: &Hook, call: &Call<'_>) -> Vec<(Arc<str>, Result<(), HookError>)> {
+    let each = call.replica_addrs.iter().map(|r| async move { (r.clone(), steps(hook, call, r).await) });
+    futures_util::future::join_all(each).await
+}
+
 async fn steps(hook: &Hook, call: &Call<'_>, replica: &str) -> Result<(), HookError> {
     let vars = Vars { call, replicas: call.replicas.to_string(), replica };
     let of = hook.steps.len();

@@ -23,6 +23,9 @@ pub const FAILS_TO_DOWN: u32 = 2;
 pub enum Probe {
     /// 2xx.
     Healthy,
+    /// 2xx, and the replica says it sleeps (`{"is_sleeping": true}` on the
+    /// pool's light-sleep probe): alive, not ready.
+    Asleep,
     /// Answered, but not 2xx (booting, overloaded).
     Unhealthy,
     /// No TCP connection.
@@ -40,11 +43,29 @@ pub async fn probe(replica: &ReplicaState, check: &HealthCheck) -> Probe {
 /// times (the round trip from this edge).
 pub async fn probe_timed(replica: &ReplicaState, check: &HealthCheck) -> (Probe, Option<(Duration, Duration)>) {
     match http_client::get(replica.addr, &replica.addr_text, &check.path, check.timeout).await {
-        Ok(a) if a.status.is_success() => (Probe::Healthy, Some((a.connect, a.first_byte))),
+        Ok(a) if a.status.is_success() => {
+            let timing = Some((a.connect, a.first_byte));
+            match &check.sleeping_path {
+                Some(path) if sleeps(replica, path, check.timeout).await => (Probe::Asleep, timing),
+                _ => (Probe::Healthy, timing),
+            }
+        }
         Ok(a) => (Probe::Unhealthy, Some((a.connect, a.first_byte))),
         Err(http_client::ClientError::Connect(_)) => (Probe::Refused, None),
         Err(_) => (Probe::Failed, None),
     }
+}
+
+/// Whether a healthy replica says it sleeps: `{"is_sleeping": true}` at
+/// `path`. An answer that says nothing of it (an error, a server without
+/// sleep mode) counts as awake: its health check already said it serves.
+async fn sleeps(replica: &ReplicaState, path: &str, timeout: Duration) -> bool {
+    let Ok(a) = http_client::get(replica.addr, &replica.addr_text, path, timeout).await else { return false };
+    a.status.is_success()
+        && serde_json::from_slice::<serde_json::Value>(&a.body)
+            .ok()
+            .and_then(|v| v.get("is_sleeping").and_then(serde_json::Value::as_bool))
+            .unwrap_or(false)
 }
 
 /// Probe `replica` of `view` once and apply the result, measuring the
@@ -65,8 +86,23 @@ pub fn apply(replica: &ReplicaState, pool: &str, result: Probe, fails: u32) -> u
 /// [`apply`], also telling whether the replica just became ready.
 pub fn apply_seen(replica: &ReplicaState, pool: &str, result: Probe, fails: u32) -> (u32, bool) {
     let (ready, fails) = match result {
-        Probe::Healthy => (true, 0),
-        Probe::Refused => (false, fails + 1),
+        // A replica being put to light sleep stays out of rotation until
+        // the call is over, though it still says it is awake.
+        Probe::Healthy if replica.is_entering_sleep() => (false, 0),
+        Probe::Healthy => {
+            replica.set_asleep(false);
+            (true, 0)
+        }
+        Probe::Asleep => {
+            if !replica.set_asleep(true) {
+                tracing::info!(pool, replica = %replica.addr, "replica sleeps lightly");
+            }
+            (false, 0)
+        }
+        Probe::Refused => {
+            replica.set_asleep(false);
+            (false, fails + 1)
+        }
         Probe::Unhealthy | Probe::Failed => {
             let fails = fails + 1;
             // A replica not yet seen healthy stays down; a ready one gets
@@ -101,6 +137,7 @@ pub async fn probe_all(live: &Live) {
     while set.join_next().await.is_some() {}
     let now = clock::now();
     for view in live.pools.iter() {
+        view.note_depth();
         view.dispatch(now);
     }
 }
@@ -151,9 +188,10 @@ async fn probe_loop(
         if rerank {
             router.rerank();
         }
-        let was_down = fails > 0;
+        let was_down = fails > 0 || replica.is_asleep();
         let (f, became_ready) = apply_seen(&replica, &pool, result, fails);
         fails = f;
+        view.note_depth();
         if became_ready {
             // Held requests leave as soon as a replica is seen ready. One
             // that was down (stopped, booting) was woken, maybe by another

@@ -36,11 +36,28 @@ pub struct SleepCall {
     pub replicas: Vec<Arc<str>>,
 }
 
+/// A light sleep to call: the pool's replicas, out of rotation already.
+#[derive(Debug)]
+pub struct LightCall {
+    /// The pool.
+    pub pool: Arc<str>,
+    /// Its light sleep hook.
+    pub hook: Hook,
+    /// How long it was idle.
+    pub idle_for: Duration,
+    /// The light window it was put to sleep after.
+    pub window: Duration,
+    /// The replicas being put to sleep (those that were ready).
+    pub replicas: Vec<Arc<str>>,
+}
+
 /// What the sleeper is to do at one look.
 #[derive(Debug, Default)]
 pub struct Due {
     /// Sleep hooks to call.
     pub sleeps: Vec<SleepCall>,
+    /// Light sleeps to call.
+    pub lights: Vec<LightCall>,
     /// Cold pools to wake ahead of a busy period they are expected to have.
     pub prewarm: Vec<PoolId>,
     /// When to look again.
@@ -61,14 +78,32 @@ pub fn due(live: &Live, now: Instant) -> Due {
     for (pid, pool) in home_pools {
         let Some(scale) = &pool.scale else { continue };
         let view = &live.pools[pid];
-        let window = view.state.idle_window(scale.idle_timeout);
-        timeouts.push(window);
+        let light = scale.light.as_ref();
+        if let Some(l) = light {
+            view.state.seed_light_wake(l.wake_time);
+        }
+        let windows = view.state.windows(scale.idle_timeout, light.map(|l| (l.idle_timeout, l.cost)));
+        timeouts.push(windows.deep);
+        timeouts.extend(windows.light);
         if let IdleTimeout::Auto { .. } = scale.idle_timeout {
             if prewarm_due(view, now) {
                 due.prewarm.push(PoolId(pid as u32));
             }
         }
-        if !is_idle(&view.activity(), now, window) || !view.state.mark_slept() {
+        let mut activity = view.activity();
+        // A pool in light sleep is still up: its deep sleep comes after the
+        // deep window as an awake pool's does.
+        activity.warm |= view.state.is_light();
+        if let (Some(l), Some(window)) = (light, windows.light) {
+            if is_idle(&activity, now, window) && view.is_warm() && !is_idle(&activity, now, windows.deep) {
+                if let Some(call) = light_due(view, l, window, now) {
+                    due.lights.push(call);
+                }
+                continue;
+            }
+        }
+        let window = windows.deep;
+        if !is_idle(&activity, now, window) || !view.state.mark_slept() {
             continue;
         }
         let idle_for = now.saturating_duration_since(view.state.last_active());
@@ -92,6 +127,35 @@ pub fn due(live: &Live, now: Instant) -> Due {
     }
     due.next_check = check_interval(timeouts);
     due
+}
+
+/// The light sleep of `view` if it is due in this idle period: its ready
+/// replicas leave rotation at once (as for a deep sleep), unless a request
+/// took a slot on one as they did.
+fn light_due(view: &PoolView, light: &stoke_config::LightSleep, window: Duration, now: Instant) -> Option<LightCall> {
+    if !view.state.mark_light_slept() {
+        return None;
+    }
+    let ready: Vec<_> = view.replicas.iter().filter(|r| r.is_ready()).collect();
+    for r in &ready {
+        r.set_entering_sleep(true);
+        r.set_ready(false);
+    }
+    if view.replicas.iter().any(|r| r.in_flight_now() > 0) || !view.queue.is_empty() {
+        for r in &ready {
+            r.set_entering_sleep(false);
+            r.set_ready(true);
+        }
+        view.state.unmark_light_slept();
+        return None;
+    }
+    Some(LightCall {
+        pool: view.state.id.clone(),
+        hook: light.sleep.clone(),
+        idle_for: now.saturating_duration_since(view.state.last_active()),
+        window,
+        replicas: ready.iter().map(|r| r.addr_text.clone()).collect(),
+    })
 }
 
 /// Keep a pool awake after all: a last look at its replicas' own load,
@@ -134,6 +198,9 @@ pub async fn run(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
         for call in due.sleeps {
             tokio::spawn(sleep_unless_busy(router.clone(), call, edge.clone()));
         }
+        for call in due.lights {
+            tokio::spawn(light_sleep(router.clone(), call, edge.clone()));
+        }
         tokio::select! {
             _ = tokio::time::sleep(jitter(next_check)) => {}
             _ = shutdown.wait_for(|s| *s) => return,
@@ -148,26 +215,79 @@ async fn sleep_unless_busy(router: Arc<Router>, call: SleepCall, edge: Arc<str>)
     let live = router.live();
     let Some(pid) = live.snapshot.network.pool_id(&call.pool) else { return };
     let view = live.pool(pid).clone();
-    if let Some(load) = live.snapshot.network.pool(pid).load.clone() {
-        let timeout = load.interval.min(Duration::from_secs(2));
-        let looks = view.replicas.iter().map(|r| {
-            let path = load.path.clone();
-            async move {
-                let answer = http_client::get(r.addr, &r.addr_text, &path, timeout).await.ok()?;
-                std::str::from_utf8(&answer.body).ok().and_then(|t| parse_load(t, load.format))
-            }
-        });
-        let busy: u32 = futures_util::future::join_all(looks).await.into_iter().flatten().sum();
-        if busy > 0 {
-            tracing::info!(pool = %call.pool, busy, "idle here, but its replicas report requests: kept awake");
-            keep(&view, &call, clock::now());
-            return;
-        }
+    if let Some(busy) = reported_busy(&live, pid, &view).await {
+        tracing::info!(pool = %call.pool, busy, "idle here, but its replicas report requests: kept awake");
+        keep(&view, &call, clock::now());
+        return;
     }
     drop((view, live));
     metrics::counter!(m::SLEEPS_TOTAL, "pool" => call.pool.to_string()).increment(1);
     tracing::info!(pool = %call.pool, idle_s = call.idle_for.as_secs(), window_s = call.window.as_secs_f64(), "putting idle pool to sleep");
     call_with_resends(router, call, edge).await;
+}
+
+/// The requests the pool's replicas report running or waiting, where the
+/// pool reports load and some do: `None` if quiet (or not reported).
+async fn reported_busy(live: &Live, pid: PoolId, view: &Arc<PoolView>) -> Option<u32> {
+    let load = live.snapshot.network.pool(pid).load.clone()?;
+    let timeout = load.interval.min(Duration::from_secs(2));
+    let looks = view.replicas.iter().map(|r| {
+        let path = load.path.clone();
+        async move {
+            let answer = http_client::get(r.addr, &r.addr_text, &path, timeout).await.ok()?;
+            std::str::from_utf8(&answer.body).ok().and_then(|t| parse_load(t, load.format))
+        }
+    });
+    let busy: u32 = futures_util::future::join_all(looks).await.into_iter().flatten().sum();
+    (busy > 0).then_some(busy)
+}
+
+/// Put a pool's replicas to light sleep, unless a last look at their load
+/// finds requests that other edges sent: each replica whose call succeeds
+/// sleeps lightly; one whose call fails returns to rotation at its next
+/// probe.
+async fn light_sleep(router: Arc<Router>, call: LightCall, edge: Arc<str>) {
+    let live = router.live();
+    let Some(pid) = live.snapshot.network.pool_id(&call.pool) else { return };
+    let view = live.pool(pid).clone();
+    let count = view.replicas.len() as u32;
+    let ours = |addr: &str| view.replicas.iter().find(|r| *r.addr_text == *addr).cloned();
+    if let Some(busy) = reported_busy(&live, pid, &view).await {
+        tracing::info!(pool = %call.pool, busy, "idle here, but its replicas report requests: kept awake");
+        for r in call.replicas.iter().filter_map(|a| ours(a)) {
+            r.set_entering_sleep(false);
+            r.set_ready(true);
+        }
+        view.state.unmark_light_slept();
+        view.state.touch(clock::now());
+        view.dispatch(clock::now());
+        return;
+    }
+    drop(live);
+    metrics::counter!(m::LIGHT_SLEEPS_TOTAL, "pool" => call.pool.to_string()).increment(1);
+    tracing::info!(pool = %call.pool, idle_s = call.idle_for.as_secs(), window_s = call.window.as_secs_f64(), replicas = call.replicas.len(), "putting idle pool to light sleep");
+    let what = hooks::Call {
+        action: Action::Sleep,
+        pool: &call.pool,
+        edge: &edge,
+        reason: "idle",
+        replicas: count,
+        depth: Depth::Light,
+        replica_addrs: &call.replicas,
+    };
+    for (addr, result) in hooks::call_each(&call.hook, &what).await {
+        let Some(r) = ours(&addr) else { continue };
+        match result {
+            Ok(()) => {
+                r.set_asleep(true);
+            }
+            Err(e) => {
+                tracing::warn!(pool = %call.pool, replica = %addr, error = %e, "light sleep failed; the replica stays awake")
+            }
+        }
+        r.set_entering_sleep(false);
+    }
+    view.note_depth();
 }
 
 /// Call a sleep hook until it succeeds, resending with backoff while the

@@ -112,12 +112,16 @@ async fn run(
         let now = clock::now();
         match schedule.step(now, view.is_warm(), view.state.expected_wake()) {
             WakeStep::Ready { took } => {
+                let depth = view.state.wake_depth();
                 view.state.end_wake(Some(took));
                 view.state.woke(now);
                 view.state.set_wake_error(None);
                 metrics::counter!(m::WAKEUPS_TOTAL, "pool" => pool_id.to_string(), "result" => "ready").increment(1);
                 metrics::histogram!(m::WAKE_DURATION, "pool" => pool_id.to_string()).record(took.as_secs_f64());
-                tracing::info!(pool = %pool_id, took_ms = took.as_millis() as u64, "pool awake");
+                if depth == "light" {
+                    metrics::counter!(m::LIGHT_WAKEUPS_TOTAL, "pool" => pool_id.to_string()).increment(1);
+                }
+                tracing::info!(pool = %pool_id, took_ms = took.as_millis() as u64, depth, "pool awake");
                 end(&view.state, "ready", calls);
                 view.dispatch(now);
                 if let (Some(c), true) = (&cluster, claimed) {
@@ -184,17 +188,24 @@ fn call_hook(
     reason: Reason,
     attempt: u32,
 ) {
-    let (hook, edge) = (scale.wake.clone(), live.snapshot.edge_location().id.clone());
+    let edge = live.snapshot.edge_location().id.clone();
     let (id, state) = (pool_id.clone(), view.state.clone());
-    let addrs: Vec<Arc<str>> = view.replicas.iter().map(|r| r.addr_text.clone()).collect();
+    let count = view.replicas.len() as u32;
+    // From light sleep: each sleeping replica's own wake. From deep sleep
+    // (or a light one whose replicas stopped since): the pool's.
+    let asleep: Vec<Arc<str>> = view.replicas.iter().filter(|r| r.is_asleep()).map(|r| r.addr_text.clone()).collect();
+    let (hook, depth, addrs) = match &scale.light {
+        Some(light) if !asleep.is_empty() => (light.wake.clone(), Depth::Light, asleep),
+        _ => (scale.wake.clone(), Depth::Deep, view.replicas.iter().map(|r| r.addr_text.clone()).collect()),
+    };
     tokio::spawn(async move {
         let what = hooks::Call {
             action: Action::Wake,
             pool: &id,
             edge: &edge,
             reason: reason.as_str(),
-            replicas: addrs.len() as u32,
-            depth: Depth::Deep,
+            replicas: count,
+            depth,
             replica_addrs: &addrs,
         };
         match hooks::call(&hook, &what).await {
@@ -203,7 +214,7 @@ fn call_hook(
                 metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "called").increment(1);
             }
             Err(e) => {
-                state.set_wake_error(Some(format!("wake hook call {attempt} failed: {e}")));
+                state.set_wake_error(Some(format!("{} wake hook call {attempt} failed: {e}", depth.as_str())));
                 metrics::counter!(m::WAKEUPS_TOTAL, "pool" => id.to_string(), "result" => "hook_error").increment(1);
                 tracing::warn!(pool = %id, attempt, error = %e, "wake hook failed");
             }
@@ -223,6 +234,7 @@ pub async fn probe_pool(view: &Arc<PoolView>, check: &stoke_config::HealthCheck,
         probe::apply(r, pool_id, result, 0)
     });
     futures_util::future::join_all(probes).await;
+    view.note_depth();
     if view.is_warm() {
         view.dispatch(clock::now());
     }

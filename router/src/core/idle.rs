@@ -72,6 +72,19 @@ pub fn wake_cost(wake: Duration, held: f64) -> Duration {
     wake.mul_f64(1.0 + held.clamp(0.0, 1.0))
 }
 
+/// What each depth costs a pool with two: a wake from each (see
+/// [`wake_cost`]) and the light depth's share of an awake replica's cost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Depths {
+    /// Cost of a wake from light sleep.
+    pub light: Duration,
+    /// A lightly sleeping replica's cost per second, as a share of an
+    /// awake one's.
+    pub light_share: f64,
+    /// Cost of a wake from deep sleep.
+    pub deep: Duration,
+}
+
 /// Why [`IdleGaps::window`] picked its window, for `/state` and the status page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WindowReason {
@@ -218,6 +231,74 @@ impl IdleGaps {
         Window { idle: best_w.clamp(min, max), reason: WindowReason::Histogram, wake_cost, gaps: self.total }
     }
 
+    /// The light and deep windows for a pool with two depths, each within
+    /// its bounds (the deep one no shorter than the light one): the pair
+    /// whose expected cost over the observed gaps is least. A gap the light
+    /// window bridges costs its length; one that ends in light sleep the
+    /// light window, the rest of the gap at the light depth's share, and a
+    /// light wake; one that ends in deep sleep the light window, the time
+    /// in light sleep, and a deep wake (ski rental with two ways to rent).
+    /// A light window equal to the deep one skips the light depth. Until
+    /// enough gaps are seen, the break-even windows: awake as long as a
+    /// light wake costs over what light sleep saves, then lightly asleep as
+    /// long as a deep wake costs over a light one.
+    pub fn windows(&self, costs: Depths, light: (Duration, Duration), deep: (Duration, Duration)) -> (Window, Window) {
+        let (lmin, lmax) = light;
+        let (dmin, dmax) = (deep.0.max(lmin), deep.1.max(lmin));
+        let share = costs.light_share.clamp(0.0, 0.999);
+        let (cl, cd) = (costs.light.as_secs_f64(), costs.deep.as_secs_f64());
+        let window = |idle: Duration, reason, wake_cost| Window { idle, reason, wake_cost, gaps: self.total };
+        if self.total < GAPS_TO_DECIDE {
+            let l = Duration::from_secs_f64(cl / (1.0 - share)).clamp(lmin, lmax);
+            let rest = if share > 0.0 { ((cd - cl).max(0.0) / share).min(1e9) } else { 1e9 };
+            let d = (l + Duration::from_secs_f64(rest)).clamp(dmin, dmax).max(l);
+            return (window(l, WindowReason::BreakEven, costs.light), window(d, WindowReason::BreakEven, costs.deep));
+        }
+        // Each candidate window with the count and the summed length of
+        // the gaps it bridges.
+        let candidates = |lo: Duration, hi: Duration| {
+            let mut out = Vec::new();
+            let (mut count, mut sum) = (0.0, 0.0);
+            out.push((lo, 0.0, 0.0));
+            for i in 0..GAP_BUCKETS {
+                let top = bucket_top(i);
+                if top > hi {
+                    break;
+                }
+                count += self.counts[i];
+                sum += self.counts[i] * bucket_mid(i);
+                if top >= lo && self.counts[i] > 0.0 {
+                    out.push((top, count, sum));
+                }
+            }
+            if hi < Duration::MAX && out.last().is_some_and(|(w, _, _)| *w < hi) {
+                out.push((hi, count, sum));
+            }
+            out
+        };
+        let (lights, deeps) = (candidates(lmin, lmax), candidates(dmin, dmax));
+        let total = self.total;
+        let mut best = (lights[0].0, deeps[0].0.max(lights[0].0), f64::INFINITY);
+        for &(l, lc, ls) in &lights {
+            let lw = l.as_secs_f64();
+            for &(d, dc, ds) in deeps.iter().filter(|(d, _, _)| *d >= l) {
+                let dw = d.as_secs_f64();
+                let in_light = (dc - lc).max(0.0);
+                let cost = ls
+                    + in_light * (lw + cl - share * lw)
+                    + share * (ds - ls).max(0.0)
+                    + (total - dc).max(0.0) * (lw + share * (dw - lw) + cd);
+                if cost < best.2 - 1e-9 {
+                    best = (l, d, cost);
+                }
+            }
+        }
+        (
+            window(best.0.clamp(lmin, lmax), WindowReason::Histogram, costs.light),
+            window(best.1.clamp(dmin, dmax), WindowReason::Histogram, costs.deep),
+        )
+    }
+
     /// When the next busy period is expected to start, if the last ones
     /// came with a steady rhythm (three starts, two periods within 10 % of
     /// each other): the last start plus the mean period.
@@ -360,5 +441,62 @@ mod tests {
         assert_eq!(check_interval([15 * S, 300 * S]), Duration::from_millis(3750));
         assert_eq!(check_interval([]), 5 * S);
         assert_eq!(check_interval([Duration::from_millis(10)]), Duration::from_millis(100));
+    }
+
+    fn gaps_of(gaps: &[Duration]) -> IdleGaps {
+        let mut g = IdleGaps::default();
+        let t0 = Instant::now();
+        for (i, gap) in gaps.iter().enumerate() {
+            g.observe(*gap, t0 + S * i as u32, Duration::MAX);
+        }
+        g
+    }
+
+    const TWO: Depths = Depths { light: Duration::from_secs(2), light_share: 0.25, deep: Duration::from_secs(60) };
+    const BOUNDS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3 * 3600));
+
+    #[test]
+    fn two_depths_start_from_the_break_even_windows() {
+        let (light, deep) = IdleGaps::default().windows(TWO, BOUNDS, BOUNDS);
+        assert_eq!((light.reason, deep.reason), (WindowReason::BreakEven, WindowReason::BreakEven));
+        // Awake while a light wake costs more than light sleep saves
+        // (2 s / 0.75), then light while a deep wake costs more than the
+        // light one over the light depth's cost ((60 − 2) s / 0.25 more).
+        assert_eq!(light.idle.as_millis(), 2666);
+        assert_eq!(deep.idle.as_millis(), 2666 + 232_000);
+        assert_eq!((light.wake_cost, deep.wake_cost), (TWO.light, TWO.deep));
+    }
+
+    #[test]
+    fn gaps_of_half_a_minute_are_slept_through_lightly_and_hours_deeply() {
+        // Pauses of 30 s: a light sleep (1 s + 29 s at a quarter + a 2 s
+        // wake) beats staying awake (30 s) and a deep wake (60 s).
+        let (light, deep) = gaps_of(&[30 * S; 40]).windows(TWO, BOUNDS, BOUNDS);
+        assert_eq!(light.reason, WindowReason::Histogram);
+        assert!(light.idle < 30 * S, "{light:?}");
+        assert!(deep.idle > 30 * S, "the light sleep bridges the pause: {deep:?}");
+        // Nights of ten hours: a deep sleep soon (a quarter of ten hours in
+        // light sleep costs far more than one deep wake).
+        let (light, deep) = gaps_of(&[36_000 * S; 40]).windows(TWO, BOUNDS, BOUNDS);
+        assert!(deep.idle < 600 * S && light.idle <= deep.idle, "{light:?} {deep:?}");
+        // Both kinds: the short pauses in light sleep, the nights deep.
+        let mut mixed = vec![30 * S; 30];
+        mixed.extend([36_000 * S; 10]);
+        let (light, deep) = gaps_of(&mixed).windows(TWO, BOUNDS, BOUNDS);
+        assert!(light.idle < 30 * S && deep.idle > 30 * S && deep.idle < 3600 * S, "{light:?} {deep:?}");
+        // Pauses of 2 s: bridged awake (a light wake costs as much).
+        let (light, _) = gaps_of(&[2 * S; 40]).windows(TWO, BOUNDS, BOUNDS);
+        assert!(light.idle >= 2 * S, "{light:?}");
+    }
+
+    #[test]
+    fn the_windows_keep_to_their_bounds_and_in_order() {
+        let lb = (10 * S, 20 * S);
+        let db = (5 * S, 40 * S);
+        for gaps in [vec![], vec![30 * S; 40], vec![36_000 * S; 40], vec![S; 40]] {
+            let (light, deep) = gaps_of(&gaps).windows(TWO, lb, db);
+            assert!((lb.0..=lb.1).contains(&light.idle), "{light:?}");
+            assert!((db.0..=db.1).contains(&deep.idle) && deep.idle >= light.idle, "{light:?} {deep:?}");
+        }
     }
 }

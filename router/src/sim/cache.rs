@@ -67,6 +67,13 @@ impl PrefixCache {
         }
         Lookup { tokens, cached: (cached_blocks * BLOCK_TOKENS as u64).min(tokens) }
     }
+
+    /// Forget every block (the KV cache was discarded).
+    pub fn clear(&self) {
+        let mut lru = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        lru.by_hash.clear();
+        lru.by_tick.clear();
+    }
 }
 
 impl Lru {

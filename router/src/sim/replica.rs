@@ -37,6 +37,12 @@ pub struct ReplicaOptions {
     pub prefill_tokens_per_sec: f64,
     /// Capacity of the prefix cache, in tokens.
     pub cache_tokens: usize,
+    /// Time `POST /wake_up` takes to bring the weights back from a level 1
+    /// sleep (vLLM's sleep mode: 0.1–6 s by model size).
+    pub light_wake_time: Duration,
+    /// Time `POST /collective_rpc` with `reload_weights` takes after a
+    /// level 2 sleep (the weights come from disk).
+    pub reload_time: Duration,
 }
 
 impl Default for ReplicaOptions {
@@ -50,6 +56,8 @@ impl Default for ReplicaOptions {
             models: vec!["llama-3.1-8b".to_owned()],
             prefill_tokens_per_sec: 0.0,
             cache_tokens: super::cache::DEFAULT_CACHE_TOKENS,
+            light_wake_time: Duration::from_millis(500),
+            reload_time: Duration::from_secs(2),
         }
     }
 }
@@ -89,6 +97,13 @@ pub struct ReplicaStats {
     pub cache_queries: AtomicU64,
     /// Of those, tokens found cached.
     pub cache_hits: AtomicU64,
+    /// `POST /sleep` calls that put the replica to sleep.
+    pub sleeps: AtomicU64,
+    /// `POST /wake_up` calls that woke it.
+    pub wakes: AtomicU64,
+    /// Milliseconds spent asleep, up to the last wake (see
+    /// [`Replica::asleep_for`]).
+    pub asleep_ms: AtomicU64,
 }
 
 struct Sim {
@@ -102,6 +117,34 @@ struct Sim {
     last_body: std::sync::Mutex<Bytes>,
     /// Blocks of recent prompts (vLLM's automatic prefix caching).
     cache: super::cache::PrefixCache,
+    /// vLLM's sleep mode.
+    sleep: std::sync::Mutex<SleepMode>,
+}
+
+/// Where a replica is in vLLM's sleep mode.
+#[derive(Debug, Default)]
+struct SleepMode {
+    /// The level it was put to sleep at; 0 awake.
+    level: u8,
+    /// Whether the weights are in GPU memory (a level 2 sleep also needs
+    /// them reloaded).
+    weights: bool,
+    /// Whether the KV cache is.
+    kv_cache: bool,
+    /// Whether a level 2 sleep's weights were reloaded.
+    reloaded: bool,
+    /// When it went to sleep.
+    since: Option<Instant>,
+}
+
+impl SleepMode {
+    fn awake() -> Self {
+        SleepMode { level: 0, weights: true, kv_cache: true, reloaded: true, since: None }
+    }
+
+    fn is_sleeping(&self) -> bool {
+        !(self.weights && self.kv_cache && self.reloaded)
+    }
 }
 
 /// A running simulated replica.
@@ -129,6 +172,7 @@ impl Replica {
             stats: stats.clone(),
             sick: AtomicBool::new(false),
             last_body: std::sync::Mutex::new(Bytes::new()),
+            sleep: std::sync::Mutex::new(SleepMode::awake()),
         });
         let (shutdown, rx) = watch::channel(false);
         let handler = sim.clone();
@@ -153,6 +197,18 @@ impl Replica {
             }
         }
         self.sim.sick.store(sick, Ordering::Relaxed);
+    }
+
+    /// Whether the replica sleeps (vLLM's `/is_sleeping`).
+    pub fn is_sleeping(&self) -> bool {
+        self.sim.sleep.lock().map(|s| s.is_sleeping()).unwrap_or(false)
+    }
+
+    /// Time spent asleep so far, the current sleep included.
+    pub fn asleep_for(&self) -> Duration {
+        let past = Duration::from_millis(self.stats.asleep_ms.load(Ordering::Relaxed));
+        let now = self.sim.sleep.lock().ok().and_then(|s| s.since).map_or(Duration::ZERO, |t| t.elapsed());
+        past + now
     }
 
     /// The body of the last completion request.
@@ -187,6 +243,16 @@ impl Sim {
             }
             (&Method::GET, "/metrics") => self.metrics(),
             (&Method::GET, "/v1/models") => self.models(),
+            (&Method::POST, "/sleep") => self.sleep(req.uri().query()),
+            (&Method::POST, "/wake_up") => self.wake_up(req.uri().query()).await,
+            (&Method::GET, "/is_sleeping") => {
+                let sleeping = self.sleep.lock().map(|s| s.is_sleeping()).unwrap_or(false);
+                json_response(StatusCode::OK, &json!({"is_sleeping": sleeping}))
+            }
+            (&Method::POST, "/collective_rpc") => self.collective_rpc(req).await,
+            (_, "/sleep" | "/wake_up" | "/collective_rpc") | (_, "/is_sleeping") => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
             (&Method::POST, "/v1/chat/completions") => self.completion(req, true).await,
             (&Method::POST, "/v1/completions") => self.completion(req, false).await,
             (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics") => {
@@ -240,9 +306,81 @@ impl Sim {
         json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
     }
 
+    /// `POST /sleep?level=1|2`: the weights leave GPU memory (level 1
+    /// keeps them in CPU memory, level 2 drops them) and the KV cache, with
+    /// the prefix cache in it, is discarded.
+    fn sleep(&self, query: Option<&str>) -> Response<HttpBody> {
+        let level = match query_value(query, "level") {
+            None | Some("1") => 1,
+            Some("2") => 2,
+            Some(other) => return error(StatusCode::BAD_REQUEST, &format!("level {other} is not a sleep level")),
+        };
+        let Ok(mut s) = self.sleep.lock() else { return error(StatusCode::INTERNAL_SERVER_ERROR, "poisoned") };
+        if !s.is_sleeping() {
+            self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+            s.since = Some(Instant::now());
+        }
+        *s = SleepMode { level, weights: false, kv_cache: false, reloaded: level == 1, since: s.since };
+        drop(s);
+        self.cache.clear();
+        Response::new(Either::Left(http_body_util::Full::new(Bytes::new())))
+    }
+
+    /// `POST /wake_up[?tags=weights|kv_cache]`: answers once what it wakes
+    /// is back; the weights take `light_wake_time`.
+    async fn wake_up(&self, query: Option<&str>) -> Response<HttpBody> {
+        let tags = query_value(query, "tags");
+        let (weights, kv) = match tags {
+            None => (true, true),
+            Some("weights") => (true, false),
+            Some("kv_cache") => (false, true),
+            Some(other) => return error(StatusCode::BAD_REQUEST, &format!("unknown tag {other}")),
+        };
+        let needs_weights = weights && self.sleep.lock().map(|s| !s.weights).unwrap_or(false);
+        if needs_weights {
+            tokio::time::sleep(self.opts.light_wake_time).await;
+        }
+        if let Ok(mut s) = self.sleep.lock() {
+            let was = s.is_sleeping();
+            s.weights |= weights;
+            s.kv_cache |= kv;
+            if was && !s.is_sleeping() {
+                self.stats.wakes.fetch_add(1, Ordering::Relaxed);
+                if let Some(since) = s.since.take() {
+                    self.stats.asleep_ms.fetch_add(since.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+                s.level = 0;
+            }
+        }
+        Response::new(Either::Left(http_body_util::Full::new(Bytes::new())))
+    }
+
+    /// `POST /collective_rpc` with `{"method": "reload_weights"}`: after a
+    /// level 2 sleep, the weights are loaded again (`reload_time`).
+    async fn collective_rpc(&self, req: Request<Incoming>) -> Response<HttpBody> {
+        let body = Limited::new(req.into_body(), MAX_BODY).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let method = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("method").and_then(Value::as_str).map(str::to_owned));
+        if method.as_deref() != Some("reload_weights") {
+            return error(StatusCode::BAD_REQUEST, "only reload_weights is simulated");
+        }
+        if self.sleep.lock().map(|s| !s.weights).unwrap_or(false) {
+            return error(StatusCode::BAD_REQUEST, "wake the weights first (POST /wake_up?tags=weights)");
+        }
+        tokio::time::sleep(self.opts.reload_time).await;
+        if let Ok(mut s) = self.sleep.lock() {
+            s.reloaded = true;
+        }
+        json_response(StatusCode::OK, &json!({"results": [null]}))
+    }
+
     async fn completion(&self, req: Request<Incoming>, chat: bool) -> Response<HttpBody> {
         if !self.booted() {
             return error(StatusCode::SERVICE_UNAVAILABLE, "the replica is still booting");
+        }
+        if self.sleep.lock().map(|s| s.is_sleeping()).unwrap_or(false) {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "the model is sleeping; POST /wake_up first");
         }
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut at) = self.stats.last_request_at.lock() {
@@ -417,6 +555,11 @@ impl Generation {
             })
         }
     }
+}
+
+/// The value of `key` in a query string, if given.
+fn query_value<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|kv| kv.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
 }
 
 fn now_secs() -> u64 {

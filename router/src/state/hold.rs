@@ -89,6 +89,12 @@ impl PoolView {
         self.replicas.iter().any(|r| r.is_ready())
     }
 
+    /// Work out again whether the pool sleeps lightly (none ready, and a
+    /// replica answers that it sleeps), after probes or a light sleep.
+    pub fn note_depth(&self) {
+        self.state.set_light(!self.is_warm() && self.replicas.iter().any(|r| r.is_asleep()));
+    }
+
     /// What the wait model needs to know of the pool now.
     #[inline]
     pub fn load(&self) -> PoolLoad {

@@ -10,14 +10,27 @@ use std::time::{Duration, Instant};
 use stoke_config::IdleTimeout;
 
 use crate::core::demand::Demand;
-use crate::core::idle::{wake_cost, IdleGaps, Window};
+use crate::core::idle::{wake_cost, Depths, IdleGaps, Window};
 
 /// Seed of the mean time a request holds a slot, before any is observed.
 /// Inference requests take seconds; one second errs towards holding less.
 pub const SERVICE_TIME_SEED: Duration = Duration::from_secs(1);
 
+/// Seed of the light wake time until the config's is given
+/// ([`PoolState::seed_light_wake`]).
+pub const LIGHT_WAKE_SEED: Duration = Duration::from_secs(2);
+
 /// Weight of a new observation in the learned wake and service times.
 pub const EWMA_WEIGHT: f64 = 0.3;
+
+/// The idle windows in force for a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Windows {
+    /// Idle time before the light sleep, with a light depth.
+    pub light: Option<Duration>,
+    /// Idle time before the deep sleep.
+    pub deep: Duration,
+}
 
 /// Per-pool state that outlives any one config snapshot.
 #[derive(Debug)]
@@ -41,6 +54,19 @@ pub struct PoolState {
     service_time_us: AtomicU64,
     /// Whether the sleep hook was called for the current idle period.
     slept: AtomicBool,
+    /// Whether the light sleep was called for the current idle period.
+    light_slept: AtomicBool,
+    /// Whether the pool sleeps lightly (as this edge sees it): not warm,
+    /// and a replica answers that it sleeps.
+    light: AtomicBool,
+    /// Whether the wake under way started from light sleep.
+    waking_from_light: AtomicBool,
+    /// Learned wake time from light sleep, microseconds.
+    expected_light_us: AtomicU64,
+    light_observed: AtomicBool,
+    /// The light window chosen last (`idle_timeout = "auto"` with a light
+    /// depth), for `/state`.
+    light_window: Mutex<Option<Window>>,
     /// Requests routed away from this pool while it was cold.
     demand: Mutex<Demand>,
     /// Why the last wake failed, until a wake succeeds or a new one starts.
@@ -138,6 +164,12 @@ impl PoolState {
             wake_observed: AtomicBool::new(false),
             service_time_us: AtomicU64::new(saturating_micros(SERVICE_TIME_SEED)),
             slept: AtomicBool::new(false),
+            light_slept: AtomicBool::new(false),
+            light: AtomicBool::new(false),
+            waking_from_light: AtomicBool::new(false),
+            expected_light_us: AtomicU64::new(saturating_micros(LIGHT_WAKE_SEED)),
+            light_observed: AtomicBool::new(false),
+            light_window: Mutex::new(None),
             demand: Mutex::new(Demand::default()),
             wake_error: Mutex::new(None),
             wake_span: Mutex::new(None),
@@ -179,6 +211,7 @@ impl PoolState {
         self.last_active_ms.fetch_max(ms, Ordering::Relaxed);
         self.last_demand_ms.fetch_max(ms, Ordering::Relaxed);
         self.slept.store(false, Ordering::Relaxed);
+        self.light_slept.store(false, Ordering::Relaxed);
     }
 
     /// A wake completed at `now`: a new idle period begins, with its own
@@ -187,6 +220,7 @@ impl PoolState {
     pub fn woke(&self, now: Instant) {
         self.last_active_ms.fetch_max(self.ms(now), Ordering::Relaxed);
         self.slept.store(false, Ordering::Relaxed);
+        self.light_slept.store(false, Ordering::Relaxed);
     }
 
     /// A request starts at `now` on a pool with nothing else in flight (or
@@ -205,15 +239,49 @@ impl PoolState {
     /// The idle window in force under `rule`: fixed, or picked from the
     /// gaps seen and the learned wake time (remembered for `/state`).
     pub fn idle_window(&self, rule: IdleTimeout) -> Duration {
-        match rule {
+        self.windows(rule, None).deep
+    }
+
+    /// The windows in force: the deep one under `deep`, and with a light
+    /// depth the light one under its own rule. Where either is `"auto"`,
+    /// both are picked together from the gaps seen, the learned wake times
+    /// and the light depth's cost (remembered for `/state`).
+    pub fn windows(&self, deep: IdleTimeout, light: Option<(IdleTimeout, f64)>) -> Windows {
+        let deep_cost = wake_cost(self.expected_deep_wake(), self.held_share());
+        let light_cost = wake_cost(self.expected_light_wake(), self.held_share());
+        let auto = |rule: IdleTimeout| match rule {
+            IdleTimeout::Auto { min, max } => Some((min, max)),
+            IdleTimeout::Fixed(_) => None,
+        };
+        let fixed = |rule: IdleTimeout| match rule {
             IdleTimeout::Fixed(d) => d,
-            IdleTimeout::Auto { min, max } => {
-                let cost = wake_cost(self.expected_wake(), self.held_share());
-                let w = self.gaps.lock().unwrap_or_else(|e| e.into_inner()).window(cost, min, max);
-                *self.window.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
-                w.idle
+            IdleTimeout::Auto { max, .. } => max,
+        };
+        let gaps = self.gaps.lock().unwrap_or_else(|e| e.into_inner());
+        let (light_w, deep_w) = match (light, auto(deep)) {
+            (None, None) => return Windows { light: None, deep: fixed(deep) },
+            (None, Some((min, max))) => (None, gaps.window(deep_cost, min, max)),
+            (Some((rule, share)), deep_bounds) => {
+                let (lmin, lmax) = auto(rule).unwrap_or((fixed(rule), fixed(rule)));
+                let (dmin, dmax) = deep_bounds.unwrap_or((fixed(deep), fixed(deep)));
+                if auto(rule).is_none() && deep_bounds.is_none() {
+                    return Windows { light: Some(fixed(rule)), deep: fixed(deep) };
+                }
+                let costs = Depths { light: light_cost, light_share: share, deep: deep_cost };
+                let (l, d) = gaps.windows(costs, (lmin, lmax), (dmin, dmax));
+                (Some(l), d)
             }
-        }
+        };
+        drop(gaps);
+        *self.window.lock().unwrap_or_else(|e| e.into_inner()) = auto(deep).map(|_| deep_w);
+        *self.light_window.lock().unwrap_or_else(|e| e.into_inner()) =
+            light_w.filter(|_| light.is_some_and(|(r, _)| auto(r).is_some()));
+        Windows { light: light_w.map(|w| w.idle), deep: deep_w.idle }
+    }
+
+    /// The light window `"auto"` chose last, if it did.
+    pub fn auto_light_window(&self) -> Option<Window> {
+        *self.light_window.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// This edge starts a wake of the pool: `held` if a request waits for
@@ -266,6 +334,7 @@ impl PoolState {
         let ms = self.ms(now) + 1;
         let began = self.waking_since_ms.compare_exchange(0, ms, Ordering::AcqRel, Ordering::Acquire).is_ok();
         if began {
+            self.waking_from_light.store(self.is_light(), Ordering::Relaxed);
             self.demand.lock().unwrap_or_else(|e| e.into_inner()).clear();
             self.set_wake_error(None);
         }
@@ -276,13 +345,18 @@ impl PoolState {
     pub fn end_wake(&self, took: Option<Duration>) {
         if let Some(took) = took {
             let observed = saturating_micros(took);
-            let next = if self.wake_observed.swap(true, Ordering::Relaxed) {
-                ewma(self.expected_wake_us.load(Ordering::Relaxed), observed)
+            let (learned, seen) = if self.waking_from_light.load(Ordering::Relaxed) {
+                (&self.expected_light_us, &self.light_observed)
+            } else {
+                (&self.expected_wake_us, &self.wake_observed)
+            };
+            let next = if seen.swap(true, Ordering::Relaxed) {
+                ewma(learned.load(Ordering::Relaxed), observed)
             } else {
                 // The first observation replaces the configured guess.
                 observed
             };
-            self.expected_wake_us.store(next, Ordering::Relaxed);
+            learned.store(next, Ordering::Relaxed);
         }
         self.waking_since_ms.store(0, Ordering::Release);
     }
@@ -323,9 +397,65 @@ impl PoolState {
         }
     }
 
-    /// Expected time from wake call to a ready replica.
+    /// Expected time from wake call to a ready replica, from the depth the
+    /// pool sleeps at (or, while it wakes, the one it wakes from).
     pub fn expected_wake(&self) -> Duration {
+        let light = match self.waking_since() {
+            Some(_) => self.waking_from_light.load(Ordering::Relaxed),
+            None => self.is_light(),
+        };
+        if light {
+            self.expected_light_wake()
+        } else {
+            self.expected_deep_wake()
+        }
+    }
+
+    /// Expected wake from deep sleep (a cold start), learned.
+    pub fn expected_deep_wake(&self) -> Duration {
         Duration::from_micros(self.expected_wake_us.load(Ordering::Relaxed))
+    }
+
+    /// Expected wake from light sleep, learned.
+    pub fn expected_light_wake(&self) -> Duration {
+        Duration::from_micros(self.expected_light_us.load(Ordering::Relaxed))
+    }
+
+    /// Seed the light wake time from the config (until one is observed).
+    pub fn seed_light_wake(&self, wake_time: Duration) {
+        if !self.light_observed.load(Ordering::Relaxed) {
+            self.expected_light_us.store(saturating_micros(wake_time), Ordering::Relaxed);
+        }
+    }
+
+    /// The depth the wake under way (or the last one) started from.
+    pub fn wake_depth(&self) -> &'static str {
+        if self.waking_from_light.load(Ordering::Relaxed) {
+            "light"
+        } else {
+            "deep"
+        }
+    }
+
+    /// Whether the pool sleeps lightly, as this edge sees it.
+    pub fn is_light(&self) -> bool {
+        self.light.load(Ordering::Acquire)
+    }
+
+    /// Note whether the pool sleeps lightly.
+    pub fn set_light(&self, light: bool) {
+        self.light.store(light, Ordering::Release);
+    }
+
+    /// The pool's depth as `/state` shows it.
+    pub fn depth(&self, warm: bool) -> &'static str {
+        if warm {
+            "awake"
+        } else if self.is_light() {
+            "light"
+        } else {
+            "deep"
+        }
     }
 
     /// Mean time a request holds a slot here.
@@ -439,6 +569,17 @@ impl PoolState {
     /// activity since).
     pub fn is_slept(&self) -> bool {
         self.slept.load(Ordering::Acquire)
+    }
+
+    /// Mark that the light sleep was called for this idle period; false if
+    /// it already was.
+    pub fn mark_light_slept(&self) -> bool {
+        !self.light_slept.swap(true, Ordering::AcqRel)
+    }
+
+    /// Undo [`mark_light_slept`](Self::mark_light_slept).
+    pub fn unmark_light_slept(&self) {
+        self.light_slept.store(false, Ordering::Release);
     }
 
     /// Undo [`mark_slept`](Self::mark_slept): the sleep did not happen.

@@ -15,6 +15,12 @@ pub struct ReplicaState {
     /// Text form of `addr`, for headers and logs (made once).
     pub addr_text: Arc<str>,
     ready: AtomicBool,
+    /// Whether the replica sleeps lightly: it answers, and says it sleeps
+    /// (vLLM's `/is_sleeping`), or this edge just put it to light sleep.
+    asleep: AtomicBool,
+    /// Set while a light sleep call to the replica is under way: probes do
+    /// not put it back in rotation meanwhile.
+    entering_sleep: AtomicBool,
     in_flight: AtomicU32,
     /// Requests the replica itself reports running plus waiting, from its
     /// metrics (0 if not scraped).
@@ -44,6 +50,8 @@ impl ReplicaState {
             addr,
             addr_text: addr.to_string().into(),
             ready: AtomicBool::new(false),
+            asleep: AtomicBool::new(false),
+            entering_sleep: AtomicBool::new(false),
             in_flight: AtomicU32::new(0),
             reported_load: AtomicU32::new(0),
             in_flight_at_report: AtomicU32::new(0),
@@ -65,6 +73,26 @@ impl ReplicaState {
     /// shows it in its in-flight count (the sleeper looks at both).
     pub fn set_ready(&self, ready: bool) -> bool {
         self.ready.swap(ready, Ordering::SeqCst)
+    }
+
+    /// Whether the replica sleeps lightly.
+    pub fn is_asleep(&self) -> bool {
+        self.asleep.load(Ordering::Acquire)
+    }
+
+    /// Mark the replica lightly asleep or not; returns the previous value.
+    pub fn set_asleep(&self, asleep: bool) -> bool {
+        self.asleep.swap(asleep, Ordering::AcqRel)
+    }
+
+    /// Whether a light sleep call to the replica is under way.
+    pub fn is_entering_sleep(&self) -> bool {
+        self.entering_sleep.load(Ordering::Acquire)
+    }
+
+    /// Mark a light sleep call under way, or over.
+    pub fn set_entering_sleep(&self, on: bool) {
+        self.entering_sleep.store(on, Ordering::Release);
     }
 
     /// Requests in flight, as [`set_ready`](Self::set_ready) orders them.

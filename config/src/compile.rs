@@ -974,7 +974,7 @@ fn compile_light(
                     return None;
                 }
             };
-            let (sleep, wake) = vllm_light(level);
+            let (sleep, wake) = vllm_light_hooks(level);
             (sleep, wake, Some("/is_sleeping".to_owned()))
         }
         (None, Some(sleep), Some(wake)) => {
@@ -1049,7 +1049,7 @@ fn compile_light(
 /// vLLM's sleep mode as light sleep and wake hooks, per replica: level 1
 /// keeps the weights in CPU memory; level 2 drops them, so its wake
 /// reloads them before the KV cache comes back.
-fn vllm_light(level: u64) -> (Hook, Hook) {
+pub fn vllm_light_hooks(level: u64) -> (Hook, Hook) {
     let step = |path: &str, body: &str| {
         HookStep::Http(HttpStep {
             url: Template::parse(&format!("http://{{replica}}{path}")).unwrap_or_else(|_| unreachable!()),

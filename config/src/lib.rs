@@ -26,6 +26,7 @@ mod snapshot;
 
 use std::path::Path;
 
+pub use compile::vllm_light_hooks;
 pub use diag::{ConfigError, Problem};
 pub use routes::{HostPattern, RouteTable};
 pub use snapshot::{

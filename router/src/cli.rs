@@ -193,6 +193,10 @@ struct DemoArgs {
     /// otherwise starts (when `nats-server` is installed).
     #[arg(long)]
     no_cluster: bool,
+    /// Give the pools that scale one depth of sleep (scale to zero) instead
+    /// of a light sleep (vLLM's sleep mode) before it.
+    #[arg(long)]
+    one_depth: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -636,6 +640,7 @@ fn demo(args: DemoArgs) -> ExitCode {
         status: args.status,
         record: args.record,
         cluster: !args.no_cluster,
+        light: !args.one_depth,
         ..Default::default()
     };
     let result = rt.block_on(async move {

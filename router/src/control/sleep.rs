@@ -365,6 +365,45 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_with_a_light_depth_sleeps_lightly_first_then_deeply() {
+        let router = crate::testing::two_pools(
+            4,
+            "idle_timeout = \"60s\"\nwake_time = \"20s\"\nlight = { kind = \"vllm\" }\nlight_timeout = \"10s\"",
+        );
+        let live = router.live();
+        live.pools[0].replicas[0].set_ready(true);
+        let t0 = live.pools[0].state.last_active();
+        let due_at = |t| due(&live, t);
+        assert!(due_at(t0 + 9 * S).lights.is_empty());
+        let d = due_at(t0 + 10 * S);
+        assert_eq!(d.lights.iter().map(|c| &*c.pool).collect::<Vec<_>>(), ["fra-gpu"]);
+        assert!(d.sleeps.is_empty(), "no deep sleep before its window");
+        assert_eq!(d.lights[0].replicas.len(), 1);
+        let r = &live.pools[0].replicas[0];
+        assert!(!r.is_ready() && r.is_entering_sleep(), "out of rotation while the call is made");
+        assert!(d.next_check <= Duration::from_millis(2500), "checks as often as the light window needs");
+        // Once per idle period.
+        assert!(due_at(t0 + 20 * S).lights.is_empty());
+        // The call succeeded: the replica sleeps lightly.
+        r.set_entering_sleep(false);
+        r.set_asleep(true);
+        live.pools[0].note_depth();
+        assert!(live.pools[0].state.is_light());
+        assert!(due_at(t0 + 59 * S).sleeps.is_empty());
+        // At the deep window, the pool's own sleep hook, light sleep or not.
+        let d = due_at(t0 + 60 * S);
+        assert_eq!(d.sleeps.iter().map(|c| &*c.pool).collect::<Vec<_>>(), ["fra-gpu"]);
+        assert!(d.lights.is_empty());
+        // A request opens a new idle period, with its own light sleep.
+        live.pools[0].replicas[0].set_asleep(false);
+        live.pools[0].replicas[0].set_ready(true);
+        live.pools[0].note_depth();
+        drop(live.acquire(stoke_config::PoolId(0), t0 + 100 * S));
+        let last = live.pools[0].state.last_active();
+        assert_eq!(due_at(last + 10 * S).lights.len(), 1);
+    }
+
+    #[test]
     fn a_request_taking_a_slot_as_the_sleeper_looks_keeps_the_pool_awake() {
         let router = world();
         let live = router.live();

@@ -44,6 +44,9 @@ pub struct DemoOptions {
     /// Run the edges as one cluster on a local `nats-server` when it is
     /// installed (`false`: every edge alone, as `--no-cluster`).
     pub cluster: bool,
+    /// Give the scaling pools a light depth (`false`: one depth, as
+    /// `--one-depth`).
+    pub light: bool,
 }
 
 impl Default for DemoOptions {
@@ -56,6 +59,7 @@ impl Default for DemoOptions {
             traffic: true,
             record: None,
             cluster: true,
+            light: true,
         }
     }
 }
@@ -185,7 +189,7 @@ impl Demo {
                 .map(|p| (0..p.replicas).map(|_| crate::sim::ports::replica_addr()).collect())
                 .collect::<Result<_, _>>()?,
         };
-        let mut text = world::config(&ports, opts.idle_timeout);
+        let mut text = world::config(&ports, opts.idle_timeout, opts.light);
         let nats = if opts.cluster { nats::NatsServer::start() } else { Err("--no-cluster".to_owned()) };
         let cluster = match &nats {
             Ok(n) => {
@@ -420,7 +424,7 @@ impl World {
                     .enumerate()
                     .map(|(r, rep)| {
                         let busy: u32 = views.iter().map(|v| v.replicas[r].in_flight()).sum();
-                        json!({"addr": &*rep.addr_text, "ready": rep.is_ready(), "in_flight": busy})
+                        json!({"addr": &*rep.addr_text, "ready": rep.is_ready(), "asleep": rep.is_asleep(), "in_flight": busy})
                     })
                     .collect();
                 json!({
@@ -438,6 +442,12 @@ impl World {
                     "routed_total": views.iter().map(|v| v.state.routed()).sum::<u64>(),
                     "expected_wake_ms": home.state.expected_wake().as_millis() as u64,
                     "idle": pool.scale.as_ref().map(|scale| crate::admin::idle_json(&home.state, scale.idle_timeout)),
+                    "depth": pool.scale.as_ref().map(|_| home.state.depth(warm)),
+                    "light": pool
+                        .scale
+                        .as_ref()
+                        .and_then(|s| s.light.as_ref())
+                        .map(|l| crate::admin::light_json(&home.state, l)),
                     "waking_for_ms": views
                         .iter()
                         .filter_map(|v| v.state.waking_since())

@@ -119,10 +119,16 @@ pub const MIN_IDLE: Duration = Duration::from_secs(2);
 /// See [`MIN_IDLE`].
 pub const MAX_IDLE: Duration = Duration::from_secs(60);
 
+/// The light depth of the demo's scaling pools: vLLM's sleep mode (the
+/// simulated replicas speak it), waking in half a second (a demo hour is
+/// 10 s: about three minutes of its day), at 30 % of an awake replica.
+pub const LIGHT: &str = "light = { kind = \"vllm\" }\nlight_wake_time = \"500ms\"\nlight_cost = 0.3";
+
 /// The config text of the demo network. Every edge listens on a free
 /// port (port 0) with its own admin listener. Pools that scale have
-/// `idle_timeout` (`None`: `"auto"` within [`MIN_IDLE`]..[`MAX_IDLE`]).
-pub fn config(ports: &Ports, idle_timeout: Option<Duration>) -> String {
+/// `idle_timeout` (`None`: `"auto"` within [`MIN_IDLE`]..[`MAX_IDLE`]),
+/// and with `light` the light depth [`LIGHT`] before it.
+pub fn config(ports: &Ports, idle_timeout: Option<Duration>, light: bool) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -158,9 +164,18 @@ pub fn config(ports: &Ports, idle_timeout: Option<Duration>) -> String {
                     MAX_IDLE.as_millis()
                 ),
             };
+            let light = if light {
+                // With a fixed deep window, the light one is half of it.
+                match idle_timeout {
+                    Some(d) => format!("{LIGHT}\nlight_timeout = \"{}ms\"\n", (d / 2).as_millis().max(1)),
+                    None => format!("{LIGHT}\n"),
+                }
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "[pool.scale]\n{idle}\nwake_time = \"{}ms\"\n\
+                "[pool.scale]\n{idle}\nwake_time = \"{}ms\"\n{light}\
                  wake = {{ url = \"http://{orch}/pools/{id}/wake\" }}\n\
                  sleep = {{ url = \"http://{orch}/pools/{id}/sleep\" }}",
                 wake.as_millis(),
@@ -193,7 +208,8 @@ fn placeholder_ports() -> Ports {
 /// The demo's config as `stoke simulate --demo` replays it: the same
 /// network, with placeholder replica addresses (a replay opens no socket).
 pub fn replay_config() -> String {
-    config(&placeholder_ports(), super::DemoOptions::default().idle_timeout)
+    let d = super::DemoOptions::default();
+    config(&placeholder_ports(), d.idle_timeout, d.light)
 }
 
 /// How fast the demo's simulated replicas work: no prefill time, and the
@@ -208,7 +224,14 @@ mod tests {
 
     #[test]
     fn the_demo_config_is_valid() {
-        let text = config(&placeholder_ports(), None);
+        for (idle, light) in [(None, false), (Some(Duration::from_secs(30)), true)] {
+            let text = config(&placeholder_ports(), idle, light);
+            let network =
+                stoke_config::load_str(&text, std::path::Path::new("demo.toml")).unwrap_or_else(|e| panic!("{e}"));
+            let lights = network.pools.iter().filter(|p| p.scale.as_ref().is_some_and(|s| s.light.is_some())).count();
+            assert_eq!(lights, if light { POOLS.len() - 1 } else { 0 });
+        }
+        let text = config(&placeholder_ports(), None, true);
         let network =
             stoke_config::load_str(&text, std::path::Path::new("demo.toml")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(network.locations.len(), 10);

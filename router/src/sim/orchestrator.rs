@@ -18,7 +18,7 @@ use serde_json::json;
 use stoke_config::Network;
 use tokio::sync::watch;
 
-use super::replica::{Replica, ReplicaOptions};
+use super::replica::{Replica, ReplicaOptions, ReplicaStats};
 use crate::net::server::{json as json_response, serve_http, HttpBody};
 
 /// Settings of a simulated orchestrator.
@@ -84,7 +84,14 @@ struct Fleet {
     /// Replica-seconds each pool has run: finished periods, and the start
     /// of the current one.
     uptime: Mutex<HashMap<String, (Duration, Option<Instant>)>>,
+    /// Replica-seconds each pool's replicas slept lightly: of stopped
+    /// replicas, and the counters of the running ones.
+    asleep: Mutex<HashMap<String, Asleep>>,
 }
+
+/// Light sleep of one pool's replicas: the total of stopped replicas, and
+/// the counters of the running ones.
+type Asleep = (Duration, Vec<Arc<ReplicaStats>>);
 
 /// A running simulated orchestrator.
 pub struct Orchestrator {
@@ -119,6 +126,7 @@ impl Orchestrator {
             boots: std::sync::atomic::AtomicUsize::new(0),
             running: tokio::sync::Mutex::new(HashMap::new()),
             uptime: Mutex::new(HashMap::new()),
+            asleep: Mutex::new(HashMap::new()),
         });
         if fleet.opts.start_always_on {
             let ids: Vec<String> =
@@ -156,7 +164,8 @@ impl Orchestrator {
         self.fleet.running.lock().await.contains_key(pool)
     }
 
-    /// GPU-seconds used so far: for every pool, replicas × time running.
+    /// GPU-seconds used so far: for every pool, replicas × time running,
+    /// where time in light sleep counts at the pool's `light_cost`.
     pub fn gpu_seconds(&self) -> f64 {
         let up = self.fleet.uptime.lock().map(|u| u.clone()).unwrap_or_default();
         self.fleet
@@ -166,9 +175,18 @@ impl Orchestrator {
             .map(|p| {
                 let (done, since) = up.get(&p.id).copied().unwrap_or_default();
                 let t = done + since.map_or(Duration::ZERO, |s| s.elapsed());
-                t.as_secs_f64() * p.replicas.len() as f64
+                let cost = p.scale.as_ref().and_then(|s| s.light.as_ref()).map_or(1.0, |l| l.cost);
+                t.as_secs_f64() * p.replicas.len() as f64 - self.light_seconds(&p.id) * (1.0 - cost)
             })
             .sum()
+    }
+
+    /// Replica-seconds `pool`'s replicas have slept lightly so far.
+    pub fn light_seconds(&self, pool: &str) -> f64 {
+        let asleep = self.fleet.asleep.lock().unwrap_or_else(|e| e.into_inner());
+        asleep.get(pool).map_or(0.0, |(done, running)| {
+            (*done + running.iter().map(|s| s.asleep_for()).sum::<Duration>()).as_secs_f64()
+        })
     }
 
     /// GPU-seconds an always-on fleet would have used since the start.
@@ -230,12 +248,21 @@ impl Fleet {
                 max_concurrency: pool.max_concurrency as usize,
                 tokens_per_sec: self.opts.tokens_per_sec,
                 models: models.clone(),
+                // A light wake takes what the config expects of it.
+                light_wake_time: pool
+                    .scale
+                    .as_ref()
+                    .and_then(|s| s.light.as_ref())
+                    .map_or(ReplicaOptions::default().light_wake_time, |l| l.wake_time),
                 ..ReplicaOptions::default()
             };
             replicas.push(Replica::start(opts).await?);
         }
         if let Ok(mut up) = self.uptime.lock() {
             up.entry(id.to_owned()).or_default().1 = Some(Instant::now());
+        }
+        if let Ok(mut asleep) = self.asleep.lock() {
+            asleep.entry(id.to_owned()).or_default().1 = replicas.iter().map(|r| r.stats.clone()).collect();
         }
         running.insert(id.to_owned(), replicas);
         Ok(())
@@ -252,6 +279,11 @@ impl Fleet {
                 if let Some(since) = e.1.take() {
                     e.0 += since.elapsed();
                 }
+            }
+            if let Ok(mut asleep) = self.asleep.lock() {
+                let e = asleep.entry(id.to_owned()).or_default();
+                let stopped: Duration = e.1.drain(..).map(|s| s.asleep_for()).sum();
+                e.0 += stopped;
             }
         }
         for r in replicas.into_iter().flatten() {

@@ -102,8 +102,19 @@ pub struct ReplicaStats {
     /// `POST /wake_up` calls that woke it.
     pub wakes: AtomicU64,
     /// Milliseconds spent asleep, up to the last wake (see
-    /// [`Replica::asleep_for`]).
+    /// [`ReplicaStats::asleep_for`]).
     pub asleep_ms: AtomicU64,
+    /// When the current sleep began, if the replica sleeps.
+    pub asleep_since: std::sync::Mutex<Option<Instant>>,
+}
+
+impl ReplicaStats {
+    /// Time spent asleep so far, the current sleep included.
+    pub fn asleep_for(&self) -> Duration {
+        let past = Duration::from_millis(self.asleep_ms.load(Ordering::Relaxed));
+        let now = self.asleep_since.lock().ok().and_then(|s| *s).map_or(Duration::ZERO, |t| t.elapsed());
+        past + now
+    }
 }
 
 struct Sim {
@@ -133,13 +144,11 @@ struct SleepMode {
     kv_cache: bool,
     /// Whether a level 2 sleep's weights were reloaded.
     reloaded: bool,
-    /// When it went to sleep.
-    since: Option<Instant>,
 }
 
 impl SleepMode {
     fn awake() -> Self {
-        SleepMode { level: 0, weights: true, kv_cache: true, reloaded: true, since: None }
+        SleepMode { level: 0, weights: true, kv_cache: true, reloaded: true }
     }
 
     fn is_sleeping(&self) -> bool {
@@ -202,13 +211,6 @@ impl Replica {
     /// Whether the replica sleeps (vLLM's `/is_sleeping`).
     pub fn is_sleeping(&self) -> bool {
         self.sim.sleep.lock().map(|s| s.is_sleeping()).unwrap_or(false)
-    }
-
-    /// Time spent asleep so far, the current sleep included.
-    pub fn asleep_for(&self) -> Duration {
-        let past = Duration::from_millis(self.stats.asleep_ms.load(Ordering::Relaxed));
-        let now = self.sim.sleep.lock().ok().and_then(|s| s.since).map_or(Duration::ZERO, |t| t.elapsed());
-        past + now
     }
 
     /// The body of the last completion request.
@@ -318,9 +320,11 @@ impl Sim {
         let Ok(mut s) = self.sleep.lock() else { return error(StatusCode::INTERNAL_SERVER_ERROR, "poisoned") };
         if !s.is_sleeping() {
             self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
-            s.since = Some(Instant::now());
+            if let Ok(mut since) = self.stats.asleep_since.lock() {
+                *since = Some(Instant::now());
+            }
         }
-        *s = SleepMode { level, weights: false, kv_cache: false, reloaded: level == 1, since: s.since };
+        *s = SleepMode { level, weights: false, kv_cache: false, reloaded: level == 1 };
         drop(s);
         self.cache.clear();
         Response::new(Either::Left(http_body_util::Full::new(Bytes::new())))
@@ -346,7 +350,7 @@ impl Sim {
             s.kv_cache |= kv;
             if was && !s.is_sleeping() {
                 self.stats.wakes.fetch_add(1, Ordering::Relaxed);
-                if let Some(since) = s.since.take() {
+                if let Some(since) = self.stats.asleep_since.lock().ok().and_then(|mut s| s.take()) {
                     self.stats.asleep_ms.fetch_add(since.elapsed().as_millis() as u64, Ordering::Relaxed);
                 }
                 s.level = 0;

@@ -101,23 +101,32 @@ pub enum Policy {
     Config,
     /// Every scaling pool with `idle_timeout = "auto"` (its own bounds if
     /// it has them, else the defaults), and the load scrape that needs
-    /// (the default one, where the pool has none).
+    /// (the default one, where the pool has none), one depth: any light
+    /// depth is left out.
     Auto,
+    /// As [`Policy::Auto`], with two depths: every scaling pool also gets
+    /// a light depth with `light_timeout = "auto"` (its own, if it has one,
+    /// else vLLM's sleep mode with the default wake time and cost).
+    AutoLight,
 }
 
 impl Policy {
-    /// Parse `always-on`, `fixed:DURATION`, `config` or `auto`.
+    /// Parse `always-on`, `fixed:DURATION`, `config`, `auto` or
+    /// `auto-light`.
     pub fn parse(s: &str) -> Result<Policy, String> {
         match s {
             "always-on" => Ok(Policy::AlwaysOn),
             "config" => Ok(Policy::Config),
             "auto" => Ok(Policy::Auto),
+            "auto-light" => Ok(Policy::AutoLight),
             _ => match s.strip_prefix("fixed:") {
                 Some(d) => stoke_config::duration::parse_duration(d)
                     .filter(|d| !d.is_zero())
                     .map(Policy::Fixed)
                     .ok_or_else(|| format!("\"{d}\" is not a duration such as 30s or 5m")),
-                None => Err(format!("unknown policy \"{s}\"; expected always-on, fixed:DURATION, config or auto")),
+                None => Err(format!(
+                    "unknown policy \"{s}\"; expected always-on, fixed:DURATION, config, auto or auto-light"
+                )),
             },
         }
     }
@@ -131,15 +140,33 @@ impl Policy {
                 Policy::Fixed(d) => {
                     if let Some(s) = &mut pool.scale {
                         s.idle_timeout = IdleTimeout::Fixed(*d);
+                        s.light = None;
                     }
                 }
-                Policy::Auto => {
+                Policy::Auto | Policy::AutoLight => {
                     if let Some(s) = &mut pool.scale {
                         if !matches!(s.idle_timeout, IdleTimeout::Auto { .. }) {
                             s.idle_timeout = IdleTimeout::Auto {
                                 min: stoke_config::defaults::MIN_IDLE,
                                 max: stoke_config::defaults::MAX_IDLE,
                             };
+                        }
+                        if *self == Policy::Auto {
+                            s.light = None;
+                        } else {
+                            let light = s.light.get_or_insert_with(|| {
+                                let (sleep, wake) = stoke_config::vllm_light_hooks(1);
+                                stoke_config::LightSleep {
+                                    sleep,
+                                    wake,
+                                    probe: Some("/is_sleeping".into()),
+                                    idle_timeout: s.idle_timeout,
+                                    wake_time: stoke_config::defaults::LIGHT_WAKE_TIME,
+                                    cost: stoke_config::defaults::LIGHT_COST,
+                                }
+                            });
+                            light.idle_timeout = s.idle_timeout;
+                            pool.health.sleeping_path.get_or_insert_with(|| "/is_sleeping".into());
                         }
                         // As the config check demands: the home edge sees
                         // other edges' load (the default scrape).
@@ -188,6 +215,10 @@ enum Power {
     Off,
     Booting,
     Ready,
+    /// In light sleep: running, the model out of GPU memory.
+    Light,
+    /// Waking from light sleep.
+    LightWaking,
 }
 
 /// One GPU replica.
@@ -197,6 +228,9 @@ struct Gpu {
     generation: u64,
     on_since: T,
     up: T,
+    /// When its light sleep began, and the time in light sleep before it.
+    light_since: T,
+    light_us: T,
     running: u32,
     waiting: VecDeque<u64>,
     /// Emptied when the replica stops.
@@ -261,6 +295,10 @@ pub struct Replay<'a> {
     pools: Vec<Figures>,
     /// Whether each pool scales to zero in the config as written.
     scaling: Vec<bool>,
+    /// Each pool's light wake time, with a light depth.
+    light_wake: Vec<Option<T>>,
+    /// Each pool's light depth's cost share (0 without one).
+    light_cost: Vec<f64>,
 }
 
 /// Why a replay could not start.
@@ -318,6 +356,8 @@ impl<'a> Replay<'a> {
                         generation: 0,
                         on_since: 0,
                         up: 0,
+                        light_since: 0,
+                        light_us: 0,
                         running: 0,
                         waiting: VecDeque::new(),
                         cache: crate::sim::cache::PrefixCache::new(model.cache_tokens),
@@ -382,6 +422,16 @@ impl<'a> Replay<'a> {
             total: Figures::default(),
             pools: net.pools.iter().map(|_| Figures::default()).collect(),
             scaling,
+            light_wake: net
+                .pools
+                .iter()
+                .map(|p| p.scale.as_ref().and_then(|s| s.light.as_ref()).map(|l| us(l.wake_time)))
+                .collect(),
+            light_cost: net
+                .pools
+                .iter()
+                .map(|p| p.scale.as_ref().and_then(|s| s.light.as_ref()).map_or(0.0, |l| l.cost))
+                .collect(),
         };
         for i in 0..trace.requests.len() {
             let t = (trace.requests[i].t * 1e6) as T;
@@ -443,8 +493,18 @@ impl<'a> Replay<'a> {
 
     fn report(&mut self, policy: &str, horizon: T, took_s: f64) -> PolicyReport {
         for (pool, gpus) in self.gpus.iter().enumerate() {
-            let up: T = gpus.iter().map(|g| g.up + if g.power == Power::Off { 0 } else { horizon - g.on_since }).sum();
-            let s = up as f64 / 1e6;
+            let up: T = gpus
+                .iter()
+                .map(|g| g.up + if matches!(g.power, Power::Off | Power::Light) { 0 } else { horizon - g.on_since })
+                .sum();
+            let light: T = gpus
+                .iter()
+                .map(|g| g.light_us + if g.power == Power::Light { horizon - g.light_since } else { 0 })
+                .sum();
+            let share = self.light_cost[pool];
+            let s = (up as f64 + light as f64 * share) / 1e6;
+            self.pools[pool].light_seconds = light as f64 / 1e6;
+            self.total.light_seconds += light as f64 / 1e6;
             self.pools[pool].gpu_seconds = s;
             self.total.gpu_seconds += s;
             if self.scaling[pool] {
@@ -460,15 +520,19 @@ impl<'a> Replay<'a> {
                 let scale = p.scale.as_ref()?;
                 let home = self.edges.iter().find(|e| e.live.snapshot.location == p.home_edge)?;
                 let state = &home.live.pools[i].state;
-                let w = match scale.idle_timeout {
+                let show = |rule: IdleTimeout, chosen: Option<crate::core::idle::Window>| match rule {
                     IdleTimeout::Fixed(d) => stoke_config::duration::format_duration(d),
-                    IdleTimeout::Auto { .. } => match state.auto_window() {
+                    IdleTimeout::Auto { .. } => match chosen {
                         Some(w) => {
                             format!("{} ({})", stoke_config::duration::format_duration(w.idle), w.reason.as_str())
                         }
                         None => "auto (not chosen)".into(),
                     },
                 };
+                let mut w = show(scale.idle_timeout, state.auto_window());
+                if let Some(l) = &scale.light {
+                    w = format!("light {}, deep {w}", show(l.idle_timeout, state.auto_light_window()));
+                }
                 Some((p.id.clone(), w))
             })
             .collect();
@@ -489,7 +553,7 @@ impl<'a> Replay<'a> {
             Ev::Finish(id) => self.finish(id),
             Ev::Booted { pool, replica, generation } => {
                 let g = &mut self.gpus[pool][replica];
-                if g.generation == generation && g.power == Power::Booting {
+                if g.generation == generation && matches!(g.power, Power::Booting | Power::LightWaking) {
                     g.power = Power::Ready;
                     self.probes_after_change(pool, replica);
                 }
@@ -729,11 +793,19 @@ impl<'a> Replay<'a> {
                 view.state.set_wake_error(Some(format!("no replica became ready within {} s", after.as_secs())));
                 return;
             }
-            WakeStep::Call { .. } => self.orchestrator_wake(p, e),
+            WakeStep::Call { .. } => {
+                // From light sleep, each sleeping replica's own wake, as
+                // live ([`wake`]'s hook choice); else the orchestrator.
+                if self.light_wake[p].is_some() && view.replicas.iter().any(|r| r.is_asleep()) {
+                    self.light_wake(p, e);
+                } else {
+                    self.orchestrator_wake(p, e);
+                }
+            }
             WakeStep::Probe => {}
         }
-        for (r, state) in view.replicas.iter().enumerate() {
-            state.set_ready(self.gpus[p][r].power == Power::Ready);
+        for r in 0..view.replicas.len() {
+            self.observe(e, p, r);
         }
         if view.is_warm() {
             view.dispatch(now);
@@ -774,6 +846,77 @@ impl<'a> Replay<'a> {
         }
     }
 
+    /// Each replica of `p` in light sleep gets a wake call (from `edge`):
+    /// it is ready after the pool's light wake time.
+    fn light_wake(&mut self, p: usize, edge: usize) {
+        let Some(took) = self.light_wake[p] else { return };
+        tracing::debug!(
+            target: "stoke::simulate",
+            t = self.now as f64 / 1e6,
+            pool = %self.network().pools[p].id,
+            edge = %self.edges[edge].live.snapshot.edge_location().id,
+            "light wake call"
+        );
+        let mut woke = false;
+        for r in 0..self.gpus[p].len() {
+            let g = &mut self.gpus[p][r];
+            if g.power != Power::Light {
+                continue;
+            }
+            woke = true;
+            g.light_us += self.now - g.light_since;
+            g.on_since = self.now;
+            g.power = Power::LightWaking;
+            g.generation += 1;
+            let ev = Ev::Booted { pool: p, replica: r, generation: g.generation };
+            self.at(self.now + took, ev);
+        }
+        if woke {
+            self.total.light_wakes += 1;
+            self.pools[p].light_wakes += 1;
+        }
+    }
+
+    /// The home edge puts the replicas of `p` named in `call` to light
+    /// sleep: each stops serving, keeps running, and costs its share.
+    fn light_sleep(&mut self, e: usize, p: usize, call: &sleep::LightCall) {
+        tracing::debug!(target: "stoke::simulate", t = self.now as f64 / 1e6, pool = %self.network().pools[p].id, "light sleep");
+        self.total.light_sleeps += 1;
+        self.pools[p].light_sleeps += 1;
+        let view = self.edges[e].live.pools[p].clone();
+        for (r, state) in view.replicas.iter().enumerate() {
+            if !call.replicas.iter().any(|a| **a == *state.addr_text) {
+                continue;
+            }
+            let g = &mut self.gpus[p][r];
+            if g.power == Power::Ready {
+                g.up += self.now - g.on_since;
+                g.light_since = self.now;
+                g.power = Power::Light;
+                g.generation += 1;
+                // vLLM's level 1 sleep discards the KV cache.
+                g.cache = crate::sim::cache::PrefixCache::new(self.cache_tokens);
+            }
+            state.set_entering_sleep(false);
+            state.set_asleep(g.power == Power::Light);
+            self.probes_after_change(p, r);
+        }
+        view.note_depth();
+    }
+
+    /// What edge `e` sees of replica `r` of pool `p` when it probes it:
+    /// ready, or asleep, or neither; true if it just became ready.
+    fn observe(&mut self, e: usize, p: usize, r: usize) -> bool {
+        let view = self.edges[e].live.pools[p].clone();
+        let power = self.gpus[p][r].power;
+        let state = &view.replicas[r];
+        state.set_asleep(matches!(power, Power::Light | Power::LightWaking));
+        let ready = power == Power::Ready && !state.is_entering_sleep();
+        let became = state.set_ready(ready) != ready && ready;
+        view.note_depth();
+        became
+    }
+
     /// The orchestrator gets a sleep call: every replica stops, and the
     /// requests still on one (from an edge that is not the home edge) fail.
     fn orchestrator_sleep(&mut self, p: usize) {
@@ -782,10 +925,11 @@ impl<'a> Replay<'a> {
         self.pools[p].sleeps += 1;
         for r in 0..self.gpus[p].len() {
             let g = &mut self.gpus[p][r];
-            if g.power == Power::Off {
-                continue;
+            match g.power {
+                Power::Off => continue,
+                Power::Light => g.light_us += self.now - g.light_since,
+                _ => g.up += self.now - g.on_since,
             }
-            g.up += self.now - g.on_since;
             g.power = Power::Off;
             g.cache = crate::sim::cache::PrefixCache::new(self.cache_tokens);
             g.generation += 1;
@@ -817,8 +961,7 @@ impl<'a> Replay<'a> {
 
     fn probe(&mut self, e: usize, p: usize, r: usize) {
         let view = self.edges[e].live.pools[p].clone();
-        let ready = self.gpus[p][r].power == Power::Ready;
-        if view.replicas[r].set_ready(ready) != ready && ready {
+        if self.observe(e, p, r) {
             view.state.woke(self.instant(self.now));
             view.dispatch(self.instant(self.now));
             self.poll_held(e, p);
@@ -830,7 +973,7 @@ impl<'a> Replay<'a> {
         let now = self.instant(self.now);
         for (r, state) in view.replicas.iter().enumerate() {
             let g = &self.gpus[p][r];
-            // A stopped replica answers no scrape.
+            // A stopped replica answers no scrape; a sleeping one has no load.
             if g.power != Power::Ready {
                 continue;
             }
@@ -850,6 +993,26 @@ impl<'a> Replay<'a> {
         let due = sleep::due(&live, self.instant(self.now));
         for pool in due.prewarm {
             self.start_wake(e, pool, wake::Reason::Prewarm);
+        }
+        for call in due.lights {
+            let Some(pid) = live.snapshot.network.pool_id(&call.pool) else { continue };
+            let p = pid.index();
+            let busy = live.snapshot.network.pools[p].load.is_some()
+                && self.gpus[p].iter().any(|g| g.power == Power::Ready && (g.running > 0 || !g.waiting.is_empty()));
+            if busy {
+                let view = live.pool(pid);
+                for r in view.replicas.iter() {
+                    if r.is_entering_sleep() {
+                        r.set_entering_sleep(false);
+                        r.set_ready(true);
+                    }
+                }
+                view.state.unmark_light_slept();
+                view.state.touch(self.instant(self.now));
+                view.dispatch(self.instant(self.now));
+            } else {
+                self.light_sleep(e, p, &call);
+            }
         }
         for call in due.sleeps {
             let Some(pid) = live.snapshot.network.pool_id(&call.pool) else { continue };
@@ -959,6 +1122,7 @@ mod tests {
         assert_eq!(Policy::parse("fixed:30s"), Ok(Policy::Fixed(Duration::from_secs(30))));
         assert_eq!(Policy::parse("always-on"), Ok(Policy::AlwaysOn));
         assert_eq!(Policy::parse("auto"), Ok(Policy::Auto));
+        assert_eq!(Policy::parse("auto-light"), Ok(Policy::AutoLight));
         assert!(Policy::parse("fixed:0s").is_err());
         assert!(Policy::parse("fixed:soon").is_err());
         assert!(Policy::parse("sometimes").is_err());
@@ -1009,6 +1173,70 @@ mod tests {
         let long = replay(&text, "fixed:5m", &t);
         assert_eq!((long.total.wakes, long.total.sleeps), (1, 0));
         assert!(long.total.gpu_seconds > short.total.gpu_seconds + 80.0);
+    }
+
+    #[test]
+    fn a_light_depth_sleeps_through_pauses_cheaply_and_wakes_in_its_own_time() {
+        // Requests 60 s apart on one pool: with one depth, 10 s awake then
+        // a cold start (20 s) each time; with a light depth after 5 s, a
+        // 1 s wake from light sleep, and the rest of each pause at 30 %.
+        let light = "idle_timeout = \"10m\"\nwake_time = \"20s\"\nlight = { kind = \"vllm\" }\n\
+                     light_timeout = \"5s\"\nlight_wake_time = \"1s\"";
+        let text = crate::testing::two_pools_text(1, light);
+        let t = trace(&[(0.0, "fra"), (60.0, "fra"), (120.0, "fra"), (180.0, "fra")]);
+        let mut two = replay(&text, "config", &t);
+        let fra = &two.pools[0].1;
+        assert_eq!((fra.wakes, fra.light_sleeps, fra.light_wakes, fra.ok), (1, 3, 3, 4), "{fra:?}");
+        // The first request waits for the boot; the others for a light wake.
+        let mut holds = fra.hold_ms.clone();
+        assert!((20_000.0..20_300.0).contains(&holds.max()), "{fra:?}");
+        assert!((1_000.0..1_300.0).contains(&holds.quantile(0.5)), "{fra:?}");
+        // Awake: the boot, each request and 5 s after it (and the
+        // sleeper's look), each light wake; lightly asleep: the rest of each
+        // pause (the first from the end of the boot), counted at 0.3.
+        assert!(fra.light_seconds > 33.0 + 2.0 * 52.0 && fra.light_seconds < 35.0 + 2.0 * 54.0, "{fra:?}");
+        let mut one = replay(
+            &text.replace("light = { kind = \"vllm\" }\nlight_timeout = \"5s\"\nlight_wake_time = \"1s\"", ""),
+            "fixed:10s",
+            &t,
+        );
+        assert_eq!(one.pools[0].1.light_sleeps, 0);
+        assert!(
+            two.total.gpu_seconds < one.total.gpu_seconds,
+            "{} vs {}",
+            two.total.gpu_seconds,
+            one.total.gpu_seconds
+        );
+        assert!(two.total.hold_ms.quantile(0.5) < one.total.hold_ms.quantile(0.5) / 5.0);
+        // A pause longer than the deep window ends in deep sleep: the next
+        // request needs a cold start (Paris's, as it happens: its guess is
+        // a hair below Frankfurt's learned boot).
+        let t = trace(&[(0.0, "fra"), (1000.0, "fra")]);
+        let deep = replay(&text, "config", &t);
+        let fra = &deep.pools[0].1;
+        assert_eq!((fra.light_sleeps, fra.sleeps), (1, 1), "{fra:?}");
+        assert_eq!((deep.total.wakes, deep.total.light_wakes, deep.total.ok), (2, 0, 2), "{:?}", deep.total);
+    }
+
+    #[test]
+    fn auto_light_gives_every_scaling_pool_two_depths_and_auto_one() {
+        let text = world("idle_timeout = \"1h\"\nwake_time = \"20s\"");
+        let mut reqs = Vec::new();
+        for i in 0..40 {
+            reqs.push((f64::from(i) * 45.0, "fra"));
+        }
+        let t = trace(&reqs);
+        let two = replay(&text, "auto-light", &t);
+        let one = replay(&text, "auto", &t);
+        assert_eq!(one.total.light_sleeps, 0);
+        assert!(two.total.light_sleeps > 10, "{:?}", two.total);
+        assert!(
+            two.total.gpu_seconds < one.total.gpu_seconds,
+            "{} vs {}",
+            two.total.gpu_seconds,
+            one.total.gpu_seconds
+        );
+        assert!(two.windows.iter().any(|(_, w)| w.starts_with("light ")), "{:?}", two.windows);
     }
 
     #[test]

@@ -37,7 +37,8 @@ impl Samples {
 /// The figures of one policy, for the whole network or one pool.
 #[derive(Clone, Debug, Default)]
 pub struct Figures {
-    /// Replica time awake, boot included.
+    /// Replica time awake, boot included, and in light sleep at its
+    /// `light_cost`.
     pub gpu_seconds: f64,
     /// Of that, the pools that scale to zero in the config as written (the
     /// part an idle policy changes).
@@ -50,6 +51,13 @@ pub struct Figures {
     pub prewarms: u64,
     /// Sleep hook calls made.
     pub sleeps: u64,
+    /// Light sleeps begun (the replicas' own sleep).
+    pub light_sleeps: u64,
+    /// Wakes from light sleep.
+    pub light_wakes: u64,
+    /// Replica time in light sleep (counted in `gpu_seconds` at the light
+    /// depth's cost).
+    pub light_seconds: f64,
     /// Requests.
     pub requests: u64,
     /// Answered by a replica.
@@ -91,6 +99,9 @@ impl Figures {
             "wake_calls": self.wake_calls,
             "prewarms": self.prewarms,
             "sleeps": self.sleeps,
+            "light_sleeps": self.light_sleeps,
+            "light_wakes": self.light_wakes,
+            "light_seconds": round(self.light_seconds, 1),
             "requests": self.requests,
             "ok": self.ok,
             "refused": self.refused_total(),
@@ -172,11 +183,12 @@ impl Report {
         let always_on = self.policies.iter().find(|p| p.policy == "always-on").map(|p| p.total.gpu_seconds);
         let _ = writeln!(
             s,
-            "{:<14} {:>10} {:>6} {:>6} {:>8} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "{:<14} {:>10} {:>6} {:>6} {:>6} {:>8} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "policy",
             "GPU-s",
             "vs on",
             "wakes",
+            "light",
             "requests",
             "ok %",
             "refused",
@@ -211,11 +223,12 @@ fn line(s: &mut String, name: &str, f: &mut Figures, always_on: Option<f64>) {
     let ms = |x: f64| if x >= 10_000.0 { format!("{:.1}s", x / 1000.0) } else { format!("{x:.0}ms") };
     let _ = writeln!(
         s,
-        "{:<14} {:>10.0} {:>6} {:>6} {:>8} {:>8.2} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "{:<14} {:>10.0} {:>6} {:>6} {:>6} {:>8} {:>8.2} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
         name,
         f.gpu_seconds,
         vs,
         f.wakes,
+        f.light_wakes,
         f.requests,
         f.ok_share() * 100.0,
         f.refused_total() + f.failed,

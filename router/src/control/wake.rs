@@ -224,7 +224,7 @@ fn call_hook(
 
 /// Longest an edge waits before asking again for a claim another edge
 /// holds (a claim's lease can be long when the pool wakes slowly).
-const MAX_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const MAX_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Probe every replica of a pool once, at the same time; dispatch held
 /// requests if one became ready.

@@ -131,13 +131,21 @@ pub struct Summary {
     pub wake_calls: usize,
     /// Sleep hook calls.
     pub sleeps: usize,
-    /// GPU-seconds used, and what an always-on fleet would have used.
+    /// Light sleeps and wakes from light sleep, counted per pool.
+    pub light_sleeps: u64,
+    /// See [`Summary::light_sleeps`].
+    pub light_wakes: u64,
+    /// GPU-seconds used (time in light sleep at its cost), and what an
+    /// always-on fleet would have used.
     pub gpu_seconds: f64,
     /// Always-on equivalent.
     pub always_on_gpu_seconds: f64,
     /// What the same traffic would have used with a fixed 5-minute idle
     /// timeout (replayed by `stoke simulate` when the demo stops).
     pub fixed_gpu_seconds: Option<f64>,
+    /// What it would have used with one depth of sleep under `"auto"`
+    /// (replayed the same way), when the demo's pools have two.
+    pub one_depth_gpu_seconds: Option<f64>,
 }
 
 impl std::fmt::Display for Summary {
@@ -159,6 +167,9 @@ impl std::fmt::Display for Summary {
         )?;
         writeln!(f, "  wakes         {} ({} wake calls)", self.wakes, self.wake_calls)?;
         writeln!(f, "  sleeps        {}", self.sleeps)?;
+        if self.light_sleeps > 0 {
+            writeln!(f, "  light sleeps  {} ({} woken from light sleep)", self.light_sleeps, self.light_wakes)?;
+        }
         write!(
             f,
             "  GPU-seconds   {:.0} used vs {:.0} for an always-on fleet ({:.0} %)",
@@ -170,6 +181,14 @@ impl std::fmt::Display for Summary {
                 "\n                vs {:.0} with a fixed 5-minute idle timeout ({:.0} %, replayed)",
                 fixed,
                 self.gpu_seconds * 100.0 / fixed
+            )?;
+        }
+        if let Some(one) = self.one_depth_gpu_seconds.filter(|f| *f > 0.0) {
+            write!(
+                f,
+                "\n                vs {:.0} with one depth of sleep, \"auto\" ({:.0} %, replayed)",
+                one,
+                self.gpu_seconds * 100.0 / one
             )?;
         }
         Ok(())
@@ -281,9 +300,12 @@ impl Demo {
             wakes: self.orchestrator.boots(),
             wake_calls: calls.iter().filter(|c| c.action == "wake").count(),
             sleeps: calls.iter().filter(|c| c.action == "sleep").count(),
+            light_sleeps: self.orchestrator.light_sleeps_and_wakes().0,
+            light_wakes: self.orchestrator.light_sleeps_and_wakes().1,
             gpu_seconds: self.orchestrator.gpu_seconds(),
             always_on_gpu_seconds: self.orchestrator.always_on_gpu_seconds(),
             fixed_gpu_seconds: None,
+            one_depth_gpu_seconds: None,
         }
     }
 
@@ -309,8 +331,15 @@ impl Demo {
         // traffic: the demo's own requests replayed through the same
         // decisions on a virtual clock.
         let (text, until) = (self.config_text.clone(), summary.ran.as_secs_f64());
-        let replay = tokio::task::spawn_blocking(move || replay_fixed(&text, trace, until)).await;
-        summary.fixed_gpu_seconds = replay.ok().flatten();
+        let policies: &[&str] = if summary.light_sleeps > 0 || self.config_text.contains("light = ") {
+            &["fixed:5m", "auto"]
+        } else {
+            &["fixed:5m"]
+        };
+        let replay = tokio::task::spawn_blocking(move || replay_policies(&text, trace, until, policies)).await;
+        let figures = replay.unwrap_or_default();
+        summary.fixed_gpu_seconds = figures.first().copied();
+        summary.one_depth_gpu_seconds = figures.get(1).copied();
         for e in self.edge_handles {
             e.shutdown().await;
         }
@@ -345,20 +374,21 @@ fn write_trace(path: &std::path::Path, trace: &crate::simulate::Trace) -> std::i
     out.flush()
 }
 
-/// GPU-seconds of the demo's pools had every scaling pool had a fixed
-/// 5-minute idle timeout, replayed over `until` seconds.
-fn replay_fixed(config: &str, trace: crate::simulate::Trace, until: f64) -> Option<f64> {
+/// GPU-seconds of the demo's pools under each of `policies` (`fixed:5m`:
+/// every scaling pool with a fixed 5-minute idle timeout), replayed over
+/// `until` seconds; empty if the replay fails.
+fn replay_policies(config: &str, trace: crate::simulate::Trace, until: f64, policies: &[&str]) -> Vec<f64> {
     let opts = crate::simulate::Options {
         config,
         config_path: std::path::Path::new("demo.toml"),
-        policies: vec!["fixed:5m".into()],
+        policies: policies.iter().map(|p| p.to_string()).collect(),
         replicas: crate::simulate::ReplicaModel { default_rates: world::replica_rates(), ..Default::default() },
         seed: 1,
         progress: false,
         until: Some(until),
     };
-    let report = crate::simulate::run(&opts, &trace).ok()?;
-    report.policies.first().map(|p| p.total.gpu_seconds)
+    let Ok(report) = crate::simulate::run(&opts, &trace) else { return Vec::new() };
+    report.policies.iter().map(|p| p.total.gpu_seconds).collect()
 }
 
 impl World {

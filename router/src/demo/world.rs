@@ -206,10 +206,13 @@ fn placeholder_ports() -> Ports {
 }
 
 /// The demo's config as `stoke simulate --demo` replays it: the same
-/// network, with placeholder replica addresses (a replay opens no socket).
+/// network, with placeholder replica addresses (a replay opens no socket),
+/// as one cluster, as the demo runs where `nats-server` is installed.
 pub fn replay_config() -> String {
     let d = super::DemoOptions::default();
-    config(&placeholder_ports(), d.idle_timeout, d.light)
+    let mut text = config(&placeholder_ports(), d.idle_timeout, d.light);
+    text.push_str("\n[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\nname = \"stoke-demo\"\n");
+    text
 }
 
 /// How fast the demo's simulated replicas work: no prefill time, and the

@@ -89,9 +89,18 @@ struct Fleet {
     asleep: Mutex<HashMap<String, Asleep>>,
 }
 
-/// Light sleep of one pool's replicas: the total of stopped replicas, and
+/// Light sleep of one pool's replicas: what its stopped replicas did, and
 /// the counters of the running ones.
-type Asleep = (Duration, Vec<Arc<ReplicaStats>>);
+#[derive(Debug, Default)]
+struct Asleep {
+    /// Time stopped replicas spent in light sleep.
+    done: Duration,
+    /// Light sleeps and wakes of the pool before its replicas last stopped
+    /// (the most any one replica had).
+    sleeps: u64,
+    wakes: u64,
+    running: Vec<Arc<ReplicaStats>>,
+}
 
 /// A running simulated orchestrator.
 pub struct Orchestrator {
@@ -184,8 +193,20 @@ impl Orchestrator {
     /// Replica-seconds `pool`'s replicas have slept lightly so far.
     pub fn light_seconds(&self, pool: &str) -> f64 {
         let asleep = self.fleet.asleep.lock().unwrap_or_else(|e| e.into_inner());
-        asleep.get(pool).map_or(0.0, |(done, running)| {
-            (*done + running.iter().map(|s| s.asleep_for()).sum::<Duration>()).as_secs_f64()
+        asleep
+            .get(pool)
+            .map_or(0.0, |a| (a.done + a.running.iter().map(|s| s.asleep_for()).sum::<Duration>()).as_secs_f64())
+    }
+
+    /// Light sleeps and wakes of every pool so far (a pool's replicas sleep
+    /// and wake together: counted once per pool).
+    pub fn light_sleeps_and_wakes(&self) -> (u64, u64) {
+        let asleep = self.fleet.asleep.lock().unwrap_or_else(|e| e.into_inner());
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        asleep.values().fold((0, 0), |(s, w), a| {
+            let now_s = a.running.iter().map(|r| load(&r.sleeps)).max().unwrap_or(0);
+            let now_w = a.running.iter().map(|r| load(&r.wakes)).max().unwrap_or(0);
+            (s + a.sleeps + now_s, w + a.wakes + now_w)
         })
     }
 
@@ -262,7 +283,7 @@ impl Fleet {
             up.entry(id.to_owned()).or_default().1 = Some(Instant::now());
         }
         if let Ok(mut asleep) = self.asleep.lock() {
-            asleep.entry(id.to_owned()).or_default().1 = replicas.iter().map(|r| r.stats.clone()).collect();
+            asleep.entry(id.to_owned()).or_default().running = replicas.iter().map(|r| r.stats.clone()).collect();
         }
         running.insert(id.to_owned(), replicas);
         Ok(())
@@ -281,9 +302,11 @@ impl Fleet {
                 }
             }
             if let Ok(mut asleep) = self.asleep.lock() {
-                let e = asleep.entry(id.to_owned()).or_default();
-                let stopped: Duration = e.1.drain(..).map(|s| s.asleep_for()).sum();
-                e.0 += stopped;
+                let a = asleep.entry(id.to_owned()).or_default();
+                let load = |x: &std::sync::atomic::AtomicU64| x.load(std::sync::atomic::Ordering::Relaxed);
+                a.sleeps += a.running.iter().map(|r| load(&r.sleeps)).max().unwrap_or(0);
+                a.wakes += a.running.iter().map(|r| load(&r.wakes)).max().unwrap_or(0);
+                a.done += a.running.drain(..).map(|s| s.asleep_for()).sum::<Duration>();
             }
         }
         for r in replicas.into_iter().flatten() {

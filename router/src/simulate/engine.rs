@@ -25,6 +25,8 @@ use stoke_config::{IdleTimeout, Network, PoolId, ServiceId, ServiceSource};
 use super::report::{Figures, PolicyReport};
 use super::trace::Trace;
 use crate::clock;
+use crate::control::cluster::claim::{LEASE_MARGIN, READY_HOLD};
+use crate::control::cluster::load::{self, PUBLISH_EVERY};
 use crate::control::{probe, sleep, wake};
 use crate::core::affinity;
 use crate::core::wake::{WakeSchedule, WakeStep, FAST_PROBE};
@@ -208,6 +210,8 @@ enum Ev {
     Scrape { edge: usize, pool: usize },
     /// An edge's sleeper looks at its home pools.
     Sleeper { edge: usize },
+    /// An edge of a clustered network publishes its load report.
+    Publish { edge: usize },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -299,6 +303,20 @@ pub struct Replay<'a> {
     light_wake: Vec<Option<T>>,
     /// Each pool's light depth's cost share (0 without one).
     light_cost: Vec<f64>,
+    /// With `[cluster]`: each edge's last published load report (the
+    /// shared load view), and the wake claims (pool → holder edge, until).
+    cluster: Option<ClusterSim>,
+}
+
+/// What the cluster shares, modelled: the load reports every edge
+/// publishes every [`PUBLISH_EVERY`] (each edge sums the others' into its
+/// pool and replica states, as live), and the wake claims (only the holder
+/// calls a pool's wake hook; the others wait for its lease). NATS itself
+/// is taken as instant and never down.
+#[derive(Default)]
+struct ClusterSim {
+    reports: Vec<Option<load::Report>>,
+    claims: HashMap<usize, (usize, T)>,
 }
 
 /// Why a replay could not start.
@@ -432,7 +450,15 @@ impl<'a> Replay<'a> {
                 .iter()
                 .map(|p| p.scale.as_ref().and_then(|s| s.light.as_ref()).map_or(0.0, |l| l.cost))
                 .collect(),
+            cluster: None,
         };
+        if net.cluster.is_some() {
+            replay.cluster = Some(ClusterSim { reports: vec![None; replay.edges.len()], claims: HashMap::new() });
+            for e in 0..replay.edges.len() {
+                let first = replay.rng.u64(0..us(PUBLISH_EVERY));
+                replay.at(first, Ev::Publish { edge: e });
+            }
+        }
         for i in 0..trace.requests.len() {
             let t = (trace.requests[i].t * 1e6) as T;
             replay.at(t, Ev::Arrive(i));
@@ -562,6 +588,7 @@ impl<'a> Replay<'a> {
             Ev::WakeTurn { edge, pool } => self.wake_turn(edge, pool),
             Ev::Scrape { edge, pool } => self.scrape(edge, pool),
             Ev::Sleeper { edge } => self.sleeper(edge),
+            Ev::Publish { edge } => self.publish(edge),
         }
     }
 
@@ -786,13 +813,26 @@ impl<'a> Replay<'a> {
                 view.state.woke(now);
                 view.state.set_wake_error(None);
                 view.dispatch(now);
+                // The claimant marks the claim ready for a moment.
+                let t = self.now;
+                if let Some(c) = self.cluster.as_mut() {
+                    if c.claims.get(&p).is_some_and(|(holder, _)| *holder == e) {
+                        c.claims.insert(p, (e, t + us(READY_HOLD)));
+                    }
+                }
                 return self.poll_held(e, p);
             }
             WakeStep::GiveUp { after } => {
                 view.state.end_wake(None);
                 view.state.set_wake_error(Some(format!("no replica became ready within {} s", after.as_secs())));
+                if let Some(c) = self.cluster.as_mut() {
+                    if c.claims.get(&p).is_some_and(|(holder, _)| *holder == e) {
+                        c.claims.remove(&p);
+                    }
+                }
                 return;
             }
+            WakeStep::Call { attempt } if !self.claim(e, p, attempt, view.state.expected_wake(), &mut schedule) => {}
             WakeStep::Call { .. } => {
                 // From light sleep, each sleeping replica's own wake, as
                 // live ([`wake`]'s hook choice); else the orchestrator.
@@ -843,6 +883,76 @@ impl<'a> Replay<'a> {
         if booted {
             self.total.wakes += 1;
             self.pools[p].wakes += 1;
+        }
+    }
+
+    /// In a clustered network, whether edge `e` may call the wake hook of
+    /// `p` (its `attempt`-th call): it holds the claim or takes it, for a
+    /// lease up to its next resend, as live. If another edge holds it, the
+    /// call waits for the lease to run out.
+    fn claim(&mut self, e: usize, p: usize, attempt: u32, expected: Duration, schedule: &mut WakeSchedule) -> bool {
+        let now = self.now;
+        let instant = self.instant(now);
+        let Some(c) = self.cluster.as_mut() else { return true };
+        match c.claims.get(&p) {
+            Some(&(holder, until)) if holder != e && until > now => {
+                let retry = Duration::from_micros(until - now).clamp(FAST_PROBE, wake::MAX_CLAIM_WAIT);
+                schedule.defer(instant + retry);
+                false
+            }
+            _ => {
+                let lease = crate::core::wake::resend_after(expected, attempt) + LEASE_MARGIN;
+                c.claims.insert(p, (e, now + us(lease)));
+                true
+            }
+        }
+    }
+
+    /// Edge `e` publishes its load report; when it says something new,
+    /// every other edge takes the others' reports into its states (held
+    /// requests get capacity that was freed), as live.
+    fn publish(&mut self, e: usize) {
+        self.at(self.now + us(PUBLISH_EVERY), Ev::Publish { edge: e });
+        let now = self.instant(self.now);
+        let live = self.edges[e].live.clone();
+        let report = load::report(&live, &live.snapshot.edge_location().id, now);
+        let Some(c) = self.cluster.as_mut() else { return };
+        if c.reports[e].as_ref() == Some(&report) {
+            return;
+        }
+        c.reports[e] = Some(report);
+        for f in 0..self.edges.len() {
+            if f == e {
+                continue;
+            }
+            let Some(c) = self.cluster.as_ref() else { return };
+            let received: Vec<load::Received> = c
+                .reports
+                .iter()
+                .enumerate()
+                .filter(|(g, _)| *g != f)
+                .filter_map(|(_, r)| r.clone().map(|report| load::Received { at: now, report }))
+                .collect();
+            let (pools, replicas) = load::sum(received.iter(), now);
+            let live = self.edges[f].live.clone();
+            for (p, view) in live.pools.iter().enumerate() {
+                let before = view.state.elsewhere();
+                view.state.set_elsewhere(
+                    pools.get(&*view.state.id).copied().unwrap_or_default(),
+                    now,
+                    view.learns_gaps,
+                );
+                let mut freed = before.in_flight > view.state.elsewhere().in_flight;
+                for r in view.replicas.iter() {
+                    let n = replicas.get(&*r.addr_text).copied().unwrap_or(0);
+                    freed |= n < r.elsewhere();
+                    r.set_elsewhere(n);
+                }
+                if freed && !view.queue.is_empty() {
+                    view.dispatch(now);
+                    self.poll_held(f, p);
+                }
+            }
         }
     }
 
@@ -923,6 +1033,10 @@ impl<'a> Replay<'a> {
         tracing::debug!(target: "stoke::simulate", t = self.now as f64 / 1e6, pool = %self.network().pools[p].id, "sleep call");
         self.total.sleeps += 1;
         self.pools[p].sleeps += 1;
+        // The next wake, from any edge, starts with a fresh claim.
+        if let Some(c) = self.cluster.as_mut() {
+            c.claims.remove(&p);
+        }
         for r in 0..self.gpus[p].len() {
             let g = &mut self.gpus[p][r];
             match g.power {
@@ -1375,5 +1489,24 @@ service = "m"
         let r = run(&text, &[(0.0, "fra", 10), (2.5, "par", 1000)], 60.0);
         assert_eq!((r.total.ok, r.total.failed), (2, 0), "{:?}", r.total);
         assert_eq!(r.pools[0].1.sleeps, 1, "asleep once the long request is done");
+    }
+
+    #[test]
+    fn in_a_cluster_one_edge_calls_the_wake_and_the_home_edge_sees_the_others_requests() {
+        // Both edges want Frankfurt's cold pool at once: alone, each calls
+        // its wake hook; as one cluster, one edge does.
+        let text = config("idle_timeout = \"1s\"\nwake_time = \"2s\"", "");
+        let clustered = format!("{text}\n[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\n");
+        let reqs = [(0.0, "fra", 10), (0.0, "par", 10), (2.5, "par", 1000)];
+        let alone = run(&text, &reqs, 60.0);
+        let one = run(&clustered, &reqs, 60.0);
+        assert_eq!((alone.total.wakes, one.total.wakes), (1, 1));
+        assert_eq!(alone.total.wake_calls, 2, "{:?}", alone.total);
+        assert_eq!(one.total.wake_calls, 1, "{:?}", one.total);
+        assert_eq!((one.total.ok, one.total.failed), (3, 0));
+        // Paris's ten-second generation shows in Frankfurt's shared view
+        // within a publish, not only at its next scrape (a minute apart):
+        // the pool sleeps once, after it.
+        assert_eq!(one.pools[0].1.sleeps, 1, "{:?}", one.pools[0].1);
     }
 }

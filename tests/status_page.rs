@@ -38,6 +38,10 @@ async fn the_status_page_draws_every_location_and_pool_in_chromium() {
     let par = replica("par-1").await;
     let iad = [replica("iad-1").await, replica("iad-2").await];
     let sin = replica("sin-1").await;
+    // A pool in light sleep: its replica runs and says it sleeps.
+    let gru = replica("gru-1").await;
+    let slept = send(gru.addr, Req::post("/sleep?level=1", "")).await;
+    assert_eq!(slept.status, 200, "{}", slept.text());
     let pools = [
         pool("fra-h100", "fra", &["llama-3.1-8b", "llama-3.1-70b"], &[fra[0].addr, fra[1].addr], "max_concurrency = 8"),
         pool("par-l40s", "par", &["llama-3.1-8b"], &[par.addr], "max_concurrency = 4"),
@@ -58,6 +62,14 @@ async fn the_status_page_draws_every_location_and_pool_in_chromium() {
             "wake_time = \"45s\"\nidle_timeout = \"1h\"",
         ),
         pool("sfo-a100", "sfo", &["qwen2.5-coder-32b"], &[free_addr()], ""),
+        scaled_pool(
+            "gru-l4",
+            "gru",
+            &["llama-3.1-8b"],
+            &[gru.addr],
+            free_addr(),
+            "wake_time = \"45s\"\nidle_timeout = \"1h\"\nlight = { kind = \"vllm\" }\nlight_timeout = \"1m\"",
+        ),
     ];
     let file = ConfigFile::new(&format!("{EDGE}{TEN_LOCATIONS}{}{ROUTE}", pools.concat()));
     let edge = edge_from(&file, "lon").await;
@@ -99,7 +111,9 @@ async fn the_status_page_draws_every_location_and_pool_in_chromium() {
     assert_eq!(drawn, expected, "one .loc marker per location");
     let pool_markers = elements_with_class(&dom, "pool");
     assert_eq!(pool_markers.len(), pools.len(), "one .pool marker per pool: {pool_markers:?}");
-    for (id, state) in [("fra-h100", "warm"), ("iad-h100", "warm"), ("nrt-h100", "cold"), ("sfo-a100", "down")] {
+    let states =
+        [("fra-h100", "warm"), ("iad-h100", "warm"), ("nrt-h100", "cold"), ("sfo-a100", "down"), ("gru-l4", "light")];
+    for (id, state) in states {
         let marker = pool_markers.iter().find(|t| attr(t, "data-id").as_deref() == Some(id));
         let marker = marker.unwrap_or_else(|| panic!("no marker for {id}: {pool_markers:?}"));
         assert_eq!(attr(marker, "data-state").as_deref(), Some(state), "{id}: {marker}");
@@ -108,7 +122,11 @@ async fn the_status_page_draws_every_location_and_pool_in_chromium() {
     let renders: u32 = attr(&body, "data-rendered").and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(renders >= 1, "the page never rendered /state: {body}");
     assert_eq!(attr(&body, "data-locations").as_deref(), Some("10"), "{body}");
-    assert_eq!(attr(&body, "data-pools").as_deref(), Some("6"), "{body}");
+    assert_eq!(attr(&body, "data-pools").as_deref(), Some("7"), "{body}");
+    assert!(dom.contains("light sleep (wakes in ~1 s)"), "the legend names the light depth");
+    let light_rows =
+        elements_with_class(&dom, "st").into_iter().filter(|t| attr(t, "data-state").as_deref() == Some("light"));
+    assert_eq!(light_rows.count(), 1, "one pool's row says light sleep");
 
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
     std::fs::create_dir_all(&artifacts).expect("create target/test-artifacts");

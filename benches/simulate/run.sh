@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The idle-policy tables and trade-off curves of benches/README.md:
+# The idle-policy tables and trade-off curves of benches/README.md (fixed
+# windows and auto with one depth of sleep; auto-light with two):
 # `stoke simulate` on a day of the demo's traffic and on the Azure LLM
 # inference trace (conversation services, one hour, stretched to a day and
 # spread over the ten edges of config/examples/network.toml by daylight).
@@ -25,7 +26,7 @@ curve() { # label, simulate args...
   local label=$1; shift
   local args=()
   for w in "${windows[@]}"; do args+=(--policy "fixed:$w"); done
-  "$S" simulate "$@" --policy always-on "${args[@]}" --policy auto --json |
+  "$S" simulate "$@" --policy always-on "${args[@]}" --policy auto --policy auto-light --json |
     python3 benches/simulate/table.py "$label"
 }
 curve "demo day ($DEMO)" --demo --trace "$DEMO"

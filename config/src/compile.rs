@@ -1026,7 +1026,7 @@ fn compile_light(
             IdleTimeout::Fixed(defaults::LIGHT_TIMEOUT)
         }
         (None, IdleTimeout::Fixed(deep)) => IdleTimeout::Fixed(defaults::LIGHT_TIMEOUT.min(deep / 2)),
-        (_, auto) => auto,
+        (_, auto) => light_bounds(auto),
     };
     let wake_time = nonzero_duration(diags, &s.light_wake_time, "light_wake_time", defaults::LIGHT_WAKE_TIME);
     let cost = match &s.light_cost {
@@ -1044,6 +1044,17 @@ fn compile_light(
         }
     };
     Some(LightSleep { sleep, wake, probe, idle_timeout, wake_time, cost })
+}
+
+/// The bounds of `light_timeout = "auto"` under the deep window's rule:
+/// `max_idle` above, and below `min_idle` or [`defaults::LIGHT_MIN_IDLE`],
+/// whichever is shorter (a light wake is cheap, so a short pause may
+/// already be worth sleeping through lightly).
+pub fn light_bounds(deep: IdleTimeout) -> IdleTimeout {
+    match deep {
+        IdleTimeout::Auto { min, max } => IdleTimeout::Auto { min: min.min(defaults::LIGHT_MIN_IDLE), max },
+        fixed => fixed,
+    }
 }
 
 /// vLLM's sleep mode as light sleep and wake hooks, per replica: level 1
@@ -1695,7 +1706,10 @@ mod tests {
             load("idle_timeout = \"auto\"\nlight = { kind = \"vllm\" }\nlight_cost = 0.1\nlight_wake_time = \"800ms\"")
                 .expect("valid");
         let light = n.pools[0].scale.as_ref().and_then(|s| s.light.clone()).expect("light");
-        assert!(matches!(light.idle_timeout, IdleTimeout::Auto { .. }), "auto with the deep window");
+        let deep_bounds = n.pools[0].scale.as_ref().map(|s| s.idle_timeout);
+        assert_eq!(deep_bounds, Some(IdleTimeout::Auto { min: defaults::MIN_IDLE, max: defaults::MAX_IDLE }));
+        let light_bounds = IdleTimeout::Auto { min: defaults::LIGHT_MIN_IDLE, max: defaults::MAX_IDLE };
+        assert_eq!(light.idle_timeout, light_bounds, "auto with the deep window, from a shorter floor");
         assert_eq!((light.cost, light.wake_time.as_millis()), (0.1, 800));
         let n = load("light = { sleep = { url = \"http://{replica}/pause\" }, wake = { url = \"http://{replica}/resume\" }, probe = \"/paused\" }\nlight_timeout = \"10s\"")
             .expect("valid");

@@ -113,6 +113,9 @@ pub const MAX_BODY_READ_LIMIT: u64 = 64 << 20;
 /// `[pool.scale].light_timeout` with a fixed `idle_timeout`: idle time
 /// before the replicas are put to light sleep.
 pub const LIGHT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The shortest light window `light_timeout = "auto"` picks (or
+/// `min_idle`, if shorter).
+pub const LIGHT_MIN_IDLE: Duration = Duration::from_secs(1);
 /// `[pool.scale].light_wake_time`: expected wake from light sleep (vLLM's
 /// level 1 wakes in 0.1–6 s), the seed of the learned one.
 pub const LIGHT_WAKE_TIME: Duration = Duration::from_secs(2);

@@ -26,7 +26,7 @@ mod snapshot;
 
 use std::path::Path;
 
-pub use compile::vllm_light_hooks;
+pub use compile::{light_bounds, vllm_light_hooks};
 pub use diag::{ConfigError, Problem};
 pub use routes::{HostPattern, RouteTable};
 pub use snapshot::{

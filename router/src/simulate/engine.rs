@@ -162,12 +162,12 @@ impl Policy {
                                     sleep,
                                     wake,
                                     probe: Some("/is_sleeping".into()),
-                                    idle_timeout: s.idle_timeout,
+                                    idle_timeout: stoke_config::light_bounds(s.idle_timeout),
                                     wake_time: stoke_config::defaults::LIGHT_WAKE_TIME,
                                     cost: stoke_config::defaults::LIGHT_COST,
                                 }
                             });
-                            light.idle_timeout = s.idle_timeout;
+                            light.idle_timeout = stoke_config::light_bounds(s.idle_timeout);
                             pool.health.sleeping_path.get_or_insert_with(|| "/is_sleeping".into());
                         }
                         // As the config check demands: the home edge sees

@@ -116,8 +116,9 @@ async fn a_replay_of_the_demos_own_traffic_matches_the_live_run() {
     let opts = DemoOptions { day: Duration::from_secs(120), ..DemoOptions::default() };
     let demo = Demo::start(opts).await.expect("demo starts");
     assert!(demo.config_text().contains("[cluster]"), "the demo runs clustered (nats-server is installed)");
-    tokio::time::sleep(Duration::from_secs(45)).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
     let config = demo.config_text().to_owned();
+    let live_pools: Vec<String> = demo.pool_gpu_seconds().iter().map(|(id, s)| format!("{id}: {s:.0}")).collect();
     let trace = demo.recorded();
     let live = demo.stop().await;
     assert!(live.requests > 50 && live.ok == live.requests, "{live}");
@@ -145,10 +146,11 @@ async fn a_replay_of_the_demos_own_traffic_matches_the_live_run() {
     let gpu = (sim.gpu_seconds - live.gpu_seconds).abs() / live.gpu_seconds;
     assert!(
         gpu <= 0.10,
-        "GPU-seconds: replay {:.0}, live {:.0}\n{live}\nreplay: {}",
+        "GPU-seconds: replay {:.0}, live {:.0}\n{live}\nreplay: {}\nlive: {}",
         sim.gpu_seconds,
         live.gpu_seconds,
-        pools.join("; ")
+        pools.join("; "),
+        live_pools.join("; ")
     );
     let wakes = (sim.wakes as f64 - live.wakes as f64).abs();
     assert!(wakes <= (0.10 * live.wakes as f64).max(1.0), "wakes: replay {}, live {}\n{live}", sim.wakes, live.wakes);

@@ -719,3 +719,32 @@ async fn a_pool_sleeps_lightly_then_deeply_and_wakes_from_each_depth_its_own_way
     edge.shutdown().await;
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_finds_its_replica_asleep_is_held_for_a_light_wake_not_answered_503() {
+    logs();
+    // The replica goes to light sleep behind this edge's back (another
+    // edge, its home, put it there), and probes are a minute apart: the
+    // next request finds vLLM answering 503.
+    let rep = replica_with("fra-1", |o| o.light_wake_time = Duration::from_millis(300)).await;
+    let (_listener, orch) = orchestrator_listener().await;
+    let mut p = pool_probed("fra-a", "par", &["m"], &[rep.addr], SLOW_PROBES, "");
+    p.push_str(&format!(
+        "[pool.scale]\nwake = {{ url = \"http://{orch}/pools/fra-a/wake\" }}\nwake_time = \"20s\"\nidle_timeout = \"1h\"\n\
+         light = {{ kind = \"vllm\" }}\nlight_timeout = \"30m\"\n"
+    ));
+    let file = ConfigFile::new(&format!("{EDGE}{LOCATIONS}{p}{SHORT_WAIT_ROUTE}"));
+    let edge = edge_from(&file, "fra").await;
+    let http = edge.bound.http.expect("http");
+    let r = send(http, Req::chat("m")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    assert_eq!(send(rep.addr, Req::post("/sleep?level=1", "")).await.status, 200);
+    let started = Instant::now();
+    let r = send(http, Req::chat("m")).await;
+    assert_eq!(r.status, 200, "held for the light wake and served: {}", r.text());
+    assert!(started.elapsed() >= Duration::from_millis(300), "served after the 300 ms light wake");
+    assert!(!rep.is_sleeping(), "woken through /wake_up");
+    assert_eq!(rep.stats.wakes.load(std::sync::atomic::Ordering::Relaxed), 1);
+    edge.shutdown().await;
+}

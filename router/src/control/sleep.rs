@@ -79,9 +79,6 @@ pub fn due(live: &Live, now: Instant) -> Due {
         let Some(scale) = &pool.scale else { continue };
         let view = &live.pools[pid];
         let light = scale.light.as_ref();
-        if let Some(l) = light {
-            view.state.seed_light_wake(l.wake_time);
-        }
         let windows = view.state.windows(scale.idle_timeout, light.map(|l| (l.idle_timeout, l.cost)));
         timeouts.push(windows.deep);
         timeouts.extend(windows.light);

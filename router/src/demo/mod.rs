@@ -285,6 +285,11 @@ impl Demo {
         self._config.path()
     }
 
+    /// GPU-seconds of each pool so far (light sleep at its cost).
+    pub fn pool_gpu_seconds(&self) -> Vec<(String, f64)> {
+        self.orchestrator.pool_gpu_seconds()
+    }
+
     /// The figures so far.
     pub fn summary(&self) -> Summary {
         let s = &self.world.stats;

@@ -655,6 +655,10 @@ struct Try<'r, C> {
 }
 
 impl<C: Client> Attempt for Try<'_, C> {
+    fn replayable(&self) -> bool {
+        self.body.replayable()
+    }
+
     fn attempt<'a>(
         &'a mut self,
         connection: &'a mut Connection,

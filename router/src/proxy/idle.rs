@@ -220,6 +220,7 @@ mod tests {
             connect_timeout: Some(Duration::from_secs(2)),
             read_timeout: Some(Duration::from_secs(2)),
             idle_timeout: Duration::from_secs(60),
+            sleeps_lightly: false,
         };
         (replica, accepted)
     }

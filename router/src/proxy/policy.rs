@@ -402,6 +402,16 @@ pub fn mark_down(slot: &Slot, error: &dyn std::fmt::Display) {
     }
 }
 
+/// A replica of a pool with a light depth answered 503: it sleeps, for this
+/// edge, until a probe says otherwise.
+pub fn mark_asleep(slot: &Slot) {
+    let replica = slot.replica();
+    if replica.set_ready(false) {
+        replica.set_asleep(true);
+        tracing::info!(replica = %replica.addr, "replica answered 503 in a pool that sleeps lightly; out of rotation until its probe");
+    }
+}
+
 /// A header value from text that may hold bytes a header cannot
 /// (`-` then).
 pub fn value(s: &str) -> HeaderValue {

@@ -46,6 +46,9 @@ pub struct Replica {
     pub read_timeout: Option<Duration>,
     /// How long an idle connection to it is kept.
     pub idle_timeout: Duration,
+    /// Whether its pool has a light depth: then a 503 may be a replica
+    /// that went to light sleep as the request was sent.
+    pub sleeps_lightly: bool,
 }
 
 /// The replica at `addr`, with the timeouts of `pool`.
@@ -55,6 +58,7 @@ pub fn replica(addr: SocketAddr, pool: &Pool) -> Replica {
         connect_timeout: Some(pool.connect_timeout),
         read_timeout: Some(pool.read_timeout),
         idle_timeout: POOL_IDLE_TIMEOUT,
+        sleeps_lightly: pool.health.sleeping_path.is_some(),
     }
 }
 
@@ -336,6 +340,11 @@ pub trait Attempt: Send {
         connection: &'a mut Connection,
         replica: &'a Replica,
     ) -> Pin<Box<dyn Future<Output = Result<Answered, TryError>> + Send + 'a>>;
+
+    /// Whether the request can be sent again after a try that was answered.
+    fn replayable(&self) -> bool {
+        true
+    }
 }
 
 /// Send the head `head` and the whole `body` on `slot` of `pool`, trying
@@ -400,6 +409,24 @@ pub async fn send_with_retries(
             }
             Ok(mut connection) => match attempt.attempt(&mut connection, &replica).await {
                 Ok(answer) => {
+                    // A replica of a pool with a light depth that answers
+                    // 503 went to light sleep as the request was sent (its
+                    // home edge put it there; this edge's probe has not
+                    // seen it yet): out of rotation here, and the request
+                    // goes elsewhere, or waits for a wake, as a new one.
+                    if replica.sleeps_lightly
+                        && answer.status() == http::StatusCode::SERVICE_UNAVAILABLE
+                        && attempts.may_retry(Failure::Connect, attempt.replayable())
+                    {
+                        policy::mark_asleep(&slot);
+                        live.pool(pool).note_depth();
+                        if let Some((p, s)) = Box::pin(admit::retry(live, service, rehold)).await {
+                            drop((answer, connection));
+                            pool = p;
+                            slot = s;
+                            continue;
+                        }
+                    }
                     let (head, body) = answer.into_parts();
                     let answer = Answering { body, connection: connection.sender, replica, done: false };
                     return Ok(Sent { head, answer, slot, pool });

@@ -176,6 +176,11 @@ impl Orchestrator {
     /// GPU-seconds used so far: for every pool, replicas × time running,
     /// where time in light sleep counts at the pool's `light_cost`.
     pub fn gpu_seconds(&self) -> f64 {
+        self.pool_gpu_seconds().iter().map(|(_, s)| s).sum()
+    }
+
+    /// [`gpu_seconds`](Self::gpu_seconds) of each pool.
+    pub fn pool_gpu_seconds(&self) -> Vec<(String, f64)> {
         let up = self.fleet.uptime.lock().map(|u| u.clone()).unwrap_or_default();
         self.fleet
             .network
@@ -185,9 +190,9 @@ impl Orchestrator {
                 let (done, since) = up.get(&p.id).copied().unwrap_or_default();
                 let t = done + since.map_or(Duration::ZERO, |s| s.elapsed());
                 let cost = p.scale.as_ref().and_then(|s| s.light.as_ref()).map_or(1.0, |l| l.cost);
-                t.as_secs_f64() * p.replicas.len() as f64 - self.light_seconds(&p.id) * (1.0 - cost)
+                (p.id.clone(), t.as_secs_f64() * p.replicas.len() as f64 - self.light_seconds(&p.id) * (1.0 - cost))
             })
-            .sum()
+            .collect()
     }
 
     /// Replica-seconds `pool`'s replicas have slept lightly so far.

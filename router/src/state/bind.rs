@@ -117,6 +117,9 @@ impl StateStore {
                     .get(pool.id.as_str())
                     .cloned()
                     .unwrap_or_else(|| (Arc::new(PoolState::new(&pool.id, wake_time, now)), Arc::default()));
+                if let Some(light) = pool.scale.as_ref().and_then(|s| s.light.as_ref()) {
+                    state.seed_light_wake(light.wake_time);
+                }
                 next.pools.insert(state.id.clone(), (state.clone(), queue.clone()));
                 next.keys.push((state.id.clone(), pool.replicas.clone()));
                 let replicas = pool

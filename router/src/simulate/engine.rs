@@ -316,6 +316,8 @@ pub struct Replay<'a> {
 #[derive(Default)]
 struct ClusterSim {
     reports: Vec<Option<load::Report>>,
+    /// Each edge's load fingerprint when last looked at.
+    prints: Vec<u64>,
     claims: HashMap<usize, (usize, T)>,
 }
 
@@ -453,7 +455,8 @@ impl<'a> Replay<'a> {
             cluster: None,
         };
         if net.cluster.is_some() {
-            replay.cluster = Some(ClusterSim { reports: vec![None; replay.edges.len()], claims: HashMap::new() });
+            let n = replay.edges.len();
+            replay.cluster = Some(ClusterSim { reports: vec![None; n], prints: vec![0; n], claims: HashMap::new() });
             for e in 0..replay.edges.len() {
                 let first = replay.rng.u64(0..us(PUBLISH_EVERY));
                 replay.at(first, Ev::Publish { edge: e });
@@ -573,6 +576,17 @@ impl<'a> Replay<'a> {
     }
 
     fn handle(&mut self, ev: Ev) {
+        self.handle_one(ev);
+        // Live, each edge looks every few milliseconds for a change large
+        // enough to publish at once.
+        if self.cluster.is_some() && !matches!(ev, Ev::Publish { .. }) {
+            for e in 0..self.edges.len() {
+                self.send_report(e, true);
+            }
+        }
+    }
+
+    fn handle_one(&mut self, ev: Ev) {
         match ev {
             Ev::Arrive(i) => self.arrive(i),
             Ev::Deadline(id) => self.deadline(id),
@@ -682,6 +696,12 @@ impl<'a> Replay<'a> {
         };
         if self.gpus[p][r].power != Power::Ready {
             slot.replica().set_ready(false);
+            // A replica in light sleep answers 503, and the edge takes it
+            // as asleep, as live ([`crate::proxy::policy::mark_asleep`]).
+            if matches!(self.gpus[p][r].power, Power::Light | Power::LightWaking) {
+                slot.replica().set_asleep(true);
+                view.note_depth();
+            }
             drop(slot);
             self.poll_held(e, p);
             if tries < 2 {
@@ -913,11 +933,30 @@ impl<'a> Replay<'a> {
     /// requests get capacity that was freed), as live.
     fn publish(&mut self, e: usize) {
         self.at(self.now + us(PUBLISH_EVERY), Ev::Publish { edge: e });
+        self.send_report(e, false);
+    }
+
+    /// Edge `e` publishes its report now if it says something new (or,
+    /// with `only_large`, only if it moved as much as live publishes at
+    /// once for: a pool busy or idle, an eighth of its slots), and every
+    /// other edge takes it in.
+    fn send_report(&mut self, e: usize, only_large: bool) {
         let now = self.instant(self.now);
         let live = self.edges[e].live.clone();
-        let report = load::report(&live, &live.snapshot.edge_location().id, now);
         let Some(c) = self.cluster.as_mut() else { return };
-        if c.reports[e].as_ref() == Some(&report) {
+        if only_large {
+            let print = load::fingerprint(&live);
+            if c.prints[e] == print {
+                return;
+            }
+            c.prints[e] = print;
+        }
+        let report = load::report(&live, &live.snapshot.edge_location().id, now);
+        let unchanged = match &c.reports[e] {
+            Some(last) => *last == report || (only_large && !load::large_change(&live, last, &report)),
+            None => false,
+        };
+        if unchanged {
             return;
         }
         c.reports[e] = Some(report);

@@ -249,8 +249,12 @@ async fn light_sleep(router: Arc<Router>, call: LightCall, edge: Arc<str>) {
     let view = live.pool(pid).clone();
     let count = view.replicas.len() as u32;
     let ours = |addr: &str| view.replicas.iter().find(|r| *r.addr_text == *addr).cloned();
-    if let Some(busy) = reported_busy(&live, pid, &view).await {
-        tracing::info!(pool = %call.pool, busy, "idle here, but its replicas report requests: kept awake");
+    let busy = reported_busy(&live, pid, &view).await;
+    // A request may also have come here while the load was read: it is
+    // held (or a wake began for it), and the replicas stay awake for it.
+    let wanted = !view.queue.is_empty() || view.state.waking_since().is_some();
+    if busy.is_some() || wanted {
+        tracing::info!(pool = %call.pool, busy = busy.unwrap_or(0), wanted, "idle here, but requests came: kept awake");
         for r in call.replicas.iter().filter_map(|a| ours(a)) {
             r.set_entering_sleep(false);
             r.set_ready(true);

@@ -404,6 +404,28 @@ mod tests {
         assert_eq!(due_at(last + 10 * S).lights.len(), 1);
     }
 
+    #[tokio::test]
+    async fn a_request_held_while_the_light_sleep_is_prepared_keeps_the_replicas_awake() {
+        let router = crate::testing::two_pools(
+            4,
+            "idle_timeout = \"60s\"\nwake_time = \"20s\"\nlight = { kind = \"vllm\" }\nlight_timeout = \"10s\"",
+        );
+        let live = router.live();
+        let view = live.pools[0].clone();
+        view.replicas[0].set_ready(true);
+        let t0 = view.state.last_active();
+        let call = due(&live, t0 + 10 * S).lights.pop().expect("a light sleep is due");
+        assert!(!view.replicas[0].is_ready());
+        // A request arrives as the home edge reads the replicas' load: it is
+        // held, the pool having no ready replica at that moment.
+        let ticket = view.hold(clock::now()).expect("held");
+        light_sleep(router.clone(), call, "fra".into()).await;
+        let r = &view.replicas[0];
+        assert!(r.is_ready() && !r.is_asleep() && !r.is_entering_sleep(), "back in rotation, not put to sleep");
+        assert!(!view.state.is_light());
+        drop(ticket);
+    }
+
     #[test]
     fn a_request_taking_a_slot_as_the_sleeper_looks_keeps_the_pool_awake() {
         let router = world();

@@ -414,11 +414,6 @@ impl Hook {
         Hook { steps: vec![step] }
     }
 
-    /// Time all of the hook's steps may take together.
-    pub fn timeout(&self) -> Duration {
-        self.steps.iter().map(HookStep::timeout).sum()
-    }
-
     /// Whether some step names the replica (`{replica}`): then the hook is
     /// called once per replica.
     pub fn per_replica(&self) -> bool {

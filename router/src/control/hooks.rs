@@ -515,7 +515,7 @@ mod tests {
              ] }",
         );
         assert!(wake.per_replica());
-        assert_eq!(wake.timeout(), Duration::from_secs(40));
+        assert_eq!(wake.steps[2].timeout(), Duration::from_secs(30), "each step has its own timeout");
         let replicas: Vec<Arc<str>> = vec![a.to_string().into(), b.to_string().into()];
         call(&wake, &wake_call(&replicas)).await.expect("both replicas wake");
         for seen in [&seen_a, &seen_b] {

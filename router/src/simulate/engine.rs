@@ -972,25 +972,9 @@ impl<'a> Replay<'a> {
                 .filter(|(g, _)| *g != f)
                 .filter_map(|(_, r)| r.clone().map(|report| load::Received { at: now, report }))
                 .collect();
-            let (pools, replicas) = load::sum(received.iter(), now);
             let live = self.edges[f].live.clone();
-            for (p, view) in live.pools.iter().enumerate() {
-                let before = view.state.elsewhere();
-                view.state.set_elsewhere(
-                    pools.get(&*view.state.id).copied().unwrap_or_default(),
-                    now,
-                    view.learns_gaps,
-                );
-                let mut freed = before.in_flight > view.state.elsewhere().in_flight;
-                for r in view.replicas.iter() {
-                    let n = replicas.get(&*r.addr_text).copied().unwrap_or(0);
-                    freed |= n < r.elsewhere();
-                    r.set_elsewhere(n);
-                }
-                if freed && !view.queue.is_empty() {
-                    view.dispatch(now);
-                    self.poll_held(f, p);
-                }
+            for p in load::take_in(&live, received.iter(), now) {
+                self.poll_held(f, p);
             }
         }
     }

@@ -236,12 +236,6 @@ impl PoolState {
         self.gaps.lock().unwrap_or_else(|e| e.into_inner()).observe(gap, now, long);
     }
 
-    /// The idle window in force under `rule`: fixed, or picked from the
-    /// gaps seen and the learned wake time (remembered for `/state`).
-    pub fn idle_window(&self, rule: IdleTimeout) -> Duration {
-        self.windows(rule, None).deep
-    }
-
     /// The windows in force: the deep one under `deep`, and with a light
     /// depth the light one under its own rule. Where either is `"auto"`,
     /// both are picked together from the gaps seen, the learned wake times

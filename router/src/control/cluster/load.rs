@@ -162,9 +162,19 @@ pub fn sum<'a>(
 /// requests get any capacity that the others freed.
 pub fn apply(cluster: &Cluster, live: &Live, now: Instant) {
     let peers = cluster.peers.lock().unwrap_or_else(|e| e.into_inner());
-    let (pools, replicas) = sum(peers.values(), now);
+    take_in(live, peers.values(), now);
     let fresh = peers.values().filter(|r| now.saturating_duration_since(r.at) <= FRESH).count();
-    for view in live.pools.iter() {
+    drop(peers);
+    metrics::gauge!(m::CLUSTER_PEERS).set(fresh as f64);
+}
+
+/// Sum `reports` (the other edges') into the pool and replica states of
+/// `live` at `now`; held requests get any capacity that the others freed.
+/// Returns the indices of the pools that were dispatched.
+pub fn take_in<'a>(live: &Live, reports: impl Iterator<Item = &'a Received>, now: Instant) -> Vec<usize> {
+    let (pools, replicas) = sum(reports, now);
+    let mut dispatched = Vec::new();
+    for (p, view) in live.pools.iter().enumerate() {
         let before = view.state.elsewhere();
         view.state.set_elsewhere(pools.get(&*view.state.id).copied().unwrap_or_default(), now, view.learns_gaps);
         let mut freed = before.in_flight > view.state.elsewhere().in_flight;
@@ -175,10 +185,10 @@ pub fn apply(cluster: &Cluster, live: &Live, now: Instant) {
         }
         if freed && !view.queue.is_empty() {
             view.dispatch(now);
+            dispatched.push(p);
         }
     }
-    drop(peers);
-    metrics::gauge!(m::CLUSTER_PEERS).set(fresh as f64);
+    dispatched
 }
 
 /// Publish this edge's report every [`PUBLISH_EVERY`] and on large
